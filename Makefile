@@ -1,0 +1,53 @@
+# The two commands a new user runs (see README.md):
+#   make demo   build, make a 256 MiB sample memory image, snapshot it, inspect it
+#   make test   build with -Werror and run the test suite
+# Both install what they need: Debian packages (apt-get, when missing),
+# a virtual environment in .venv, and the package with its test extras.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RESTORE := $(VENV)/bin/restore
+DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind
+DEMO_DIR ?= demo-data
+DEMO_STORE ?= file://$(HOME)/.local/share/restore/store
+
+.PHONY: demo test bench deps install clean
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "restore needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Rebuilt whenever the C core, the build or the dependencies change.
+$(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/build_engine.py restore/_version.py
+	RESTORE_WERROR=1 $(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: deps $(VENV)/.installed
+
+demo: install
+	mkdir -p $(DEMO_DIR)
+	$(RESTORE) sample-image $(DEMO_DIR)/memory.img --size 256M
+	$(RESTORE) snapshot create $(DEMO_DIR)/memory.img --name demo --store $(DEMO_STORE)
+	$(RESTORE) snapshot inspect demo --store $(DEMO_STORE)
+	$(RESTORE) snapshot verify demo --store $(DEMO_STORE)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,ops --benchmark-sort=name
+
+clean:
+	rm -rf $(VENV) build *.egg-info restore/_engine*.so restore/_engine.c $(DEMO_DIR) .pytest_cache .benchmarks

@@ -1,0 +1,303 @@
+"""The `restore` command (also `python -m restore`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+from ._version import __version__
+from .errors import RestoreError
+from .keys import generate_key_file, load_key
+from .tiers.durable import DurableStore, S3Options, default_store_url
+from .tiers.l1 import L1Cache
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class SizeParam(click.ParamType):
+    """A byte count: 524288, 512K, 512KiB, 2M, 1G (binary units)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = _SIZE_RE.fullmatch(str(value).strip())
+        if not m:
+            self.fail(f"{value!r} is not a size (use bytes or a K/M/G suffix, e.g. 512K)", param, ctx)
+        return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+SIZE = SizeParam()
+
+
+def human(n: float) -> str:
+    """Bytes in binary units, e.g. 256.0 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator:
+    """A progress bar on a terminal (stderr); nothing when not a terminal."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda n: None
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def store_options(f):
+    f = click.option(
+        "--s3-region", envvar="RESTORE_S3_REGION", default=None, help="S3 region (env RESTORE_S3_REGION)."
+    )(f)
+    f = click.option(
+        "--s3-endpoint",
+        envvar="RESTORE_S3_ENDPOINT",
+        default=None,
+        help="S3 endpoint URL, e.g. http://127.0.0.1:5000 (env RESTORE_S3_ENDPOINT). "
+        "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
+    )(f)
+    f = click.option(
+        "--store",
+        "store_url",
+        envvar="RESTORE_STORE",
+        default=None,
+        metavar="URL",
+        help="Object store: file://DIR, s3://BUCKET/PREFIX, gs://, az://, memory:// "
+        "(env RESTORE_STORE; default file://~/.local/share/restore/store).",
+    )(f)
+    return f
+
+
+def key_options(f):
+    f = click.option("--key-env", metavar="VAR", default=None, help="Environment variable holding the key.")(f)
+    f = click.option(
+        "--key-file",
+        metavar="FILE",
+        default=None,
+        help="File holding the 32-byte AES-256 key (hex, base64 or raw); see `restore key generate`.",
+    )(f)
+    return f
+
+
+def open_store(store_url: Optional[str], s3_endpoint: Optional[str], s3_region: Optional[str]) -> DurableStore:
+    return DurableStore(store_url or default_store_url(), S3Options(endpoint=s3_endpoint, region=s3_region))
+
+
+def default_cache_dir() -> str:
+    env = os.environ.get("RESTORE_CACHE_DIR")
+    if env:
+        return env
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "restore")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="restore")
+def cli() -> None:
+    """restore: lazy memory restore for microVM snapshots."""
+
+
+@cli.group()
+def snapshot() -> None:
+    """Create, list, inspect, verify and export snapshots."""
+
+
+@snapshot.command("create")
+@click.argument("memfile", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--name", required=True, help="Snapshot name.")
+@click.option("--version", "version", default=None, help="Version (default: next integer).")
+@click.option("--chunk-size", type=SIZE, default="512K", show_default=True, help="Chunk size, a power of two >= 4K.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Encoding threads (default: one per core).")
+@key_options
+@store_options
+def snapshot_create(memfile, name, version, chunk_size, workers, key_file, key_env, store_url, s3_endpoint, s3_region):
+    """Cut MEMFILE into chunks and store them as a new snapshot version."""
+    from .snapshot import create_snapshot, describe, memory_file_size
+
+    key = load_key(key_file, key_env)
+    store = open_store(store_url, s3_endpoint, s3_region)
+    size = memory_file_size(memfile)  # fail before drawing a bar
+    with progress_bar("snapshot", size) as advance:
+        m = create_snapshot(store, memfile, name, version, chunk_size=chunk_size, key=key, workers=workers, progress=advance)
+    d = describe(store, m)
+    click.echo(
+        f"created {m.name}/{m.version} in {store.url}: {human(m.memory_size)} of memory, "
+        f"{d['chunks']} chunks, {human(d['stored_bytes'])} stored, {human(m.uploaded_bytes)} uploaded"
+    )
+
+
+@snapshot.command("ls")
+@click.argument("name", required=False)
+@store_options
+def snapshot_ls(name, store_url, s3_endpoint, s3_region):
+    """List snapshot versions and their state."""
+    from .snapshot import list_snapshots
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    refs = list_snapshots(store, name)
+    if not refs:
+        click.echo(f"no snapshots in {store.url}")
+        return
+    width = max(len(f"{r.name}/{r.version}") for r in refs)
+    for r in refs:
+        click.echo(f"{r.name + '/' + r.version:<{width}}  {r.state:<7}  {r.updated:%Y-%m-%d %H:%M:%S}")
+
+
+@snapshot.command("inspect")
+@click.argument("name")
+@click.option("--version", "version", default=None, help="Version (default: newest ACTIVE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@store_options
+def snapshot_inspect(name, version, as_json, store_url, s3_endpoint, s3_region):
+    """Show a snapshot's size, zero pages, compression and dedup figures."""
+    from .snapshot import describe, load_manifest
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    d = describe(store, load_manifest(store, name, version))
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    ratio = f"{d['compression_ratio']:.2f}x" if d["compression_ratio"] else "n/a (all zero)"
+    rows = [
+        ("snapshot", f"{d['name']}/{d['version']}"),
+        ("state", d["state"]),
+        ("created", f"{d['created']} by {d['created_by']}"),
+        ("memory size", f"{human(d['memory_size'])} ({d['memory_size']} bytes)"),
+        ("page size", human(d["page_size"])),
+        ("chunk size", human(d["chunk_size"])),
+        ("chunks", f"{d['chunks']} ({d['zero_chunks']} all zero, {d['objects']} distinct objects)"),
+        ("zero pages", f"{d['zero_pages']} ({d['zero_pages_pct']:.1f} %)"),
+        ("stored bytes", human(d["stored_bytes"])),
+        ("compression ratio", ratio),
+        ("dedup savings", f"{human(d['dedup_within_bytes'])} within, {human(d['dedup_across_bytes'])} shared with other snapshots"),
+        ("uploaded", human(d["uploaded_bytes"])),
+        ("encrypted", "yes (AES-256-GCM)" if d["encrypted"] else "no"),
+        ("layout", d["layout"]),
+    ]
+    for k, v in rows:
+        click.echo(f"{k + ':':<19}{v}")
+
+
+@snapshot.command("verify")
+@click.argument("name")
+@click.option("--version", "version", default=None, help="Version (default: newest ACTIVE).")
+@key_options
+@store_options
+def snapshot_verify(name, version, key_file, key_env, store_url, s3_endpoint, s3_region):
+    """Fetch and decode every chunk; name each bad one and exit 1 if any."""
+    from .snapshot import Snapshot
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    with Snapshot.open(store, name, version, load_key(key_file, key_env)) as snap:
+        total = len(snap.manifest.chunks) * snap.manifest.chunk_size
+        with progress_bar("verify", total) as advance:
+            bad = snap.verify(progress=advance)
+        for b in bad:
+            click.echo(f"BAD chunk {b.index} at offset {b.offset:#x}: {b.reason}", err=True)
+        n = len(snap.manifest.chunks)
+        if bad:
+            click.echo(f"{snap.label}: {len(bad)} of {n} chunks bad", err=True)
+            sys.exit(1)
+        click.echo(f"{snap.label}: all {n} chunks verified")
+
+
+@snapshot.command("export")
+@click.argument("name")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--version", "version", default=None, help="Version (default: newest ACTIVE).")
+@click.option("--cache-dir", default=None, help="L1 chunk cache (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
+@click.option("--no-cache", is_flag=True, help="Read only from the store.")
+@key_options
+@store_options
+def snapshot_export(name, out, version, cache_dir, no_cache, key_file, key_env, store_url, s3_endpoint, s3_region):
+    """Write the snapshot's memory file back out to OUT."""
+    from .snapshot import Snapshot
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
+    with Snapshot.open(store, name, version, load_key(key_file, key_env), l1) as snap:
+        with progress_bar("export", snap.manifest.memory_size) as advance:
+            snap.export(out, progress=advance)
+    click.echo(f"wrote {human(snap.manifest.memory_size)} to {out}")
+
+
+@snapshot.command("rm")
+@click.argument("name")
+@click.option("--version", "version", required=True, help="Version to remove.")
+@store_options
+def snapshot_rm(name, version, store_url, s3_endpoint, s3_region):
+    """Remove a version's manifest (or a dead PENDING claim). Chunks stay."""
+    from .snapshot import remove_snapshot
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    remove_snapshot(store, name, version)
+    click.echo(f"removed {name}/{version}")
+
+
+@cli.group()
+def key() -> None:
+    """Encryption keys."""
+
+
+@key.command("generate")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=str))
+def key_generate(path):
+    """Write a new random 32-byte key (hex) to PATH, mode 0600."""
+    generate_key_file(path)
+    click.echo(f"wrote a new key to {path}; keep it safe: without it the snapshot cannot be read")
+
+
+@cli.command("sample-image")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--size", type=SIZE, default="256M", show_default=True, help="Image size (multiple of 4K).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--zero", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Fraction of zero pages.")
+@click.option("--random", "random_", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="Fraction of random pages.")
+def sample_image(out, size, seed, zero, random_):
+    """Write a sample memory image: zero, text-like and random pages in runs."""
+    from .sample import write_sample_image
+
+    with progress_bar("sample image", size) as advance:
+        write_sample_image(out, size, seed=seed, zero=zero, random=random_, progress=advance)
+    click.echo(f"wrote {human(size)} sample image to {out}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the CLI, turning the package's errors into one line."""
+    try:
+        cli.main(args=argv, prog_name="restore", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RestoreError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

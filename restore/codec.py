@@ -1,0 +1,157 @@
+"""The chunk codec: Python's handle on the C encoder and decoder.
+
+The stored form of a chunk is drawn in csrc/chunk.h. Both directions run in
+C with the GIL released, so a thread pool encodes or decodes on every core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+from ._native import ffi, lib
+from .errors import check
+
+FLAG_LZ4: int = lib.RS_CHUNK_LZ4
+FLAG_ENCRYPTED: int = lib.RS_CHUNK_ENCRYPTED
+KNOWN_FLAGS: int = FLAG_LZ4 | FLAG_ENCRYPTED
+KEY_BYTES: int = lib.RS_KEY_BYTES
+ID_BYTES: int = lib.RS_ID_BYTES
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """One chunk in stored form.
+
+    id: lowercase hex SHA-256 of data, or None for an all-zero chunk (no object).
+    data: the stored bytes (empty for an all-zero chunk).
+    flags: FLAG_* bits.
+    zero_bitmap: one bit per slot, set = all-zero slot (see csrc/chunk.h).
+    """
+
+    id: Optional[str]
+    data: bytes
+    flags: int
+    zero_bitmap: bytes
+
+
+class ChunkCodec:
+    """Encoder/decoder for one snapshot geometry and key.
+
+    chunk_size, page_size: bytes (powers of two, 4 KiB <= page <= chunk).
+    key: 32-byte master key for an encrypted snapshot, or None.
+    The codec may be shared by threads; each thread gets its own scratch
+    buffers. Close it (or use it as a context manager) to wipe the derived
+    keys at once rather than at garbage collection.
+    """
+
+    def __init__(self, chunk_size: int, page_size: int = 4096, key: Optional[bytes] = None):
+        if key is not None and len(key) != KEY_BYTES:
+            raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+        out = ffi.new("rs_codec **")
+        check(
+            lib.rs_codec_create(out, chunk_size, page_size, key if key else ffi.NULL, len(key or b"")),
+            "rs_codec_create",
+            f"chunk size {chunk_size}, page size {page_size}",
+        )
+        self._codec = ffi.gc(out[0], lib.rs_codec_destroy)
+        self.chunk_size = chunk_size
+        self.page_size = page_size
+        self.encrypted = key is not None
+        self.bitmap_bytes: int = lib.rs_codec_bitmap_bytes(self._codec)
+        self.stored_bound: int = lib.rs_codec_stored_bound(self._codec)
+        self._local = threading.local()
+
+    def close(self) -> None:
+        """Free the C codec (and wipe its keys). Idempotent."""
+        codec, self._codec = self._codec, None
+        if codec is not None:
+            ffi.release(codec)
+
+    def __enter__(self) -> "ChunkCodec":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _handle(self):
+        if self._codec is None:
+            raise ValueError("chunk codec is closed")
+        return self._codec
+
+    @property
+    def key_check(self) -> Optional[str]:
+        """Hex key check value kept in the manifest (None without a key)."""
+        if not self.encrypted:
+            return None
+        out = ffi.new("uint8_t[16]")
+        check(lib.rs_codec_key_check(self._handle(), out), "rs_codec_key_check")
+        return bytes(out).hex()
+
+    def _scratch(self):
+        s = getattr(self._local, "scratch", None)
+        if s is None:
+            s = (
+                ffi.new("uint8_t[]", self.stored_bound),
+                ffi.new("size_t *"),
+                ffi.new("uint8_t[]", self.bitmap_bytes),
+                ffi.new("uint8_t[]", ID_BYTES),
+                ffi.new("uint32_t *"),
+            )
+            self._local.scratch = s
+        return s
+
+    def encode(self, raw) -> EncodedChunk:
+        """Encode raw (a buffer of whole pages, at most chunk_size bytes)."""
+        out, out_len, bitmap, id_, flags = self._scratch()
+        src = ffi.from_buffer(raw)
+        check(
+            lib.rs_chunk_encode(self._handle(), src, len(src), out, len(out), out_len, bitmap, id_, flags),
+            "rs_chunk_encode",
+            f"{len(src)}-byte chunk",
+        )
+        n = out_len[0]
+        return EncodedChunk(
+            id=bytes(id_).hex() if n else None,
+            data=ffi.buffer(out, n)[:],
+            flags=flags[0],
+            zero_bitmap=ffi.buffer(bitmap, self.bitmap_bytes)[:],
+        )
+
+    def decode(
+        self,
+        stored: bytes,
+        chunk_id: Optional[str],
+        flags: int,
+        zero_bitmap: bytes,
+        out=None,
+        context: str = "",
+    ):
+        """Verify and decode stored bytes into out (chunk_size bytes).
+
+        Allocates a bytearray when out is None and returns it. Raises
+        ChunkHashMismatch, ChunkMalformed, MissingKey or WrongKey, each
+        message starting with context (e.g. "chunk 3 at offset 0x180000").
+        """
+        if out is None:
+            out = bytearray(self.chunk_size)
+        dst = ffi.from_buffer(out, require_writable=True)
+        if len(dst) != self.chunk_size:
+            raise ValueError(f"decode buffer is {len(dst)} bytes, chunk size is {self.chunk_size}")
+        if len(zero_bitmap) != self.bitmap_bytes:
+            raise ValueError(f"zero bitmap is {len(zero_bitmap)} bytes, expected {self.bitmap_bytes}")
+        idb = bytes.fromhex(chunk_id) if chunk_id else bytes(ID_BYTES)
+        src = ffi.from_buffer(stored) if len(stored) else ffi.NULL
+        check(
+            lib.rs_chunk_decode(self._handle(), src, len(stored), idb, flags, zero_bitmap, dst),
+            "rs_chunk_decode",
+            context,
+        )
+        return out
+
+
+def chunk_id_of(data: bytes) -> str:
+    """The id a chunk object must have: hex SHA-256 of its stored bytes."""
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,563 @@
+"""Snapshots: create from a memory file, list, open, inspect, verify, export.
+
+A snapshot version moves through two states. While its chunks upload it is
+PENDING: ``snapshots/<name>/<version>/pending.json`` claims the version and
+no manifest exists. Writing the manifest (last, atomically, create-only)
+makes it ACTIVE; then the pending marker is removed. A failed creation
+removes its marker, so nothing partially written ever looks ACTIVE; chunk
+objects it uploaded stay (they are content-addressed and may be shared).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import socket
+import stat
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+import numpy as np
+
+from .codec import ChunkCodec, chunk_id_of
+from .errors import (
+    ChunkError,
+    ChunkMissing,
+    InputError,
+    ManifestError,
+    MemoryFileError,
+    MissingKey,
+    SnapshotExists,
+    SnapshotNotFound,
+    SnapshotPending,
+    WrongKey,
+)
+from .manifest import (
+    ZERO_PAGE,
+    ChunkEntry,
+    Manifest,
+    check_chunk_size,
+    check_name,
+    check_page_size,
+    identity_page_map,
+    manifest_key,
+    parse_page_map,
+    pending_key,
+)
+from .tiers.durable import DurableStore
+from .tiers.l1 import L1Cache
+
+DEFAULT_CHUNK_SIZE = 512 * 1024
+DEFAULT_UPLOADS = 16  # objects in flight to the store
+
+Progress = Callable[[int], None]  # called with bytes of memory just covered
+
+
+def chunk_key(chunk_id: str) -> str:
+    return f"chunks/{chunk_id}"
+
+
+def _no_progress(_: int) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    name: str
+    version: str
+    state: str  # "ACTIVE" or "PENDING"
+    updated: datetime
+
+
+def _version_order(v: str) -> tuple:
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
+def list_snapshots(store: DurableStore, name: Optional[str] = None) -> list[SnapshotRef]:
+    """Every snapshot version in the store (of one name if given), sorted by
+    name and version (numeric versions in numeric order)."""
+    found: dict[tuple[str, str], SnapshotRef] = {}
+    prefix = f"snapshots/{name}/" if name else "snapshots/"
+    for info in store.list(prefix):
+        parts = info.key.split("/")
+        if len(parts) != 4 or parts[3] not in ("manifest.json", "pending.json"):
+            continue
+        ident = (parts[1], parts[2])
+        state = "ACTIVE" if parts[3] == "manifest.json" else "PENDING"
+        if state == "ACTIVE" or ident not in found:
+            found[ident] = SnapshotRef(parts[1], parts[2], state, info.last_modified)
+    return sorted(found.values(), key=lambda r: (r.name, _version_order(r.version)))
+
+
+def _resolve_version(store: DurableStore, name: str, version: Optional[str]) -> str:
+    check_name(name)
+    if version is not None:
+        return check_name(version, "snapshot version")
+    active = [r for r in list_snapshots(store, name) if r.state == "ACTIVE"]
+    if not active:
+        raise SnapshotNotFound(f"no snapshot named '{name}' in {store.url}")
+    return active[-1].version
+
+
+def load_manifest(store: DurableStore, name: str, version: Optional[str] = None) -> Manifest:
+    """The manifest of name/version (the newest ACTIVE version by default)."""
+    version = _resolve_version(store, name, version)
+    key = manifest_key(name, version)
+    data = store.get(key)
+    if data is None:
+        if store.exists(pending_key(name, version)):
+            raise SnapshotPending(f"snapshot {name}/{version} is PENDING: its creation has not finished")
+        raise SnapshotNotFound(f"no snapshot {name}/{version} in {store.url}")
+    m = Manifest.parse(data, f"{store.url}/{key}")
+    if (m.name, m.version) != (name, version):
+        raise ManifestError(f"manifest {store.url}/{key}: names snapshot {m.name}/{m.version}")
+    return m
+
+
+def remove_snapshot(store: DurableStore, name: str, version: str) -> None:
+    """Delete a version's manifest and pending marker (not its chunks, which
+    other snapshots may share)."""
+    check_name(name)
+    check_name(version, "snapshot version")
+    keys = [manifest_key(name, version), pending_key(name, version)]
+    if not any(store.exists(k) for k in keys):
+        raise SnapshotNotFound(f"no snapshot {name}/{version} in {store.url}")
+    for k in keys:
+        store.delete(k)
+
+
+# ---------------------------------------------------------------- creation
+
+
+def _open_memory_file(path: str | os.PathLike, page_size: int) -> tuple[int, int]:
+    """(fd, size in bytes) of a readable memory file whose size is a
+    positive multiple of page_size."""
+    shown = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MemoryFileError(f"memory file '{shown}': no such file") from None
+    except IsADirectoryError:
+        raise MemoryFileError(f"memory file '{shown}' is a directory") from None
+    except OSError as exc:
+        raise MemoryFileError(f"memory file '{shown}' cannot be read: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MemoryFileError(f"memory file '{shown}' is not a regular file")
+        if st.st_size == 0:
+            raise MemoryFileError(f"memory file '{shown}' is empty")
+        if st.st_size % page_size:
+            raise MemoryFileError(
+                f"memory file '{shown}' is {st.st_size} bytes, not a multiple of the {page_size}-byte page size"
+            )
+        os.pread(fd, 1, 0)  # a directory or unreadable device fails here, not mid-upload
+    except OSError as exc:
+        os.close(fd)
+        raise MemoryFileError(f"memory file '{shown}' cannot be read: {exc.strerror}") from None
+    except MemoryFileError:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def memory_file_size(path: str | os.PathLike, page_size: int = 4096) -> int:
+    """Size in bytes of a memory file that create_snapshot would accept;
+    raises MemoryFileError naming the problem otherwise."""
+    fd, size = _open_memory_file(path, page_size)
+    os.close(fd)
+    return size
+
+
+def _claim_version(store: DurableStore, name: str, version: Optional[str]) -> str:
+    """Write the pending marker of a new version and return the version."""
+    existing = list_snapshots(store, name)
+    if version is None:
+        numeric = [int(r.version) for r in existing if r.version.isdigit()]
+        version = str(max(numeric, default=0) + 1)
+    check_name(version, "snapshot version")
+    for r in existing:
+        if r.version == version:
+            raise SnapshotExists(_exists_message(name, version, r.state))
+    marker = json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+    ).encode()
+    if not store.put(pending_key(name, version), marker, create_only=True):
+        raise SnapshotExists(_exists_message(name, version, "PENDING"))
+    return version
+
+
+def _exists_message(name: str, version: str, state: str) -> str:
+    if state == "ACTIVE":
+        return f"snapshot {name}/{version} already exists; versions are immutable (choose another --version)"
+    return (
+        f"snapshot {name}/{version} is PENDING: another creation claimed it; if that creation died, "
+        f"remove it with `restore snapshot rm {name} --version {version}`"
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def create_snapshot(
+    store: DurableStore,
+    memory_file: str | os.PathLike,
+    name: str,
+    version: Optional[str] = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    page_size: int = 4096,
+    key: Optional[bytes] = None,
+    workers: Optional[int] = None,
+    uploads: int = DEFAULT_UPLOADS,
+    progress: Progress = _no_progress,
+) -> Manifest:
+    """Cut memory_file into chunks, store the new ones, write the manifest.
+
+    version: None picks the next integer version. key: 32 bytes to encrypt
+    with AES-256-GCM. workers: encoding threads (default: one per core).
+    uploads: objects in flight to the store. progress(n) is called as each
+    chunk of n bytes of memory is encoded. Returns the written manifest.
+    """
+    check_name(name)
+    check_page_size(page_size)
+    check_chunk_size(chunk_size, page_size)
+    if version is not None:
+        check_name(version, "snapshot version")
+    if workers is not None and workers < 1:
+        raise InputError(f"workers must be at least 1, got {workers}")
+    if uploads < 1:
+        raise InputError(f"uploads must be at least 1, got {uploads}")
+    fd, size = _open_memory_file(memory_file, page_size)
+    try:
+        with ChunkCodec(chunk_size, page_size, key) as codec:
+            version = _claim_version(store, name, version)
+            try:
+                chunks, uploaded = _store_chunks(
+                    store, codec, fd, size, workers or os.cpu_count() or 1, uploads, progress, memory_file
+                )
+                manifest = Manifest(
+                    name=name,
+                    version=version,
+                    memory_size=size,
+                    chunk_size=chunk_size,
+                    page_size=page_size,
+                    chunks=chunks,
+                    key_check=codec.key_check,
+                    created_at=_now(),
+                    uploaded_bytes=uploaded,
+                )
+                if not store.put(manifest.key, manifest.to_json(), create_only=True):
+                    raise SnapshotExists(_exists_message(name, version, "ACTIVE"))
+            finally:
+                store.delete(pending_key(name, version))
+    finally:
+        os.close(fd)
+    return manifest
+
+
+def _store_chunks(
+    store: DurableStore,
+    codec: ChunkCodec,
+    fd: int,
+    size: int,
+    workers: int,
+    uploads: int,
+    progress: Progress,
+    shown: str | os.PathLike,
+) -> tuple[list[ChunkEntry], int]:
+    """Encode every chunk on `workers` threads and upload each new object
+    once; returns the chunk entries and the bytes uploaded."""
+    C = codec.chunk_size
+    n = -(-size // C)
+    local = threading.local()
+    uploaded = 0
+    uploaded_lock = threading.Lock()
+
+    def encode(i: int):
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(C)
+        want = min(C, size - i * C)
+        view = memoryview(buf)[:want]
+        got = os.preadv(fd, [view], i * C)
+        if got != want:
+            raise MemoryFileError(f"memory file '{os.fspath(shown)}' shrank while it was being read")
+        return codec.encode(view)
+
+    def upload(chunk_id: str, data: bytes) -> None:
+        nonlocal uploaded
+        key = chunk_key(chunk_id)
+        if store.exists(key):
+            return
+        if store.put(key, data, create_only=True):
+            with uploaded_lock:
+                uploaded += len(data)
+
+    entries: list[Optional[ChunkEntry]] = [None] * n
+    seen: set[str] = set()
+    window = 4 * workers
+    with ThreadPoolExecutor(workers, "restore-encode") as enc_pool, ThreadPoolExecutor(
+        uploads, "restore-upload"
+    ) as up_pool:
+        encoding: deque[tuple[int, Future]] = deque()
+        sending: deque[Future] = deque()
+
+        def finish_one() -> None:
+            i, fut = encoding.popleft()
+            e = fut.result()
+            entries[i] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
+            if e.id is not None and e.id not in seen:
+                seen.add(e.id)
+                sending.append(up_pool.submit(upload, e.id, e.data))
+                while len(sending) > uploads * 2:
+                    sending.popleft().result()
+            progress(min(C, size - i * C))
+
+        try:
+            for i in range(n):
+                encoding.append((i, enc_pool.submit(encode, i)))
+                if len(encoding) >= window:
+                    finish_one()
+            while encoding:
+                finish_one()
+            while sending:
+                sending.popleft().result()
+        except BaseException:
+            for _, f in encoding:
+                f.cancel()
+            for f in sending:
+                f.cancel()
+            raise
+    return entries, uploaded  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class BadChunk:
+    index: int
+    offset: int  # bytes: file offset of the chunk's first page
+    chunk_id: Optional[str]
+    reason: str
+
+
+class Snapshot:
+    """An ACTIVE snapshot opened for reading.
+
+    l1: an optional local cache; chunks are read from it first and verified
+    chunks fetched from the store are written to it.
+    """
+
+    def __init__(
+        self,
+        store: DurableStore,
+        manifest: Manifest,
+        key: Optional[bytes] = None,
+        l1: Optional[L1Cache] = None,
+    ):
+        self.store = store
+        self.manifest = manifest
+        self.l1 = l1
+        m = manifest
+        if m.encrypted:
+            if key is None:
+                raise MissingKey(
+                    f"snapshot {m.name}/{m.version} is encrypted: give its key (--key-file or --key-env)"
+                )
+        else:
+            key = None
+        self.codec = ChunkCodec(m.chunk_size, m.page_size, key)
+        if m.encrypted and self.codec.key_check != m.key_check:
+            self.codec.close()
+            raise WrongKey(f"the key given is not the key of snapshot {m.name}/{m.version} (key check differs)")
+        self._page_map: Optional[np.ndarray] = None
+
+    @classmethod
+    def open(
+        cls,
+        store: DurableStore,
+        name: str,
+        version: Optional[str] = None,
+        key: Optional[bytes] = None,
+        l1: Optional[L1Cache] = None,
+    ) -> "Snapshot":
+        return cls(store, load_manifest(store, name, version), key, l1)
+
+    def close(self) -> None:
+        self.codec.close()
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name}/{self.manifest.version}"
+
+    def page_map(self) -> np.ndarray:
+        """page → (chunk, slot) for every page (PAGE_MAP_DTYPE); chunk is
+        ZERO_PAGE for an all-zero page. Identity unless the manifest has a map."""
+        if self._page_map is None:
+            ref = self.manifest.page_map
+            if ref is None:
+                self._page_map = identity_page_map(self.manifest)
+            else:
+                where = f"{self.store.url}/{ref.key}"
+                data = self.store.get(ref.key)
+                if data is None:
+                    raise ManifestError(f"page map {where} is missing from the store")
+                if chunk_id_of(data) != ref.id:
+                    raise ManifestError(f"page map {where}: SHA-256 of its bytes is not its id")
+                self._page_map = parse_page_map(data, self.manifest, where)
+        return self._page_map
+
+    def chunk_offset(self, index: int) -> int:
+        """File offset (bytes) of the first page held by chunk index."""
+        if self.manifest.page_map is None:
+            return index * self.manifest.chunk_size
+        pages = np.flatnonzero(self.page_map()["chunk"] == index)
+        return int(pages.min()) * self.manifest.page_size if len(pages) else 0
+
+    def context(self, index: int) -> str:
+        return f"snapshot {self.label} chunk {index} at offset {self.chunk_offset(index):#x}"
+
+    def fetch(self, index: int, use_l1: bool = True) -> bytes:
+        """Stored bytes of chunk index: from L1 when present, else the store."""
+        entry = self.manifest.chunks[index]
+        if entry.id is None:
+            return b""
+        if use_l1 and self.l1 is not None:
+            data = self.l1.get(entry.id)
+            if data is not None:
+                return data
+        data = self.store.get(chunk_key(entry.id))
+        if data is None:
+            raise ChunkMissing(f"{self.context(index)}: object {chunk_key(entry.id)} is missing from {self.store.url}")
+        return data
+
+    def read_chunk(self, index: int, out=None, use_l1: bool = True):
+        """Decoded slots of chunk index (chunk_size bytes), verified in C.
+        Bytes fetched from the store are written to L1 once verified."""
+        entry = self.manifest.chunks[index]
+        data = self.fetch(index, use_l1)
+        out = self.codec.decode(data, entry.id, entry.flags, entry.zero, out, self.context(index))
+        if use_l1 and self.l1 is not None and entry.id is not None and not self.l1.contains(entry.id):
+            self.l1.put(entry.id, data)
+        return out
+
+    def verify(self, workers: Optional[int] = None, progress: Progress = _no_progress) -> list[BadChunk]:
+        """Fetch every chunk from the store (not L1) and decode it; return
+        the chunks that are missing or bad, in index order."""
+        self.page_map()  # a bad page map fails verification as a whole
+        m = self.manifest
+        bad: list[BadChunk] = []
+
+        def check(i: int) -> Optional[BadChunk]:
+            try:
+                self.read_chunk(i, use_l1=False)
+            except ChunkError as exc:
+                return BadChunk(i, self.chunk_offset(i), m.chunks[i].id, str(exc))
+            except (MissingKey, WrongKey) as exc:
+                return BadChunk(i, self.chunk_offset(i), m.chunks[i].id, str(exc))
+            return None
+
+        with ThreadPoolExecutor(workers or min(8, 2 * (os.cpu_count() or 1)), "restore-verify") as pool:
+            for i, result in enumerate(pool.map(check, range(len(m.chunks)))):
+                if result:
+                    bad.append(result)
+                progress(m.chunk_size if m.page_map else min(m.chunk_size, m.memory_size - i * m.chunk_size))
+        return bad
+
+    def read_into(self, out, workers: Optional[int] = None, progress: Progress = _no_progress) -> None:
+        """Reconstruct the whole memory file into out, a writable buffer of
+        memory_size bytes that starts zeroed (zero pages are not written)."""
+        m = self.manifest
+        mem = memoryview(out)
+        if mem.nbytes != m.memory_size:
+            raise ValueError(f"output buffer is {mem.nbytes} bytes, the snapshot holds {m.memory_size}")
+        pages = np.frombuffer(mem.cast("B"), dtype=np.uint8).reshape(m.pages, m.page_size)
+        pm = self.page_map()
+        live = np.flatnonzero(pm["chunk"] != ZERO_PAGE)
+        order = live[np.argsort(pm["chunk"][live], kind="stable")]
+        chunk_of = pm["chunk"][order]
+        bounds = np.searchsorted(chunk_of, np.arange(len(m.chunks) + 1))
+        local = threading.local()
+
+        def place(i: int) -> None:
+            dest = order[bounds[i] : bounds[i + 1]]
+            if len(dest):
+                buf = getattr(local, "buf", None)
+                if buf is None:
+                    buf = local.buf = bytearray(m.chunk_size)
+                self.read_chunk(i, buf)
+                slots = np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
+                pages[dest] = slots[pm["slot"][dest]]
+            progress(len(dest) * m.page_size)
+
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1, "restore-read") as pool:
+            list(pool.map(place, range(len(m.chunks))))
+        if len(live) < m.pages:
+            progress((m.pages - len(live)) * m.page_size)
+
+    def export(self, path: str | os.PathLike, workers: Optional[int] = None, progress: Progress = _no_progress) -> None:
+        """Write the memory file back out to path (a new sparse file)."""
+        size = self.manifest.memory_size
+        tmp = f"{os.fspath(path)}.restore-tmp"
+        with open(tmp, "wb+") as f:
+            f.truncate(size)
+            with mmap.mmap(f.fileno(), size) as mm:
+                try:
+                    self.read_into(mm, workers, progress)
+                    mm.flush()
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def describe(store: DurableStore, manifest: Manifest) -> dict:
+    """The figures `restore snapshot inspect` shows, as a dict."""
+    m = manifest
+    zero_pages = m.pages - m.nonzero_pages()
+    nonzero_bytes = m.memory_size - zero_pages * m.page_size
+    stored = m.stored_bytes()
+    unique = m.unique_stored_bytes()
+    return {
+        "name": m.name,
+        "version": m.version,
+        "state": "ACTIVE",
+        "created": m.created_at,
+        "created_by": m.created_by,
+        "memory_size": m.memory_size,
+        "page_size": m.page_size,
+        "chunk_size": m.chunk_size,
+        "chunks": len(m.chunks),
+        "zero_chunks": sum(1 for c in m.chunks if c.id is None),
+        "objects": len({c.id for c in m.chunks if c.id}),
+        "zero_pages": zero_pages,
+        "zero_pages_pct": 100.0 * zero_pages / m.pages,
+        "stored_bytes": unique,
+        "compression_ratio": (nonzero_bytes / stored) if stored else None,
+        "dedup_within_bytes": stored - unique,
+        "dedup_across_bytes": max(0, unique - m.uploaded_bytes),
+        "uploaded_bytes": m.uploaded_bytes,
+        "encrypted": m.encrypted,
+        "layout": "page map" if m.page_map else "identity",
+        "plan": m.plan,
+    }
