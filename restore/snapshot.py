@@ -145,12 +145,12 @@ def _open_memory_file(path: str | os.PathLike, page_size: int) -> tuple[int, int
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise MemoryFileError(f"memory file '{shown}': no such file") from None
-    except IsADirectoryError:
-        raise MemoryFileError(f"memory file '{shown}' is a directory") from None
     except OSError as exc:
         raise MemoryFileError(f"memory file '{shown}' cannot be read: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise MemoryFileError(f"memory file '{shown}' is a directory")
         if not stat.S_ISREG(st.st_mode):
             raise MemoryFileError(f"memory file '{shown}' is not a regular file")
         if st.st_size == 0:
@@ -159,7 +159,6 @@ def _open_memory_file(path: str | os.PathLike, page_size: int) -> tuple[int, int
             raise MemoryFileError(
                 f"memory file '{shown}' is {st.st_size} bytes, not a multiple of the {page_size}-byte page size"
             )
-        os.pread(fd, 1, 0)  # a directory or unreadable device fails here, not mid-upload
     except OSError as exc:
         os.close(fd)
         raise MemoryFileError(f"memory file '{shown}' cannot be read: {exc.strerror}") from None

@@ -1,0 +1,73 @@
+"""The durable store wrapper over obstore: URLs, atomic create-only puts,
+listing, and errors that name the store."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from restore.errors import StoreError, UnknownStoreScheme
+from restore.tiers.durable import DurableStore, S3Options, default_store_url
+
+
+@pytest.mark.parametrize("kind", ["file", "plain-path", "memory"])
+def test_basic_operations(tmp_path, kind):
+    url = {"file": f"file://{tmp_path}/s", "plain-path": str(tmp_path / "s"), "memory": "memory://"}[kind]
+    s = DurableStore(url)
+    assert s.get("chunks/a") is None and not s.exists("chunks/a")
+    assert s.put("chunks/a", b"one", create_only=True) is True
+    assert s.put("chunks/a", b"two", create_only=True) is False  # left as it was
+    assert s.get("chunks/a") == b"one"
+    s.put("chunks/a", b"three")
+    assert s.get("chunks/a") == b"three"
+    s.put("snapshots/x/1/manifest.json", b"{}")
+    assert sorted(i.key for i in s.list("chunks/")) == ["chunks/a"]
+    assert {i.key: i.size for i in s.list("")} == {"chunks/a": 5, "snapshots/x/1/manifest.json": 2}
+    s.delete("chunks/a")
+    s.delete("chunks/a")  # deleting a missing object is fine
+    assert not s.exists("chunks/a")
+    assert list(s.list("nothing/")) == []
+
+
+def test_relative_file_url_resolves_from_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    DurableStore("file://rel/store").put("k", b"v")
+    assert (tmp_path / "rel" / "store" / "k").read_bytes() == b"v"
+
+
+def test_default_store_url(monkeypatch, tmp_path):
+    monkeypatch.delenv("RESTORE_STORE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_store_url() == f"file://{tmp_path}/restore/store"
+    monkeypatch.setenv("RESTORE_STORE", "s3://b/p")
+    assert default_store_url() == "s3://b/p"
+
+
+@pytest.mark.parametrize("url,scheme", [("ftp://h/x", "ftp"), ("http://h/x", "http"), ("S4://b", "s4")])
+def test_unknown_schemes(url, scheme):
+    with pytest.raises(UnknownStoreScheme, match=re.escape(f"store URL '{url}': unknown scheme '{scheme}'")):
+        DurableStore(url)
+
+
+def test_s3_url_needs_a_bucket():
+    with pytest.raises(UnknownStoreScheme, match=re.escape("store URL 's3://' names no bucket")):
+        DurableStore("s3://")
+
+
+def test_s3_store_config_is_accepted_without_network():
+    s = DurableStore(
+        "s3://bucket/some/prefix",
+        S3Options(endpoint="http://127.0.0.1:1", region="us-east-1", access_key_id="a", secret_access_key="b"),
+    )
+    assert repr(s) == "DurableStore('s3://bucket/some/prefix')"
+
+
+def test_unreachable_s3_endpoint_is_a_store_error():
+    """Nothing listens on port 1: the error names the store and the key."""
+    s = DurableStore(
+        "s3://bucket",
+        S3Options(endpoint="http://127.0.0.1:1", region="us-east-1", access_key_id="a", secret_access_key="b"),
+    )
+    with pytest.raises(StoreError, match=re.escape("store s3://bucket: get 'chunks/x' failed:")):
+        s.get("chunks/x")
