@@ -55,7 +55,7 @@ int rs_codec_create(rs_codec **out, size_t chunk_size, size_t page_size,
 
     *out = NULL;
     if (!is_pow2(chunk_size) || !is_pow2(page_size) || page_size < 4096 ||
-        page_size > chunk_size || chunk_size > ((size_t)1 << 31))
+        page_size > chunk_size || chunk_size > ((size_t)1 << 30))
         return -EINVAL;
     if ((key == NULL) != (key_len == 0) || (key && key_len != RS_KEY_BYTES))
         return -EINVAL;
@@ -123,14 +123,15 @@ int rs_codec_key_check(const rs_codec *codec, uint8_t *out16)
 
 static int page_is_zero(const uint8_t *p, size_t len)
 {
-    const uint64_t *w = (const uint64_t *)p;
-    size_t n = len / sizeof(uint64_t);
+    /* 64 bytes at a time: random pages exit on the first block, zero pages
+     * run at memory bandwidth. memcpy loads are alignment- and
+     * aliasing-safe and compile to plain (vector) loads. */
+    for (size_t i = 0; i < len; i += 64) {
+        uint64_t w[8], acc = 0;
 
-    /* Eight words at a time: random pages exit on the first block, zero
-     * pages run at memory bandwidth. */
-    for (size_t i = 0; i < n; i += 8) {
-        uint64_t acc = w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] |
-                       w[i + 5] | w[i + 6] | w[i + 7];
+        memcpy(w, p + i, sizeof(w));
+        for (int k = 0; k < 8; k++)
+            acc |= w[k];
         if (acc)
             return 0;
     }
@@ -327,8 +328,11 @@ int rs_chunk_decode(const rs_codec *codec, const uint8_t *stored,
         memcpy(plain, stored + RS_GCM_NONCE_BYTES, plen);
         rc = gcm(codec, 0, stored, plain, plen,
                  stored + RS_GCM_NONCE_BYTES + plen);
-        if (rc)
+        if (rc) {
+            /* Never leave unauthenticated plaintext in the caller's buffer. */
+            memset(plain, 0, plen);
             goto out;
+        }
         p = plain;
     } else if (codec->has_key) {
         /* An encrypted snapshot never holds plaintext chunks. */

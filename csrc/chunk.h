@@ -63,7 +63,8 @@ enum {
 
 /* Create a codec for one snapshot geometry.
  * chunk_size, page_size: bytes, powers of two, 4096 <= page_size <= chunk_size,
- *                        at most 2^31 bytes per chunk.
+ *                        at most 2^30 bytes (1 GiB) per chunk, so every
+ *                        length fits the int that lz4 and OpenSSL take.
  * key: RS_KEY_BYTES of master key, or NULL for an unencrypted snapshot. The
  *      codec keeps only the derived keys. key_len must be 0 or RS_KEY_BYTES.
  * The codec is immutable after creation and may be used by many threads. */

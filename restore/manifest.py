@@ -49,7 +49,7 @@ FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
 ENCRYPTION_ALGORITHM = "AES-256-GCM"
 MIN_CHUNK_SIZE = 4096
-MAX_CHUNK_SIZE = 1 << 31
+MAX_CHUNK_SIZE = 1 << 30  # every length fits a C int (lz4, OpenSSL)
 
 PAGE_MAP_DTYPE = np.dtype([("chunk", "<u4"), ("slot", "<u4")])
 ZERO_PAGE = 0xFFFFFFFF  # page map chunk value of an all-zero page
@@ -78,7 +78,7 @@ def check_chunk_size(chunk_size: int, page_size: int = 4096) -> int:
     if not isinstance(chunk_size, int) or not _is_pow2(chunk_size) or chunk_size < MIN_CHUNK_SIZE:
         raise ChunkSizeError(f"chunk size {chunk_size} is not a power of two of at least 4096 bytes")
     if chunk_size > MAX_CHUNK_SIZE:
-        raise ChunkSizeError(f"chunk size {chunk_size} is larger than the 2 GiB maximum")
+        raise ChunkSizeError(f"chunk size {chunk_size} is larger than the 1 GiB maximum")
     if chunk_size < page_size:
         raise ChunkSizeError(f"chunk size {chunk_size} is smaller than the {page_size}-byte page size")
     return chunk_size

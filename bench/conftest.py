@@ -1,0 +1,33 @@
+"""Benchmark fixtures and a throughput summary.
+
+Each benchmark stores the bytes one round processes in
+benchmark.extra_info["bytes"]; the summary turns medians into GB/s
+(10^9 bytes per second of memory file) so figures compare across runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from restore.sample import write_sample_image
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="session")
+def mixed_gib(tmp_path_factory):
+    """A 1 GiB sample image: half zero pages, 20 % random, 30 % text-like."""
+    p = tmp_path_factory.mktemp("bench") / "mixed-1g.img"
+    write_sample_image(p, GIB, seed=1, zero=0.5, random=0.2)
+    return p
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    benches = getattr(session, "benchmarks", None) or []
+    rows = [(b.name, b.extra_info["bytes"], b.stats.median) for b in benches if "bytes" in b.extra_info]
+    if not rows:
+        return
+    terminalreporter.section("throughput (median)")
+    for name, nbytes, median in sorted(rows):
+        terminalreporter.write_line(f"{name:<60} {nbytes / median / 1e9:7.2f} GB/s  ({median * 1e3:9.2f} ms)")
