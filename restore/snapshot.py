@@ -295,10 +295,7 @@ def _store_chunks(
 
     def upload(chunk_id: str, data: bytes) -> None:
         nonlocal uploaded
-        key = chunk_key(chunk_id)
-        if store.exists(key):
-            return
-        if store.put(key, data, create_only=True):
+        if store.put_new(chunk_key(chunk_id), data):
             with uploaded_lock:
                 uploaded += len(data)
 

@@ -18,7 +18,10 @@ def test_basic_operations(tmp_path, kind):
     assert s.get("chunks/a") is None and not s.exists("chunks/a")
     assert s.put("chunks/a", b"one", create_only=True) is True
     assert s.put("chunks/a", b"two", create_only=True) is False  # left as it was
+    assert s.put_new("chunks/a", b"two") is False
     assert s.get("chunks/a") == b"one"
+    assert s.put_new("chunks/b", b"new") is True and s.get("chunks/b") == b"new"
+    s.delete("chunks/b")
     s.put("chunks/a", b"three")
     assert s.get("chunks/a") == b"three"
     s.put("snapshots/x/1/manifest.json", b"{}")

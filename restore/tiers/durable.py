@@ -76,6 +76,9 @@ class DurableStore:
     def __init__(self, url: str, s3: Optional[S3Options] = None):
         self.url = url
         self._store = _open(url, s3 or S3Options())
+        # A HEAD before a PUT saves sending bytes over a network; on a local
+        # disk or in memory the create-only PUT alone is cheaper.
+        self._remote = not isinstance(self._store, (LocalStore, MemoryStore))
 
     def __repr__(self) -> str:
         return f"DurableStore({self.url!r})"
@@ -103,6 +106,13 @@ class DurableStore:
             return False
         except (BaseError, OSError) as exc:
             raise self._fail("put", key, exc) from exc
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Store an immutable object unless it already exists; True when this
+        call wrote it. Existing objects are never rewritten."""
+        if self._remote and self.exists(key):
+            return False
+        return self.put(key, data, create_only=True)
 
     def exists(self, key: str) -> bool:
         try:
