@@ -1,5 +1,7 @@
 # The two commands a new user runs (see README.md):
-#   make demo   build, make a 256 MiB sample memory image, snapshot it, inspect it
+#   make demo   build, make a 256 MiB sample memory image, snapshot it into the
+#               default store (RESTORE_STORE, else ~/.local/share/restore/store),
+#               inspect and verify it
 #   make test   build with -Werror and run the test suite
 # Both install what they need: Debian packages (apt-get, when missing),
 # a virtual environment in .venv, and the package with its test extras.
@@ -10,7 +12,6 @@ PY := $(VENV)/bin/python
 RESTORE := $(VENV)/bin/restore
 DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind
 DEMO_DIR ?= demo-data
-DEMO_STORE ?= file://$(HOME)/.local/share/restore/store
 
 .PHONY: demo test bench deps install clean
 
@@ -39,9 +40,9 @@ install: deps $(VENV)/.installed
 demo: install
 	mkdir -p $(DEMO_DIR)
 	$(RESTORE) sample-image $(DEMO_DIR)/memory.img --size 256M
-	$(RESTORE) snapshot create $(DEMO_DIR)/memory.img --name demo --store $(DEMO_STORE)
-	$(RESTORE) snapshot inspect demo --store $(DEMO_STORE)
-	$(RESTORE) snapshot verify demo --store $(DEMO_STORE)
+	$(RESTORE) snapshot create $(DEMO_DIR)/memory.img --name demo
+	$(RESTORE) snapshot inspect demo
+	$(RESTORE) snapshot verify demo
 
 test: install
 	$(PY) -m pytest -q tests

@@ -174,10 +174,22 @@ def snapshot_ls(name, store_url, s3_endpoint, s3_region):
 @store_options
 def snapshot_inspect(name, version, as_json, store_url, s3_endpoint, s3_region):
     """Show a snapshot's size, zero pages, compression and dedup figures."""
-    from .snapshot import describe, load_manifest
+    from .errors import SnapshotPending
+    from .snapshot import describe, load_manifest, pending_info
 
     store = open_store(store_url, s3_endpoint, s3_region)
-    d = describe(store, load_manifest(store, name, version))
+    try:
+        d = describe(store, load_manifest(store, name, version))
+    except SnapshotPending:
+        claim = pending_info(store, name, version) or {}
+        if as_json:
+            click.echo(json.dumps({"name": name, "version": version, "state": "PENDING", **claim}, indent=2))
+            return
+        click.echo(f"{'snapshot:':<19}{name}/{version}")
+        click.echo(f"{'state:':<19}PENDING (chunks uploading, or the creation died)")
+        started = claim.get("started", "unknown")
+        click.echo(f"{'started:':<19}{started} by pid {claim.get('pid', '?')} on {claim.get('host', '?')}")
+        return
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return

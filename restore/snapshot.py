@@ -122,6 +122,19 @@ def load_manifest(store: DurableStore, name: str, version: Optional[str] = None)
     return m
 
 
+def pending_info(store: DurableStore, name: str, version: str) -> Optional[dict]:
+    """What a PENDING version's claim says (pid, host, started), or None when
+    the version is not PENDING. A claim that is not JSON yields {}."""
+    data = store.get(pending_key(check_name(name), check_name(version, "snapshot version")))
+    if data is None:
+        return None
+    try:
+        info = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return {k: info[k] for k in ("pid", "host", "started") if k in info} if isinstance(info, dict) else {}
+
+
 def remove_snapshot(store: DurableStore, name: str, version: str) -> None:
     """Delete a version's manifest and pending marker (not its chunks, which
     other snapshots may share)."""

@@ -162,3 +162,18 @@ def test_sample_image_and_rm(tmp_path, run_cli):
     assert run_cli("snapshot", "rm", "fn", "--version", "1", "--store", store, check=True).stdout == "removed fn/1\n"
     gone = run_cli("snapshot", "rm", "fn", "--version", "1", "--store", store)
     assert gone.returncode == 1 and gone.stderr == f"error: no snapshot fn/1 in {store}\n"
+
+
+def test_inspect_shows_a_pending_version(tmp_path, run_cli):
+    store = DurableStore(str(tmp_path / "store"))
+    store.put("snapshots/fn/2/pending.json", b'{"pid": 4242, "host": "builder", "started": "2026-11-27T06:00:00Z"}')
+    out = run_cli("snapshot", "inspect", "fn", "--version", "2", "--store", store.url, check=True).stdout
+    assert out == (
+        "snapshot:          fn/2\n"
+        "state:             PENDING (chunks uploading, or the creation died)\n"
+        "started:           2026-11-27T06:00:00Z by pid 4242 on builder\n"
+    )
+    figures = json.loads(run_cli("snapshot", "inspect", "fn", "--version", "2", "--json", "--store", store.url, check=True).stdout)
+    assert figures == {"name": "fn", "version": "2", "state": "PENDING", "pid": 4242, "host": "builder", "started": "2026-11-27T06:00:00Z"}
+    ls = run_cli("snapshot", "ls", "--store", store.url, check=True).stdout
+    assert ls.startswith("fn/2  PENDING")

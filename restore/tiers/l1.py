@@ -1,6 +1,7 @@
 """L1: the local chunk cache, content-addressed files under one root directory.
 
-On-disk layout (csrc/l1.c reads these files directly; keep the two in step)::
+On-disk layout (the C engine is to read these files directly, DESIGN §3 l1.[ch];
+keep the two in step)::
 
     ROOT/                     created (mode 0700) if missing
       .lock                   empty file; flock(LOCK_EX) on it is held while evicting
@@ -44,7 +45,7 @@ import threading
 import time
 from pathlib import Path
 
-from restore.errors import ChunkHashMismatch, InputError
+from ..errors import ChunkHashMismatch, InputError
 
 DEFAULT_BUDGET = 8 << 30  # bytes
 LOW_WATER_PERCENT = 90  # evict() without a target frees down to this share of the budget
