@@ -28,6 +28,7 @@ from .codec import ChunkCodec, chunk_id_of
 from .errors import (
     ChunkError,
     ChunkMissing,
+    DecryptionError,
     InputError,
     ManifestError,
     MemoryFileError,
@@ -477,9 +478,7 @@ class Snapshot:
         def check(i: int) -> Optional[BadChunk]:
             try:
                 self.read_chunk(i, use_l1=False)
-            except ChunkError as exc:
-                return BadChunk(i, self.chunk_offset(i), m.chunks[i].id, str(exc))
-            except (MissingKey, WrongKey) as exc:
+            except (ChunkError, DecryptionError) as exc:  # a forged chunk fails GCM
                 return BadChunk(i, self.chunk_offset(i), m.chunks[i].id, str(exc))
             return None
 
