@@ -14,8 +14,9 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# Order matters only for the cdef: a header may use types declared before it.
-HEADERS = ["version.h", "chunk.h"]
+# Every header is part of the cdef, in name order: a header may use only its
+# own types and those of headers whose names sort before it.
+HEADERS = sorted(p.name for p in HERE.glob("*.h"))
 
 
 def _package_version() -> str:
