@@ -14,9 +14,10 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# Every header is part of the cdef, in name order: a header may use only its
-# own types and those of headers whose names sort before it.
-HEADERS = sorted(p.name for p in HERE.glob("*.h"))
+# Every header is part of the cdef: first these, whose types others use, in
+# this order, then the rest by name.
+FIRST = ["version.h", "chunk.h", "faultlog.h", "fetchq.h", "uffd.h"]
+HEADERS = FIRST + sorted(p.name for p in HERE.glob("*.h") if p.name not in FIRST)
 
 
 def _package_version() -> str:

@@ -270,6 +270,137 @@ def snapshot_rm(name, version, store_url, s3_endpoint, s3_region):
     click.echo(f"removed {name}/{version}")
 
 
+def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
+    """NAME or NAME:VERSION."""
+    name, _, version = spec.partition(":")
+    return name, (version or None)
+
+
+@cli.command("serve")
+@click.option("--snapshot", "spec", required=True, metavar="NAME[:VERSION]", help="Snapshot to serve (default: newest version).")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Unix socket to listen on (mode 0600).")
+@click.option("--cache", "cache_dir", default=None, help="L1 chunk cache directory (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
+@click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
+@click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
+@click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds running guests get after SIGTERM before they are killed.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every session start and end.")
+@key_options
+@store_options
+def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_timeout, verbose, key_file, key_env, store_url, s3_endpoint, s3_region):
+    """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
+
+    Each connection on SOCKET is one guest (one JSON list of regions plus its
+    userfaultfd). SIGTERM or Ctrl-C stops the server cleanly."""
+    import logging
+    import signal
+    import threading
+
+    from .handler import Server
+    from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS
+    from .snapshot import Snapshot
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="restore: %(message)s")
+    name, version = split_snapshot(spec)
+    store = open_store(store_url, s3_endpoint, s3_region)
+    l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
+    snap = Snapshot.open(store, name, version, load_key(key_file, key_env), l1)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = Server(
+        snap,
+        socket_path,
+        l1=l1,
+        fault_around=fault_around or DEFAULT_FAULT_AROUND,
+        fetchers=fetchers or DEFAULT_FETCHERS,
+        drain_timeout=drain_timeout,
+    ).start()
+    click.echo(f"serving {snap.label} on {socket_path}", err=True)
+    while not stop.wait(0.5):
+        pass
+    click.echo("stopping", err=True)
+    server.stop()
+    snap.close()
+    click.echo(f"stopped after {len(server.summaries)} sessions, {len(server.refused)} refused", err=True)
+
+
+@cli.group()
+def session() -> None:
+    """Fault logs of past restore sessions."""
+
+
+def _session_logs(store: DurableStore, spec: str) -> tuple[str, str, list[str]]:
+    from .session import sessions_prefix
+    from .snapshot import load_manifest
+
+    name, version = split_snapshot(spec)
+    m = load_manifest(store, name, version)
+    keys = sorted(i.key for i in store.list(sessions_prefix(m.name, m.version)) if i.key.endswith(".npy"))
+    return m.name, m.version, keys
+
+
+@session.command("ls")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@store_options
+def session_ls(spec, store_url, s3_endpoint, s3_region):
+    """List the saved fault logs of a snapshot version."""
+    store = open_store(store_url, s3_endpoint, s3_region)
+    name, version, keys = _session_logs(store, spec)
+    if not keys:
+        click.echo(f"no sessions of {name}/{version}")
+    for k in keys:
+        click.echo(k.rsplit("/", 1)[1][: -len(".npy")])
+
+
+@session.command("show")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.argument("session_id", required=False)
+@click.option("--head", type=click.IntRange(min=0), default=10, show_default=True, help="First touches to list.")
+@store_options
+def session_show(spec, session_id, head, store_url, s3_endpoint, s3_region):
+    """Summarise a session's fault log (default: the newest session)."""
+    import numpy as np
+
+    from .errors import SnapshotNotFound
+    from .session import SOURCES, load_fault_log, sessions_prefix
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    name, version, keys = _session_logs(store, spec)
+    if session_id is None:
+        if not keys:
+            raise SnapshotNotFound(f"no sessions of {name}/{version}")
+        key = keys[-1]
+    else:
+        key = f"{sessions_prefix(name, version)}{session_id}.npy"
+    data = store.get(key)
+    if data is None:
+        raise SnapshotNotFound(f"no session {session_id} of {name}/{version}")
+    recs = load_fault_log(data, f"{store.url}/{key}")
+    sid = key.rsplit("/", 1)[1][: -len(".npy")]
+    click.echo(f"{'session:':<19}{sid} of {name}/{version}")
+    click.echo(f"{'first touches:':<19}{len(recs)}")
+    if len(recs) == 0:
+        return
+    span = (int(recs["t_ns"][-1]) - int(recs["t_ns"][0])) / 1e6
+    click.echo(f"{'span:':<19}{span:.1f} ms from first to last touch")
+    counts = np.bincount(recs["source"], minlength=len(SOURCES))
+    click.echo(f"{'by source:':<19}" + ", ".join(f"{SOURCES[i]} {int(n)}" for i, n in enumerate(counts) if n))
+    chunks = recs["chunk"][recs["chunk"] != 0xFFFFFFFF]
+    click.echo(f"{'chunks touched:':<19}{len(np.unique(chunks))}")
+    svc = recs["service_ns"]
+    click.echo(
+        f"{'service time:':<19}p50 {np.percentile(svc, 50) / 1e3:.1f} us, "
+        f"p99 {np.percentile(svc, 99) / 1e3:.1f} us, max {svc.max() / 1e3:.1f} us"
+    )
+    for r in recs[:head]:
+        chunk = "-" if r["chunk"] == 0xFFFFFFFF else str(int(r["chunk"]))
+        click.echo(
+            f"  t={int(r['t_ns']) / 1e3:>10.1f} us  offset {int(r['offset']):#012x}  chunk {chunk:>6}  "
+            f"{SOURCES[int(r['source'])]:<10} {int(r['service_ns']) / 1e3:8.1f} us"
+        )
+
+
 @cli.group()
 def key() -> None:
     """Encryption keys."""

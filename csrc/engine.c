@@ -1,0 +1,935 @@
+/* engine.c -- serve one guest's page faults from snapshot chunks (engine.h). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "chunk.h"
+#include "faultlog.h"
+#include "fetchq.h"
+#include "l1.h"
+#include "uffd.h"
+#include "engine.h"
+
+#define NO_CHUNK 0xFFFFFFFFu
+#define EVENT_BATCH 64
+
+enum chunk_state { C_ABSENT, C_QUEUED_L1, C_QUEUED_REMOTE, C_READY, C_FAILED };
+
+struct parked {
+    uint64_t page;  /* guest page index */
+    uint64_t t_ns;  /* arrival, CLOCK_MONOTONIC */
+};
+
+struct plist {
+    struct parked *v;
+    size_t n, cap;
+};
+
+struct chunk {
+    _Atomic int state;  /* enum chunk_state */
+    uint8_t source;     /* RS_SRC_L1 or RS_SRC_FETCHED once READY */
+    uint8_t *data;      /* decoded chunk (chunk_size bytes) once READY */
+    struct plist parked;
+};
+
+/* Counters, one per rs_engine_stats field that threads bump. */
+struct counters {
+    _Atomic uint64_t faults, pages_installed, bytes_installed, chunks_l1,
+        chunks_fetched, chunks_failed, l1_misses, l1_bad, supply_rejected,
+        removes, eexist, deferred, poisoned;
+    _Atomic uint64_t first_touches[6];
+};
+
+struct rs_engine {
+    rs_engine_config cfg;
+    const rs_codec *codec;
+    rs_engine_region *regions;
+    size_t n_regions;
+    uint64_t n_pages;             /* guest pages in the memory file */
+    uint32_t *page_chunk;         /* per page: chunk or NO_CHUNK */
+    uint32_t *page_off;           /* per page: offset in the decoded chunk */
+    uint8_t *ids;                 /* n_chunks * RS_ID_BYTES */
+    uint32_t *lens, *flags;       /* stored bytes, RS_CHUNK_* */
+    uint8_t *zero;                /* n_chunks * bm_bytes zero bitmaps */
+    size_t bm_bytes;
+    char *l1_dir;                 /* NULL: no L1 */
+    struct chunk *chunks;
+    _Atomic uint64_t *present;    /* page installed (by anyone) */
+    _Atomic uint64_t *removed;    /* page removed: zeros from now on */
+    _Atomic uint64_t *touched;    /* page's first touch logged */
+    uint8_t *zero_page;           /* page_size zeros, for huge pages */
+
+    pthread_mutex_t lock;         /* chunk states, parked lists, deferred, done */
+    pthread_cond_t done_cv;
+    int done;
+    struct plist deferred;        /* installs that met -EAGAIN */
+
+    rs_fetchq *l1q, *remoteq;
+    rs_faultlog *log;
+    int uffd, conn_fd, wake_fd, stop_fd;
+    pthread_t service;
+    pthread_t *l1_threads;
+    uint32_t n_l1_started;
+    int service_started, stopped;
+    uint64_t t0_ns;
+    struct counters st;
+    _Atomic int guest_gone;
+    _Atomic int error;
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void note_error(rs_engine *e, int rc)
+{
+    int none = 0;
+
+    atomic_compare_exchange_strong(&e->error, &none, rc);
+}
+
+static int bit_test(_Atomic uint64_t *bm, uint64_t i)
+{
+    return (atomic_load_explicit(&bm[i / 64], memory_order_acquire) >> (i % 64)) & 1;
+}
+
+/* Set bit i; returns its old value. */
+static int bit_set(_Atomic uint64_t *bm, uint64_t i)
+{
+    uint64_t m = 1ull << (i % 64);
+
+    return (atomic_fetch_or_explicit(&bm[i / 64], m, memory_order_acq_rel) & m) != 0;
+}
+
+static void bit_clear(_Atomic uint64_t *bm, uint64_t i)
+{
+    atomic_fetch_and_explicit(&bm[i / 64], ~(1ull << (i % 64)), memory_order_acq_rel);
+}
+
+static int plist_push(struct plist *l, uint64_t page, uint64_t t_ns)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 8;
+        struct parked *v = realloc(l->v, cap * sizeof(*v));
+
+        if (!v)
+            return -ENOMEM;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n].page = page;
+    l->v[l->n].t_ns = t_ns;
+    l->n++;
+    return 0;
+}
+
+static struct plist plist_take(struct plist *l)
+{
+    struct plist out = *l;
+
+    memset(l, 0, sizeof(*l));
+    return out;
+}
+
+/* Guest page of a host address, and the index of its region (-1: none). */
+static int page_of(const rs_engine *e, uint64_t addr, uint64_t *page)
+{
+    for (size_t i = 0; i < e->n_regions; i++) {
+        const rs_engine_region *r = &e->regions[i];
+
+        if (addr >= r->base && addr - r->base < r->size) {
+            *page = (r->offset + (addr - r->base)) / e->cfg.page_size;
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+/* Host address of guest page p in region r (the caller knows p is in r). */
+static uint64_t addr_of(const rs_engine *e, int r, uint64_t p)
+{
+    const rs_engine_region *g = &e->regions[r];
+
+    return g->base + (p * e->cfg.page_size - g->offset);
+}
+
+static int in_region(const rs_engine *e, int r, uint64_t p)
+{
+    const rs_engine_region *g = &e->regions[r];
+    uint64_t off = p * e->cfg.page_size;
+
+    return off >= g->offset && off - g->offset < g->size;
+}
+
+static void wake_service(rs_engine *e)
+{
+    uint64_t one = 1;
+
+    if (write(e->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        note_error(e, -errno);
+}
+
+static void defer(rs_engine *e, uint64_t page, uint64_t t_ns)
+{
+    pthread_mutex_lock(&e->lock);
+    if (plist_push(&e->deferred, page, t_ns) < 0)
+        note_error(e, -ENOMEM);
+    pthread_mutex_unlock(&e->lock);
+    atomic_fetch_add(&e->st.deferred, 1);
+    wake_service(e);
+}
+
+static void log_touch(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns)
+{
+    rs_fault_record rec;
+    uint64_t svc;
+
+    if (bit_set(e->touched, p))
+        return;
+    svc = now_ns() - t_ns;
+    memset(&rec, 0, sizeof(rec));
+    rec.t_ns = t_ns - e->t0_ns;
+    rec.offset = p * e->cfg.page_size;
+    rec.chunk = chunk;
+    rec.service_ns = svc > UINT32_MAX ? UINT32_MAX : (uint32_t)svc;
+    rec.source = (uint8_t)src;
+    rs_faultlog_append(e->log, &rec);
+    atomic_fetch_add(&e->st.first_touches[src], 1);
+}
+
+/* Result of an install ioctl: 0 done, -EAGAIN retry later, other -errno. */
+static int ioctl_result(rs_engine *e, int rc)
+{
+    if (rc == -ESRCH) {
+        atomic_store(&e->guest_gone, 1);
+        wake_service(e);
+    } else if (rc && rc != -EAGAIN) {
+        note_error(e, rc);
+    }
+    return rc;
+}
+
+/* May page q join a fault-around run of chunk c (NO_CHUNK: of zero
+ * pages) in region r? */
+static int candidate(rs_engine *e, int r, uint32_t c, uint64_t q)
+{
+    return q < e->n_pages && in_region(e, r, q) && e->page_chunk[q] == c &&
+           !bit_test(e->present, q) && !bit_test(e->removed, q);
+}
+
+/* Install the run of pages [lo, hi) of region r: copied from src (the run
+ * is contiguous there) or, when src is NULL, as zero pages. Pages found
+ * present are skipped. The first ioctl wakes what it installs; once the
+ * run is split, the rest goes in with DONTWAKE and one wake at the end.
+ * *upto receives the first page not handled (hi when all were).
+ * Returns 0, -EAGAIN (the mm is changing: retry later) or another -errno.
+ *
+ * The kernel reports a partial install as -EAGAIN with *done > 0, and
+ * -EEXIST only when the first page of the request is present. */
+static int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo,
+                    uint64_t hi, uint64_t *upto)
+{
+    const uint64_t ps = e->cfg.page_size;
+    const uint64_t dst = addr_of(e, r, lo), len = (hi - lo) * ps;
+    uint64_t off = 0, mode = 0, done;
+    int rc = 0, split = 0;
+
+    while (off < len) {
+        done = 0;
+        if (src)
+            rc = rs_uffd_copy(e->uffd, dst + off, (uint64_t)(uintptr_t)(src + off),
+                              len - off, mode, &done);
+        else
+            rc = rs_uffd_zeropage(e->uffd, dst + off, len - off, mode, &done);
+        for (uint64_t k = 0; k < done / ps; k++)
+            bit_set(e->present, lo + off / ps + k);
+        atomic_fetch_add(&e->st.pages_installed, done / ps);
+        atomic_fetch_add(&e->st.bytes_installed, done);
+        off += done;
+        if (rc == -EAGAIN && done > 0) {
+            split = split || mode == RS_UFFD_DONTWAKE;
+            continue; /* partial: the next call says what stopped it */
+        }
+        if (rc != -EEXIST)
+            break;
+        atomic_fetch_add(&e->st.eexist, 1);
+        bit_set(e->present, lo + off / ps);
+        off += ps;
+        mode = RS_UFFD_DONTWAKE;
+        split = 1;
+        rc = 0;
+    }
+    if (split && off)
+        (void)rs_uffd_wake(e->uffd, dst, off);
+    *upto = lo + off / ps;
+    return ioctl_result(e, rc);
+}
+
+/* Serve a fault on zero page p (all zero, or removed) with zeros: one
+ * UFFDIO_ZEROPAGE over the run of not-yet-present zero pages around it
+ * within the fault-around window. hugetlbfs has no UFFDIO_ZEROPAGE: huge
+ * pages are copied from a zero page, one at a time. */
+static int install_zero(rs_engine *e, int r, uint64_t p, int around)
+{
+    uint64_t lo = p, hi = p + 1, upto;
+    int rc;
+
+    if (e->cfg.page_size != 4096)
+        return fill_run(e, r, e->zero_page, p, p + 1, &upto);
+    if (around && e->cfg.fault_around > 1) {
+        uint64_t w0 = p - p % e->cfg.fault_around, w1 = w0 + e->cfg.fault_around;
+
+        while (lo > w0 && candidate(e, r, NO_CHUNK, lo - 1))
+            lo--;
+        while (hi < w1 && candidate(e, r, NO_CHUNK, hi))
+            hi++;
+    }
+    rc = fill_run(e, r, NULL, lo, hi, &upto);
+    return rc == -EAGAIN && upto > p ? 0 : rc;
+}
+
+static int install_poison(rs_engine *e, int r, uint64_t p)
+{
+    uint64_t dst = addr_of(e, r, p), ps = e->cfg.page_size;
+    int rc = rs_uffd_poison(e->uffd, dst, ps, 0, NULL);
+
+    if (rc == -EEXIST)
+        rc = rs_uffd_wake(e->uffd, dst, ps);
+    else if (rc == 0)
+        atomic_fetch_add(&e->st.poisoned, 1);
+    return ioctl_result(e, rc);
+}
+
+/* Serve a fault on guest page p (region r) whose chunk c is READY. */
+static int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
+{
+    struct chunk *ch = &e->chunks[c];
+    const uint64_t ps = e->cfg.page_size;
+    uint64_t lo = p, hi = p + 1, upto;
+    int rc;
+
+    if (e->cfg.fault_around > 1) {
+        uint64_t w0 = p - p % e->cfg.fault_around;
+        uint64_t w1 = w0 + e->cfg.fault_around;
+
+        while (lo > w0 && candidate(e, r, c, lo - 1) &&
+               e->page_off[lo - 1] + ps == e->page_off[lo])
+            lo--;
+        while (hi < w1 && candidate(e, r, c, hi) &&
+               e->page_off[hi] == e->page_off[hi - 1] + ps)
+            hi++;
+    }
+    rc = fill_run(e, r, ch->data + e->page_off[lo], lo, hi, &upto);
+    if (rc == -EAGAIN && upto > p)
+        rc = 0; /* the faulting page made it; the rest may fault later */
+    return rc;
+}
+
+/* Serve a fault on guest page p (region r) that arrived at t_ns.
+ * Returns 0 when served, 1 when parked on its chunk, -EAGAIN when it must
+ * be retried after draining events, or another -errno. */
+static int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
+{
+    uint32_t c;
+    int rc, state;
+
+    if (bit_test(e->removed, p)) {
+        rc = install_zero(e, r, p, 0);
+        if (rc == 0)
+            log_touch(e, p, e->page_chunk[p], RS_SRC_REMOVED, t_ns);
+        return rc;
+    }
+    c = e->page_chunk[p];
+    if (c == NO_CHUNK) {
+        rc = install_zero(e, r, p, 1);
+        if (rc == 0)
+            log_touch(e, p, NO_CHUNK, RS_SRC_ZERO, t_ns);
+        return rc;
+    }
+    for (;;) {
+        state = atomic_load_explicit(&e->chunks[c].state, memory_order_acquire);
+        if (state == C_READY) {
+            rc = install_from_chunk(e, r, p, c);
+            if (rc == 0)
+                log_touch(e, p, c, e->chunks[c].source, t_ns);
+            return rc;
+        }
+        if (state == C_FAILED) {
+            rc = install_poison(e, r, p);
+            if (rc == 0)
+                log_touch(e, p, c, RS_SRC_FAILED, t_ns);
+            return rc;
+        }
+        pthread_mutex_lock(&e->lock);
+        state = atomic_load(&e->chunks[c].state);
+        if (state == C_READY || state == C_FAILED) {
+            pthread_mutex_unlock(&e->lock);
+            continue;
+        }
+        rc = plist_push(&e->chunks[c].parked, p, t_ns);
+        if (rc == 0 && state == C_ABSENT) {
+            int to_l1 = e->l1_dir != NULL;
+
+            atomic_store(&e->chunks[c].state, to_l1 ? C_QUEUED_L1 : C_QUEUED_REMOTE);
+            rc = rs_fetchq_push(to_l1 ? e->l1q : e->remoteq, c, 1);
+        }
+        pthread_mutex_unlock(&e->lock);
+        if (rc < 0)
+            note_error(e, rc);
+        return rc < 0 ? rc : 1;
+    }
+}
+
+static int region_of_page(const rs_engine *e, uint64_t p)
+{
+    for (size_t i = 0; i < e->n_regions; i++)
+        if (in_region(e, (int)i, p))
+            return (int)i;
+    return -1;
+}
+
+/* Serve page p from any thread; -EAGAIN hands it to the service thread. */
+static void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns)
+{
+    int r = region_of_page(e, p);
+
+    if (r >= 0 && serve_page(e, r, p, t_ns) == -EAGAIN)
+        defer(e, p, t_ns);
+}
+
+/* Publish a decoded chunk (or its failure) and serve its parked faults. */
+static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
+{
+    struct chunk *ch = &e->chunks[c];
+    struct plist waiting;
+
+    pthread_mutex_lock(&e->lock);
+    ch->data = data;
+    ch->source = (uint8_t)src;
+    atomic_store_explicit(&ch->state, data ? C_READY : C_FAILED, memory_order_release);
+    waiting = plist_take(&ch->parked);
+    pthread_mutex_unlock(&e->lock);
+    for (size_t i = 0; i < waiting.n; i++)
+        serve_or_defer(e, waiting.v[i].page, waiting.v[i].t_ns);
+    free(waiting.v);
+}
+
+static void retry_deferred(rs_engine *e)
+{
+    struct plist again;
+
+    pthread_mutex_lock(&e->lock);
+    again = plist_take(&e->deferred);
+    pthread_mutex_unlock(&e->lock);
+    for (size_t i = 0; i < again.n; i++) {
+        uint64_t p = again.v[i].page;
+        int r = region_of_page(e, p);
+
+        if (r >= 0 && serve_page(e, r, p, again.v[i].t_ns) == -EAGAIN) {
+            pthread_mutex_lock(&e->lock);
+            if (plist_push(&e->deferred, p, again.v[i].t_ns) < 0)
+                note_error(e, -ENOMEM);
+            pthread_mutex_unlock(&e->lock);
+        }
+    }
+    free(again.v);
+}
+
+static void handle_remove(rs_engine *e, uint64_t start, uint64_t end)
+{
+    const uint64_t ps = e->cfg.page_size;
+
+    atomic_fetch_add(&e->st.removes, 1);
+    for (size_t i = 0; i < e->n_regions; i++) {
+        const rs_engine_region *g = &e->regions[i];
+        uint64_t a = start > g->base ? start : g->base;
+        uint64_t b = end < g->base + g->size ? end : g->base + g->size;
+
+        for (uint64_t addr = a - (a - g->base) % ps; addr < b; addr += ps) {
+            uint64_t p = (g->offset + (addr - g->base)) / ps;
+
+            bit_set(e->removed, p);
+            bit_clear(e->present, p);
+        }
+    }
+}
+
+static void handle_fault(rs_engine *e, const rs_uffd_event *ev)
+{
+    uint64_t t = now_ns(), p;
+    uint64_t addr = ev->address & ~(e->cfg.page_size - 1);
+    int r = page_of(e, addr, &p), rc;
+
+    atomic_fetch_add(&e->st.faults, 1);
+    if (r < 0 || p >= e->n_pages) {
+        /* Memory the handshake did not describe: never guess its bytes. */
+        note_error(e, -EFAULT);
+        rc = rs_uffd_poison(e->uffd, addr, e->cfg.page_size, 0, NULL);
+        if (rc == 0)
+            atomic_fetch_add(&e->st.poisoned, 1);
+        return;
+    }
+    rc = serve_page(e, r, p, t);
+    if (rc == -EAGAIN) {
+        /* Retried by this thread once the pending events are read. */
+        pthread_mutex_lock(&e->lock);
+        if (plist_push(&e->deferred, p, t) < 0)
+            note_error(e, -ENOMEM);
+        pthread_mutex_unlock(&e->lock);
+        atomic_fetch_add(&e->st.deferred, 1);
+    }
+}
+
+static int drain_events(rs_engine *e)
+{
+    rs_uffd_event ev[EVENT_BATCH];
+    int n;
+
+    while ((n = rs_uffd_read_events(e->uffd, ev, EVENT_BATCH)) > 0) {
+        for (int i = 0; i < n; i++) {
+            switch (ev[i].event) {
+            case RS_UFFD_EVENT_PAGEFAULT:
+                handle_fault(e, &ev[i]);
+                break;
+            case RS_UFFD_EVENT_REMOVE:
+            case RS_UFFD_EVENT_UNMAP:
+                handle_remove(e, ev[i].address, ev[i].end);
+                break;
+            default:
+                break;
+            }
+        }
+    }
+    return n;
+}
+
+static void finish(rs_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    e->done = 1;
+    pthread_cond_broadcast(&e->done_cv);
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void *service_main(void *arg)
+{
+    rs_engine *e = arg;
+    struct pollfd pfd[4] = {
+        { .fd = e->uffd, .events = POLLIN },
+        { .fd = e->stop_fd, .events = POLLIN },
+        { .fd = e->wake_fd, .events = POLLIN },
+        { .fd = e->conn_fd, .events = POLLIN | POLLRDHUP },
+    };
+    nfds_t nfds = e->conn_fd >= 0 ? 4 : 3;
+
+    while (!atomic_load(&e->guest_gone)) {
+        int n = poll(pfd, nfds, -1);
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            note_error(e, -errno);
+            break;
+        }
+        if (pfd[1].revents)
+            break;
+        if (pfd[2].revents & POLLIN) {
+            uint64_t v;
+
+            if (read(e->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                note_error(e, -errno);
+        }
+        if (nfds == 4 && pfd[3].revents) {
+            char buf[256];
+            ssize_t got = 1;
+
+            if (!(pfd[3].revents & (POLLHUP | POLLRDHUP | POLLERR)))
+                got = recv(e->conn_fd, buf, sizeof(buf), MSG_DONTWAIT);
+            if (got == 0 || (pfd[3].revents & (POLLHUP | POLLRDHUP | POLLERR)))
+                atomic_store(&e->guest_gone, 1);
+        }
+        if (pfd[0].revents & (POLLERR | POLLHUP))
+            atomic_store(&e->guest_gone, 1);
+        if (pfd[0].revents & POLLIN) {
+            int rc = drain_events(e);
+
+            if (rc < 0 && rc != -EAGAIN) {
+                note_error(e, rc);
+                atomic_store(&e->guest_gone, 1);
+            }
+        }
+        retry_deferred(e);
+    }
+    finish(e);
+    return NULL;
+}
+
+static void *l1_main(void *arg)
+{
+    rs_engine *e = arg;
+    size_t bound = rs_codec_stored_bound(e->codec);
+    uint8_t *buf = malloc(bound);
+    uint32_t c;
+
+    if (!buf) {
+        note_error(e, -ENOMEM);
+        return NULL;
+    }
+    while (rs_fetchq_pop(e->l1q, &c, NULL, -1) == 1) {
+        int64_t n = rs_l1_read(e->l1_dir, e->ids + (size_t)c * RS_ID_BYTES, buf, bound);
+
+        if (n >= 0 && (uint64_t)n == e->lens[c]) {
+            uint8_t *data = malloc(e->cfg.chunk_size);
+            int rc = data ? rs_chunk_decode(e->codec, buf, (size_t)n,
+                                            e->ids + (size_t)c * RS_ID_BYTES,
+                                            e->flags[c], e->zero + c * e->bm_bytes, data)
+                          : -ENOMEM;
+
+            if (rc == 0) {
+                atomic_fetch_add(&e->st.chunks_l1, 1);
+                settle_chunk(e, c, data, RS_SRC_L1);
+                continue;
+            }
+            free(data);
+            atomic_fetch_add(&e->st.l1_bad, 1);
+        } else if (n == -ENOENT) {
+            atomic_fetch_add(&e->st.l1_misses, 1);
+        } else {
+            atomic_fetch_add(&e->st.l1_bad, 1);
+        }
+        /* A miss or a bad copy: the fetchers ask the next tiers. */
+        atomic_store(&e->chunks[c].state, C_QUEUED_REMOTE);
+        if (rs_fetchq_push(e->remoteq, c, 1) == -ENOSPC)
+            note_error(e, -ENOSPC);
+    }
+    free(buf);
+    return NULL;
+}
+
+int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
+                     const rs_codec *codec,
+                     const rs_engine_region *regions, size_t n_regions,
+                     const uint32_t *page_chunk, const uint32_t *page_off,
+                     const uint8_t *chunk_ids, const uint32_t *chunk_lens,
+                     const uint32_t *chunk_flags, const uint8_t *chunk_zero,
+                     const char *l1_dir)
+{
+    rs_engine *e;
+    uint64_t words;
+    int rc = -ENOMEM;
+
+    *out = NULL;
+    if (!cfg->page_size || cfg->page_size & (cfg->page_size - 1) ||
+        cfg->page_size > cfg->chunk_size || cfg->memory_size % cfg->page_size ||
+        !n_regions || !cfg->fault_around)
+        return -EINVAL;
+    for (size_t i = 0; i < n_regions; i++) {
+        const rs_engine_region *g = &regions[i];
+
+        if (!g->size || g->size % cfg->page_size || g->offset % cfg->page_size ||
+            g->base % cfg->page_size || g->offset > cfg->memory_size ||
+            g->size > cfg->memory_size - g->offset)
+            return -EINVAL;
+    }
+    e = calloc(1, sizeof(*e));
+    if (!e)
+        return -ENOMEM;
+    e->cfg = *cfg;
+    e->codec = codec;
+    e->uffd = e->conn_fd = e->wake_fd = e->stop_fd = -1;
+    e->n_pages = cfg->memory_size / cfg->page_size;
+    e->n_regions = n_regions;
+    e->bm_bytes = rs_codec_bitmap_bytes(codec);
+    words = (e->n_pages + 63) / 64;
+    e->regions = malloc(n_regions * sizeof(*regions));
+    e->page_chunk = malloc(e->n_pages * sizeof(uint32_t));
+    e->page_off = malloc(e->n_pages * sizeof(uint32_t));
+    e->ids = malloc((size_t)cfg->n_chunks * RS_ID_BYTES + 1);
+    e->lens = malloc((size_t)cfg->n_chunks * sizeof(uint32_t) + 1);
+    e->flags = malloc((size_t)cfg->n_chunks * sizeof(uint32_t) + 1);
+    e->zero = malloc((size_t)cfg->n_chunks * e->bm_bytes + 1);
+    e->chunks = calloc(cfg->n_chunks + 1, sizeof(struct chunk));
+    e->present = calloc(words, sizeof(uint64_t));
+    e->removed = calloc(words, sizeof(uint64_t));
+    e->touched = calloc(words, sizeof(uint64_t));
+    if (!e->regions || !e->page_chunk || !e->page_off || !e->ids || !e->lens ||
+        !e->flags || !e->zero || !e->chunks || !e->present || !e->removed ||
+        !e->touched)
+        goto fail;
+    memcpy(e->regions, regions, n_regions * sizeof(*regions));
+    memcpy(e->page_chunk, page_chunk, e->n_pages * sizeof(uint32_t));
+    memcpy(e->page_off, page_off, e->n_pages * sizeof(uint32_t));
+    memcpy(e->ids, chunk_ids, (size_t)cfg->n_chunks * RS_ID_BYTES);
+    memcpy(e->lens, chunk_lens, (size_t)cfg->n_chunks * sizeof(uint32_t));
+    memcpy(e->flags, chunk_flags, (size_t)cfg->n_chunks * sizeof(uint32_t));
+    memcpy(e->zero, chunk_zero, (size_t)cfg->n_chunks * e->bm_bytes);
+    for (uint64_t p = 0; p < e->n_pages; p++) {
+        if (page_chunk[p] != NO_CHUNK &&
+            (page_chunk[p] >= cfg->n_chunks ||
+             (uint64_t)page_off[p] + cfg->page_size > cfg->chunk_size)) {
+            rc = -EINVAL;
+            goto fail;
+        }
+    }
+    if (l1_dir && !(e->l1_dir = strdup(l1_dir)))
+        goto fail;
+    if (cfg->page_size != 4096 && !(e->zero_page = calloc(1, cfg->page_size)))
+        goto fail;
+    if ((rc = rs_fetchq_create(&e->l1q, cfg->n_chunks)) ||
+        (rc = rs_fetchq_create(&e->remoteq, cfg->n_chunks)) ||
+        (rc = rs_faultlog_create(&e->log, cfg->log_capacity ? cfg->log_capacity
+                                                            : e->n_pages + 1024)))
+        goto fail;
+    e->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (e->wake_fd < 0 || e->stop_fd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    pthread_mutex_init(&e->lock, NULL);
+    {
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&e->done_cv, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    *out = e;
+    return 0;
+fail:
+    /* Not started: nothing to join, the lock was never initialised. */
+    free(e->regions);
+    free(e->page_chunk);
+    free(e->page_off);
+    free(e->ids);
+    free(e->lens);
+    free(e->flags);
+    free(e->zero);
+    free(e->chunks);
+    free((void *)e->present);
+    free((void *)e->removed);
+    free((void *)e->touched);
+    free(e->l1_dir);
+    free(e->zero_page);
+    rs_fetchq_destroy(e->l1q);
+    rs_fetchq_destroy(e->remoteq);
+    rs_faultlog_destroy(e->log);
+    if (e->wake_fd >= 0)
+        close(e->wake_fd);
+    if (e->stop_fd >= 0)
+        close(e->stop_fd);
+    free(e);
+    return rc;
+}
+
+int rs_engine_start(rs_engine *e, int uffd, int conn_fd)
+{
+    sigset_t all, old;
+    int rc = 0;
+
+    if (e->service_started || e->stopped)
+        return -EALREADY;
+    e->uffd = uffd;
+    e->conn_fd = conn_fd;
+    e->t0_ns = now_ns();
+    /* Our threads take no signals: Python's main thread handles them. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    if (e->l1_dir && e->cfg.l1_threads) {
+        e->l1_threads = calloc(e->cfg.l1_threads, sizeof(pthread_t));
+        if (!e->l1_threads)
+            rc = -ENOMEM;
+        for (uint32_t i = 0; !rc && i < e->cfg.l1_threads; i++) {
+            rc = -pthread_create(&e->l1_threads[i], NULL, l1_main, e);
+            if (!rc)
+                e->n_l1_started++;
+        }
+    } else {
+        free(e->l1_dir); /* no L1 threads: requests go straight to fetchers */
+        e->l1_dir = NULL;
+    }
+    if (!rc) {
+        rc = -pthread_create(&e->service, NULL, service_main, e);
+        e->service_started = rc == 0;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc)
+        rs_engine_stop(e);
+    return rc;
+}
+
+void rs_engine_stop(rs_engine *e)
+{
+    uint64_t one = 1;
+
+    if (e->stopped)
+        return;
+    e->stopped = 1;
+    if (write(e->stop_fd, &one, sizeof(one)) < 0)
+        note_error(e, -errno);
+    if (e->service_started)
+        pthread_join(e->service, NULL);
+    rs_fetchq_close(e->l1q);
+    rs_fetchq_close(e->remoteq);
+    for (uint32_t i = 0; i < e->n_l1_started; i++)
+        pthread_join(e->l1_threads[i], NULL);
+    finish(e);
+}
+
+void rs_engine_destroy(rs_engine *e)
+{
+    if (!e)
+        return;
+    rs_engine_stop(e);
+    for (uint32_t c = 0; c < e->cfg.n_chunks; c++) {
+        free(e->chunks[c].data);
+        free(e->chunks[c].parked.v);
+    }
+    free(e->deferred.v);
+    free(e->l1_threads);
+    close(e->wake_fd);
+    close(e->stop_fd);
+    pthread_mutex_destroy(&e->lock);
+    pthread_cond_destroy(&e->done_cv);
+    free(e->regions);
+    free(e->page_chunk);
+    free(e->page_off);
+    free(e->ids);
+    free(e->lens);
+    free(e->flags);
+    free(e->zero);
+    free(e->chunks);
+    free((void *)e->present);
+    free((void *)e->removed);
+    free((void *)e->touched);
+    free(e->l1_dir);
+    free(e->zero_page);
+    rs_fetchq_destroy(e->l1q);
+    rs_fetchq_destroy(e->remoteq);
+    rs_faultlog_destroy(e->log);
+    free(e);
+}
+
+int rs_engine_wait(rs_engine *e, int timeout_ms)
+{
+    struct timespec deadline;
+    int done;
+
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    if (timeout_ms >= 0) {
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    pthread_mutex_lock(&e->lock);
+    while (!e->done) {
+        if (timeout_ms < 0)
+            pthread_cond_wait(&e->done_cv, &e->lock);
+        else if (pthread_cond_timedwait(&e->done_cv, &e->lock, &deadline) == ETIMEDOUT)
+            break;
+    }
+    done = e->done;
+    pthread_mutex_unlock(&e->lock);
+    return done;
+}
+
+int rs_engine_next_request(rs_engine *e, uint32_t *chunk, int timeout_ms)
+{
+    return rs_fetchq_pop(e->remoteq, chunk, NULL, timeout_ms);
+}
+
+int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
+                     size_t stored_len)
+{
+    uint8_t *data;
+    int rc;
+
+    if (chunk >= e->cfg.n_chunks)
+        return -EINVAL;
+    if (atomic_load(&e->chunks[chunk].state) != C_QUEUED_REMOTE)
+        return -EALREADY;
+    if (stored_len != e->lens[chunk]) {
+        atomic_fetch_add(&e->st.supply_rejected, 1);
+        return -EBADMSG;
+    }
+    data = malloc(e->cfg.chunk_size);
+    if (!data)
+        return -ENOMEM;
+    rc = rs_chunk_decode(e->codec, stored, stored_len,
+                         e->ids + (size_t)chunk * RS_ID_BYTES, e->flags[chunk],
+                         e->zero + (size_t)chunk * e->bm_bytes, data);
+    if (rc) {
+        free(data);
+        atomic_fetch_add(&e->st.supply_rejected, 1);
+        return rc;
+    }
+    atomic_fetch_add(&e->st.chunks_fetched, 1);
+    settle_chunk(e, chunk, data, RS_SRC_FETCHED);
+    return 0;
+}
+
+int rs_engine_fail(rs_engine *e, uint32_t chunk, int err)
+{
+    if (chunk >= e->cfg.n_chunks)
+        return -EINVAL;
+    if (atomic_load(&e->chunks[chunk].state) == C_READY)
+        return -EALREADY;
+    note_error(e, err < 0 ? err : -err);
+    atomic_fetch_add(&e->st.chunks_failed, 1);
+    settle_chunk(e, chunk, NULL, RS_SRC_FAILED);
+    return 0;
+}
+
+void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
+{
+    uint32_t parked = 0;
+
+    memset(out, 0, sizeof(*out));
+    out->faults = atomic_load(&e->st.faults);
+    for (int i = 0; i < 6; i++)
+        out->first_touches[i] = atomic_load(&e->st.first_touches[i]);
+    out->pages_installed = atomic_load(&e->st.pages_installed);
+    out->bytes_installed = atomic_load(&e->st.bytes_installed);
+    out->chunks_l1 = atomic_load(&e->st.chunks_l1);
+    out->chunks_fetched = atomic_load(&e->st.chunks_fetched);
+    out->chunks_failed = atomic_load(&e->st.chunks_failed);
+    out->l1_misses = atomic_load(&e->st.l1_misses);
+    out->l1_bad = atomic_load(&e->st.l1_bad);
+    out->supply_rejected = atomic_load(&e->st.supply_rejected);
+    out->removes = atomic_load(&e->st.removes);
+    out->eexist = atomic_load(&e->st.eexist);
+    out->deferred = atomic_load(&e->st.deferred);
+    out->poisoned = atomic_load(&e->st.poisoned);
+    out->log_dropped = rs_faultlog_dropped(e->log);
+    pthread_mutex_lock(&e->lock);
+    for (uint32_t c = 0; c < e->cfg.n_chunks; c++)
+        parked += (uint32_t)e->chunks[c].parked.n;
+    pthread_mutex_unlock(&e->lock);
+    out->parked_now = parked;
+    out->guest_gone = atomic_load(&e->guest_gone);
+    out->error = atomic_load(&e->error);
+}
+
+size_t rs_engine_log_read(rs_engine *e, rs_fault_record *out, size_t max)
+{
+    return rs_faultlog_copy(e->log, out, max);
+}

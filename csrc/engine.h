@@ -1,0 +1,118 @@
+/* engine.h -- one restore session: serve a guest's page faults from chunks.
+ * (cdef: no macros, no includes; uses rs_codec from chunk.h and
+ * rs_fault_record from faultlog.h.)
+ *
+ * The engine owns the chunk table, the page bitmaps and the service
+ * threads of one guest. It never needs Python to resolve a fault:
+ *
+ *   service thread   poll(uffd, conn, wake, stop) -> read events in batches
+ *     PAGEFAULT      page -> (chunk, offset in the decoded chunk) through the
+ *                    page table given at creation (the manifest's page map,
+ *                    identity when it has none)
+ *                    zero page / removed range -> UFFDIO_ZEROPAGE
+ *                    chunk READY  -> UFFDIO_COPY the page, or a fault-around
+ *                                    run of not-yet-present pages of the
+ *                                    chunk (one ioctl per contiguous run)
+ *                    chunk FAILED -> UFFDIO_POISON (never wrong bytes)
+ *                    otherwise    -> park the fault on the chunk and queue
+ *                                    one high-priority request for it
+ *     REMOVE         mark the range removed: later faults get zeros
+ *   L1 threads       pop requests, read DIR/<hex[0:2]>/<hex>, verify and
+ *                    decode (rs_chunk_decode); on a miss or a bad copy pass
+ *                    the request on to the fetch queue
+ *   fetchers         Python threads block in rs_engine_next_request (GIL
+ *                    released), fetch from L2/durable, and hand the stored
+ *                    bytes back through rs_engine_supply (verified in C)
+ *
+ * Whoever makes a chunk READY (or FAILED) serves the faults parked on it.
+ * Installs that meet -EAGAIN (a REMOVE in flight) are handed to the service
+ * thread, which retries them after draining events. Every first touch of a
+ * guest page is appended to the fault log.
+ */
+
+typedef struct rs_engine rs_engine;
+
+typedef struct rs_engine_region {
+    uint64_t base;    /* host virtual address of the region */
+    uint64_t size;    /* bytes, a multiple of page_size */
+    uint64_t offset;  /* offset of the region in the memory file, bytes */
+} rs_engine_region;
+
+typedef struct rs_engine_config {
+    uint64_t memory_size;   /* bytes of the memory file */
+    uint64_t chunk_size;    /* bytes per chunk (the codec's) */
+    uint64_t page_size;     /* guest page size: the install unit, bytes */
+    uint32_t n_chunks;      /* entries in the chunk table */
+    uint32_t fault_around;  /* pages installed per fault at most (>= 1) */
+    uint32_t l1_threads;    /* C threads reading L1 (0: no L1) */
+    uint32_t log_capacity;  /* fault log records (0: one per guest page) */
+} rs_engine_config;
+
+typedef struct rs_engine_stats {
+    uint64_t faults;              /* page-fault events handled */
+    uint64_t first_touches[6];    /* first touches by RS_SRC_* */
+    uint64_t pages_installed;     /* guest pages installed, fault-around incl. */
+    uint64_t bytes_installed;     /* bytes installed by copy or zeropage */
+    uint64_t chunks_l1;           /* chunks decoded from L1 */
+    uint64_t chunks_fetched;      /* chunks supplied by fetchers */
+    uint64_t chunks_failed;       /* chunks given up on (pages poisoned) */
+    uint64_t l1_misses;           /* L1 lookups that found no file */
+    uint64_t l1_bad;              /* L1 files that failed verification */
+    uint64_t supply_rejected;     /* supplied bytes that failed verification */
+    uint64_t removes;             /* REMOVE events */
+    uint64_t eexist;              /* installs that found the page present */
+    uint64_t deferred;            /* installs retried after -EAGAIN */
+    uint64_t poisoned;            /* pages poisoned */
+    uint64_t log_dropped;         /* fault records lost to a full log */
+    uint32_t parked_now;          /* faults waiting on chunks right now */
+    int32_t guest_gone;           /* 1 once the guest's memory is gone */
+    int32_t error;                /* -errno of the first unexpected failure */
+    uint32_t pad;
+} rs_engine_stats;
+
+/* Create a session engine.
+ * page_chunk, page_off: one entry per guest page of the memory file
+ *   (memory_size / page_size): the chunk holding the page (0xFFFFFFFF for
+ *   an all-zero page) and the page's byte offset inside the decoded chunk.
+ * chunk_ids (n_chunks * 32 bytes), chunk_lens (stored bytes), chunk_flags,
+ *   chunk_zero (n_chunks * bitmap bytes of the codec): the manifest's chunk
+ *   table, as rs_chunk_decode takes it.
+ * l1_dir: the L1 cache directory, or NULL.
+ * Everything is copied; the codec must outlive the engine. */
+int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
+                     const rs_codec *codec,
+                     const rs_engine_region *regions, size_t n_regions,
+                     const uint32_t *page_chunk, const uint32_t *page_off,
+                     const uint8_t *chunk_ids, const uint32_t *chunk_lens,
+                     const uint32_t *chunk_flags, const uint8_t *chunk_zero,
+                     const char *l1_dir);
+
+/* Start serving: uffd is the guest's userfaultfd (API done, regions
+ * registered, O_NONBLOCK), conn_fd the guest's connection (EOF or hangup
+ * = the guest went away) or -1. The caller keeps owning both fds and
+ * closes them after rs_engine_stop. */
+int rs_engine_start(rs_engine *e, int uffd, int conn_fd);
+
+/* Stop every thread and wait for them; fetchers blocked in
+ * rs_engine_next_request return -ESHUTDOWN. Idempotent. */
+void rs_engine_stop(rs_engine *e);
+void rs_engine_destroy(rs_engine *e);
+
+/* Wait up to timeout_ms (< 0: forever) for the guest to go away (or the
+ * engine to stop). Returns 1 when it has, 0 on timeout. */
+int rs_engine_wait(rs_engine *e, int timeout_ms);
+
+/* Fetcher side. next_request: 1 and *chunk set, 0 on timeout,
+ * -ESHUTDOWN when stopping. supply: verify and decode stored bytes of a
+ * requested chunk and serve its parked faults; a negative result (from
+ * rs_chunk_decode) leaves the request open so another tier may be asked.
+ * fail: give up on a chunk: its pending and future faults are poisoned. */
+int rs_engine_next_request(rs_engine *e, uint32_t *chunk, int timeout_ms);
+int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
+                     size_t stored_len);
+int rs_engine_fail(rs_engine *e, uint32_t chunk, int err);
+
+void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out);
+
+/* Copy up to max fault records (append order) to out; returns the count. */
+size_t rs_engine_log_read(rs_engine *e, rs_fault_record *out, size_t max);

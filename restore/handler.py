@@ -1,0 +1,262 @@
+"""The page-fault handler server: Firecracker's UFFD protocol over a Unix socket.
+
+``Server`` listens on a Unix stream socket (mode 0600). Each connection is
+one guest: the handshake (restore/protocol.py) brings the guest's regions
+and its userfaultfd; a RestoreSession then serves the guest's faults from
+the snapshot until the guest goes away (the connection closes, or the
+uffd reports its memory gone); the session's fault log is saved and the
+server goes on. A guest whose handshake is refused is told nothing (the
+protocol has no reply): its connection is closed and the reason logged;
+other guests are not affected.
+
+Several servers (for different snapshots) may run in one process: a
+server holds all of its state.
+
+Stopping (``stop``, or SIGTERM in ``restore serve``): no new guests are
+accepted; running guests get ``drain_timeout`` seconds to finish; a guest
+still running then is killed (its VMM, by the pid from SO_PEERCRED), since
+a guest left without its fault handler would hang forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .errors import InputError, RestoreError
+from .protocol import HandshakeError, accept_handshake, peer_credentials
+from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, RestoreSession, SessionStats
+from .snapshot import Snapshot
+from .tiers.l1 import L1Cache
+
+log = logging.getLogger("restore.handler")
+
+HANDSHAKE_TIMEOUT = 5.0  # seconds a connected peer has to send its handshake
+WAIT_SLICE = 0.2  # seconds between looks at the stop flag
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What the server reports when a session ends."""
+
+    session_id: str
+    peer_pid: int
+    stats: SessionStats
+    log_key: Optional[str]
+    errors: list[str]
+
+
+class Server:
+    """Serve guests of one snapshot on a Unix socket.
+
+    snapshot: the opened snapshot (its codec and store are shared by the
+    sessions). l1: the L1 cache (None: no L1). on_session_end: called with a
+    SessionSummary when a session ends (for tests and the CLI).
+    """
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        socket_path: str | os.PathLike,
+        *,
+        l1: Optional[L1Cache] = None,
+        fault_around: int = DEFAULT_FAULT_AROUND,
+        fetchers: int = DEFAULT_FETCHERS,
+        drain_timeout: float = 10.0,
+        persist_logs: bool = True,
+        on_session_end: Optional[Callable[[SessionSummary], None]] = None,
+    ):
+        self.snapshot = snapshot
+        self.socket_path = os.fspath(socket_path)
+        self.l1 = l1
+        self.fault_around = fault_around
+        self.fetchers = fetchers
+        self.drain_timeout = drain_timeout
+        self.persist_logs = persist_logs
+        self.on_session_end = on_session_end
+        self.summaries: list[SessionSummary] = []
+        self.refused: list[str] = []  # one line per refused guest
+        self._stopping = threading.Event()
+        self._drain_deadline = float("inf")
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[RestoreSession, int]] = {}  # id -> (session, peer pid)
+        self._threads: list[threading.Thread] = []
+        self._listener = self._listen()
+        self._accept_thread: Optional[threading.Thread] = None
+
+    # -- socket -------------------------------------------------------------
+    def _listen(self) -> socket.socket:
+        path = self.socket_path
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise InputError(f"socket path {path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # a stale socket left by a server that died
+            else:
+                raise InputError(f"socket path {path}: another server is listening there")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # the socket is created 0600
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise InputError(f"socket path {path} cannot be bound: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        sock.settimeout(WAIT_SLICE)
+        return sock
+
+    # -- running ------------------------------------------------------------
+    def start(self) -> "Server":
+        """Accept guests on a background thread; returns self."""
+        self._accept_thread = threading.Thread(target=self.serve_forever, name="restore-accept", daemon=True)
+        self._accept_thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Accept guests until stop(); each gets its own thread."""
+        log.info("serving %s on %s", self.snapshot.label, self.socket_path)
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    break
+                raise
+            conn.settimeout(None)
+            t = threading.Thread(target=self._guest, args=(conn,), name="restore-guest", daemon=True)
+            with self._lock:
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def active(self) -> int:
+        """Guests being served now."""
+        with self._lock:
+            return len(self._active)
+
+    def _guest(self, conn: socket.socket) -> None:
+        m = self.snapshot.manifest
+        try:
+            pid = peer_credentials(conn).pid
+        except OSError:
+            pid = 0
+        try:
+            hs = accept_handshake(
+                conn,
+                memory_size=m.memory_size,
+                snapshot_page_size=m.page_size,
+                chunk_size=m.chunk_size,
+                timeout=HANDSHAKE_TIMEOUT,
+            )
+        except HandshakeError as exc:
+            self._refuse(conn, pid, str(exc))
+            return
+        try:
+            session = RestoreSession(
+                self.snapshot,
+                hs.uffd,
+                hs.regions,
+                hs.page_size,
+                conn_fd=conn.fileno(),
+                l1=self.l1,
+                fault_around=self.fault_around,
+                fetchers=self.fetchers,
+                persist_log=self.persist_logs,
+            )
+        except RestoreError as exc:
+            hs.close()
+            self._refuse(conn, pid, str(exc))
+            return
+        key = id(session)
+        with self._lock:
+            self._active[key] = (session, pid)
+        log.info("guest pid %d: %s started (%d regions)", pid, session.label, len(hs.regions))
+        try:
+            while not session.wait(WAIT_SLICE):
+                if self._stopping.is_set() and self._drain_expired():
+                    self._kill(pid, session)
+                    break
+        finally:
+            stats = session.close()
+            hs.close()
+            conn.close()
+            with self._lock:
+                self._active.pop(key, None)
+        summary = SessionSummary(session.session_id, pid, stats, session.log_key, session.errors)
+        self.summaries.append(summary)
+        log.info(
+            "guest pid %d: %s ended: %d faults, %d pages installed, p50 %.1f us, log %s",
+            pid,
+            session.label,
+            stats.faults,
+            stats.pages_installed,
+            stats.service_p50_ns / 1e3,
+            summary.log_key,
+        )
+        if self.on_session_end:
+            self.on_session_end(summary)
+
+    def _refuse(self, conn: socket.socket, pid: int, reason: str) -> None:
+        line = f"refused guest pid {pid}: {reason}"
+        log.error(line)
+        self.refused.append(line)
+        conn.close()
+
+    # -- stopping -------------------------------------------------------------
+    def _drain_expired(self) -> bool:
+        return time.monotonic() >= self._drain_deadline
+
+    def _kill(self, pid: int, session: RestoreSession) -> None:
+        log.error(
+            "%s: guest pid %d still running %.0f s after stop; killing it so it does not hang without its handler",
+            session.label,
+            pid,
+            self.drain_timeout,
+        )
+        if pid > 0:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop accepting; let running guests finish within drain_timeout,
+        then kill them; wait for every session to end (when wait)."""
+        self._drain_deadline = time.monotonic() + self.drain_timeout
+        self._stopping.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        try:
+            self._listener.close()
+        finally:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        if wait:
+            with self._lock:
+                threads = list(self._threads)
+            for t in threads:
+                t.join()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

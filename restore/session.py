@@ -1,0 +1,308 @@
+"""RestoreSession: one guest, one engine, its fetchers, its fault log.
+
+A session takes a guest's userfaultfd (already through the API handshake,
+its regions registered MISSING) and serves every page fault from the
+snapshot through the C engine (csrc/engine.h): zero pages without a fetch,
+chunks from L1 read and decoded in C, the rest through fetcher threads.
+When the guest goes away the session ends; its fault log (first touches,
+in order) is saved beside the snapshot as
+``snapshots/<name>/<version>/sessions/<session id>.npy``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from ._native import ffi, lib
+from .errors import InputError, check
+from .fetcher import Fetchers
+from .manifest import ZERO_PAGE
+from .snapshot import Snapshot
+
+log = logging.getLogger("restore.session")
+
+# The fault log record of csrc/faultlog.h, as a numpy dtype.
+LOG_DTYPE = np.dtype(
+    {
+        "names": ["t_ns", "offset", "chunk", "service_ns", "source"],
+        "formats": ["<u8", "<u8", "<u4", "<u4", "u1"],
+        "offsets": [0, 8, 16, 20, 24],
+        "itemsize": 32,
+    }
+)
+SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed")
+DEFAULT_FAULT_AROUND = 16  # pages; see bench/test_bench_fault.py
+DEFAULT_FETCHERS = 4
+DEFAULT_L1_THREADS = 2
+
+
+class RegionLike(Protocol):
+    base: int  # host virtual address
+    size: int  # bytes
+    offset: int  # offset in the memory file, bytes
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """What a session did. Latencies are the engine's service time per
+    first touch (event read to page installed), in ns."""
+
+    faults: int
+    first_touches: dict[str, int]
+    pages_installed: int
+    bytes_installed: int
+    chunks_l1: int
+    chunks_fetched: int
+    chunks_failed: int
+    l1_misses: int
+    l1_bad: int
+    supply_rejected: int
+    removes: int
+    eexist: int
+    deferred: int
+    poisoned: int
+    log_dropped: int
+    parked_now: int
+    guest_gone: bool
+    error: int  # -errno of the first unexpected failure, 0 if none
+    service_p50_ns: int
+    service_p99_ns: int
+    service_max_ns: int
+
+
+def new_session_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def sessions_prefix(name: str, version: str) -> str:
+    return f"snapshots/{name}/{version}/sessions/"
+
+
+def page_tables(snapshot: Snapshot, page_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per guest page of page_size bytes: (chunk or ZERO_PAGE, byte offset in
+    the decoded chunk), from the snapshot's page map (identity if none)."""
+    m = snapshot.manifest
+    pm = snapshot.page_map()
+    if page_size == m.page_size:
+        chunk = pm["chunk"].copy()
+        off = (pm["slot"].astype(np.uint64) * m.page_size).astype(np.uint32)
+        return chunk, off
+    if page_size < m.page_size or page_size % m.page_size or m.memory_size % page_size:
+        raise InputError(
+            f"guest page size {page_size} does not fit snapshot {snapshot.label} "
+            f"(page size {m.page_size}, memory {m.memory_size} bytes)"
+        )
+    if m.page_map is not None:
+        raise InputError(
+            f"snapshot {snapshot.label} has a page map: it can only serve guests with "
+            f"{m.page_size}-byte pages, not {page_size}"
+        )
+    # Identity layout, huge guest pages: each lies inside one chunk
+    # (chunk_size >= page_size), its small pages in order, zeros included.
+    n = m.memory_size // page_size
+    start = np.arange(n, dtype=np.uint64) * page_size
+    chunk = (start // m.chunk_size).astype(np.uint32)
+    off = (start % m.chunk_size).astype(np.uint32)
+    all_zero = (pm["chunk"] == ZERO_PAGE).reshape(n, page_size // m.page_size).all(axis=1)
+    chunk[all_zero] = ZERO_PAGE
+    off[all_zero] = 0
+    return chunk, off
+
+
+class RestoreSession:
+    """Serve one guest from a snapshot.
+
+    uffd: the guest's userfaultfd (O_NONBLOCK; API done; regions registered).
+    regions: the guest's regions (base, size, offset), page_size: the
+    guest's page size in bytes. conn_fd: the guest's connection, whose EOF
+    ends the session (-1: none). The caller keeps owning uffd and conn_fd
+    and closes them after close(). l1: the L1 cache read by the engine and
+    written by the fetchers (None: no L1). fault_around: pages installed
+    per fault at most. persist_log: save the fault log to the store on close.
+    """
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        uffd: int,
+        regions: Sequence[RegionLike],
+        page_size: int,
+        *,
+        conn_fd: int = -1,
+        l1=None,
+        fault_around: int = DEFAULT_FAULT_AROUND,
+        fetchers: int = DEFAULT_FETCHERS,
+        l1_threads: int = DEFAULT_L1_THREADS,
+        session_id: Optional[str] = None,
+        persist_log: bool = True,
+    ):
+        if fault_around < 1:
+            raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
+        if fetchers < 1:
+            raise InputError(f"fetchers must be at least 1, got {fetchers}")
+        m = snapshot.manifest
+        self.snapshot = snapshot
+        self.session_id = session_id or new_session_id()
+        self.label = f"session {self.session_id} of {snapshot.label}"
+        self.page_size = page_size
+        self.persist_log = persist_log
+        self._closed = False
+        self._lock = threading.Lock()
+        self.log_key: Optional[str] = None
+
+        chunk, off = page_tables(snapshot, page_size)
+        cfg = ffi.new(
+            "rs_engine_config *",
+            {
+                "memory_size": m.memory_size,
+                "chunk_size": m.chunk_size,
+                "page_size": page_size,
+                "n_chunks": len(m.chunks),
+                "fault_around": fault_around,
+                "l1_threads": l1_threads if l1 is not None else 0,
+                "log_capacity": 0,
+            },
+        )
+        regs = ffi.new("rs_engine_region[]", [{"base": r.base, "size": r.size, "offset": r.offset} for r in regions])
+        ids = b"".join(bytes.fromhex(c.id) if c.id else bytes(32) for c in m.chunks)
+        lens = np.array([c.stored_len for c in m.chunks], dtype=np.uint32)
+        flags = np.array([c.flags for c in m.chunks], dtype=np.uint32)
+        zero = b"".join(c.zero for c in m.chunks)
+        out = ffi.new("rs_engine **")
+        check(
+            lib.rs_engine_create(
+                out,
+                cfg,
+                snapshot.codec._handle(),
+                regs,
+                len(regions),
+                ffi.from_buffer("uint32_t[]", chunk),
+                ffi.from_buffer("uint32_t[]", off),
+                ids,
+                ffi.from_buffer("uint32_t[]", lens),
+                ffi.from_buffer("uint32_t[]", flags),
+                zero,
+                os.fsencode(str(l1.root)) if l1 is not None else ffi.NULL,
+            ),
+            "rs_engine_create",
+            self.label,
+        )
+        self._engine = out[0]
+        try:
+            check(lib.rs_engine_start(self._engine, uffd, conn_fd), "rs_engine_start", self.label)
+        except BaseException:
+            lib.rs_engine_destroy(self._engine)
+            raise
+        self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label)
+
+    # -- running ----------------------------------------------------------
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the guest goes away; True if it has (False on timeout)."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(lib.rs_engine_wait(self._handle(), ms))
+
+    def _handle(self):
+        if self._closed:
+            raise ValueError(f"{self.label} is closed")
+        return self._engine
+
+    @property
+    def errors(self) -> list[str]:
+        """One line per chunk the fetchers gave up on (its pages poisoned)."""
+        return list(self._fetchers.errors)
+
+    def fault_log(self) -> np.ndarray:
+        """First touches so far, in arrival order (LOG_DTYPE)."""
+        eng = self._handle()
+        st = ffi.new("rs_engine_stats *")
+        lib.rs_engine_get_stats(eng, st)
+        cap = int(sum(st.first_touches)) + 64
+        buf = np.zeros(cap, dtype=LOG_DTYPE)
+        n = lib.rs_engine_log_read(eng, ffi.cast("rs_fault_record *", ffi.from_buffer(buf)), cap)
+        recs = buf[:n]
+        return recs[np.argsort(recs["t_ns"], kind="stable")]
+
+    def stats(self) -> SessionStats:
+        st = ffi.new("rs_engine_stats *")
+        lib.rs_engine_get_stats(self._handle(), st)
+        svc = self.fault_log()["service_ns"]
+        p50, p99, mx = (int(np.percentile(svc, q)) for q in (50, 99, 100)) if len(svc) else (0, 0, 0)
+        return SessionStats(
+            faults=st.faults,
+            first_touches={name: int(st.first_touches[i]) for i, name in enumerate(SOURCES)},
+            pages_installed=st.pages_installed,
+            bytes_installed=st.bytes_installed,
+            chunks_l1=st.chunks_l1,
+            chunks_fetched=st.chunks_fetched,
+            chunks_failed=st.chunks_failed,
+            l1_misses=st.l1_misses,
+            l1_bad=st.l1_bad,
+            supply_rejected=st.supply_rejected,
+            removes=st.removes,
+            eexist=st.eexist,
+            deferred=st.deferred,
+            poisoned=st.poisoned,
+            log_dropped=st.log_dropped,
+            parked_now=st.parked_now,
+            guest_gone=bool(st.guest_gone),
+            error=st.error,
+            service_p50_ns=p50,
+            service_p99_ns=p99,
+            service_max_ns=mx,
+        )
+
+    # -- ending -------------------------------------------------------------
+    def close(self) -> Optional[SessionStats]:
+        """Stop the engine and the fetchers, save the fault log, free the
+        engine. Returns the final stats (None if already closed)."""
+        with self._lock:
+            if self._closed:
+                return None
+            lib.rs_engine_stop(self._engine)
+            self._fetchers.join()
+            final = self.stats()
+            records = self.fault_log()
+            self._closed = True
+            lib.rs_engine_destroy(self._engine)
+            self._engine = None
+        if self.persist_log:
+            self.log_key = self._save_log(records)
+        return final
+
+    def __enter__(self) -> "RestoreSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _save_log(self, records: np.ndarray) -> Optional[str]:
+        m = self.snapshot.manifest
+        key = f"{sessions_prefix(m.name, m.version)}{self.session_id}.npy"
+        buf = io.BytesIO()
+        np.save(buf, records, allow_pickle=False)
+        try:
+            self.snapshot.store.put(key, buf.getvalue())
+        except Exception as exc:  # the restore happened; losing its log is a warning
+            log.warning("%s: could not save the fault log to %s: %s", self.label, key, exc)
+            return None
+        return key
+
+
+def load_fault_log(data: bytes, where: str) -> np.ndarray:
+    """Parse a saved fault log (.npy of LOG_DTYPE); ValueError names where."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"fault log {where} is not a .npy array: {exc}") from None
+    if arr.dtype != LOG_DTYPE or arr.ndim != 1:
+        raise InputError(f"fault log {where} has dtype {arr.dtype} / shape {arr.shape}, not a fault log")
+    return arr
