@@ -26,8 +26,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     benches = getattr(session, "benchmarks", None) or []
     rows = [(b.name, b.extra_info["bytes"], b.stats.median) for b in benches if "bytes" in b.extra_info]
-    if not rows:
-        return
-    terminalreporter.section("throughput (median)")
-    for name, nbytes, median in sorted(rows):
-        terminalreporter.write_line(f"{name:<60} {nbytes / median / 1e9:7.2f} GB/s  ({median * 1e3:9.2f} ms)")
+    if rows:
+        terminalreporter.section("throughput (median)")
+        for name, nbytes, median in sorted(rows):
+            terminalreporter.write_line(f"{name:<60} {nbytes / median / 1e9:7.2f} GB/s  ({median * 1e3:9.2f} ms)")
+    faults = [(b.name, b.extra_info["p50_ns"], b.extra_info.get("role")) for b in benches if "p50_ns" in b.extra_info]
+    if faults:
+        floor = next((p50 for _, p50, role in faults if role == "floor"), None)
+        terminalreporter.section("fault round trip as the guest sees it (median of per-round p50)")
+        for name, p50, _ in sorted(faults):
+            ratio = f"  {p50 / floor:5.2f} x the bare handler" if floor else ""
+            terminalreporter.write_line(f"{name:<60} {p50 / 1e3:7.2f} us{ratio}")

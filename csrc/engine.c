@@ -538,7 +538,14 @@ static void *service_main(void *arg)
     nfds_t nfds = e->conn_fd >= 0 ? 4 : 3;
 
     while (!atomic_load(&e->guest_gone)) {
-        int n = poll(pfd, nfds, -1);
+        int pending, n;
+
+        /* Deferred installs wait for a REMOVE's remover to resume, which
+         * comes with no event of ours: look again soon. */
+        pthread_mutex_lock(&e->lock);
+        pending = e->deferred.n > 0;
+        pthread_mutex_unlock(&e->lock);
+        n = poll(pfd, nfds, pending ? 1 : -1);
 
         if (n < 0) {
             if (errno == EINTR)

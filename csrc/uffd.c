@@ -71,14 +71,14 @@ int rs_uffd_create(int nonblock, int user_mode_only)
     return fd >= 0 ? fd : -err;
 }
 
-int rs_uffd_api(int fd, uint64_t features, uint64_t *granted, uint64_t *ioctls)
+int rs_uffd_api(int fd, uint64_t features, uint64_t *offered, uint64_t *ioctls)
 {
     struct uffdio_api api = { .api = UFFD_API, .features = features };
 
     if (ioctl(fd, UFFDIO_API, &api) < 0)
         return -errno;
-    if (granted)
-        *granted = api.features;
+    if (offered)
+        *offered = api.features;
     if (ioctls)
         *ioctls = api.ioctls;
     return 0;
@@ -215,6 +215,7 @@ int rs_uffd_read_events(int fd, rs_uffd_event *out, size_t max)
         case UFFD_EVENT_REMAP:
             e->address = msg[i].arg.remap.from;
             e->end = msg[i].arg.remap.to;
+            e->len = msg[i].arg.remap.len;
             break;
         case UFFD_EVENT_FORK:
             e->end = msg[i].arg.fork.ufd;

@@ -1,12 +1,18 @@
 /* uffd.h -- thin userfaultfd wrappers (cdef: no macros, no includes).
  *
  * Every function returns 0 (or a count) on success and a negative errno on
- * failure; none prints. Ioctls that move pages report how many bytes they
- * did through *done even when they fail part way, as the kernel does:
- *   -EEXIST  a page in the range was already present: *done bytes before it
- *            were installed; the caller wakes the range and moves on
- *   -EAGAIN  the mm is changing (a REMOVE/UNMAP event is pending): drain
- *            events, then retry from *done
+ * failure; none prints. Ioctls that install pages report through *done the
+ * bytes they installed, as the kernel does (Linux 6.x):
+ *   0        the whole range was installed (and woken, without DONTWAKE)
+ *   -EAGAIN with *done > 0
+ *            part of the range was installed (and woken); call again from
+ *            *done to learn what stopped it
+ *   -EEXIST  (*done == 0) the first page of the range is present already;
+ *            nothing was woken: the caller wakes the range and moves on
+ *   -EAGAIN with *done == 0
+ *            the mm is changing (a REMOVE/UNMAP is in flight): drain events
+ *            and retry, more than once: the kernel clears the condition only
+ *            when the remover resumes, shortly after its event is read
  *   -ESRCH   the guest's address space is gone
  * The constants mirror <linux/userfaultfd.h> so that callers need no
  * kernel headers; uffd.c checks each against the kernel's where it has one.
@@ -59,6 +65,7 @@ typedef struct rs_uffd_event {
     uint64_t address;  /* fault address, or start of a REMOVE/UNMAP range */
     uint64_t end;      /* end (exclusive) of a REMOVE/UNMAP range, else 0;
                           REMAP: the new address; FORK: the new uffd */
+    uint64_t len;      /* REMAP: bytes moved, else 0 */
 } rs_uffd_event;
 
 /* A new userfaultfd (O_CLOEXEC, plus O_NONBLOCK when nonblock), from the
@@ -66,10 +73,11 @@ typedef struct rs_uffd_event {
  * or -errno. user_mode_only: 1 to ask for faults from user mode only. */
 int rs_uffd_create(int nonblock, int user_mode_only);
 
-/* The UFFDIO_API handshake: request features; *granted receives the
- * features the fd now has, *ioctls the ioctls it supports (both may be
- * NULL). -EINVAL when the kernel lacks a requested feature. */
-int rs_uffd_api(int fd, uint64_t features, uint64_t *granted, uint64_t *ioctls);
+/* The UFFDIO_API handshake: request features; *offered receives what the
+ * kernel writes back, which is every feature it offers (not just those
+ * requested), *ioctls the ioctls the fd supports (both may be NULL).
+ * -EINVAL when the kernel lacks a requested feature. */
+int rs_uffd_api(int fd, uint64_t features, uint64_t *offered, uint64_t *ioctls);
 
 /* Features this kernel offers (a throwaway fd, asked with no features). */
 int rs_uffd_probe(uint64_t *features);

@@ -111,6 +111,8 @@ class Fetchers:
         if self._l1 is None:
             return
         try:
-            self._l1.put(chunk_id, data)
+            # The engine asks fetchers only for chunks L1 lacks or holds a bad
+            # copy of, so whatever is on disk under this id is replaced.
+            self._l1.put(chunk_id, data, replace=True)
         except (OSError, RestoreError) as exc:  # a full disk must not fail the restore
             log.warning("%s: could not write chunk %s to L1: %s", self._label, chunk_id, exc)

@@ -302,3 +302,15 @@ def test_several_processes_share_one_root(tmp_path: Path) -> None:
     cache.evict()
     assert 0 < cache.usage() <= MP_BUDGET * 9 // 10
     assert_all_entries_valid(root)
+
+
+def test_put_replace_rewrites_a_same_size_damaged_entry(tmp_path):
+    cache = L1Cache(tmp_path / "c")
+    data = os.urandom(4096)
+    cid = hashlib.sha256(data).hexdigest()
+    cache.put(cid, data)
+    cache.path(cid).write_bytes(bytes(4096))  # same size, wrong bytes
+    cache.put(cid, data)  # only refreshes the LRU time
+    assert cache.path(cid).read_bytes() == bytes(4096)
+    cache.put(cid, data, replace=True)
+    assert cache.path(cid).read_bytes() == data

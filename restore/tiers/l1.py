@@ -124,11 +124,12 @@ class L1Cache:
             pass
         return None
 
-    def put(self, chunk_id: str, data: bytes | memoryview) -> None:
+    def put(self, chunk_id: str, data: bytes | memoryview, replace: bool = False) -> None:
         """Store data under chunk_id, atomically; evict if over budget afterwards.
 
         Raises ChunkHashMismatch if SHA-256 of data is not chunk_id. If the entry is
-        already present with the same size, only its LRU time is refreshed.
+        already present with the same size, only its LRU time is refreshed, unless
+        replace is set (the caller knows the file on disk failed verification).
         """
         p = self.path(chunk_id)
         view = memoryview(data).cast("B")
@@ -138,7 +139,7 @@ class L1Cache:
                 f"chunk {chunk_id}: SHA-256 of the {view.nbytes} bytes given is {actual},"
                 " not the chunk id")
         try:
-            if os.stat(p).st_size == view.nbytes:
+            if not replace and os.stat(p).st_size == view.nbytes:
                 os.utime(p)
                 return
         except FileNotFoundError:

@@ -1,0 +1,414 @@
+"""Lazy restore end to end: a handler Server in this process, real guest
+processes (restore.testing.Guest) faulting on their memory, chunks from a
+real file store and a real L1 directory. Every page a guest reads must
+equal the snapshot's image."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from restore.handler import Server
+from restore.sample import write_sample_image
+from restore.session import LOG_DTYPE, SOURCES, load_fault_log
+from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.testing import Guest, GuestError, expected_sums, reads, remove, writes
+from restore.tiers.durable import DurableStore
+from restore.tiers.l1 import L1Cache
+
+P = 4096
+CHUNK = 256 * 1024
+SIZE = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    p = tmp_path_factory.mktemp("img") / "mem.img"
+    write_sample_image(p, SIZE, seed=21)
+    return p
+
+
+@pytest.fixture
+def snap(tmp_path, image):
+    store = DurableStore(f"file://{tmp_path}/store")
+    create_snapshot(store, image, "vm", chunk_size=CHUNK)
+    with Snapshot.open(store, "vm") as s:
+        yield s
+
+
+@pytest.fixture
+def l1(tmp_path):
+    return L1Cache(tmp_path / "l1")
+
+
+@pytest.fixture
+def serve(tmp_path, snap, l1):
+    """Start a Server for snap; yields a factory so tests choose options."""
+    servers = []
+
+    def make(snapshot=None, **kw):
+        path = tmp_path / f"s{len(servers)}.sock"
+        kw.setdefault("l1", l1)
+        s = Server(snapshot or snap, path, **kw).start()
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def _wait_sessions(server, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(server.summaries) < n:
+        assert time.monotonic() < deadline, f"only {len(server.summaries)} of {n} sessions ended"
+        time.sleep(0.02)
+    return server.summaries
+
+
+def _image_pages(image):
+    return np.fromfile(image, dtype=np.uint8).reshape(-1, P)
+
+
+def test_full_sweep_cold_then_warm_l1(serve, image, l1):
+    server = serve()
+    offsets = np.arange(SIZE // P, dtype=np.uint64) * P
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        res = g.run(reads(offsets), timeout=60)
+    assert (res.sums == expected_sums(image, offsets)).all()
+    first = _wait_sessions(server, 1)[0]
+    assert first.stats.chunks_fetched > 0 and first.stats.chunks_l1 == 0
+    assert first.stats.first_touches["failed"] == 0 and first.errors == []
+    assert len(l1) == first.stats.chunks_fetched  # fetchers wrote L1
+
+    # The next guest finds every chunk in L1: decoded in C, no fetch.
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        res = g.run(reads(offsets), timeout=60)
+    assert (res.sums == expected_sums(image, offsets)).all()
+    second = _wait_sessions(server, 2)[1]
+    assert second.stats.chunks_l1 == first.stats.chunks_fetched
+    assert second.stats.chunks_fetched == 0 and second.stats.l1_misses == 0
+
+
+@pytest.mark.parametrize("fault_around", [1, 16])
+def test_random_trace_reads_the_image(serve, image, fault_around):
+    server = serve(fault_around=fault_around)
+    rng = np.random.default_rng(fault_around)
+    offsets = rng.permutation(SIZE // P)[:1500].astype(np.uint64) * P
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        res = g.run(reads(offsets), timeout=60)
+    assert (res.sums == expected_sums(image, offsets)).all()
+    st = _wait_sessions(server, 1)[0].stats
+    if fault_around == 1:
+        assert st.faults == len(offsets) and st.pages_installed == len(offsets)
+    else:
+        assert st.pages_installed > st.faults
+
+
+def test_zero_pages_need_no_fetch(serve, image):
+    pages = _image_pages(image)
+    zero = np.flatnonzero(~pages.any(axis=1))[:200].astype(np.uint64) * P
+    server = serve(fault_around=1)
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        res = g.run(reads(zero), timeout=30)
+    assert (res.sums == 0).all()
+    st = _wait_sessions(server, 1)[0].stats
+    assert st.first_touches["zero"] == len(zero)
+    assert st.chunks_fetched == st.chunks_l1 == 0
+
+
+def test_fault_log_follows_first_touch_order(serve, image, snap):
+    server = serve(fault_around=1)
+    rng = np.random.default_rng(5)
+    offsets = rng.permutation(SIZE // P)[:800].astype(np.uint64) * P
+    trace = np.concatenate([offsets, offsets[:100]])  # re-touches are not first touches
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        g.run(reads(trace), timeout=60)
+    summary = _wait_sessions(server, 1)[0]
+    data = snap.store.get(summary.log_key)
+    recs = load_fault_log(data, summary.log_key)
+    assert recs.dtype == LOG_DTYPE
+    assert (recs["offset"] == offsets).all()
+    assert (np.diff(recs["t_ns"].astype(np.int64)) >= 0).all()
+    pages = _image_pages(image)[offsets // P]
+    is_zero = ~pages.any(axis=1)
+    assert (recs["source"][is_zero] == SOURCES.index("zero")).all()
+    assert set(recs["source"][~is_zero]) <= {SOURCES.index("fetched"), SOURCES.index("l1")}
+    assert (recs["chunk"][~is_zero] == offsets[~is_zero] // CHUNK).all()
+
+
+def test_remove_then_retouch_reads_zeros(serve, image):
+    server = serve()
+    pages = _image_pages(image)
+    nonzero = np.flatnonzero(pages.any(axis=1))
+    a = int(nonzero[10]) * P
+    ops = np.concatenate([reads([a, a + P]), writes([a]), remove(a, 2), reads([a, a + P]), reads([a + 8 * P])])
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        res = g.run(ops, timeout=30)
+    exp = expected_sums(image, [a, a + P, a + 8 * P])
+    assert res.sums[0] == exp[0] and res.sums[1] == exp[1]
+    assert res.sums[4] == 0 and res.sums[5] == 0  # removed: zeros, never snapshot bytes
+    assert res.sums[6] == exp[2]
+    assert _wait_sessions(server, 1)[0].stats.removes == 1
+
+
+def test_two_regions_with_a_gap(serve, image):
+    server = serve()
+    regions = [(4 << 20, 0), (8 << 20, 8 << 20)]  # file [0,4M) and [8M,16M)
+    offsets = np.concatenate([np.arange(0, 4 << 20, 3 * P), np.arange(8 << 20, 16 << 20, 5 * P)]).astype(np.uint64)
+    with Guest(server.socket_path, regions=regions) as g:
+        res = g.run(reads(offsets), timeout=60)
+    assert (res.sums == expected_sums(image, offsets)).all()
+
+
+def test_three_concurrent_guests(serve, image):
+    server = serve()
+    rng = np.random.default_rng(3)
+    traces = [rng.permutation(SIZE // P)[:1200].astype(np.uint64) * P for _ in range(3)]
+    guests = [Guest(server.socket_path, memory_size=SIZE).start(reads(t)) for t in traces]
+    try:
+        for g, t in zip(guests, traces):
+            assert (g.wait(60).sums == expected_sums(image, t)).all()
+    finally:
+        for g in guests:
+            g.close()
+    assert len(_wait_sessions(server, 3)) == 3
+
+
+def test_two_servers_for_two_snapshots_in_one_process(tmp_path, serve, image):
+    other_img = tmp_path / "other.img"
+    write_sample_image(other_img, 8 << 20, seed=99)
+    store = DurableStore(f"file://{tmp_path}/store2")
+    create_snapshot(store, other_img, "other", chunk_size=CHUNK)
+    with Snapshot.open(store, "other") as other:
+        s1 = serve()
+        s2 = serve(other, l1=L1Cache(tmp_path / "l1b"))
+        o1 = np.arange(0, SIZE, 7 * P, dtype=np.uint64)
+        o2 = np.arange(0, 8 << 20, 5 * P, dtype=np.uint64)
+        g1 = Guest(s1.socket_path, memory_size=SIZE).start(reads(o1))
+        g2 = Guest(s2.socket_path, memory_size=8 << 20).start(reads(o2))
+        try:
+            assert (g1.wait(60).sums == expected_sums(image, o1)).all()
+            assert (g2.wait(60).sums == expected_sums(other_img, o2)).all()
+        finally:
+            g1.close()
+            g2.close()
+        _wait_sessions(s1, 1)
+        _wait_sessions(s2, 1)
+        s2.stop()
+
+
+def test_killed_guest_leaves_the_server_healthy(serve, image, snap):
+    # Make fetches slow enough that the guest is mid-restore when killed.
+    server = serve(fault_around=1)
+    offsets = np.arange(0, SIZE, P, dtype=np.uint64)
+    g = Guest(server.socket_path, memory_size=SIZE).start(reads(offsets))
+    deadline = time.monotonic() + 10
+    while server.active() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.05)
+    g.kill()
+    g.close()
+    _wait_sessions(server, 1)
+    assert server.active() == 0
+    with Guest(server.socket_path, memory_size=SIZE) as g2:
+        res = g2.run(reads(offsets[::9]), timeout=60)
+    assert (res.sums == expected_sums(image, offsets[::9])).all()
+
+
+def _chunk_of(snap, image, nth):
+    """Index of the nth chunk that holds data."""
+    return [i for i, c in enumerate(snap.manifest.chunks) if c.id][nth]
+
+
+def test_missing_chunk_is_poisoned_not_zeroed(serve, snap, image):
+    idx = _chunk_of(snap, image, 3)
+    snap.store.delete(chunk_key(snap.manifest.chunks[idx].id))
+    pages = _image_pages(image)
+    in_chunk = [p for p in range(idx * CHUNK // P, (idx + 1) * CHUNK // P) if pages[p].any()]
+    server = serve()
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        with pytest.raises(GuestError, match="SIGBUS"):
+            g.run(reads([0, in_chunk[0] * P]), timeout=30)
+    summary = _wait_sessions(server, 1)[0]
+    assert summary.stats.chunks_failed == 1 and summary.stats.poisoned >= 1
+    assert any(f"chunk {idx}" in e and "is missing from" in e for e in summary.errors)
+    # The server goes on serving other chunks.
+    ok = [int(np.flatnonzero(pages[: idx * CHUNK // P].any(axis=1))[0]) * P]
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        assert (g.run(reads(ok), timeout=30).sums == expected_sums(image, ok)).all()
+
+
+def test_corrupt_store_chunk_is_poisoned(serve, snap, image):
+    idx = _chunk_of(snap, image, 1)
+    key = chunk_key(snap.manifest.chunks[idx].id)
+    data = bytearray(snap.store.get(key))
+    data[len(data) // 2] ^= 0x40
+    snap.store.put(key, bytes(data))
+    pages = _image_pages(image)
+    p = next(p for p in range(idx * CHUNK // P, (idx + 1) * CHUNK // P) if pages[p].any())
+    server = serve()
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        with pytest.raises(GuestError, match="SIGBUS"):
+            g.run(reads([p * P]), timeout=30)
+    summary = _wait_sessions(server, 1)[0]
+    assert summary.stats.supply_rejected == 1 and summary.stats.chunks_failed == 1
+    assert any("fail verification" in e for e in summary.errors)
+
+
+def test_corrupt_l1_copy_falls_back_to_the_store(serve, snap, image, l1):
+    idx = _chunk_of(snap, image, 2)
+    cid = snap.manifest.chunks[idx].id
+    good = snap.store.get(chunk_key(cid))
+    l1.put(cid, good)
+    bad = bytearray(good)
+    bad[0] ^= 1
+    l1.path(cid).write_bytes(bytes(bad))  # damaged on disk behind the cache's back
+    pages = _image_pages(image)
+    offs = [p * P for p in range(idx * CHUNK // P, (idx + 1) * CHUNK // P) if pages[p].any()][:5]
+    server = serve()
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        assert (g.run(reads(offs), timeout=30).sums == expected_sums(image, offs)).all()
+    st = _wait_sessions(server, 1)[0].stats
+    assert st.l1_bad == 1 and st.chunks_fetched == 1
+    assert l1.get(cid) == good  # the fetcher rewrote the good copy
+
+
+def test_huge_pages(tmp_path, image):
+    """2 MiB hugetlbfs guest pages, from a snapshot with 2 MiB chunks."""
+    nr = "/proc/sys/vm/nr_hugepages"
+    old = int(open(nr).read())
+    need = SIZE // (2 << 20) + 2
+    with open(nr, "w") as f:
+        f.write(str(old + need))
+    try:
+        assert int(open(nr).read()) >= old + need, "could not reserve huge pages"
+        store = DurableStore(f"file://{tmp_path}/hstore")
+        create_snapshot(store, image, "huge", chunk_size=2 << 20)
+        with Snapshot.open(store, "huge") as s:
+            server = Server(s, tmp_path / "h.sock", l1=L1Cache(tmp_path / "hl1")).start()
+            try:
+                H = 2 << 20
+                offsets = np.array([3 * H, 0, 7 * H, H, 5 * H], dtype=np.uint64)
+                with Guest(server.socket_path, memory_size=SIZE, page_size=H, hugetlb=True) as g:
+                    res = g.run(reads(offsets), timeout=60)
+                assert (res.sums == expected_sums(image, offsets, page_size=H)).all()
+                st = _wait_sessions(server, 1)[0].stats
+                assert st.pages_installed == len(offsets) and st.bytes_installed == len(offsets) * H
+            finally:
+                server.stop()
+    finally:
+        with open(nr, "w") as f:
+            f.write(str(old))
+
+
+@pytest.mark.parametrize(
+    "payload,fds,message",
+    [
+        (b"not json", 1, "handshake payload is not JSON"),
+        (b'{"a": 1}', 1, "handshake payload is not a JSON array of regions"),
+        (b'[{"size": 4096, "offset": 0, "page_size": 4096}]', 1, "region 0 is missing 'base_host_virt_addr'"),
+        (b'[{"base_host_virt_addr": 4096, "size": 4096, "offset": 0, "page_size": 4096}]', 0, "handshake carried no userfaultfd"),
+        (b'[{"base_host_virt_addr": 4096, "size": 4096, "offset": 0, "page_size": 4096}]', 2, "a memfd of guest memory is not supported yet"),
+        (b'[{"base_host_virt_addr": 4096, "size": 4096, "offset": 0, "page_size": 4096}]', 3, "handshake carried 3 fds; expected 1"),
+        (b'[{"base_host_virt_addr": 4096, "size": 33554432, "offset": 0, "page_size": 4096}]', 1, "ends past the 16 MiB snapshot"),
+        (b'[{"base_host_virt_addr": 4096, "size": 8192, "offset": 0, "page_size": 4096},'
+         b' {"base_host_virt_addr": 65536, "size": 8192, "offset": 4096, "page_size": 4096}]', 1, "region 1 overlaps region 0 in the memory file"),
+        (b'[{"base_host_virt_addr": 4097, "size": 4096, "offset": 0, "page_size": 4096}]', 1, "is not aligned"),
+        (b'[{"base_host_virt_addr": 4096, "size": 4096, "offset": 0, "page_size": 8192}]', 1, "page size 8192 is not supported"),
+        (b'[{"base_host_virt_addr": 2097152, "size": 2097152, "offset": 0, "page_size": 2097152}]', 1, "2 MiB guest pages need a snapshot"),
+    ],
+)
+def test_bad_handshakes_are_refused_and_the_server_goes_on(serve, image, payload, fds, message):
+    from restore._native import lib
+
+    server = serve()
+    before = set(os.listdir("/proc/self/fd"))
+    ufds = [lib.rs_uffd_create(1, 0) for _ in range(fds)]
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(server.socket_path)
+    socket.send_fds(c, [payload], ufds) if ufds else c.sendall(payload)
+    for fd in ufds:
+        os.close(fd)
+    deadline = time.monotonic() + 10
+    while not server.refused:
+        assert time.monotonic() < deadline, "not refused"
+        time.sleep(0.01)
+    assert message in server.refused[0]
+    assert server.refused[0].startswith(f"refused guest pid {os.getpid()}: ")
+    assert c.recv(1) == b""  # the server hung up
+    c.close()
+    assert set(os.listdir("/proc/self/fd")) <= before | {str(f) for f in ufds}
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        assert (g.run(reads([0, P]), timeout=30).sums == expected_sums(image, [0, P])).all()
+
+
+def test_peer_closing_mid_handshake(serve, image):
+    server = serve()
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(server.socket_path)
+    c.sendall(b'[{"base_host_virt_addr": 4096,')
+    c.close()
+    deadline = time.monotonic() + 10
+    while not server.refused:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "peer closed the connection during the handshake" in server.refused[0]
+
+
+def test_socket_is_private_and_stale_sockets_are_replaced(tmp_path, snap):
+    path = tmp_path / "x.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on
+    with Server(snap, path) as server:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        from restore.errors import InputError
+
+        with pytest.raises(InputError, match="another server is listening there"):
+            Server(snap, path)
+    assert not path.exists()
+
+
+class _StalledStore(DurableStore):
+    """A real file store whose chunk reads wait until released, as a
+    stalled network would: keeps a guest blocked mid-restore."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.release = threading.Event()
+
+    def get(self, key):
+        if key.startswith("chunks/"):
+            self.release.wait(30)
+        return super().get(key)
+
+
+def test_stop_kills_a_guest_still_running_after_the_drain_timeout(tmp_path, snap, image):
+    """A guest still blocked when the server stops is killed after the
+    drain timeout rather than left hanging without its handler."""
+    stalled = _StalledStore(snap.store.url)
+    with Snapshot.open(stalled, "vm") as s:
+        server = Server(s, tmp_path / "k.sock", l1=None, drain_timeout=0.2).start()
+        p = int(np.flatnonzero(_image_pages(image).any(axis=1))[0]) * P
+        g = Guest(server.socket_path, memory_size=SIZE).start(reads([p]))
+        deadline = time.monotonic() + 10
+        while server.active() == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        with pytest.raises(GuestError, match="SIGKILL"):
+            g.wait(10)
+        stalled.release.set()
+        stopper.join(15)
+        assert not stopper.is_alive()
+        g.close()
+        assert server.active() == 0 and len(server.summaries) == 1
