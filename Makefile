@@ -1,7 +1,8 @@
 # The two commands a new user runs (see README.md):
 #   make demo   build, make a 256 MiB sample memory image, snapshot it into the
 #               default store (RESTORE_STORE, else ~/.local/share/restore/store),
-#               inspect and verify it
+#               inspect and verify it, then restore it lazily into a guest
+#               process twice (cold, then warm L1) and show the sessions
 #   make test   build with -Werror and run the test suite
 # Both install what they need: Debian packages (apt-get, when missing),
 # a virtual environment in .venv, and the package with its test extras.
@@ -43,6 +44,11 @@ demo: install
 	$(RESTORE) snapshot create $(DEMO_DIR)/memory.img --name demo
 	$(RESTORE) snapshot inspect demo
 	$(RESTORE) snapshot verify demo
+	@echo "--- restore it lazily into a guest process (the L1 cache is cold the first time) ---"
+	$(RESTORE) try demo --pages 8192
+	@echo "--- again: the chunks now come from L1, read and decoded in C ---"
+	$(RESTORE) try demo --pages 8192
+	$(RESTORE) session show demo --head 5
 
 test: install
 	$(PY) -m pytest -q tests

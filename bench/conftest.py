@@ -37,3 +37,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for name, p50, _ in sorted(faults):
             ratio = f"  {p50 / floor:5.2f} x the bare handler" if floor else ""
             terminalreporter.write_line(f"{name:<60} {p50 / 1e3:7.2f} us{ratio}")
+    touch = [(b.name, b.extra_info["touch_ms"]) for b in benches if "touch_ms" in b.extra_info]
+    if touch:
+        terminalreporter.section("guest time touching its memory (median over rounds)")
+        for name, ms in sorted(touch):
+            terminalreporter.write_line(f"{name:<60} {ms:9.1f} ms")

@@ -40,6 +40,15 @@ class SizeParam(click.ParamType):
 SIZE = SizeParam()
 
 
+def fmt_ns(ns: float) -> str:
+    """A duration in ns, in the unit that reads best: 850 ns, 12.8 us, 3.1 ms."""
+    if ns < 1e3:
+        return f"{ns:.0f} ns"
+    if ns < 1e6:
+        return f"{ns / 1e3:.1f} us"
+    return f"{ns / 1e6:.1f} ms"
+
+
 def human(n: float) -> str:
     """Bytes in binary units, e.g. 256.0 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -325,6 +334,65 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_
     click.echo(f"stopped after {len(server.summaries)} sessions, {len(server.refused)} refused", err=True)
 
 
+@cli.command("try")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.option("--pages", type=click.IntRange(min=1), default=4096, show_default=True, help="Pages the guest touches.")
+@click.option("--run", "run_pages", type=click.IntRange(min=1), default=4, show_default=True, help="Pages per run of adjacent touches.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache", "cache_dir", default=None, help="L1 chunk cache directory (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
+@click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
+@click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
+@key_options
+@store_options
+def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, key_file, key_env, store_url, s3_endpoint, s3_region):
+    """Restore a snapshot into a test guest and show how the session went.
+
+    Starts a handler for the snapshot on a private socket, runs a guest
+    process (restore.testing.Guest) that maps the snapshot's memory and reads
+    a working set of pages (runs of adjacent pages, in random order), checks
+    every page it read against the snapshot, and prints the session's stats."""
+    import tempfile
+
+    import numpy as np
+
+    from .handler import Server
+    from .session import DEFAULT_FAULT_AROUND
+    from .snapshot import Snapshot
+    from .testing import Guest, reads
+
+    name, version = split_snapshot(spec)
+    store = open_store(store_url, s3_endpoint, s3_region)
+    l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
+    with Snapshot.open(store, name, version, load_key(key_file, key_env), l1) as snap:
+        m = snap.manifest
+        rng = np.random.default_rng(seed)
+        n_pages = m.memory_size // m.page_size
+        starts = rng.choice(max(1, n_pages - run_pages), size=max(1, pages // run_pages), replace=False)
+        trace = (starts[:, None] + np.arange(run_pages)).reshape(-1)[:pages].astype(np.uint64) * m.page_size
+        with tempfile.TemporaryDirectory(prefix="restore-try-") as tmp:
+            server = Server(snap, f"{tmp}/uffd.sock", l1=l1, fault_around=fault_around or DEFAULT_FAULT_AROUND).start()
+            try:
+                with Guest(server.socket_path, memory_size=m.memory_size, page_size=m.page_size, hugetlb=m.page_size > 4096) as guest:
+                    result = guest.run(reads(trace), timeout=600)
+            finally:
+                server.stop()
+        expected = snap.read_pages(trace).view("<u8").sum(axis=1, dtype=np.uint64)
+    summary = server.summaries[0]
+    st = summary.stats
+    bad = int((result.sums != expected).sum())
+    click.echo(f"{snap.label}: guest read {len(trace)} pages in {fmt_ns(result.ns.sum())} "
+               f"(per touch p50 {fmt_ns(np.median(result.ns))}, p99 {fmt_ns(np.percentile(result.ns, 99))}); "
+               + ("every page matches the snapshot" if bad == 0 else f"{bad} PAGES DIFFER FROM THE SNAPSHOT"))
+    click.echo(f"{'faults:':<19}{st.faults} ({', '.join(f'{k} {v}' for k, v in st.first_touches.items() if v)})")
+    click.echo(f"{'pages installed:':<19}{st.pages_installed} ({human(st.bytes_installed)})")
+    click.echo(f"{'chunks:':<19}{st.chunks_l1} from L1, {st.chunks_fetched} fetched, {st.chunks_failed} failed")
+    click.echo(f"{'service time:':<19}p50 {fmt_ns(st.service_p50_ns)}, p99 {fmt_ns(st.service_p99_ns)}, "
+               f"max {fmt_ns(st.service_max_ns)}")
+    click.echo(f"{'fault log:':<19}{summary.log_key}")
+    if bad:
+        sys.exit(1)
+
+
 @cli.group()
 def session() -> None:
     """Fault logs of past restore sessions."""
@@ -390,8 +458,8 @@ def session_show(spec, session_id, head, store_url, s3_endpoint, s3_region):
     click.echo(f"{'chunks touched:':<19}{len(np.unique(chunks))}")
     svc = recs["service_ns"]
     click.echo(
-        f"{'service time:':<19}p50 {np.percentile(svc, 50) / 1e3:.1f} us, "
-        f"p99 {np.percentile(svc, 99) / 1e3:.1f} us, max {svc.max() / 1e3:.1f} us"
+        f"{'service time:':<19}p50 {fmt_ns(np.percentile(svc, 50))}, "
+        f"p99 {fmt_ns(np.percentile(svc, 99))}, max {fmt_ns(svc.max())}"
     )
     for r in recs[:head]:
         chunk = "-" if r["chunk"] == 0xFFFFFFFF else str(int(r["chunk"]))

@@ -6,8 +6,10 @@ and its userfaultfd; a RestoreSession then serves the guest's faults from
 the snapshot until the guest goes away (the connection closes, or the
 uffd reports its memory gone); the session's fault log is saved and the
 server goes on. A guest whose handshake is refused is told nothing (the
-protocol has no reply): its connection is closed and the reason logged;
-other guests are not affected.
+protocol has no reply): the reason is logged, its connection closed, and
+its VMM killed (pid from SO_PEERCRED; kill_refused), since a VMM whose
+memory nobody serves would hang at its first fault. Other guests are not
+affected.
 
 Several servers (for different snapshots) may run in one process: a
 server holds all of its state.
@@ -71,6 +73,7 @@ class Server:
         fetchers: int = DEFAULT_FETCHERS,
         drain_timeout: float = 10.0,
         persist_logs: bool = True,
+        kill_refused: bool = True,
         on_session_end: Optional[Callable[[SessionSummary], None]] = None,
     ):
         self.snapshot = snapshot
@@ -80,6 +83,7 @@ class Server:
         self.fetchers = fetchers
         self.drain_timeout = drain_timeout
         self.persist_logs = persist_logs
+        self.kill_refused = kill_refused
         self.on_session_end = on_session_end
         self.summaries: list[SessionSummary] = []
         self.refused: list[str] = []  # one line per refused guest
@@ -117,7 +121,6 @@ class Server:
             os.umask(old)
         os.chmod(path, 0o600)
         sock.listen(64)
-        sock.settimeout(WAIT_SLICE)
         return sock
 
     # -- running ------------------------------------------------------------
@@ -133,8 +136,6 @@ class Server:
         while not self._stopping.is_set():
             try:
                 conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
             except OSError:
                 if self._stopping.is_set():
                     break
@@ -151,11 +152,22 @@ class Server:
             return len(self._active)
 
     def _guest(self, conn: socket.socket) -> None:
-        m = self.snapshot.manifest
         try:
-            pid = peer_credentials(conn).pid
-        except OSError:
-            pid = 0
+            self._serve_guest(conn)
+        except Exception as exc:  # a bug must not leave the guest hanging
+            log.exception("internal error serving a guest")
+            self._refuse(conn, self._peer_pid(conn), f"internal error: {exc!r}")
+
+    @staticmethod
+    def _peer_pid(conn: socket.socket) -> int:
+        try:
+            return peer_credentials(conn).pid
+        except (OSError, RestoreError):
+            return 0
+
+    def _serve_guest(self, conn: socket.socket) -> None:
+        m = self.snapshot.manifest
+        pid = self._peer_pid(conn)
         try:
             hs = accept_handshake(
                 conn,
@@ -213,10 +225,22 @@ class Server:
             self.on_session_end(summary)
 
     def _refuse(self, conn: socket.socket, pid: int, reason: str) -> None:
+        """Refuse a guest: log why, hang up, and kill its VMM (kill_refused):
+        a VMM whose memory is registered with a userfaultfd nobody serves
+        would hang at its first fault."""
         line = f"refused guest pid {pid}: {reason}"
+        if self.kill_refused and pid > 0 and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                line += "; killed it, as it cannot run without its page-fault handler"
+            except ProcessLookupError:
+                pass
         log.error(line)
         self.refused.append(line)
-        conn.close()
+        try:
+            conn.close()
+        except OSError:
+            pass
 
     # -- stopping -------------------------------------------------------------
     def _drain_expired(self) -> bool:
@@ -240,6 +264,10 @@ class Server:
         then kill them; wait for every session to end (when wait)."""
         self._drain_deadline = time.monotonic() + self.drain_timeout
         self._stopping.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
+        except OSError:
+            pass
         if self._accept_thread is not None:
             self._accept_thread.join()
         try:

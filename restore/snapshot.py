@@ -468,6 +468,24 @@ class Snapshot:
             self.l1.put(entry.id, data)
         return out
 
+    def read_pages(self, offsets) -> np.ndarray:
+        """The bytes of the pages at the given file offsets (page aligned),
+        as a uint8 array [len(offsets), page_size]; each chunk involved is
+        fetched and decoded once."""
+        m = self.manifest
+        offs = np.asarray(offsets, dtype=np.uint64).reshape(-1)
+        if (offs % m.page_size).any() or (offs >= m.memory_size).any():
+            raise InputError(f"page offsets must be multiples of {m.page_size} below {m.memory_size}")
+        pm = self.page_map()[(offs // m.page_size).astype(np.int64)]
+        out = np.zeros((len(offs), m.page_size), dtype=np.uint8)
+        buf = bytearray(m.chunk_size)
+        slots = np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
+        for c in np.unique(pm["chunk"][pm["chunk"] != ZERO_PAGE]):
+            rows = np.flatnonzero(pm["chunk"] == c)
+            self.read_chunk(int(c), buf)
+            out[rows] = slots[pm["slot"][rows]]
+        return out
+
     def verify(self, workers: Optional[int] = None, progress: Progress = _no_progress) -> list[BadChunk]:
         """Fetch every chunk from the store (not L1) and decode it; return
         the chunks that are missing or bad, in index order."""

@@ -309,6 +309,18 @@ def test_huge_pages(tmp_path, image):
             f.write(str(old))
 
 
+def _open_fds() -> set[str]:
+    """This process's open fds (without the one listing them)."""
+    fds = set()
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{f}")
+            fds.add(f)
+        except FileNotFoundError:  # the listing's own directory fd
+            pass
+    return fds
+
+
 @pytest.mark.parametrize(
     "payload,fds,message",
     [
@@ -330,7 +342,7 @@ def test_bad_handshakes_are_refused_and_the_server_goes_on(serve, image, payload
     from restore._native import lib
 
     server = serve()
-    before = set(os.listdir("/proc/self/fd"))
+    before = _open_fds()
     ufds = [lib.rs_uffd_create(1, 0) for _ in range(fds)]
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(server.socket_path)
@@ -345,9 +357,35 @@ def test_bad_handshakes_are_refused_and_the_server_goes_on(serve, image, payload
     assert server.refused[0].startswith(f"refused guest pid {os.getpid()}: ")
     assert c.recv(1) == b""  # the server hung up
     c.close()
-    assert set(os.listdir("/proc/self/fd")) <= before | {str(f) for f in ufds}
+    assert _open_fds() <= before | {str(f) for f in ufds}
     with Guest(server.socket_path, memory_size=SIZE) as g:
         assert (g.run(reads([0, P]), timeout=30).sums == expected_sums(image, [0, P])).all()
+
+
+def test_a_refused_vmm_is_killed_rather_than_left_hanging(serve, tmp_path):
+    """A separate process that sends a bad handshake (regions past the
+    snapshot) and would then wait forever is killed, and the log says why."""
+    import subprocess
+    import sys
+
+    server = serve()
+    code = (
+        "import socket, sys, time\n"
+        "from restore._native import lib\n"
+        "c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(sys.argv[1])\n"
+        "msg = b'[{\"base_host_virt_addr\": 4096, \"size\": 1073741824, \"offset\": 0, \"page_size\": 4096}]'\n"
+        "socket.send_fds(c, [msg], [lib.rs_uffd_create(1, 0)])\n"
+        "time.sleep(60)\n"
+    )
+    vmm = subprocess.Popen([sys.executable, "-c", code, server.socket_path])
+    try:
+        assert vmm.wait(30) == -signal.SIGKILL
+    finally:
+        vmm.kill()
+    assert server.refused[0] == (
+        f"refused guest pid {vmm.pid}: region 0 [0x1000, +1 GiB) at file offset 0x0 ends past the 16 MiB snapshot; "
+        "killed it, as it cannot run without its page-fault handler"
+    )
 
 
 def test_peer_closing_mid_handshake(serve, image):
@@ -412,3 +450,25 @@ def test_stop_kills_a_guest_still_running_after_the_drain_timeout(tmp_path, snap
         assert not stopper.is_alive()
         g.close()
         assert server.active() == 0 and len(server.summaries) == 1
+
+
+def test_page_mapped_snapshot_is_served_through_its_map(tmp_path):
+    """Pages packed out of offset order (a working-set-first layout) are
+    found through the page map, never by offset arithmetic."""
+    from test_snapshot_page_map import _build
+
+    img = tmp_path / "pm.img"
+    write_sample_image(img, 2 << 20, seed=17)
+    image_bytes = img.read_bytes()
+    store = DurableStore(f"file://{tmp_path}/pmstore")
+    _build(store, image_bytes, seed=4)
+    with Snapshot.open(store, "ws") as s:
+        assert s.manifest.page_map is not None
+        server = Server(s, tmp_path / "pm.sock", l1=L1Cache(tmp_path / "pml1")).start()
+        try:
+            offsets = np.random.default_rng(1).permutation(len(image_bytes) // P).astype(np.uint64) * P
+            with Guest(server.socket_path, memory_size=len(image_bytes)) as g:
+                res = g.run(reads(offsets), timeout=60)
+            assert (res.sums == expected_sums(img, offsets)).all()
+        finally:
+            server.stop()

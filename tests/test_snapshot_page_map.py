@@ -67,6 +67,8 @@ def test_page_mapped_snapshot_reads_back(tmp_path, store, key, encrypted):
         snap.read_into(out)
         assert out == image
         assert snap.verify() == []
+        some = np.array([order[5], order[0], 3], dtype=np.uint64) * P
+        assert snap.read_pages(some).tobytes() == b"".join(image[o : o + P] for o in map(int, some))
         # Chunk 0 holds the first touched page; its offset names that page.
         assert snap.chunk_offset(0) == int(order[: CHUNK // P].min()) * P
     with Snapshot.open(store, "ws", key=k) as snap:

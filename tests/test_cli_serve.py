@@ -1,0 +1,98 @@
+"""`restore serve`, `restore try` and `restore session`, run as real
+processes: a guest restored through the served socket reads the image, the
+session's log can be shown, SIGTERM stops the server cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from restore.sample import write_sample_image
+from restore.testing import Guest, expected_sums, reads
+
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def made(tmp_path, run_cli):
+    img = tmp_path / "mem.img"
+    write_sample_image(img, SIZE, seed=8)
+    store = f"file://{tmp_path}/store"
+    run_cli("snapshot", "create", str(img), "--name", "fn", "--store", store, check=True)
+    return img, store
+
+
+def _serve(tmp_path, store, *extra):
+    sock = tmp_path / "fn.sock"
+    env = dict(os.environ, RESTORE_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "restore", "serve", "--snapshot", "fn", "--socket", str(sock), "--store", store, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc, sock
+
+
+def test_serve_a_guest_then_sigterm(tmp_path, made, run_cli):
+    img, store = made
+    proc, sock = _serve(tmp_path, store, "-v")
+    try:
+        offsets = np.arange(0, SIZE, 4096 * 3, dtype=np.uint64)
+        with Guest(sock, memory_size=SIZE) as g:
+            res = g.run(reads(offsets), timeout=60)
+        assert (res.sums == expected_sums(img, offsets)).all()
+        time.sleep(0.3)  # let the session end and its log be saved
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "serving fn/1 on" in err and "stopped after 1 sessions, 0 refused" in err
+    assert re.search(r"restore: guest pid \d+: session \S+ of fn/1 ended: \d+ faults", err), err
+    assert not sock.exists()
+
+    ls = run_cli("session", "ls", "fn", "--store", store, check=True).stdout.split()
+    assert len(ls) == 1
+    show = run_cli("session", "show", "fn:1", "--store", store, check=True).stdout
+    assert show.startswith(f"session:           {ls[0]} of fn/1\n")
+    first = int(re.search(r"first touches:\s+(\d+)", show).group(1))
+    assert 0 < first <= len(offsets)
+    assert re.search(r"by source:\s+(zero \d+, )?fetched \d+", show), show
+    assert "service time:" in show and "chunks touched:" in show
+    assert show.count("  t=") == 10
+
+
+def test_serve_refuses_bad_settings(tmp_path, made, run_cli):
+    _, store = made
+    unknown = run_cli("serve", "--snapshot", "nope", "--socket", str(tmp_path / "s"), "--store", store)
+    assert unknown.returncode == 1
+    assert unknown.stderr == f"error: no snapshot named 'nope' in {store}\n"
+    (tmp_path / "plain").write_text("x")
+    taken = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "plain"), "--store", store)
+    assert taken.returncode == 1
+    assert taken.stderr == f"error: socket path {tmp_path / 'plain'} exists and is not a socket\n"
+    missing = run_cli("session", "show", "fn", "--store", store)
+    assert missing.returncode == 1 and missing.stderr == "error: no sessions of fn/1\n"
+
+
+def test_try_checks_every_page(tmp_path, made, run_cli):
+    _, store = made
+    first = run_cli("try", "fn", "--pages", "300", "--store", store, check=True).stdout
+    assert re.match(r"fn/1: guest read 300 pages in [\d.]+ (ns|us|ms) .*; every page matches the snapshot\n", first), first
+    assert re.search(r"chunks:\s+0 from L1, [1-9]\d* fetched, 0 failed", first), first
+    again = run_cli("try", "fn", "--pages", "300", "--store", store, check=True).stdout
+    assert re.search(r"chunks:\s+[1-9]\d* from L1, 0 fetched, 0 failed", again), again
+    assert "fault log:         snapshots/fn/1/sessions/" in again
