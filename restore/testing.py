@@ -1,4 +1,4 @@
-"""Test guests: real processes that play Firecracker.
+"""Test guests and the bare handler: real processes that play Firecracker.
 
 Guest runs csrc/guest.c's rs_guest_run in a CHILD process: it maps its
 regions, sends the userfaultfd over a Unix socket exactly as Firecracker's
@@ -7,12 +7,17 @@ a trace and reports a checksum and a time per step. A guest must never share
 a process (or a GIL) with the handler serving it: a thread blocked on a fault
 keeps holding whatever it holds.
 
+BareHandler serves one guest from an image in memory with csrc/bare.c: one
+UFFDIO_COPY per fault, nothing else. It is the performance floor the engine
+is measured against, and a known-good handler for tests.
+
 `python -m restore.testing DIR` is the child's entry point (main()); the
 parent and child talk through .npy and .json files in DIR.
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
 import json
 import os
 import shutil
@@ -20,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -27,7 +33,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from ._native import ffi, lib
-from .errors import InputError, RestoreError
+from .errors import InputError, InternalError, RestoreError, check
 
 # One trace step, matching rs_guest_op (csrc/guest.h): file offset in bytes,
 # op (READ/WRITE/REMOVE) and pages (REMOVE length; 1 for READ and WRITE).
@@ -263,6 +269,106 @@ class Guest:
             return GuestError(message, errno=int(code))
         lines = (self._dir / "output").read_text(errors="replace").strip().splitlines()
         return GuestError(f"guest exited with status {rc}: {lines[-1] if lines else 'no output'}")
+
+
+class BareHandler:
+    """Serve one guest from an image in memory with the bare C handler.
+
+    image: the memory file (bytes, array or path); copied once into a
+    page-aligned buffer. serve() starts a Python thread that runs
+    rs_bare_serve in C with the GIL released; stop() ends it. It answers
+    faults in removed ranges (after a REMOVE event) with zero pages. It does
+    no socket handling: the caller receives the handshake and passes the
+    uffd and regions.
+    """
+
+    def __init__(self, image: ImageLike):
+        src = _image_array(image)
+        buf = np.empty(len(src) + 4096, dtype=np.uint8)
+        start = -buf.ctypes.data % 4096
+        self._image = buf[start : start + len(src)]
+        self._image[:] = src
+        self._faults = ffi.new("uint64_t *")
+        self._thread: Optional[threading.Thread] = None
+        self._stop_fd: Optional[int] = None
+        self._rc: Optional[int] = None
+        self._args: tuple = ()
+
+    @property
+    def faults(self) -> int:
+        """Faults served so far (updated after every batch)."""
+        return int(self._faults[0])
+
+    @property
+    def running(self) -> bool:
+        """True while the C loop runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def serve(
+        self,
+        uffd: int,
+        regions: Sequence[tuple[int, int, int]],
+        page_size: int = 4096,
+        peer_fd: Optional[int] = None,
+    ) -> "BareHandler":
+        """Start serving uffd (borrowed: the caller closes it after stop()).
+
+        regions: (base_host_virt_addr, size, offset) in bytes, from the
+        handshake. peer_fd: an fd that turns readable or hangs up when the
+        guest is gone (its handshake socket, or a pidfd): the loop then ends
+        by itself, since the uffd does not tell.
+        """
+        if self._thread is not None:
+            raise InputError("this BareHandler is serving already")
+        for i, (base, size, offset) in enumerate(regions):
+            if base % page_size or offset % page_size or size <= 0 or size % page_size:
+                raise InputError(f"region {i} (base {base:#x}, size {size:#x}, offset {offset:#x}) "
+                                 f"is not aligned to the {page_size}-byte page")
+            if offset + size > len(self._image):
+                raise InputError(f"region {i} [{offset:#x}, +{size:#x}) ends past the "
+                                 f"{len(self._image)}-byte image")
+        bases = ffi.new("uint64_t[]", [r[0] for r in regions])
+        sizes = ffi.new("uint64_t[]", [r[1] for r in regions])
+        offsets = ffi.new("uint64_t[]", [r[2] for r in regions])
+        image = ffi.from_buffer("uint8_t[]", self._image)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self._args = (bases, sizes, offsets, image)  # keep alive while C runs
+        call = (uffd, bases, sizes, offsets, len(regions), page_size, image, len(self._image),
+                self._stop_fd, -1 if peer_fd is None else peer_fd, self._faults)
+        self._rc = None
+        self._thread = threading.Thread(target=self._run, args=call, name="restore-bare-handler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, *call) -> None:
+        self._rc = lib.rs_bare_serve(*call)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the loop to end by itself (the guest is gone); True if it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and join the thread; raise what rs_bare_serve returned."""
+        if self._thread is None:
+            return
+        assert self._stop_fd is not None
+        os.eventfd_write(self._stop_fd, 1)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise InternalError(f"the bare handler did not stop within {timeout} s")
+        os.close(self._stop_fd)
+        self._thread, self._stop_fd, self._args = None, None, ()
+        rc, self._rc = self._rc, None
+        check(rc if rc is not None else -errno_mod.EIO, "rs_bare_serve", "bare handler")
+
+    def __enter__(self) -> "BareHandler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
