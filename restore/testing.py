@@ -1,0 +1,424 @@
+"""Test guests and the bare handler: real processes that play Firecracker.
+
+Guest runs csrc/guest.c's rs_guest_run in a CHILD process: it maps its
+regions, sends the userfaultfd over a Unix socket exactly as Firecracker's
+UFFD backend does (DESIGN.md §5), then reads, writes and removes pages along
+a trace and reports a checksum and a time per step. A guest must never share
+a process (or a GIL) with the handler serving it: a thread blocked on a fault
+keeps holding whatever it holds.
+
+BareHandler serves one guest from an image in memory with csrc/bare.c: one
+UFFDIO_COPY per fault, nothing else. It is the performance floor the engine
+is measured against, and a known-good handler for tests.
+
+`python -m restore.testing DIR` is the child's entry point (main()); the
+parent and child talk through .npy and .json files in DIR.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from ._native import ffi, lib
+from .errors import InputError, InternalError, RestoreError, check
+
+# One trace step, matching rs_guest_op (csrc/guest.h): file offset in bytes,
+# op (READ/WRITE/REMOVE) and pages (REMOVE length; 1 for READ and WRITE).
+GUEST_OP_DTYPE = np.dtype([("offset", "<u8"), ("op", "<u4"), ("pages", "<u4")])
+READ: int = lib.RS_GUEST_READ
+WRITE: int = lib.RS_GUEST_WRITE
+REMOVE: int = lib.RS_GUEST_REMOVE
+_OP_NAMES = {READ: "read", WRITE: "write", REMOVE: "remove"}
+assert GUEST_OP_DTYPE.itemsize == ffi.sizeof("rs_guest_op")
+
+# ns[i] of a step the guest has not finished (it never takes 2^64-1 ns).
+_NOT_DONE = np.uint64(2**64 - 1)
+
+ImageLike = Union[bytes, bytearray, memoryview, np.ndarray, str, os.PathLike]
+
+
+class GuestError(RestoreError):
+    """The guest failed: the C guest's one-line reason, or the signal that killed it.
+
+    errno: the error code rs_guest_run returned, else None.
+    signal: the number of the signal that killed the guest, else None.
+    op: index of the trace step the guest died in (signals only), else None.
+    """
+
+    def __init__(self, message: str, *, errno: Optional[int] = None, signal: Optional[int] = None,
+                 op: Optional[int] = None):
+        super().__init__(message)
+        self.errno = errno
+        self.signal = signal
+        self.op = op
+
+
+class GuestTimeout(GuestError, TimeoutError):
+    """The guest was still running when wait() gave up (it is left running)."""
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    """What a guest saw, one entry per trace step.
+
+    sums: uint64 checksums (rs_mem_checksum of the page; 0 for REMOVE).
+    ns: uint64 CLOCK_MONOTONIC nanoseconds of the first touch of the page
+        (the fault round trip when it was missing), or of the madvise call.
+    """
+
+    sums: np.ndarray
+    ns: np.ndarray
+
+
+def _ops(offsets: Iterable[int], op: int, pages: int = 1) -> np.ndarray:
+    offsets = np.asarray(list(offsets) if not isinstance(offsets, np.ndarray) else offsets, dtype=np.uint64)
+    out = np.zeros(offsets.shape[0], dtype=GUEST_OP_DTYPE)
+    out["offset"] = offsets
+    out["op"] = op
+    out["pages"] = pages
+    return out
+
+
+def reads(offsets: Iterable[int]) -> np.ndarray:
+    """A trace reading the page at each file offset (bytes), in order."""
+    return _ops(offsets, READ)
+
+
+def writes(offsets: Iterable[int]) -> np.ndarray:
+    """A trace writing the page at each file offset (bytes), in order.
+
+    Step i of the whole trace fills its page with the byte pattern(i);
+    written_sum(i, page_size) is the checksum the guest then reports.
+    """
+    return _ops(offsets, WRITE)
+
+
+def remove(offset: int, pages: int = 1) -> np.ndarray:
+    """A one-step trace: madvise(MADV_DONTNEED) pages pages from file offset (bytes)."""
+    return _ops([offset], REMOVE, pages)
+
+
+def pattern(index: int) -> int:
+    """The byte a WRITE at trace position index stores (1 + index % 255)."""
+    return int(lib.rs_guest_pattern(index))
+
+
+def written_sum(index: int, page_size: int = 4096) -> int:
+    """Checksum of a page written by the WRITE at trace position index."""
+    word = pattern(index) * 0x0101010101010101
+    return (page_size // 8 * word) % 2**64
+
+
+def _image_array(image: ImageLike) -> np.ndarray:
+    if isinstance(image, (str, os.PathLike)):
+        return np.fromfile(image, dtype=np.uint8)
+    if isinstance(image, np.ndarray):
+        return np.ascontiguousarray(image).reshape(-1).view(np.uint8)
+    return np.frombuffer(image, dtype=np.uint8)
+
+
+def expected_sums(image: ImageLike, offsets: Iterable[int], page_size: int = 4096) -> np.ndarray:
+    """The checksums a correct restore of image yields for reads of offsets.
+
+    image: the memory file (bytes, array or path); offsets: file offsets in
+    bytes, multiples of page_size. Equal to rs_mem_checksum of each page:
+    the sum of its little-endian 64-bit words modulo 2^64.
+    """
+    img = _image_array(image)
+    offs = np.asarray(list(offsets) if not isinstance(offsets, np.ndarray) else offsets, dtype=np.uint64)
+    if offs.size and (np.any(offs % page_size) or int(offs.max()) + page_size > len(img)):
+        raise InputError(
+            f"offsets must be multiples of {page_size} inside the {len(img)}-byte image"
+        )
+    n_pages = len(img) // page_size
+    per_page = img[: n_pages * page_size].view("<u8").reshape(n_pages, page_size // 8).sum(axis=1, dtype=np.uint64)
+    return per_page[offs // np.uint64(page_size)]
+
+
+class Guest:
+    """A guest VMM in a child process, restoring through a handler at socket_path.
+
+    regions: (size, offset) pairs in bytes, in the memory file; or
+    memory_size: bytes, one region at offset 0. page_size: bytes (4096, or
+    2 MiB with hugetlb=True). A Guest runs one trace: start(ops) then wait(),
+    or run(ops). Use it as a context manager: leaving kills the child if it
+    still runs and removes its files.
+    """
+
+    def __init__(
+        self,
+        socket_path: Union[str, os.PathLike],
+        regions: Optional[Sequence[tuple[int, int]]] = None,
+        memory_size: Optional[int] = None,
+        page_size: int = 4096,
+        hugetlb: bool = False,
+    ):
+        if (regions is None) == (memory_size is None):
+            raise InputError("give a Guest either regions or memory_size")
+        self.socket_path = os.fspath(socket_path)
+        self.regions = [(int(s), int(o)) for s, o in regions] if regions is not None else [(int(memory_size), 0)]
+        self.page_size = int(page_size)
+        self.hugetlb = bool(hugetlb)
+        self._proc: Optional[subprocess.Popen] = None
+        self._dir: Optional[Path] = None
+        self._ops: Optional[np.ndarray] = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The child's process id once started."""
+        return self._proc.pid if self._proc else None
+
+    def start(self, ops: np.ndarray) -> "Guest":
+        """Launch the child on the trace ops (GUEST_OP_DTYPE); returns at once."""
+        if self._proc is not None:
+            raise InputError("this Guest has been started already: make a new one per trace")
+        self._ops = np.ascontiguousarray(ops, dtype=GUEST_OP_DTYPE).reshape(-1)
+        n = len(self._ops)
+        self._dir = Path(tempfile.mkdtemp(prefix="restore-guest-"))
+        np.save(self._dir / "ops.npy", self._ops)
+        np.save(self._dir / "sums.npy", np.zeros(n, dtype=np.uint64))
+        np.save(self._dir / "ns.npy", np.full(n, _NOT_DONE, dtype=np.uint64))
+        (self._dir / "guest.json").write_text(
+            json.dumps(
+                {
+                    "socket_path": self.socket_path,
+                    "regions": self.regions,
+                    "page_size": self.page_size,
+                    "hugetlb": self.hugetlb,
+                }
+            )
+        )
+        with open(self._dir / "output", "wb") as out:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "restore.testing", str(self._dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                cwd=self._dir,
+            )
+        return self
+
+    def wait(self, timeout: Optional[float] = None) -> GuestResult:
+        """Wait for the trace to finish (timeout in seconds) and return its results.
+
+        Raises GuestTimeout (the child keeps running) or GuestError with the
+        C guest's reason or the signal that killed it.
+        """
+        if self._proc is None or self._dir is None:
+            raise InputError("the guest has not been started")
+        try:
+            rc = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestTimeout(f"guest {self._proc.pid} did not finish within {timeout} s") from None
+        if rc != 0:
+            raise self._failure(rc)
+        return GuestResult(sums=np.load(self._dir / "sums.npy"), ns=np.load(self._dir / "ns.npy"))
+
+    def run(self, ops: np.ndarray, timeout: Optional[float] = None) -> GuestResult:
+        """start(ops) then wait(timeout)."""
+        return self.start(ops).wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the child (a guest blocked on a fault dies too) and reap it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def close(self) -> None:
+        """Kill the child if it runs and remove its files."""
+        self.kill()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "Guest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _failure(self, rc: int) -> GuestError:
+        assert self._dir is not None and self._ops is not None
+        if rc < 0:
+            name = signal.Signals(-rc).name
+            ns = np.load(self._dir / "ns.npy")
+            undone = np.flatnonzero(ns == _NOT_DONE)
+            if len(undone):
+                i = int(undone[0])
+                op = self._ops[i]
+                where = f" at op {i} ({_OP_NAMES.get(int(op['op']), '?')} of offset {int(op['offset']):#x})"
+            else:
+                i, where = None, ""
+            return GuestError(f"guest killed by {name}{where}", signal=-rc, op=i)
+        error = self._dir / "error"
+        if rc == 1 and error.exists():
+            code, _, message = error.read_text().partition("\n")
+            return GuestError(message, errno=int(code))
+        lines = (self._dir / "output").read_text(errors="replace").strip().splitlines()
+        return GuestError(f"guest exited with status {rc}: {lines[-1] if lines else 'no output'}")
+
+
+class BareHandler:
+    """Serve one guest from an image in memory with the bare C handler.
+
+    image: the memory file (bytes, array or path); copied once into a
+    page-aligned buffer. serve() starts a Python thread that runs
+    rs_bare_serve in C with the GIL released; stop() ends it. It answers
+    faults in removed ranges (after a REMOVE event) with zero pages. It does
+    no socket handling: the caller receives the handshake and passes the
+    uffd and regions.
+    """
+
+    def __init__(self, image: ImageLike):
+        src = _image_array(image)
+        buf = np.empty(len(src) + 4096, dtype=np.uint8)
+        start = -buf.ctypes.data % 4096
+        self._image = buf[start : start + len(src)]
+        self._image[:] = src
+        self._faults = ffi.new("uint64_t *")
+        self._thread: Optional[threading.Thread] = None
+        self._stop_fd: Optional[int] = None
+        self._rc: Optional[int] = None
+        self._args: tuple = ()
+
+    @property
+    def faults(self) -> int:
+        """Faults served so far (updated after every batch)."""
+        return int(self._faults[0])
+
+    @property
+    def running(self) -> bool:
+        """True while the C loop runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def serve(
+        self,
+        uffd: int,
+        regions: Sequence[tuple[int, int, int]],
+        page_size: int = 4096,
+        peer_fd: Optional[int] = None,
+    ) -> "BareHandler":
+        """Start serving uffd (borrowed: the caller closes it after stop()).
+
+        regions: (base_host_virt_addr, size, offset) in bytes, from the
+        handshake. peer_fd: an fd that turns readable or hangs up when the
+        guest is gone (its handshake socket, or a pidfd): the loop then ends
+        by itself, since the uffd does not tell.
+        """
+        if self._thread is not None:
+            raise InputError("this BareHandler is serving already")
+        for i, (base, size, offset) in enumerate(regions):
+            if base % page_size or offset % page_size or size <= 0 or size % page_size:
+                raise InputError(f"region {i} (base {base:#x}, size {size:#x}, offset {offset:#x}) "
+                                 f"is not aligned to the {page_size}-byte page")
+            if offset + size > len(self._image):
+                raise InputError(f"region {i} [{offset:#x}, +{size:#x}) ends past the "
+                                 f"{len(self._image)}-byte image")
+        bases = ffi.new("uint64_t[]", [r[0] for r in regions])
+        sizes = ffi.new("uint64_t[]", [r[1] for r in regions])
+        offsets = ffi.new("uint64_t[]", [r[2] for r in regions])
+        image = ffi.from_buffer("uint8_t[]", self._image)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self._args = (bases, sizes, offsets, image)  # keep alive while C runs
+        call = (uffd, bases, sizes, offsets, len(regions), page_size, image, len(self._image),
+                self._stop_fd, -1 if peer_fd is None else peer_fd, self._faults)
+        self._rc = None
+        self._thread = threading.Thread(target=self._run, args=call, name="restore-bare-handler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, *call) -> None:
+        self._rc = lib.rs_bare_serve(*call)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the loop to end by itself (the guest is gone); True if it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and join the thread; raise what rs_bare_serve returned."""
+        if self._thread is None:
+            return
+        assert self._stop_fd is not None
+        os.eventfd_write(self._stop_fd, 1)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise InternalError(f"the bare handler did not stop within {timeout} s")
+        os.close(self._stop_fd)
+        self._thread, self._stop_fd, self._args = None, None, ()
+        rc, self._rc = self._rc, None
+        check(rc if rc is not None else -errno_mod.EIO, "rs_bare_serve", "bare handler")
+
+    def __enter__(self) -> "BareHandler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Child entry point: run the guest described in directory argv[0]."""
+    import resource
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m restore.testing DIR (started by restore.testing.Guest)", file=sys.stderr)
+        return 2
+    d = Path(args[0])
+    # A guest killed by a poisoned page should not leave a core file behind.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    cfg = json.loads((d / "guest.json").read_text())
+    ops = np.load(d / "ops.npy")
+    n = len(ops)
+    # Results go straight into the shared files, so a parent can see how far
+    # a guest got before a signal killed it.
+    if n:
+        sums = np.load(d / "sums.npy", mmap_mode="r+")
+        ns = np.load(d / "ns.npy", mmap_mode="r+")
+    else:
+        sums = np.zeros(0, dtype=np.uint64)
+        ns = np.zeros(0, dtype=np.uint64)
+    regions = ffi.new("rs_guest_region[]", len(cfg["regions"]))
+    for i, (size, offset) in enumerate(cfg["regions"]):
+        regions[i].size = size
+        regions[i].offset = offset
+    err = ffi.new("char[]", 512)
+    rc = lib.rs_guest_run(
+        os.fsencode(cfg["socket_path"]),
+        regions,
+        len(cfg["regions"]),
+        cfg["page_size"],
+        1 if cfg["hugetlb"] else 0,
+        ffi.from_buffer("rs_guest_op[]", ops),
+        n,
+        ffi.from_buffer("uint64_t[]", sums, require_writable=True),
+        ffi.from_buffer("uint64_t[]", ns, require_writable=True),
+        err,
+        len(err),
+    )
+    if n:
+        sums.flush()
+        ns.flush()
+    if rc < 0:
+        (d / "error").write_text(f"{-rc}\n{ffi.string(err).decode(errors='replace')}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
