@@ -32,9 +32,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(f"{name:<60} {nbytes / median / 1e9:7.2f} GB/s  ({median * 1e3:9.2f} ms)")
     faults = [(b.name, b.extra_info["p50_ns"], b.extra_info.get("role")) for b in benches if "p50_ns" in b.extra_info]
     if faults:
-        floor = next((p50 for _, p50, role in faults if role == "floor"), None)
+        # Roles are "floor:<placement>" or "engine:<placement>": ratios are
+        # taken against the floor measured with the same placement.
+        floors = {role.split(":")[1]: p50 for _, p50, role in faults if role and role.startswith("floor:")}
         terminalreporter.section("fault round trip as the guest sees it (median of per-round p50)")
-        for name, p50, _ in sorted(faults):
+        for name, p50, role in sorted(faults):
+            floor = floors.get((role or ":").split(":")[1])
             ratio = f"  {p50 / floor:5.2f} x the bare handler" if floor else ""
             terminalreporter.write_line(f"{name:<60} {p50 / 1e3:7.2f} us{ratio}")
     touch = [(b.name, b.extra_info["touch_ms"]) for b in benches if "touch_ms" in b.extra_info]
