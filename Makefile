@@ -32,7 +32,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # Rebuilt whenever the C core, the build or the dependencies change.
-$(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/build_engine.py restore/_version.py
+$(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/private/*.h csrc/build_engine.py restore/_version.py
 	RESTORE_WERROR=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 

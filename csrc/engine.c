@@ -20,6 +20,7 @@
 #include "l1.h"
 #include "uffd.h"
 #include "engine.h"
+#include "private/deadline.h"
 
 #define NO_CHUNK 0xFFFFFFFFu
 #define EVENT_BATCH 64
@@ -628,6 +629,27 @@ static void *l1_main(void *arg)
     return NULL;
 }
 
+/* Free what rs_engine_create allocated besides the struct and its fds. */
+static void free_tables(rs_engine *e)
+{
+    free(e->regions);
+    free(e->page_chunk);
+    free(e->page_off);
+    free(e->ids);
+    free(e->lens);
+    free(e->flags);
+    free(e->zero);
+    free(e->chunks);
+    free((void *)e->present);
+    free((void *)e->removed);
+    free((void *)e->touched);
+    free(e->l1_dir);
+    free(e->zero_page);
+    rs_fetchq_destroy(e->l1q);
+    rs_fetchq_destroy(e->remoteq);
+    rs_faultlog_destroy(e->log);
+}
+
 int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
                      const rs_codec *codec,
                      const rs_engine_region *regions, size_t n_regions,
@@ -721,22 +743,7 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     return 0;
 fail:
     /* Not started: nothing to join, the lock was never initialised. */
-    free(e->regions);
-    free(e->page_chunk);
-    free(e->page_off);
-    free(e->ids);
-    free(e->lens);
-    free(e->flags);
-    free(e->zero);
-    free(e->chunks);
-    free((void *)e->present);
-    free((void *)e->removed);
-    free((void *)e->touched);
-    free(e->l1_dir);
-    free(e->zero_page);
-    rs_fetchq_destroy(e->l1q);
-    rs_fetchq_destroy(e->remoteq);
-    rs_faultlog_destroy(e->log);
+    free_tables(e);
     if (e->wake_fd >= 0)
         close(e->wake_fd);
     if (e->stop_fd >= 0)
@@ -814,39 +821,15 @@ void rs_engine_destroy(rs_engine *e)
     close(e->stop_fd);
     pthread_mutex_destroy(&e->lock);
     pthread_cond_destroy(&e->done_cv);
-    free(e->regions);
-    free(e->page_chunk);
-    free(e->page_off);
-    free(e->ids);
-    free(e->lens);
-    free(e->flags);
-    free(e->zero);
-    free(e->chunks);
-    free((void *)e->present);
-    free((void *)e->removed);
-    free((void *)e->touched);
-    free(e->l1_dir);
-    free(e->zero_page);
-    rs_fetchq_destroy(e->l1q);
-    rs_fetchq_destroy(e->remoteq);
-    rs_faultlog_destroy(e->log);
+    free_tables(e);
     free(e);
 }
 
 int rs_engine_wait(rs_engine *e, int timeout_ms)
 {
-    struct timespec deadline;
+    struct timespec deadline = rs_deadline_after(timeout_ms > 0 ? timeout_ms : 0);
     int done;
 
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    if (timeout_ms >= 0) {
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
     pthread_mutex_lock(&e->lock);
     while (!e->done) {
         if (timeout_ms < 0)

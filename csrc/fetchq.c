@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "fetchq.h"
+#include "private/deadline.h"
 
 struct ring {
     uint32_t *slots;
@@ -79,18 +80,9 @@ int rs_fetchq_push(rs_fetchq *q, uint32_t chunk, int high)
 
 int rs_fetchq_pop(rs_fetchq *q, uint32_t *chunk, int *high, int timeout_ms)
 {
-    struct timespec deadline;
+    struct timespec deadline = rs_deadline_after(timeout_ms > 0 ? timeout_ms : 0);
     int rc = 0;
 
-    if (timeout_ms >= 0) {
-        clock_gettime(CLOCK_MONOTONIC, &deadline);
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
     pthread_mutex_lock(&q->lock);
     for (;;) {
         for (int lv = 1; lv >= 0; lv--) {
