@@ -116,7 +116,7 @@ def test_bench_fault_roundtrip(benchmark, world, handler, placement):
     benchmark.extra_info["role"] = ("floor" if handler == "bare" else "engine") + ":" + placement
 
 
-@pytest.mark.parametrize("fault_around", [1, 4, 16, 64])
+@pytest.mark.parametrize("fault_around", [1, 4, 16, 32, 64, 128])
 @pytest.mark.parametrize("order", ["sequential", "random"])
 def test_bench_fault_around(benchmark, world, fault_around, order):
     if order == "sequential":

@@ -40,7 +40,7 @@ LOG_DTYPE = np.dtype(
     }
 )
 SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed")
-DEFAULT_FAULT_AROUND = 16  # pages; see bench/test_bench_fault.py
+DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault_around)
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
 
