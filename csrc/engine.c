@@ -75,6 +75,7 @@ struct rs_engine {
     pthread_cond_t done_cv;
     int done;
     struct plist deferred;        /* installs that met -EAGAIN */
+    _Atomic size_t n_deferred;    /* deferred.n, readable without the lock */
 
     rs_fetchq *l1q, *remoteq;
     rs_faultlog *log;
@@ -190,6 +191,7 @@ static void defer(rs_engine *e, uint64_t page, uint64_t t_ns)
     pthread_mutex_lock(&e->lock);
     if (plist_push(&e->deferred, page, t_ns) < 0)
         note_error(e, -ENOMEM);
+    atomic_store(&e->n_deferred, e->deferred.n);
     pthread_mutex_unlock(&e->lock);
     atomic_fetch_add(&e->st.deferred, 1);
     wake_service(e);
@@ -434,8 +436,11 @@ static void retry_deferred(rs_engine *e)
 {
     struct plist again;
 
+    if (!atomic_load(&e->n_deferred))
+        return;
     pthread_mutex_lock(&e->lock);
     again = plist_take(&e->deferred);
+    atomic_store(&e->n_deferred, 0);
     pthread_mutex_unlock(&e->lock);
     for (size_t i = 0; i < again.n; i++) {
         uint64_t p = again.v[i].page;
@@ -445,6 +450,7 @@ static void retry_deferred(rs_engine *e)
             pthread_mutex_lock(&e->lock);
             if (plist_push(&e->deferred, p, again.v[i].t_ns) < 0)
                 note_error(e, -ENOMEM);
+            atomic_store(&e->n_deferred, e->deferred.n);
             pthread_mutex_unlock(&e->lock);
         }
     }
@@ -491,6 +497,7 @@ static void handle_fault(rs_engine *e, const rs_uffd_event *ev)
         pthread_mutex_lock(&e->lock);
         if (plist_push(&e->deferred, p, t) < 0)
             note_error(e, -ENOMEM);
+        atomic_store(&e->n_deferred, e->deferred.n);
         pthread_mutex_unlock(&e->lock);
         atomic_fetch_add(&e->st.deferred, 1);
     }
@@ -501,7 +508,14 @@ static int drain_events(rs_engine *e)
     rs_uffd_event ev[EVENT_BATCH];
     int n;
 
-    while ((n = rs_uffd_read_events(e->uffd, ev, EVENT_BATCH)) > 0) {
+    /* Read again only after a full batch: after a short one the queue is
+     * empty, and going straight back to poll() keeps the thread's work
+     * after waking a guest short (the scheduler then tends to keep guest
+     * and handler on one CPU). */
+    do {
+        n = rs_uffd_read_events(e->uffd, ev, EVENT_BATCH);
+        if (n <= 0)
+            break;
         for (int i = 0; i < n; i++) {
             switch (ev[i].event) {
             case RS_UFFD_EVENT_PAGEFAULT:
@@ -515,8 +529,8 @@ static int drain_events(rs_engine *e)
                 break;
             }
         }
-    }
-    return n;
+    } while (n == EVENT_BATCH);
+    return n < 0 ? n : 0;
 }
 
 static void finish(rs_engine *e)
@@ -539,14 +553,11 @@ static void *service_main(void *arg)
     nfds_t nfds = e->conn_fd >= 0 ? 4 : 3;
 
     while (!atomic_load(&e->guest_gone)) {
-        int pending, n;
+        int n;
 
         /* Deferred installs wait for a REMOVE's remover to resume, which
          * comes with no event of ours: look again soon. */
-        pthread_mutex_lock(&e->lock);
-        pending = e->deferred.n > 0;
-        pthread_mutex_unlock(&e->lock);
-        n = poll(pfd, nfds, pending ? 1 : -1);
+        n = poll(pfd, nfds, atomic_load(&e->n_deferred) ? 1 : -1);
 
         if (n < 0) {
             if (errno == EINTR)
@@ -587,6 +598,37 @@ static void *service_main(void *arg)
     return NULL;
 }
 
+/* Read chunk c from L1 into buf (stored_bound bytes), decode it and settle
+ * it. On a miss or a bad copy, pass the request on to the fetchers. */
+static void l1_load(rs_engine *e, uint32_t c, uint8_t *buf, size_t bound)
+{
+    int64_t n = rs_l1_read(e->l1_dir, e->ids + (size_t)c * RS_ID_BYTES, buf, bound);
+
+    if (n >= 0 && (uint64_t)n == e->lens[c]) {
+        uint8_t *data = malloc(e->cfg.chunk_size);
+        int rc = data ? rs_chunk_decode(e->codec, buf, (size_t)n,
+                                        e->ids + (size_t)c * RS_ID_BYTES,
+                                        e->flags[c], e->zero + c * e->bm_bytes, data)
+                      : -ENOMEM;
+
+        if (rc == 0) {
+            atomic_fetch_add(&e->st.chunks_l1, 1);
+            settle_chunk(e, c, data, RS_SRC_L1);
+            return;
+        }
+        free(data);
+        atomic_fetch_add(&e->st.l1_bad, 1);
+    } else if (n == -ENOENT) {
+        atomic_fetch_add(&e->st.l1_misses, 1);
+    } else {
+        atomic_fetch_add(&e->st.l1_bad, 1);
+    }
+    /* A miss or a bad copy: the fetchers ask the next tiers. */
+    atomic_store(&e->chunks[c].state, C_QUEUED_REMOTE);
+    if (rs_fetchq_push(e->remoteq, c, 1) == -ENOSPC)
+        note_error(e, -ENOSPC);
+}
+
 static void *l1_main(void *arg)
 {
     rs_engine *e = arg;
@@ -598,33 +640,8 @@ static void *l1_main(void *arg)
         note_error(e, -ENOMEM);
         return NULL;
     }
-    while (rs_fetchq_pop(e->l1q, &c, NULL, -1) == 1) {
-        int64_t n = rs_l1_read(e->l1_dir, e->ids + (size_t)c * RS_ID_BYTES, buf, bound);
-
-        if (n >= 0 && (uint64_t)n == e->lens[c]) {
-            uint8_t *data = malloc(e->cfg.chunk_size);
-            int rc = data ? rs_chunk_decode(e->codec, buf, (size_t)n,
-                                            e->ids + (size_t)c * RS_ID_BYTES,
-                                            e->flags[c], e->zero + c * e->bm_bytes, data)
-                          : -ENOMEM;
-
-            if (rc == 0) {
-                atomic_fetch_add(&e->st.chunks_l1, 1);
-                settle_chunk(e, c, data, RS_SRC_L1);
-                continue;
-            }
-            free(data);
-            atomic_fetch_add(&e->st.l1_bad, 1);
-        } else if (n == -ENOENT) {
-            atomic_fetch_add(&e->st.l1_misses, 1);
-        } else {
-            atomic_fetch_add(&e->st.l1_bad, 1);
-        }
-        /* A miss or a bad copy: the fetchers ask the next tiers. */
-        atomic_store(&e->chunks[c].state, C_QUEUED_REMOTE);
-        if (rs_fetchq_push(e->remoteq, c, 1) == -ENOSPC)
-            note_error(e, -ENOSPC);
-    }
+    while (rs_fetchq_pop(e->l1q, &c, NULL, -1) == 1)
+        l1_load(e, c, buf, bound);
     free(buf);
     return NULL;
 }
