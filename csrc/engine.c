@@ -186,13 +186,20 @@ static void wake_service(rs_engine *e)
         note_error(e, -errno);
 }
 
-static void defer(rs_engine *e, uint64_t page, uint64_t t_ns)
+/* Queue a fault for the service thread to retry (after -EAGAIN). */
+static void push_deferred(rs_engine *e, uint64_t page, uint64_t t_ns)
 {
     pthread_mutex_lock(&e->lock);
     if (plist_push(&e->deferred, page, t_ns) < 0)
         note_error(e, -ENOMEM);
     atomic_store(&e->n_deferred, e->deferred.n);
     pthread_mutex_unlock(&e->lock);
+}
+
+/* Defer a fault met by another thread, and wake the service thread. */
+static void defer(rs_engine *e, uint64_t page, uint64_t t_ns)
+{
+    push_deferred(e, page, t_ns);
     atomic_fetch_add(&e->st.deferred, 1);
     wake_service(e);
 }
@@ -446,13 +453,8 @@ static void retry_deferred(rs_engine *e)
         uint64_t p = again.v[i].page;
         int r = region_of_page(e, p);
 
-        if (r >= 0 && serve_page(e, r, p, again.v[i].t_ns) == -EAGAIN) {
-            pthread_mutex_lock(&e->lock);
-            if (plist_push(&e->deferred, p, again.v[i].t_ns) < 0)
-                note_error(e, -ENOMEM);
-            atomic_store(&e->n_deferred, e->deferred.n);
-            pthread_mutex_unlock(&e->lock);
-        }
+        if (r >= 0 && serve_page(e, r, p, again.v[i].t_ns) == -EAGAIN)
+            push_deferred(e, p, again.v[i].t_ns);
     }
     free(again.v);
 }
@@ -494,11 +496,7 @@ static void handle_fault(rs_engine *e, const rs_uffd_event *ev)
     rc = serve_page(e, r, p, t);
     if (rc == -EAGAIN) {
         /* Retried by this thread once the pending events are read. */
-        pthread_mutex_lock(&e->lock);
-        if (plist_push(&e->deferred, p, t) < 0)
-            note_error(e, -ENOMEM);
-        atomic_store(&e->n_deferred, e->deferred.n);
-        pthread_mutex_unlock(&e->lock);
+        push_deferred(e, p, t);
         atomic_fetch_add(&e->st.deferred, 1);
     }
 }
