@@ -45,3 +45,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("guest time touching its memory (median over rounds)")
         for name, ms in sorted(touch):
             terminalreporter.write_line(f"{name:<60} {ms:9.1f} ms")
+    answers = [(b.name, b.extra_info["answer_ms"], b.extra_info.get("answer_role")) for b in benches
+               if "answer_ms" in b.extra_info]
+    if answers:
+        floor = next((ms for _, ms, role in answers if role == "floor"), None)
+        terminalreporter.section("minivm: restore start to answer (median over rounds)")
+        for name, ms, _ in sorted(answers):
+            ratio = f"  {ms / floor:6.2f} x resident" if floor else ""
+            terminalreporter.write_line(f"{name:<60} {ms:9.2f} ms{ratio}")
+    kvm = [(b.name, b.extra_info["kvm_fault_us"]) for b in benches if "kvm_fault_us" in b.extra_info]
+    for name, us in kvm:
+        terminalreporter.write_line(f"{name:<60} {us:9.1f} us per KVM-side fault (fault-around 1)")
