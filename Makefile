@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RESTORE := $(VENV)/bin/restore
-DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind
+DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind memcached iproute2
 DEMO_DIR ?= demo-data
 
 .PHONY: demo test bench deps install clean

@@ -101,6 +101,23 @@ def store_options(f):
     return f
 
 
+def l2_option(f):
+    return click.option(
+        "--l2",
+        "l2_specs",
+        multiple=True,
+        metavar="ZONE=HOST:PORT[,HOST:PORT]",
+        envvar="RESTORE_L2",
+        help="A memcached L2 cluster of one availability zone (repeat for more zones; the first is local).",
+    )(f)
+
+
+def open_l2(specs):
+    from .tiers.l2 import L2Cluster
+
+    return L2Cluster.from_specs(list(specs))
+
+
 def key_options(f):
     f = click.option("--key-env", metavar="VAR", default=None, help="Environment variable holding the key.")(f)
     f = click.option(
@@ -141,17 +158,25 @@ def snapshot() -> None:
 @click.option("--version", "version", default=None, help="Version (default: next integer).")
 @click.option("--chunk-size", type=SIZE, default="512K", show_default=True, help="Chunk size, a power of two >= 4K.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Encoding threads (default: one per core).")
+@click.option("--warm-l2", is_flag=True, help="Also push every chunk into the --l2 clusters (all zones).")
+@l2_option
 @key_options
 @store_options
-def snapshot_create(memfile, name, version, chunk_size, workers, key_file, key_env, store_url, s3_endpoint, s3_region):
+def snapshot_create(memfile, name, version, chunk_size, workers, warm_l2, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Cut MEMFILE into chunks and store them as a new snapshot version."""
     from .snapshot import create_snapshot, describe, memory_file_size
 
     key = load_key(key_file, key_env)
     store = open_store(store_url, s3_endpoint, s3_region)
     size = memory_file_size(memfile)  # fail before drawing a bar
+    l2 = open_l2(l2_specs)
+    if warm_l2 and l2 is None:
+        raise click.UsageError("--warm-l2 needs --l2 ZONE=HOST:PORT")
     with progress_bar("snapshot", size) as advance:
-        m = create_snapshot(store, memfile, name, version, chunk_size=chunk_size, key=key, workers=workers, progress=advance)
+        m = create_snapshot(
+            store, memfile, name, version, chunk_size=chunk_size, key=key, workers=workers, progress=advance,
+            warm_l2=l2 if warm_l2 else None,
+        )
     d = describe(store, m)
     click.echo(
         f"created {m.name}/{m.version} in {store.url}: {human(m.memory_size)} of memory, "
@@ -294,9 +319,10 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest.")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds running guests get after SIGTERM before they are killed.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session start and end.")
+@l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_timeout, verbose, key_file, key_env, store_url, s3_endpoint, s3_region):
+def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_timeout, verbose, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
 
     Each connection on SOCKET is one guest (one JSON list of regions plus its
@@ -321,6 +347,7 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_
         snap,
         socket_path,
         l1=l1,
+        l2=open_l2(l2_specs),
         fault_around=fault_around or DEFAULT_FAULT_AROUND,
         fetchers=fetchers or DEFAULT_FETCHERS,
         drain_timeout=drain_timeout,
@@ -342,9 +369,10 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_
 @click.option("--cache", "cache_dir", default=None, help="L1 chunk cache directory (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
 @click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
+@l2_option
 @key_options
 @store_options
-def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, key_file, key_env, store_url, s3_endpoint, s3_region):
+def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Restore a snapshot into a test guest and show how the session went.
 
     Starts a handler for the snapshot on a private socket, runs a guest
@@ -370,7 +398,9 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, key_fi
         starts = rng.choice(max(1, n_pages - run_pages), size=max(1, pages // run_pages), replace=False)
         trace = (starts[:, None] + np.arange(run_pages)).reshape(-1)[:pages].astype(np.uint64) * m.page_size
         with tempfile.TemporaryDirectory(prefix="restore-try-") as tmp:
-            server = Server(snap, f"{tmp}/uffd.sock", l1=l1, fault_around=fault_around or DEFAULT_FAULT_AROUND).start()
+            server = Server(
+                snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs), fault_around=fault_around or DEFAULT_FAULT_AROUND
+            ).start()
             try:
                 with Guest(server.socket_path, memory_size=m.memory_size, page_size=m.page_size, hugetlb=m.page_size > 4096) as guest:
                     result = guest.run(reads(trace), timeout=600)
@@ -386,6 +416,10 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, key_fi
     click.echo(f"{'faults:':<19}{st.faults} ({', '.join(f'{k} {v}' for k, v in st.first_touches.items() if v)})")
     click.echo(f"{'pages installed:':<19}{st.pages_installed} ({human(st.bytes_installed)})")
     click.echo(f"{'chunks:':<19}{st.chunks_l1} from L1, {st.chunks_fetched} fetched, {st.chunks_failed} failed")
+    for tier, t in st.tiers.items():
+        if t["requests"]:
+            click.echo(f"{tier + ':':<19}{t['hits']} hits of {t['requests']} requests, p50 {t['p50_ms']:.2f} ms, "
+                       f"p99 {t['p99_ms']:.2f} ms" + (f", {t['bad']} bad copies" if t["bad"] else ""))
     click.echo(f"{'service time:':<19}p50 {fmt_ns(st.service_p50_ns)}, p99 {fmt_ns(st.service_p99_ns)}, "
                f"max {fmt_ns(st.service_max_ns)}")
     click.echo(f"{'fault log:':<19}{summary.log_key}")

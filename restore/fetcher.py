@@ -2,13 +2,19 @@
 
 Each fetcher is a Python thread that blocks inside C
 (``rs_engine_next_request``, GIL released) until the engine wants a chunk
-its L1 threads could not find, fetches the stored bytes from the next tier
-(the durable store in this release), hands them to the engine
-(``rs_engine_supply`` verifies and decodes them in C and serves the parked
-faults), and then writes them to L1 for the next restore. A chunk that
-cannot be had after retries, or whose bytes fail verification, is given up
-with ``rs_engine_fail``: its pages are poisoned, never filled with wrong
-bytes or silent zeros.
+its L1 threads could not find. The engine asks once per chunk however many
+faults (or prefetches) wait on it, so fetches are single-flight. For each
+request the fetcher tries, in order:
+
+1. L2 (memcached, the local zone): a hit is handed to the engine
+   (``rs_engine_supply`` verifies it in C); a copy that fails verification
+   is dropped from L2, counted, and the next tier is asked;
+2. the durable store (retried with backoff and jitter within its deadline).
+
+Verified bytes are then written to L1 and, after a durable read, to L2. A
+chunk that no tier can give, or whose durable copy fails verification, is
+given up with ``rs_engine_fail``: its pages are poisoned, never filled with
+wrong bytes or silent zeros.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import errno
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from ._native import ffi, lib
 from .errors import RestoreError
@@ -25,12 +34,34 @@ from .manifest import Manifest
 from .snapshot import chunk_key
 from .tiers.durable import DurableStore
 from .tiers.l1 import L1Cache
+from .tiers.l2 import L2Cluster
 
 log = logging.getLogger("restore.fetcher")
 
 POLL_MS = 200  # how often a blocked fetcher looks up to see if it should stop
-ATTEMPTS = 3  # tries per chunk against the durable store
-BACKOFF_S = 0.05  # first retry delay, doubled each time
+
+
+@dataclass
+class TierStats:
+    """Requests to one tier, with their latencies in seconds."""
+
+    requests: int = 0
+    hits: int = 0
+    bad: int = 0  # copies that failed verification
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        return {
+            "requests": self.requests,
+            "hits": self.hits,
+            "bad": self.bad,
+            "errors": self.errors,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3),
+            "max_ms": float(lat.max() * 1e3),
+        }
 
 
 class Fetchers:
@@ -48,12 +79,17 @@ class Fetchers:
         l1: Optional[L1Cache],
         threads: int,
         label: str,
+        l2: Optional[L2Cluster] = None,
     ):
         self._engine = engine
         self._manifest = manifest
         self._store = store
         self._l1 = l1
+        self._l2 = l2
         self._label = label
+        self._lock = threading.Lock()
+        self._l1_warned = False
+        self.tiers = {"l2": TierStats(), "durable": TierStats()}
         self.errors: list[str] = []  # one line per chunk given up
         self._threads = [
             threading.Thread(target=self._run, name=f"restore-fetch-{i}", daemon=True) for i in range(threads)
@@ -61,11 +97,24 @@ class Fetchers:
         for t in self._threads:
             t.start()
 
-    def join(self, timeout: float = 10.0) -> None:
+    def join(self, timeout: float = 30.0) -> None:
         """Wait for the threads; call after the engine has been stopped."""
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+    def tier_summary(self) -> dict:
+        with self._lock:
+            return {name: t.summary() for name, t in self.tiers.items()}
+
+    def _note(self, tier: str, seconds: float, hit: bool = False, bad: bool = False, error: bool = False) -> None:
+        with self._lock:
+            t = self.tiers[tier]
+            t.requests += 1
+            t.hits += hit
+            t.bad += bad
+            t.errors += error
+            t.latencies.append(seconds)
 
     def _run(self) -> None:
         chunk = ffi.new("uint32_t *")
@@ -76,35 +125,55 @@ class Fetchers:
             if rc == 1:
                 self._serve(chunk[0])
 
+    def _supply(self, index: int, data: bytes) -> int:
+        return lib.rs_engine_supply(self._engine, index, data, len(data))
+
     def _serve(self, index: int) -> None:
         entry = self._manifest.chunks[index]
         key = chunk_key(entry.id)
-        where = f"{self._label}: chunk {index} ({key})"
-        delay = BACKOFF_S
-        reason = "no attempt made"
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                data = self._store.get(key)
-            except RestoreError as exc:
-                reason = str(exc)
+
+        if self._l2 is not None:
+            t = time.perf_counter()
+            data = self._l2.get(entry.id)
+            if data is not None:
+                rc = self._supply(index, data)
+                self._note("l2", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY))
+                if rc in (0, -errno.EALREADY):
+                    if rc == 0:
+                        self._write_l1(entry.id, data)
+                    return
+                log.warning("%s: chunk %d: the L2 copy fails verification; dropped, reading the store", self._label, index)
+                self._l2.drop(entry.id)
             else:
-                if data is None:
-                    reason = f"object {key} is missing from {self._store.url}"
-                    break  # a missing object does not come back by retrying
-                rc = lib.rs_engine_supply(self._engine, index, data, len(data))
-                if rc == 0:
-                    self._write_l1(entry.id, data)
-                    return
-                if rc == -errno.EALREADY:
-                    return
-                reason = f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})"
-                break  # the store holds a bad copy: asking again gets the same
-            if attempt < ATTEMPTS:
-                time.sleep(delay)
-                delay *= 2
-        message = f"{where}: giving up, its pages are poisoned: {reason}"
+                self._note("l2", time.perf_counter() - t)
+
+        t = time.perf_counter()
+        try:
+            data = self._store.get(key)  # retried within the store's deadline
+        except RestoreError as exc:
+            self._note("durable", time.perf_counter() - t, error=True)
+            self._give_up(index, key, str(exc))
+            return
+        if data is None:
+            self._note("durable", time.perf_counter() - t)
+            self._give_up(index, key, f"object {key} is missing from {self._store.url}")
+            return
+        rc = self._supply(index, data)
+        self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY))
+        if rc == -errno.EALREADY:
+            return
+        if rc != 0:
+            self._give_up(index, key, f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})")
+            return
+        self._write_l1(entry.id, data)
+        if self._l2 is not None:
+            self._l2.put(entry.id, data)  # fills the zone, or repairs a bad copy
+
+    def _give_up(self, index: int, key: str, reason: str) -> None:
+        message = f"{self._label}: chunk {index} ({key}): giving up, its pages are poisoned: {reason}"
         log.error(message)
-        self.errors.append(message)
+        with self._lock:
+            self.errors.append(message)
         lib.rs_engine_fail(self._engine, index, -errno.EIO)
 
     def _write_l1(self, chunk_id: str, data: bytes) -> None:
@@ -115,4 +184,7 @@ class Fetchers:
             # copy of, so whatever is on disk under this id is replaced.
             self._l1.put(chunk_id, data, replace=True)
         except (OSError, RestoreError) as exc:  # a full disk must not fail the restore
-            log.warning("%s: could not write chunk %s to L1: %s", self._label, chunk_id, exc)
+            with self._lock:
+                warned, self._l1_warned = self._l1_warned, True
+            if not warned:
+                log.warning("%s: cannot write to L1 %s (%s); serving goes on from the network", self._label, self._l1.root, exc)

@@ -37,6 +37,7 @@ from .protocol import HandshakeError, accept_handshake, peer_credentials
 from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, RestoreSession, SessionStats
 from .snapshot import Snapshot
 from .tiers.l1 import L1Cache
+from .tiers.l2 import L2Cluster
 
 log = logging.getLogger("restore.handler")
 
@@ -59,7 +60,8 @@ class Server:
     """Serve guests of one snapshot on a Unix socket.
 
     snapshot: the opened snapshot (its codec and store are shared by the
-    sessions). l1: the L1 cache (None: no L1). on_session_end: called with a
+    sessions). l1: the L1 cache (None: no L1). l2: the memcached L2 (None:
+    no L2). on_session_end: called with a
     SessionSummary when a session ends (for tests and the CLI).
     """
 
@@ -69,6 +71,7 @@ class Server:
         socket_path: str | os.PathLike,
         *,
         l1: Optional[L1Cache] = None,
+        l2: Optional[L2Cluster] = None,
         fault_around: int = DEFAULT_FAULT_AROUND,
         fetchers: int = DEFAULT_FETCHERS,
         drain_timeout: float = 10.0,
@@ -79,6 +82,7 @@ class Server:
         self.snapshot = snapshot
         self.socket_path = os.fspath(socket_path)
         self.l1 = l1
+        self.l2 = l2
         self.fault_around = fault_around
         self.fetchers = fetchers
         self.drain_timeout = drain_timeout
@@ -187,6 +191,7 @@ class Server:
                 hs.page_size,
                 conn_fd=conn.fileno(),
                 l1=self.l1,
+                l2=self.l2,
                 fault_around=self.fault_around,
                 fetchers=self.fetchers,
                 persist_log=self.persist_logs,

@@ -77,6 +77,7 @@ class SessionStats:
     service_p50_ns: int
     service_p99_ns: int
     service_max_ns: int
+    tiers: dict  # per network tier: requests, hits, bad, errors, p50/p99/max ms
 
 
 def new_session_id() -> str:
@@ -126,7 +127,8 @@ class RestoreSession:
     guest's page size in bytes. conn_fd: the guest's connection, whose EOF
     ends the session (-1: none). The caller keeps owning uffd and conn_fd
     and closes them after close(). l1: the L1 cache read by the engine and
-    written by the fetchers (None: no L1). fault_around: pages installed
+    written by the fetchers (None: no L1). l2: an L2Cluster the fetchers
+    read before the durable store (None: no L2). fault_around: pages installed
     per fault at most. persist_log: save the fault log to the store on close.
     """
 
@@ -139,6 +141,7 @@ class RestoreSession:
         *,
         conn_fd: int = -1,
         l1=None,
+        l2=None,
         fault_around: int = DEFAULT_FAULT_AROUND,
         fetchers: int = DEFAULT_FETCHERS,
         l1_threads: int = DEFAULT_L1_THREADS,
@@ -202,7 +205,7 @@ class RestoreSession:
         except BaseException:
             lib.rs_engine_destroy(self._engine)
             raise
-        self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label)
+        self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2)
 
     # -- running ----------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -258,6 +261,7 @@ class RestoreSession:
             service_p50_ns=p50,
             service_p99_ns=p99,
             service_max_ns=mx,
+            tiers=self._fetchers.tier_summary(),
         )
 
     # -- ending -------------------------------------------------------------

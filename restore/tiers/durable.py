@@ -5,9 +5,11 @@ Store URLs:
 - ``file://DIR`` (or a plain path): a directory on a local filesystem; the
   embedded default. A relative DIR is taken from the current directory.
 - ``memory://``: an in-process store, for tests.
-- ``s3://BUCKET[/PREFIX]``: S3 or any S3-protocol server. Options:
-  endpoint (e.g. ``http://127.0.0.1:5000``), region; credentials come from
-  the usual AWS environment variables (``AWS_ACCESS_KEY_ID``,
+- ``s3://BUCKET[/PREFIX]``: S3 or any S3-protocol server. Options
+  (S3Options): endpoint (e.g. ``http://127.0.0.1:5000``, which allows plain
+  HTTP), region, timeouts, and a deadline within which failed requests are
+  retried with exponential backoff and jitter; credentials come from the
+  usual AWS environment variables (``AWS_ACCESS_KEY_ID``,
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``) or S3Options, never from
   the command line.
 - ``gs://BUCKET[/PREFIX]``, ``az://CONTAINER[/PREFIX]``: Google Cloud Storage
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
@@ -41,13 +43,41 @@ SCHEMES = ("file", "memory", "s3", "gs", "az")
 
 @dataclass(frozen=True)
 class S3Options:
-    """Settings for s3:// stores. None means: take it from the environment."""
+    """Settings for network stores (s3://; the timeouts and deadline also
+    apply to gs:// and az://). None means: take it from the environment.
+
+    deadline: seconds within which a failing request (5xx, throttling,
+    dropped connection, timeout) is retried with exponential backoff and
+    jitter before the error is raised. connect_timeout, timeout: seconds per
+    attempt. allow_http: None = only when the endpoint is http://.
+    """
 
     endpoint: Optional[str] = None
     region: Optional[str] = None
     access_key_id: Optional[str] = None
     secret_access_key: Optional[str] = None
     session_token: Optional[str] = None
+    deadline: float = 10.0
+    connect_timeout: float = 2.0
+    timeout: float = 30.0
+    allow_http: Optional[bool] = None
+
+    def retry_config(self) -> dict:
+        return {
+            "max_retries": 1000,  # bounded by the deadline, not by a count
+            "retry_timeout": timedelta(seconds=self.deadline),
+            "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=2), "base": 2},
+        }
+
+    def client_options(self) -> dict:
+        opts = {
+            "connect_timeout": timedelta(seconds=self.connect_timeout),
+            "timeout": timedelta(seconds=self.timeout),
+        }
+        allow = self.allow_http if self.allow_http is not None else (self.endpoint or "").startswith("http://")
+        if allow:
+            opts["allow_http"] = True
+        return opts
 
 
 @dataclass(frozen=True)
@@ -173,11 +203,12 @@ def _open(url: str, s3: S3Options):
                 }.items()
                 if v is not None
             }
-            client = {"allow_http": True} if (s3.endpoint or "").startswith("http://") else None
-            return S3Store(bucket, prefix=prefix, config=config, client_options=client)
+            return S3Store(
+                bucket, prefix=prefix, config=config, client_options=s3.client_options(), retry_config=s3.retry_config()
+            )
         if scheme == "gs":
-            return GCSStore(bucket, prefix=prefix)
-        return AzureStore(bucket, prefix=prefix)
+            return GCSStore(bucket, prefix=prefix, client_options=s3.client_options(), retry_config=s3.retry_config())
+        return AzureStore(bucket, prefix=prefix, client_options=s3.client_options(), retry_config=s3.retry_config())
     except BaseError as exc:
         raise StoreError(f"store URL '{url}' cannot be opened: {str(exc).splitlines()[0]}") from exc
 
