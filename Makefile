@@ -2,7 +2,8 @@
 #   make demo   build, make a 256 MiB sample memory image, snapshot it into the
 #               default store (RESTORE_STORE, else ~/.local/share/restore/store),
 #               inspect and verify it, then restore it lazily into a guest
-#               process twice (cold, then warm L1) and show the sessions
+#               process (recording), build a plan, and restore it again with
+#               the plan replayed as a prefetch
 #   make test   build with -Werror and run the test suite
 # Both install what they need: Debian packages (apt-get, when missing),
 # a virtual environment in .venv, and the package with its test extras.
@@ -44,10 +45,12 @@ demo: install
 	$(RESTORE) snapshot create $(DEMO_DIR)/memory.img --name demo
 	$(RESTORE) snapshot inspect demo
 	$(RESTORE) snapshot verify demo
-	@echo "--- restore it lazily into a guest process (the L1 cache is cold the first time) ---"
-	$(RESTORE) try demo --pages 8192
-	@echo "--- again: the chunks now come from L1, read and decoded in C ---"
-	$(RESTORE) try demo --pages 8192
+	@echo "--- restore it lazily into a guest process; the session records its fault order ---"
+	$(RESTORE) try demo --pages 8192 --no-plan
+	@echo "--- build a working-set plan from what the guest touched ---"
+	$(RESTORE) plan build demo --sessions 1
+	@echo "--- restore again, another invocation (seed 1), replaying the plan as a prefetch ---"
+	$(RESTORE) try demo --pages 8192 --seed 1
 	$(RESTORE) session show demo --head 5
 
 test: install

@@ -56,3 +56,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     kvm = [(b.name, b.extra_info["kvm_fault_us"]) for b in benches if "kvm_fault_us" in b.extra_info]
     for name, us in kvm:
         terminalreporter.write_line(f"{name:<60} {us:9.1f} us per KVM-side fault (fault-around 1)")
+    fetches = [b for b in benches if "fetch_tier" in b.extra_info]
+    restores = [b for b in benches if "restore_ms" in b.extra_info]
+    if fetches or restores:
+        x = (fetches or restores)[0].extra_info
+        rtts = f", probed: memcached no-op {x['l2_noop_ms']:.2f} ms, S3 HEAD {x['s3_head_ms']:.1f} ms" if fetches else ""
+        terminalreporter.section(f"network tiers, delay by {x['method']}{rtts}")
+        for b in fetches:
+            e = b.extra_info
+            rtt = {"l2": f"  (RTT {e['l2_rtt_ms']} ms)", "durable": f"  (RTT {e['s3_rtt_ms']} ms)"}.get(e["fetch_tier"], "")
+            terminalreporter.write_line(
+                f"{b.name:<60} {b.stats.median * 1e3:9.2f} ms  one {e['stored_bytes'] >> 10} KiB chunk"
+                f" from {e['fetch_tier']}{rtt}"
+            )
+        from_l2 = next((b.extra_info["restore_ms"] for b in restores if b.extra_info["source"] == "l2"), None)
+        for b in restores:
+            e = b.extra_info
+            ratio = f", {e['restore_ms'] / from_l2:.1f} x from L2" if from_l2 and e["source"] != "l2" else ""
+            terminalreporter.write_line(
+                f"{b.name:<60} {e['restore_ms']:9.1f} ms  cold-L1 restore from {e['source']}, {e['fetchers']} fetchers,"
+                f" {e['chunks_fetched']} chunks (p50 {e['fetch_p50_ms']:.2f} ms each), {e['touches']} touches{ratio}"
+            )

@@ -50,6 +50,7 @@ struct counters {
         chunks_fetched, chunks_failed, l1_misses, l1_bad, supply_rejected,
         removes, eexist, deferred, poisoned;
     _Atomic uint64_t first_touches[6];
+    _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
 };
 
 struct rs_engine {
@@ -71,7 +72,31 @@ struct rs_engine {
     _Atomic uint64_t *touched;    /* page's first touch logged */
     uint8_t *zero_page;           /* page_size zeros, for huge pages */
 
-    pthread_mutex_t lock;         /* chunk states, parked lists, deferred, done */
+    pthread_mutex_t lock;         /* chunk states, parked lists, deferred, done,
+                                     prefetch in-flight count */
+    pthread_rwlock_t install;     /* held for writing by the service thread
+                                     while it reads and handles events, for
+                                     reading by every other installer: no
+                                     install lands between a REMOVE's read
+                                     and its bookkeeping */
+
+    /* Working-set plan (rs_engine_set_plan). */
+    uint32_t *plan_chunks;        /* chunks, in first-planned order */
+    uint32_t n_plan_chunks;
+    uint64_t *plan_pages;         /* planned pages grouped by plan chunk,
+                                     ascending within a chunk */
+    uint64_t *plan_start;         /* plan chunk k: plan_pages[start[k]..start[k+1]) */
+    int32_t *chunk_plan;          /* chunk -> plan chunk index, or -1 */
+    uint64_t *plan_zero;          /* planned all-zero pages, ascending */
+    uint64_t n_plan_zero;
+    _Atomic uint64_t *planned;    /* bitmap: page is in the plan */
+    uint32_t prefetch_max;        /* chunk requests in flight at most */
+    uint32_t prefetch_inflight;   /* under lock */
+    uint8_t *prefetch_asked;      /* per chunk: requested by the prefetch,
+                                     not yet settled (under lock) */
+    pthread_cond_t prefetch_cv;
+    pthread_t prefetch;
+    int prefetch_started, stopping;
     pthread_cond_t done_cv;
     int done;
     struct plist deferred;        /* installs that met -EAGAIN */
@@ -220,6 +245,8 @@ static void log_touch(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_
     rec.source = (uint8_t)src;
     rs_faultlog_append(e->log, &rec);
     atomic_fetch_add(&e->st.first_touches[src], 1);
+    if (e->planned)
+        atomic_fetch_add(bit_test(e->planned, p) ? &e->st.faults_planned : &e->st.faults_unplanned, 1);
 }
 
 /* Result of an install ioctl: 0 done, -EAGAIN retry later, other -errno. */
@@ -422,11 +449,111 @@ static void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns)
         defer(e, p, t_ns);
 }
 
+/* Install the planned pages of ready chunk c (plan chunk k) that are not
+ * present or removed, as runs contiguous in the chunk and in a region.
+ * The caller holds the install lock for reading. Best effort: a run that
+ * meets -EAGAIN (a REMOVE in flight) is skipped; its pages fault later. */
+static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
+{
+    const uint64_t ps = e->cfg.page_size;
+    const uint8_t *data = e->chunks[c].data;
+
+    for (uint64_t i = e->plan_start[k]; i < e->plan_start[k + 1];) {
+        uint64_t lo = e->plan_pages[i], hi = lo + 1, upto;
+        int r = region_of_page(e, lo);
+
+        i++;
+        if (r < 0 || !candidate(e, r, c, lo)) {
+            continue;
+        }
+        while (i < e->plan_start[k + 1] && e->plan_pages[i] == hi && candidate(e, r, c, hi) &&
+               e->page_off[hi] == e->page_off[hi - 1] + ps) {
+            hi++;
+            i++;
+        }
+        (void)fill_run(e, r, data + e->page_off[lo], lo, hi, &upto);
+        atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
+    }
+}
+
+/* Install the plan's all-zero pages, in runs. */
+static void prefetch_zero(rs_engine *e)
+{
+    for (uint64_t i = 0; i < e->n_plan_zero;) {
+        uint64_t lo = e->plan_zero[i], hi = lo + 1, upto;
+        int r = region_of_page(e, lo);
+
+        i++;
+        if (r < 0 || !candidate(e, r, NO_CHUNK, lo))
+            continue;
+        while (i < e->n_plan_zero && e->plan_zero[i] == hi && candidate(e, r, NO_CHUNK, hi)) {
+            hi++;
+            i++;
+        }
+        pthread_rwlock_rdlock(&e->install);
+        if (e->cfg.page_size == 4096) {
+            (void)fill_run(e, r, NULL, lo, hi, &upto);
+        } else {
+            for (uint64_t q = lo; q < hi; q++)
+                (void)fill_run(e, r, e->zero_page, q, q + 1, &upto);
+            upto = hi;
+        }
+        pthread_rwlock_unlock(&e->install);
+        atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
+    }
+}
+
+static void *prefetch_main(void *arg)
+{
+    rs_engine *e = arg;
+
+    prefetch_zero(e);
+    for (uint32_t k = 0; k < e->n_plan_chunks; k++) {
+        uint32_t c = e->plan_chunks[k];
+        int state;
+
+        pthread_mutex_lock(&e->lock);
+        while (e->prefetch_inflight >= e->prefetch_max && !e->stopping)
+            pthread_cond_wait(&e->prefetch_cv, &e->lock);
+        if (e->stopping || atomic_load(&e->guest_gone)) {
+            pthread_mutex_unlock(&e->lock);
+            break;
+        }
+        state = atomic_load(&e->chunks[c].state);
+        if (state == C_READY) {
+            pthread_mutex_unlock(&e->lock);
+            pthread_rwlock_rdlock(&e->install);
+            prefetch_install(e, c, k);
+            pthread_rwlock_unlock(&e->install);
+            continue;
+        }
+        if (state != C_FAILED) {
+            /* Absent: ask for it at low priority. Queued already (a demand
+             * fault got there first): count it in flight all the same;
+             * settle_chunk installs the planned pages either way. */
+            if (state == C_ABSENT) {
+                int to_l1 = e->l1_dir != NULL;
+
+                atomic_store(&e->chunks[c].state, to_l1 ? C_QUEUED_L1 : C_QUEUED_REMOTE);
+                if (rs_fetchq_push(to_l1 ? e->l1q : e->remoteq, c, 0) < 0)
+                    note_error(e, -ENOSPC);
+            }
+            e->prefetch_asked[c] = 1;
+            e->prefetch_inflight++;
+            atomic_fetch_add(&e->st.prefetch_chunks, 1);
+        }
+        pthread_mutex_unlock(&e->lock);
+    }
+    return NULL;
+}
+
 /* Publish a decoded chunk (or its failure) and serve its parked faults. */
 static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
 {
     struct chunk *ch = &e->chunks[c];
     struct plist waiting;
+
+    int asked;
 
     pthread_mutex_lock(&e->lock);
     ch->data = data;
@@ -434,9 +561,22 @@ static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
     atomic_store_explicit(&ch->state, data ? C_READY : C_FAILED, memory_order_release);
     waiting = plist_take(&ch->parked);
     pthread_mutex_unlock(&e->lock);
+    pthread_rwlock_rdlock(&e->install);
     for (size_t i = 0; i < waiting.n; i++)
         serve_or_defer(e, waiting.v[i].page, waiting.v[i].t_ns);
+    if (data && e->chunk_plan && e->chunk_plan[c] >= 0)
+        prefetch_install(e, c, (uint32_t)e->chunk_plan[c]);
+    pthread_rwlock_unlock(&e->install);
     free(waiting.v);
+
+    pthread_mutex_lock(&e->lock);
+    asked = e->prefetch_asked && e->prefetch_asked[c];
+    if (asked) {
+        e->prefetch_asked[c] = 0;
+        e->prefetch_inflight--;
+        pthread_cond_signal(&e->prefetch_cv);
+    }
+    pthread_mutex_unlock(&e->lock);
 }
 
 static void retry_deferred(rs_engine *e)
@@ -583,7 +723,11 @@ static void *service_main(void *arg)
         if (pfd[0].revents & (POLLERR | POLLHUP))
             atomic_store(&e->guest_gone, 1);
         if (pfd[0].revents & POLLIN) {
-            int rc = drain_events(e);
+            int rc;
+
+            pthread_rwlock_wrlock(&e->install);
+            rc = drain_events(e);
+            pthread_rwlock_unlock(&e->install);
 
             if (rc < 0 && rc != -EAGAIN) {
                 note_error(e, rc);
@@ -663,6 +807,89 @@ static void free_tables(rs_engine *e)
     rs_fetchq_destroy(e->l1q);
     rs_fetchq_destroy(e->remoteq);
     rs_faultlog_destroy(e->log);
+    free(e->plan_chunks);
+    free(e->plan_pages);
+    free(e->plan_start);
+    free(e->chunk_plan);
+    free(e->plan_zero);
+    free((void *)e->planned);
+    free(e->prefetch_asked);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t inflight)
+{
+    const uint32_t nc = e->cfg.n_chunks;
+    uint64_t *count;
+    uint64_t pos;
+
+    if (e->service_started || e->plan_chunks || !inflight)
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (pages[i] >= e->n_pages)
+            return -EINVAL;
+    e->planned = calloc((e->n_pages + 63) / 64, sizeof(uint64_t));
+    e->chunk_plan = malloc((nc + 1) * sizeof(int32_t));
+    e->plan_chunks = malloc((nc + 1) * sizeof(uint32_t));
+    e->plan_start = calloc(nc + 2, sizeof(uint64_t));
+    e->plan_pages = malloc((n + 1) * sizeof(uint64_t));
+    e->plan_zero = malloc((n + 1) * sizeof(uint64_t));
+    e->prefetch_asked = calloc(nc + 1, 1);
+    count = calloc(nc + 1, sizeof(uint64_t));
+    if (!e->planned || !e->chunk_plan || !e->plan_chunks || !e->plan_start ||
+        !e->plan_pages || !e->plan_zero || !e->prefetch_asked || !count) {
+        free(count);
+        return -ENOMEM;
+    }
+    for (uint32_t c = 0; c < nc; c++)
+        e->chunk_plan[c] = -1;
+    /* Chunks in the order of their first planned page; pages grouped by
+     * chunk (a page listed twice counts once). */
+    for (size_t i = 0; i < n; i++) {
+        uint64_t p = pages[i];
+        uint32_t c = e->page_chunk[p];
+
+        if (bit_set(e->planned, p))
+            continue;
+        if (c == NO_CHUNK) {
+            e->plan_zero[e->n_plan_zero++] = p;
+            continue;
+        }
+        if (e->chunk_plan[c] < 0) {
+            e->chunk_plan[c] = (int32_t)e->n_plan_chunks;
+            e->plan_chunks[e->n_plan_chunks++] = c;
+        }
+        count[e->chunk_plan[c]]++;
+    }
+    pos = 0;
+    for (uint32_t k = 0; k < e->n_plan_chunks; k++) {
+        e->plan_start[k] = pos;
+        pos += count[k];
+        count[k] = e->plan_start[k]; /* next free slot of plan chunk k */
+    }
+    e->plan_start[e->n_plan_chunks] = pos;
+    memset((void *)e->planned, 0, (e->n_pages + 63) / 64 * sizeof(uint64_t));
+    for (size_t i = 0; i < n; i++) {
+        uint64_t p = pages[i];
+        uint32_t c = e->page_chunk[p];
+
+        if (bit_set(e->planned, p) || c == NO_CHUNK)
+            continue;
+        e->plan_pages[count[e->chunk_plan[c]]++] = p;
+    }
+    for (uint32_t k = 0; k < e->n_plan_chunks; k++)
+        qsort(e->plan_pages + e->plan_start[k], e->plan_start[k + 1] - e->plan_start[k],
+              sizeof(uint64_t), cmp_u64);
+    qsort(e->plan_zero, e->n_plan_zero, sizeof(uint64_t), cmp_u64);
+    e->prefetch_max = inflight;
+    free(count);
+    return 0;
 }
 
 int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
@@ -748,11 +975,18 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     pthread_mutex_init(&e->lock, NULL);
     {
         pthread_condattr_t ca;
+        pthread_rwlockattr_t ra;
 
         pthread_condattr_init(&ca);
         pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
         pthread_cond_init(&e->done_cv, &ca);
         pthread_condattr_destroy(&ca);
+        pthread_cond_init(&e->prefetch_cv, NULL);
+        /* The service thread must not starve behind installers. */
+        pthread_rwlockattr_init(&ra);
+        pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+        pthread_rwlock_init(&e->install, &ra);
+        pthread_rwlockattr_destroy(&ra);
     }
     *out = e;
     return 0;
@@ -797,6 +1031,10 @@ int rs_engine_start(rs_engine *e, int uffd, int conn_fd)
         rc = -pthread_create(&e->service, NULL, service_main, e);
         e->service_started = rc == 0;
     }
+    if (!rc && e->plan_chunks) {
+        rc = -pthread_create(&e->prefetch, NULL, prefetch_main, e);
+        e->prefetch_started = rc == 0;
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc)
         rs_engine_stop(e);
@@ -814,10 +1052,16 @@ void rs_engine_stop(rs_engine *e)
         note_error(e, -errno);
     if (e->service_started)
         pthread_join(e->service, NULL);
+    pthread_mutex_lock(&e->lock);
+    e->stopping = 1;
+    pthread_cond_broadcast(&e->prefetch_cv);
+    pthread_mutex_unlock(&e->lock);
     rs_fetchq_close(e->l1q);
     rs_fetchq_close(e->remoteq);
     for (uint32_t i = 0; i < e->n_l1_started; i++)
         pthread_join(e->l1_threads[i], NULL);
+    if (e->prefetch_started)
+        pthread_join(e->prefetch, NULL);
     finish(e);
 }
 
@@ -836,6 +1080,8 @@ void rs_engine_destroy(rs_engine *e)
     close(e->stop_fd);
     pthread_mutex_destroy(&e->lock);
     pthread_cond_destroy(&e->done_cv);
+    pthread_cond_destroy(&e->prefetch_cv);
+    pthread_rwlock_destroy(&e->install);
     free_tables(e);
     free(e);
 }
@@ -925,6 +1171,10 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->deferred = atomic_load(&e->st.deferred);
     out->poisoned = atomic_load(&e->st.poisoned);
     out->log_dropped = rs_faultlog_dropped(e->log);
+    out->prefetch_chunks = atomic_load(&e->st.prefetch_chunks);
+    out->prefetch_pages = atomic_load(&e->st.prefetch_pages);
+    out->faults_planned = atomic_load(&e->st.faults_planned);
+    out->faults_unplanned = atomic_load(&e->st.faults_unplanned);
     pthread_mutex_lock(&e->lock);
     for (uint32_t c = 0; c < e->cfg.n_chunks; c++)
         parked += (uint32_t)e->chunks[c].parked.n;

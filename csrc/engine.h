@@ -64,6 +64,11 @@ typedef struct rs_engine_stats {
     uint64_t deferred;            /* installs retried after -EAGAIN */
     uint64_t poisoned;            /* pages poisoned */
     uint64_t log_dropped;         /* fault records lost to a full log */
+    uint64_t prefetch_chunks;     /* chunks the plan asked for */
+    uint64_t prefetch_pages;      /* pages installed by the prefetch */
+    uint64_t faults_planned;      /* first touches of planned pages that still
+                                     faulted (their chunk was not there yet) */
+    uint64_t faults_unplanned;    /* first touches of pages not in the plan */
     uint32_t parked_now;          /* faults waiting on chunks right now */
     int32_t guest_gone;           /* 1 once the guest's memory is gone */
     int32_t error;                /* -errno of the first unexpected failure */
@@ -86,6 +91,17 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
                      const uint8_t *chunk_ids, const uint32_t *chunk_lens,
                      const uint32_t *chunk_flags, const uint8_t *chunk_zero,
                      const char *l1_dir);
+
+/* Give the engine a working-set plan before rs_engine_start: guest page
+ * indices in the order the guest is expected to touch them. From the
+ * start, a prefetch thread requests the plan's chunks in order at low
+ * priority (demand faults always go first), at most inflight at a time,
+ * and installs each chunk's planned pages as coalesced runs as soon as the
+ * chunk is decoded; all-zero planned pages get zero pages at once. Pages
+ * already present or removed are skipped. -EINVAL for a page outside the
+ * memory file. */
+int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n_pages,
+                       uint32_t inflight);
 
 /* Start serving: uffd is the guest's userfaultfd (API done, regions
  * registered, O_NONBLOCK), conn_fd the guest's connection (EOF or hangup

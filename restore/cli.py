@@ -319,10 +319,13 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest.")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds running guests get after SIGTERM before they are killed.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session start and end.")
+@click.option("--no-plan", is_flag=True, help="Do not prefetch the snapshot's working-set plan.")
+@click.option("--rebuild-plan-after", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Rebuild the plan from the recent fault logs after every N sessions.")
 @l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_timeout, verbose, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
+def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
 
     Each connection on SOCKET is one guest (one JSON list of regions plus its
@@ -351,6 +354,8 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_
         fault_around=fault_around or DEFAULT_FAULT_AROUND,
         fetchers=fetchers or DEFAULT_FETCHERS,
         drain_timeout=drain_timeout,
+        use_plan=not no_plan,
+        rebuild_plan_after=rebuild_plan_after,
     ).start()
     click.echo(f"serving {snap.label} on {socket_path}", err=True)
     while not stop.wait(0.5):
@@ -369,10 +374,11 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_
 @click.option("--cache", "cache_dir", default=None, help="L1 chunk cache directory (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
 @click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
+@click.option("--no-plan", is_flag=True, help="Do not prefetch the snapshot's working-set plan.")
 @l2_option
 @key_options
 @store_options
-def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
+def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_plan, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Restore a snapshot into a test guest and show how the session went.
 
     Starts a handler for the snapshot on a private socket, runs a guest
@@ -399,7 +405,8 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, l2_spe
         trace = (starts[:, None] + np.arange(run_pages)).reshape(-1)[:pages].astype(np.uint64) * m.page_size
         with tempfile.TemporaryDirectory(prefix="restore-try-") as tmp:
             server = Server(
-                snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs), fault_around=fault_around or DEFAULT_FAULT_AROUND
+                snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs), fault_around=fault_around or DEFAULT_FAULT_AROUND,
+                use_plan=not no_plan,
             ).start()
             try:
                 with Guest(server.socket_path, memory_size=m.memory_size, page_size=m.page_size, hugetlb=m.page_size > 4096) as guest:
@@ -415,6 +422,9 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, l2_spe
                + ("every page matches the snapshot" if bad == 0 else f"{bad} PAGES DIFFER FROM THE SNAPSHOT"))
     click.echo(f"{'faults:':<19}{st.faults} ({', '.join(f'{k} {v}' for k, v in st.first_touches.items() if v)})")
     click.echo(f"{'pages installed:':<19}{st.pages_installed} ({human(st.bytes_installed)})")
+    if st.prefetch_chunks:
+        click.echo(f"{'prefetch:':<19}{st.prefetch_pages} pages from {st.prefetch_chunks} planned chunks; "
+                   f"faults on planned pages {st.faults_planned}, on unplanned pages {st.faults_unplanned}")
     click.echo(f"{'chunks:':<19}{st.chunks_l1} from L1, {st.chunks_fetched} fetched, {st.chunks_failed} failed")
     for tier, t in st.tiers.items():
         if t["requests"]:
@@ -425,6 +435,59 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, l2_spe
     click.echo(f"{'fault log:':<19}{summary.log_key}")
     if bad:
         sys.exit(1)
+
+
+@cli.group()
+def plan() -> None:
+    """Working-set plans: what a restore prefetches, in what order."""
+
+
+@plan.command("build")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.option("--sessions", type=click.IntRange(min=1), default=5, show_default=True, help="Recent fault logs to merge.")
+@click.option("--min-share", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Keep pages touched in at least this share of the sessions.")
+@store_options
+def plan_build(spec, sessions, min_share, store_url, s3_endpoint, s3_region):
+    """Build the plan from recent sessions' fault logs and make it current."""
+    from .snapshot import load_manifest
+    from .workingset import rebuild_plan
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    name, version = split_snapshot(spec)
+    m = load_manifest(store, name, version)
+    info = rebuild_plan(store, m, sessions, min_share)
+    click.echo(f"plan {info.plan_id[:16]} for {m.name}/{m.version}: {info.pages} pages "
+               f"({human(info.pages * m.page_size)}) from {len(info.built_from)} sessions")
+
+
+@plan.command("show")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.option("--head", type=click.IntRange(min=0), default=10, show_default=True, help="First pages to list.")
+@store_options
+def plan_show(spec, head, store_url, s3_endpoint, s3_region):
+    """Show a snapshot version's current plan."""
+    import numpy as np
+
+    from .errors import SnapshotNotFound
+    from .snapshot import load_manifest
+    from .workingset import load_plan, plan_info
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    name, version = split_snapshot(spec)
+    m = load_manifest(store, name, version)
+    info = plan_info(store, m)
+    if info is None:
+        raise SnapshotNotFound(f"snapshot {m.name}/{m.version} has no plan (see `restore plan build`)")
+    pages = load_plan(store, m)
+    chunks = pages // m.chunk_size
+    click.echo(f"{'plan:':<19}{info.plan_id} ({info.created})")
+    click.echo(f"{'pages:':<19}{info.pages} ({human(info.pages * m.page_size)}, "
+               f"{100 * info.pages * m.page_size / m.memory_size:.1f} % of memory)")
+    click.echo(f"{'chunks:':<19}{len(np.unique(chunks))} of {len(m.chunks)}")
+    click.echo(f"{'built from:':<19}{len(info.built_from)} sessions, pages kept if in >= {info.min_share:.0%} of them")
+    for off in pages[:head]:
+        click.echo(f"  offset {int(off):#012x}  chunk {int(off) // m.chunk_size}")
 
 
 @cli.group()

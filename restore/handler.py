@@ -38,6 +38,7 @@ from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, RestoreSession, Ses
 from .snapshot import Snapshot
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
+from .workingset import load_plan, rebuild_plan
 
 log = logging.getLogger("restore.handler")
 
@@ -77,6 +78,9 @@ class Server:
         drain_timeout: float = 10.0,
         persist_logs: bool = True,
         kill_refused: bool = True,
+        use_plan: bool = True,
+        rebuild_plan_after: Optional[int] = None,
+        plan_sessions: int = 5,
         on_session_end: Optional[Callable[[SessionSummary], None]] = None,
     ):
         self.snapshot = snapshot
@@ -88,6 +92,10 @@ class Server:
         self.drain_timeout = drain_timeout
         self.persist_logs = persist_logs
         self.kill_refused = kill_refused
+        self.use_plan = use_plan
+        self.rebuild_plan_after = rebuild_plan_after
+        self.plan_sessions = plan_sessions
+        self._since_plan = 0  # sessions recorded since the plan was rebuilt
         self.on_session_end = on_session_end
         self.summaries: list[SessionSummary] = []
         self.refused: list[str] = []  # one line per refused guest
@@ -183,6 +191,12 @@ class Server:
         except HandshakeError as exc:
             self._refuse(conn, pid, str(exc))
             return
+        plan = None
+        if self.use_plan:
+            try:
+                plan = load_plan(self.snapshot.store, m)
+            except RestoreError as exc:  # a bad plan costs speed, never correctness
+                log.error("%s: not using its plan: %s", self.snapshot.label, exc)
         try:
             session = RestoreSession(
                 self.snapshot,
@@ -195,6 +209,7 @@ class Server:
                 fault_around=self.fault_around,
                 fetchers=self.fetchers,
                 persist_log=self.persist_logs,
+                plan=plan,
             )
         except RestoreError as exc:
             hs.close()
@@ -216,6 +231,7 @@ class Server:
             with self._lock:
                 self._active.pop(key, None)
         summary = SessionSummary(session.session_id, pid, stats, session.log_key, session.errors)
+        self._maybe_rebuild_plan(session.log_key is not None)
         self.summaries.append(summary)
         log.info(
             "guest pid %d: %s ended: %d faults, %d pages installed, p50 %.1f us, log %s",
@@ -228,6 +244,23 @@ class Server:
         )
         if self.on_session_end:
             self.on_session_end(summary)
+
+    def _maybe_rebuild_plan(self, recorded: bool) -> None:
+        """Every rebuild_plan_after recorded sessions, rebuild the plan from
+        the last plan_sessions fault logs (sessions keep recording while a
+        plan is in use, so the plan follows the function as it changes)."""
+        if not recorded or not self.rebuild_plan_after:
+            return
+        with self._lock:
+            self._since_plan += 1
+            if self._since_plan < self.rebuild_plan_after:
+                return
+            self._since_plan = 0
+        try:
+            info = rebuild_plan(self.snapshot.store, self.snapshot.manifest, self.plan_sessions)
+            log.info("%s: rebuilt its plan from %d sessions: %d pages", self.snapshot.label, len(info.built_from), info.pages)
+        except RestoreError as exc:
+            log.error("%s: could not rebuild its plan: %s", self.snapshot.label, exc)
 
     def _refuse(self, conn: socket.socket, pid: int, reason: str) -> None:
         """Refuse a guest: log why, hang up, and kill its VMM (kill_refused):

@@ -43,6 +43,7 @@ SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed")
 DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault_around)
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
+DEFAULT_PREFETCH_INFLIGHT = 8  # plan chunks requested at once
 
 
 class RegionLike(Protocol):
@@ -78,6 +79,10 @@ class SessionStats:
     service_p99_ns: int
     service_max_ns: int
     tiers: dict  # per network tier: requests, hits, bad, errors, p50/p99/max ms
+    prefetch_chunks: int  # chunks the plan asked for
+    prefetch_pages: int  # pages the prefetch installed
+    faults_planned: int  # first touches of planned pages that still faulted
+    faults_unplanned: int  # first touches of pages not in the plan
 
 
 def new_session_id() -> str:
@@ -130,6 +135,8 @@ class RestoreSession:
     written by the fetchers (None: no L1). l2: an L2Cluster the fetchers
     read before the durable store (None: no L2). fault_around: pages installed
     per fault at most. persist_log: save the fault log to the store on close.
+    plan: file offsets to prefetch, in order (restore/workingset.py), with
+    prefetch_inflight chunk requests at a time; None: demand paging only.
     """
 
     def __init__(
@@ -147,6 +154,8 @@ class RestoreSession:
         l1_threads: int = DEFAULT_L1_THREADS,
         session_id: Optional[str] = None,
         persist_log: bool = True,
+        plan: Optional[np.ndarray] = None,
+        prefetch_inflight: int = DEFAULT_PREFETCH_INFLIGHT,
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
@@ -201,6 +210,15 @@ class RestoreSession:
         )
         self._engine = out[0]
         try:
+            if plan is not None and len(plan):
+                if prefetch_inflight < 1:
+                    raise InputError(f"prefetch_inflight must be at least 1, got {prefetch_inflight}")
+                pages = np.ascontiguousarray(np.asarray(plan, dtype=np.uint64) // page_size)
+                check(
+                    lib.rs_engine_set_plan(self._engine, ffi.from_buffer("uint64_t[]", pages), len(pages), prefetch_inflight),
+                    "rs_engine_set_plan",
+                    self.label,
+                )
             check(lib.rs_engine_start(self._engine, uffd, conn_fd), "rs_engine_start", self.label)
         except BaseException:
             lib.rs_engine_destroy(self._engine)
@@ -262,6 +280,10 @@ class RestoreSession:
             service_p99_ns=p99,
             service_max_ns=mx,
             tiers=self._fetchers.tier_summary(),
+            prefetch_chunks=st.prefetch_chunks,
+            prefetch_pages=st.prefetch_pages,
+            faults_planned=st.faults_planned,
+            faults_unplanned=st.faults_unplanned,
         )
 
     # -- ending -------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""Working-set plans: what a restore should prefetch, in what order.
+
+A plan is built from the fault logs of earlier sessions (first touches, in
+time order) and lists memory-file page offsets in the order the guest is
+expected to touch them. With several logs, a page is kept when it was
+touched in at least ``min_share`` of them, and pages are ordered by their
+median first-touch rank, so one unusual session cannot inflate the plan
+to the whole VM.
+
+Storage, beside the snapshot (the manifest itself is immutable):
+
+    plans/<sha256 hex>                        the plan: a .npy array of
+                                              uint64 file offsets, in order
+    snapshots/<name>/<version>/plan.json      the pointer: which plan object
+                                              is current, for which snapshot
+                                              geometry, built from which sessions
+
+A new plan is a new object plus a rewritten pointer; chunks are never
+touched. A pointer naming another snapshot (name, version or geometry) is
+refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError, ManifestError
+from .manifest import Manifest
+from .session import load_fault_log, sessions_prefix
+from .tiers.durable import DurableStore
+
+PLAN_FORMAT = "restore-plan"
+DEFAULT_MIN_SHARE = 0.5
+
+
+class PlanError(ManifestError):
+    """A plan or its pointer is missing, damaged, or for another snapshot."""
+
+
+def plan_pointer_key(name: str, version: str) -> str:
+    return f"snapshots/{name}/{version}/plan.json"
+
+
+def build_plan(logs: Sequence[np.ndarray], min_share: float = DEFAULT_MIN_SHARE) -> np.ndarray:
+    """Merge fault logs (LOG_DTYPE, each in first-touch order) into a plan:
+    uint64 file offsets touched in at least min_share of the logs, ordered
+    by median first-touch rank (ties by offset)."""
+    if not 0 < min_share <= 1:
+        raise InputError(f"min_share {min_share} is not within (0, 1]")
+    logs = [np.sort(log, order="t_ns", kind="stable") for log in logs if len(log)]
+    if not logs:
+        return np.zeros(0, dtype=np.uint64)
+    offsets = np.concatenate([log["offset"] for log in logs]).astype(np.uint64)
+    ranks = np.concatenate([np.arange(len(log), dtype=np.float64) for log in logs])
+    pages, inverse = np.unique(offsets, return_inverse=True)
+    order = np.lexsort((ranks, inverse))  # by page, then rank
+    sorted_ranks = ranks[order]
+    counts = np.bincount(inverse, minlength=len(pages))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    median = (sorted_ranks[starts + (counts - 1) // 2] + sorted_ranks[starts + counts // 2]) / 2
+    keep = counts >= math.ceil(min_share * len(logs) - 1e-9)
+    kept, med = pages[keep], median[keep]
+    return kept[np.lexsort((kept, med))]
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """The current plan of a snapshot version, as its pointer describes it."""
+
+    plan_id: str
+    pages: int
+    built_from: list[str]
+    min_share: float
+    created: str
+
+
+def save_plan(store: DurableStore, manifest: Manifest, plan: np.ndarray, built_from: Sequence[str],
+              min_share: float) -> PlanInfo:
+    """Store plan as a new object and point the snapshot version at it."""
+    plan = np.ascontiguousarray(plan, dtype=np.uint64)
+    _check_offsets(plan, manifest, "new plan")
+    buf = io.BytesIO()
+    np.save(buf, plan, allow_pickle=False)
+    data = buf.getvalue()
+    plan_id = hashlib.sha256(data).hexdigest()
+    store.put_new(f"plans/{plan_id}", data)
+    info = PlanInfo(plan_id, len(plan), list(built_from), min_share,
+                    datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    pointer = {
+        "format": PLAN_FORMAT,
+        "format_version": "1.0",
+        "snapshot": {"name": manifest.name, "version": manifest.version, "memory_size": manifest.memory_size,
+                     "chunk_size": manifest.chunk_size, "page_size": manifest.page_size},
+        "plan": {"id": plan_id, "pages": len(plan)},
+        "built_from": info.built_from,
+        "min_share": min_share,
+        "created": info.created,
+    }
+    store.put(plan_pointer_key(manifest.name, manifest.version), (json.dumps(pointer, indent=1) + "\n").encode())
+    return info
+
+
+def plan_info(store: DurableStore, manifest: Manifest) -> Optional[PlanInfo]:
+    """The pointer of the snapshot's current plan, checked; None if none."""
+    key = plan_pointer_key(manifest.name, manifest.version)
+    data = store.get(key)
+    if data is None:
+        return None
+    where = f"{store.url}/{key}"
+    try:
+        doc = json.loads(data)
+        snap, plan = doc["snapshot"], doc["plan"]
+        if doc.get("format") != PLAN_FORMAT:
+            raise PlanError(f"plan pointer {where} is not a restore plan pointer")
+        ident = (snap["name"], snap["version"], snap["memory_size"], snap["chunk_size"], snap["page_size"])
+        info = PlanInfo(str(plan["id"]), int(plan["pages"]), list(doc.get("built_from", [])),
+                        float(doc.get("min_share", DEFAULT_MIN_SHARE)), str(doc.get("created", "")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PlanError(f"plan pointer {where} is damaged: {exc}") from None
+    want = (manifest.name, manifest.version, manifest.memory_size, manifest.chunk_size, manifest.page_size)
+    if ident != want:
+        raise PlanError(
+            f"plan pointer {where} is for snapshot {ident[0]}/{ident[1]} "
+            f"({ident[2]} bytes, {ident[3]}-byte chunks), not {want[0]}/{want[1]} "
+            f"({want[2]} bytes, {want[3]}-byte chunks)"
+        )
+    return info
+
+
+def load_plan(store: DurableStore, manifest: Manifest) -> Optional[np.ndarray]:
+    """The snapshot's current plan (uint64 file offsets), or None."""
+    info = plan_info(store, manifest)
+    if info is None:
+        return None
+    key = f"plans/{info.plan_id}"
+    data = store.get(key)
+    if data is None:
+        raise PlanError(f"plan {store.url}/{key} is missing")
+    if hashlib.sha256(data).hexdigest() != info.plan_id:
+        raise PlanError(f"plan {store.url}/{key}: SHA-256 of its bytes is not its id")
+    try:
+        plan = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise PlanError(f"plan {store.url}/{key} is not a .npy array: {exc}") from None
+    if plan.dtype != np.uint64 or plan.ndim != 1:
+        raise PlanError(f"plan {store.url}/{key} has dtype {plan.dtype}, shape {plan.shape}")
+    _check_offsets(plan, manifest, f"plan {store.url}/{key}")
+    return plan
+
+
+def _check_offsets(plan: np.ndarray, manifest: Manifest, where: str) -> None:
+    if len(plan) and ((plan % manifest.page_size).any() or plan.max() >= manifest.memory_size):
+        raise PlanError(f"{where}: offsets must be multiples of {manifest.page_size} below {manifest.memory_size}")
+
+
+def session_ids(store: DurableStore, manifest: Manifest) -> list[str]:
+    """Saved sessions of the snapshot version, oldest first."""
+    prefix = sessions_prefix(manifest.name, manifest.version)
+    return sorted(i.key[len(prefix):-len(".npy")] for i in store.list(prefix) if i.key.endswith(".npy"))
+
+
+def rebuild_plan(store: DurableStore, manifest: Manifest, sessions: int = 5,
+                 min_share: float = DEFAULT_MIN_SHARE) -> PlanInfo:
+    """Build a plan from the last `sessions` fault logs and make it current."""
+    ids = session_ids(store, manifest)[-sessions:]
+    if not ids:
+        raise InputError(f"snapshot {manifest.name}/{manifest.version} has no recorded sessions to build a plan from")
+    prefix = sessions_prefix(manifest.name, manifest.version)
+    logs = []
+    for sid in ids:
+        data = store.get(f"{prefix}{sid}.npy")
+        if data is not None:
+            logs.append(load_fault_log(data, f"{store.url}/{prefix}{sid}.npy"))
+    return save_plan(store, manifest, build_plan(logs, min_share), ids, min_share)
