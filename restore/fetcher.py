@@ -23,6 +23,7 @@ import errno
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,6 +40,7 @@ from .tiers.l2 import L2Cluster
 log = logging.getLogger("restore.fetcher")
 
 POLL_MS = 200  # how often a blocked fetcher looks up to see if it should stop
+LATENCY_SAMPLES = 65536  # latencies kept per tier (the most recent)
 
 
 @dataclass
@@ -49,10 +51,10 @@ class TierStats:
     hits: int = 0
     bad: int = 0  # copies that failed verification
     errors: int = 0
-    latencies: list[float] = field(default_factory=list)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
     def summary(self) -> dict:
-        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        lat = np.array(self.latencies) if self.latencies else np.zeros(1)  # the most recent samples
         return {
             "requests": self.requests,
             "hits": self.hits,
@@ -182,7 +184,7 @@ class Fetchers:
         try:
             # The engine asks fetchers only for chunks L1 lacks or holds a bad
             # copy of, so whatever is on disk under this id is replaced.
-            self._l1.put(chunk_id, data, replace=True)
+            self._l1.put(chunk_id, data, replace=True, verified=True)  # rs_engine_supply verified it
         except (OSError, RestoreError) as exc:  # a full disk must not fail the restore
             with self._lock:
                 warned, self._l1_warned = self._l1_warned, True

@@ -124,16 +124,18 @@ class L1Cache:
             pass
         return None
 
-    def put(self, chunk_id: str, data: bytes | memoryview, replace: bool = False) -> None:
+    def put(self, chunk_id: str, data: bytes | memoryview, replace: bool = False, verified: bool = False) -> None:
         """Store data under chunk_id, atomically; evict if over budget afterwards.
 
-        Raises ChunkHashMismatch if SHA-256 of data is not chunk_id. If the entry is
-        already present with the same size, only its LRU time is refreshed, unless
-        replace is set (the caller knows the file on disk failed verification).
+        Raises ChunkHashMismatch if SHA-256 of data is not chunk_id (not checked
+        again when verified is set: the caller, e.g. the engine, just did). If
+        the entry is already present with the same size, only its LRU time is
+        refreshed, unless replace is set (the caller knows the file on disk
+        failed verification).
         """
         p = self.path(chunk_id)
         view = memoryview(data).cast("B")
-        actual = hashlib.sha256(view).hexdigest()
+        actual = chunk_id if verified else hashlib.sha256(view).hexdigest()
         if actual != chunk_id:
             raise ChunkHashMismatch(
                 f"chunk {chunk_id}: SHA-256 of the {view.nbytes} bytes given is {actual},"
