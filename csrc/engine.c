@@ -353,25 +353,35 @@ static int install_poison(rs_engine *e, int r, uint64_t p)
 }
 
 /* Serve a fault on guest page p (region r) whose chunk c is READY. */
-static int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
+/* The fault-around run for page p of chunk c in region r: [*lo, *hi), the
+ * not-yet-present pages around p within its aligned window of fault_around
+ * pages that are contiguous in the chunk. */
+static void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint64_t *lo, uint64_t *hi)
 {
-    struct chunk *ch = &e->chunks[c];
     const uint64_t ps = e->cfg.page_size;
-    uint64_t lo = p, hi = p + 1, upto;
-    int rc;
 
+    *lo = p;
+    *hi = p + 1;
     if (e->cfg.fault_around > 1) {
         uint64_t w0 = p - p % e->cfg.fault_around;
         uint64_t w1 = w0 + e->cfg.fault_around;
 
-        while (lo > w0 && candidate(e, r, c, lo - 1) &&
-               e->page_off[lo - 1] + ps == e->page_off[lo])
-            lo--;
-        while (hi < w1 && candidate(e, r, c, hi) &&
-               e->page_off[hi] == e->page_off[hi - 1] + ps)
-            hi++;
+        while (*lo > w0 && candidate(e, r, c, *lo - 1) &&
+               e->page_off[*lo - 1] + ps == e->page_off[*lo])
+            (*lo)--;
+        while (*hi < w1 && candidate(e, r, c, *hi) &&
+               e->page_off[*hi] == e->page_off[*hi - 1] + ps)
+            (*hi)++;
     }
-    rc = fill_run(e, r, ch->data + e->page_off[lo], lo, hi, &upto);
+}
+
+static int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
+{
+    uint64_t lo, hi, upto;
+    int rc;
+
+    run_around(e, r, c, p, &lo, &hi);
+    rc = fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
     if (rc == -EAGAIN && upto > p)
         rc = 0; /* the faulting page made it; the rest may fault later */
     return rc;
@@ -455,52 +465,34 @@ static void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns)
  * meets -EAGAIN (a REMOVE in flight) is skipped; its pages fault later. */
 static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
 {
-    const uint64_t ps = e->cfg.page_size;
-    const uint8_t *data = e->chunks[c].data;
+    /* Each planned page brings its fault-around run, as its demand fault
+     * did when the plan was recorded: the log holds the faulting pages, and
+     * the guest touched their neighbours without faulting. */
+    for (uint64_t i = e->plan_start[k]; i < e->plan_start[k + 1]; i++) {
+        uint64_t p = e->plan_pages[i], lo, hi, upto;
+        int r = region_of_page(e, p);
 
-    for (uint64_t i = e->plan_start[k]; i < e->plan_start[k + 1];) {
-        uint64_t lo = e->plan_pages[i], hi = lo + 1, upto;
-        int r = region_of_page(e, lo);
-
-        i++;
-        if (r < 0 || !candidate(e, r, c, lo)) {
+        if (r < 0 || !candidate(e, r, c, p))
             continue;
-        }
-        while (i < e->plan_start[k + 1] && e->plan_pages[i] == hi && candidate(e, r, c, hi) &&
-               e->page_off[hi] == e->page_off[hi - 1] + ps) {
-            hi++;
-            i++;
-        }
-        (void)fill_run(e, r, data + e->page_off[lo], lo, hi, &upto);
+        run_around(e, r, c, p, &lo, &hi);
+        (void)fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
         atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
     }
 }
 
-/* Install the plan's all-zero pages, in runs. */
+/* Install the plan's all-zero pages, each with its zero fault-around run
+ * (one UFFDIO_ZEROPAGE per run), as their demand faults did. */
 static void prefetch_zero(rs_engine *e)
 {
-    for (uint64_t i = 0; i < e->n_plan_zero;) {
-        uint64_t lo = e->plan_zero[i], hi = lo + 1, upto;
-        int r = region_of_page(e, lo);
+    pthread_rwlock_rdlock(&e->install);
+    for (uint64_t i = 0; i < e->n_plan_zero; i++) {
+        uint64_t p = e->plan_zero[i];
+        int r = region_of_page(e, p);
 
-        i++;
-        if (r < 0 || !candidate(e, r, NO_CHUNK, lo))
-            continue;
-        while (i < e->n_plan_zero && e->plan_zero[i] == hi && candidate(e, r, NO_CHUNK, hi)) {
-            hi++;
-            i++;
-        }
-        pthread_rwlock_rdlock(&e->install);
-        if (e->cfg.page_size == 4096) {
-            (void)fill_run(e, r, NULL, lo, hi, &upto);
-        } else {
-            for (uint64_t q = lo; q < hi; q++)
-                (void)fill_run(e, r, e->zero_page, q, q + 1, &upto);
-            upto = hi;
-        }
-        pthread_rwlock_unlock(&e->install);
-        atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
+        if (r >= 0 && candidate(e, r, NO_CHUNK, p) && install_zero(e, r, p, 1) == 0)
+            atomic_fetch_add(&e->st.prefetch_pages, 1);
     }
+    pthread_rwlock_unlock(&e->install);
 }
 
 static void *prefetch_main(void *arg)
