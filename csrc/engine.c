@@ -97,6 +97,7 @@ struct rs_engine {
     pthread_cond_t prefetch_cv;
     pthread_t prefetch;
     int prefetch_started, stopping;
+    int prefetch_issued;          /* the prefetch walked the whole plan (under lock) */
     pthread_cond_t done_cv;
     int done;
     struct plist deferred;        /* installs that met -EAGAIN */
@@ -536,6 +537,9 @@ static void *prefetch_main(void *arg)
         }
         pthread_mutex_unlock(&e->lock);
     }
+    pthread_mutex_lock(&e->lock);
+    e->prefetch_issued = 1;
+    pthread_mutex_unlock(&e->lock);
     return NULL;
 }
 
@@ -1170,6 +1174,7 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     pthread_mutex_lock(&e->lock);
     for (uint32_t c = 0; c < e->cfg.n_chunks; c++)
         parked += (uint32_t)e->chunks[c].parked.n;
+    out->prefetch_done = e->prefetch_issued && e->prefetch_inflight == 0;
     pthread_mutex_unlock(&e->lock);
     out->parked_now = parked;
     out->guest_gone = atomic_load(&e->guest_gone);

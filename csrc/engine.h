@@ -72,7 +72,8 @@ typedef struct rs_engine_stats {
     uint32_t parked_now;          /* faults waiting on chunks right now */
     int32_t guest_gone;           /* 1 once the guest's memory is gone */
     int32_t error;                /* -errno of the first unexpected failure */
-    uint32_t pad;
+    uint32_t prefetch_done;       /* 1 once the prefetch has asked for every
+                                     planned chunk and all of them settled */
 } rs_engine_stats;
 
 /* Create a session engine.

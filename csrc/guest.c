@@ -1,6 +1,7 @@
 /* guest.c -- a test guest that plays Firecracker's UFFD backend (see guest.h). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -123,8 +124,13 @@ static int check_ops(const rs_guest_region *regions, size_t n_regions,
         const rs_guest_op *o = &ops[i];
         uint64_t len;
 
-        if (o->op > RS_GUEST_REMOVE)
+        if (o->op > RS_GUEST_WAIT)
             return say(err, err_len, EINVAL, "op %zu: unknown op %" PRIu32, i, o->op);
+        if (o->op == RS_GUEST_WAIT) {
+            if (o->offset || o->pages != 1)
+                return say(err, err_len, EINVAL, "op %zu: a wait has offset 0 and 1 page", i);
+            continue;
+        }
         if (o->offset % page_size)
             return say(err, err_len, EINVAL,
                        "op %zu: offset %#" PRIx64 " is not a multiple of the page size %#" PRIx64,
@@ -312,16 +318,28 @@ static int setup_memory(const rs_guest_region *regions, size_t n,
 static void run_ops(const rs_guest_region *regions, size_t n_regions,
                     const uint64_t *bases, uint64_t page_size,
                     const rs_guest_op *ops, size_t n_ops, uint64_t *sums,
-                    uint64_t *ns)
+                    uint64_t *ns, int sock)
 {
     for (size_t i = 0; i < n_ops; i++) {
         const rs_guest_op *o = &ops[i];
-        long r = find_region(regions, n_regions, o->offset, page_size);
+        long r = o->op == RS_GUEST_WAIT ? 0 : find_region(regions, n_regions, o->offset, page_size);
         uint64_t addr = bases[r] + (o->offset - regions[r].offset);
         volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)addr;
         uint64_t t0, t1, sum = 0;
         uint8_t byte;
 
+        if (o->op == RS_GUEST_WAIT) {
+            char go;
+
+            t0 = now_ns();
+            while (recv(sock, &go, 1, MSG_WAITALL) < 0 && errno == EINTR)
+                ;
+            t1 = now_ns();
+            sums[i] = 0;
+            BARRIER();
+            ns[i] = t1 - t0;
+            continue;
+        }
         switch (o->op) {
         case RS_GUEST_READ:
             t0 = now_ns();
@@ -358,9 +376,9 @@ static void run_ops(const rs_guest_region *regions, size_t n_regions,
 int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
                  size_t n_regions, uint64_t page_size, int hugetlb,
                  const rs_guest_op *ops, size_t n_ops, uint64_t *sums,
-                 uint64_t *ns, char *err, size_t err_len)
+                 uint64_t *ns, uint64_t *total_ns, char *err, size_t err_len)
 {
-    uint64_t *bases;
+    uint64_t *bases, t_start = now_ns();
     int uffd = -1, sock = -1, rc;
 
     if (err && err_len)
@@ -386,7 +404,9 @@ int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
         rc = sock;
         goto out;
     }
-    run_ops(regions, n_regions, bases, page_size, ops, n_ops, sums, ns);
+    run_ops(regions, n_regions, bases, page_size, ops, n_ops, sums, ns, sock);
+    if (total_ns)
+        *total_ns = now_ns() - t_start;
     rc = 0;
 
 out:
@@ -399,5 +419,78 @@ out:
             munmap((void *)(uintptr_t)bases[r], regions[r].size);
     }
     free(bases);
+    return rc;
+}
+
+int rs_guest_run_local(const char *image_path, int backing,
+                       const rs_guest_region *regions, size_t n_regions,
+                       uint64_t page_size, const rs_guest_op *ops, size_t n_ops,
+                       uint64_t *sums, uint64_t *ns, uint64_t *total_ns,
+                       char *err, size_t err_len)
+{
+    uint64_t *bases, t_start = 0;
+    int fd, rc;
+
+    if (err && err_len)
+        err[0] = '\0';
+    if (backing != RS_GUEST_RESIDENT && backing != RS_GUEST_MMAP)
+        return say(err, err_len, EINVAL, "unknown backing %d", backing);
+    rc = check_layout(regions, n_regions, page_size, 0, err, err_len);
+    if (rc < 0)
+        return rc;
+    rc = check_ops(regions, n_regions, page_size, ops, n_ops, err, err_len);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < n_ops; i++)
+        if (ops[i].op == RS_GUEST_WAIT)
+            return say(err, err_len, EINVAL, "op %zu: nobody to wait for without a handler", i);
+    fd = open(image_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return say(err, err_len, errno, "open %s: %s", image_path, strerror(errno));
+    bases = calloc(n_regions, sizeof(*bases));
+    if (!bases) {
+        close(fd);
+        return say(err, err_len, ENOMEM, "out of memory");
+    }
+    if (backing == RS_GUEST_MMAP)
+        t_start = now_ns();
+    for (size_t r = 0; r < n_regions; r++) {
+        void *p = backing == RS_GUEST_MMAP
+                      ? mmap(NULL, regions[r].size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd,
+                             (off_t)regions[r].offset)
+                      : mmap(NULL, regions[r].size, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+        if (p == MAP_FAILED) {
+            rc = say(err, err_len, errno, "mmap region %zu: %s", r, strerror(errno));
+            goto out;
+        }
+        bases[r] = (uint64_t)(uintptr_t)p;
+        if (backing == RS_GUEST_RESIDENT) {
+            for (uint64_t off = 0; off < regions[r].size;) {
+                ssize_t n = pread(fd, (uint8_t *)p + off, regions[r].size - off,
+                                  (off_t)(regions[r].offset + off));
+
+                if (n <= 0) {
+                    rc = say(err, err_len, n ? errno : EIO, "reading %s: %s", image_path,
+                             n ? strerror(errno) : "file too short");
+                    goto out;
+                }
+                off += (uint64_t)n;
+            }
+        }
+    }
+    if (backing == RS_GUEST_RESIDENT)
+        t_start = now_ns();
+    run_ops(regions, n_regions, bases, page_size, ops, n_ops, sums, ns, -1);
+    if (total_ns)
+        *total_ns = now_ns() - t_start;
+    rc = 0;
+out:
+    for (size_t r = 0; r < n_regions; r++)
+        if (bases[r])
+            munmap((void *)(uintptr_t)bases[r], regions[r].size);
+    free(bases);
+    close(fd);
     return rc;
 }

@@ -41,7 +41,16 @@ typedef struct rs_guest_region {
 enum {
     RS_GUEST_READ = 0,   /* checksum one page */
     RS_GUEST_WRITE = 1,  /* fill one page with a byte pattern, checksum it */
-    RS_GUEST_REMOVE = 2  /* madvise(MADV_DONTNEED) pages pages */
+    RS_GUEST_REMOVE = 2, /* madvise(MADV_DONTNEED) pages pages */
+    RS_GUEST_WAIT = 3    /* wait for one byte on the handshake socket (the
+                            handler's go-ahead; offset 0, pages 1) */
+};
+
+/* How rs_guest_run_local backs guest memory with the memory file. */
+enum {
+    RS_GUEST_RESIDENT = 0, /* anonymous memory, the file read in full first */
+    RS_GUEST_MMAP = 1      /* the file mapped MAP_PRIVATE (kernel demand
+                              paging, as Firecracker's file backend) */
 };
 
 /* One step of a trace (16 bytes; numpy: restore.testing.GUEST_OP_DTYPE).
@@ -84,7 +93,19 @@ uint8_t rs_guest_pattern(uint64_t i);
 int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
                  size_t n_regions, uint64_t page_size, int hugetlb,
                  const rs_guest_op *ops, size_t n_ops, uint64_t *sums,
-                 uint64_t *ns, char *err, size_t err_len);
+                 uint64_t *ns, uint64_t *total_ns, char *err, size_t err_len);
+
+/* The same trace without a handler, for baselines: memory backed by the
+ * memory file at image_path as backing says (RS_GUEST_*). *total_ns
+ * (may be NULL) receives the restore-to-done time: from the mapping (MMAP)
+ * or from the end of the read (RESIDENT) to the end of the trace; for
+ * rs_guest_run, from the start of the mapping and handshake. WAIT ops are
+ * refused here (no handler). */
+int rs_guest_run_local(const char *image_path, int backing,
+                       const rs_guest_region *regions, size_t n_regions,
+                       uint64_t page_size, const rs_guest_op *ops, size_t n_ops,
+                       uint64_t *sums, uint64_t *ns, uint64_t *total_ns,
+                       char *err, size_t err_len);
 
 /* Step 3 alone, for guests whose memory is mapped already: connect to
  * socket_path and send the JSON for regions (host bases in bases[i]) and

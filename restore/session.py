@@ -83,6 +83,7 @@ class SessionStats:
     prefetch_pages: int  # pages the prefetch installed
     faults_planned: int  # first touches of planned pages that still faulted
     faults_unplanned: int  # first touches of pages not in the plan
+    prefetch_done: bool  # every planned chunk asked for and settled
 
 
 def new_session_id() -> str:
@@ -241,6 +242,13 @@ class RestoreSession:
         """One line per chunk the fetchers gave up on (its pages poisoned)."""
         return list(self._fetchers.errors)
 
+    def prefetch_done(self) -> bool:
+        """True once the plan's chunks have all been asked for and settled
+        (cheap: for polling)."""
+        st = ffi.new("rs_engine_stats *")
+        lib.rs_engine_get_stats(self._handle(), st)
+        return bool(st.prefetch_done)
+
     def fault_log(self) -> np.ndarray:
         """First touches so far, in arrival order (LOG_DTYPE)."""
         eng = self._handle()
@@ -284,6 +292,7 @@ class RestoreSession:
             prefetch_pages=st.prefetch_pages,
             faults_planned=st.faults_planned,
             faults_unplanned=st.faults_unplanned,
+            prefetch_done=bool(st.prefetch_done),
         )
 
     # -- ending -------------------------------------------------------------

@@ -41,7 +41,9 @@ GUEST_OP_DTYPE = np.dtype([("offset", "<u8"), ("op", "<u4"), ("pages", "<u4")])
 READ: int = lib.RS_GUEST_READ
 WRITE: int = lib.RS_GUEST_WRITE
 REMOVE: int = lib.RS_GUEST_REMOVE
-_OP_NAMES = {READ: "read", WRITE: "write", REMOVE: "remove"}
+WAIT: int = lib.RS_GUEST_WAIT
+_OP_NAMES = {READ: "read", WRITE: "write", REMOVE: "remove", WAIT: "wait"}
+BACKINGS = {"uffd": None, "resident": lib.RS_GUEST_RESIDENT, "mmap": lib.RS_GUEST_MMAP}
 assert GUEST_OP_DTYPE.itemsize == ffi.sizeof("rs_guest_op")
 
 # ns[i] of a step the guest has not finished (it never takes 2^64-1 ns).
@@ -81,6 +83,7 @@ class GuestResult:
 
     sums: np.ndarray
     ns: np.ndarray
+    total_ns: int = 0  # restore-to-done, as rs_guest_run / rs_guest_run_local define it
 
 
 def _ops(offsets: Iterable[int], op: int, pages: int = 1) -> np.ndarray:
@@ -109,6 +112,15 @@ def writes(offsets: Iterable[int]) -> np.ndarray:
 def remove(offset: int, pages: int = 1) -> np.ndarray:
     """A one-step trace: madvise(MADV_DONTNEED) pages pages from file offset (bytes)."""
     return _ops([offset], REMOVE, pages)
+
+
+def wait() -> np.ndarray:
+    """A trace step that waits for the handler's go-ahead (one byte on the
+    handshake socket), e.g. until a blocking prefetch is done."""
+    out = np.zeros(1, dtype=GUEST_OP_DTYPE)
+    out["op"] = WAIT
+    out["pages"] = 1
+    return out
 
 
 def pattern(index: int) -> int:
@@ -165,9 +177,17 @@ class Guest:
         memory_size: Optional[int] = None,
         page_size: int = 4096,
         hugetlb: bool = False,
+        backing: str = "uffd",
+        image: Optional[Union[str, os.PathLike]] = None,
     ):
         if (regions is None) == (memory_size is None):
             raise InputError("give a Guest either regions or memory_size")
+        if backing not in BACKINGS:
+            raise InputError(f"backing {backing!r} is not one of {', '.join(BACKINGS)}")
+        if (backing == "uffd") != (image is None):
+            raise InputError("a guest backed by the memory file (resident, mmap) needs image, and only it")
+        self.backing = backing
+        self.image = os.fspath(image) if image is not None else None
         self.socket_path = os.fspath(socket_path)
         self.regions = [(int(s), int(o)) for s, o in regions] if regions is not None else [(int(memory_size), 0)]
         self.page_size = int(page_size)
@@ -198,6 +218,8 @@ class Guest:
                     "regions": self.regions,
                     "page_size": self.page_size,
                     "hugetlb": self.hugetlb,
+                    "backing": self.backing,
+                    "image": self.image,
                 }
             )
         )
@@ -225,7 +247,12 @@ class Guest:
             raise GuestTimeout(f"guest {self._proc.pid} did not finish within {timeout} s") from None
         if rc != 0:
             raise self._failure(rc)
-        return GuestResult(sums=np.load(self._dir / "sums.npy"), ns=np.load(self._dir / "ns.npy"))
+        total = self._dir / "total_ns"
+        return GuestResult(
+            sums=np.load(self._dir / "sums.npy"),
+            ns=np.load(self._dir / "ns.npy"),
+            total_ns=int(total.read_text()) if total.exists() else 0,
+        )
 
     def run(self, ops: np.ndarray, timeout: Optional[float] = None) -> GuestResult:
         """start(ops) then wait(timeout)."""
@@ -398,19 +425,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         regions[i].size = size
         regions[i].offset = offset
     err = ffi.new("char[]", 512)
-    rc = lib.rs_guest_run(
-        os.fsencode(cfg["socket_path"]),
-        regions,
-        len(cfg["regions"]),
-        cfg["page_size"],
-        1 if cfg["hugetlb"] else 0,
-        ffi.from_buffer("rs_guest_op[]", ops),
-        n,
-        ffi.from_buffer("uint64_t[]", sums, require_writable=True),
-        ffi.from_buffer("uint64_t[]", ns, require_writable=True),
-        err,
-        len(err),
-    )
+    total = ffi.new("uint64_t *")
+    c_ops = ffi.from_buffer("rs_guest_op[]", ops)
+    c_sums = ffi.from_buffer("uint64_t[]", sums, require_writable=True)
+    c_ns = ffi.from_buffer("uint64_t[]", ns, require_writable=True)
+    if cfg.get("backing", "uffd") == "uffd":
+        rc = lib.rs_guest_run(
+            os.fsencode(cfg["socket_path"]), regions, len(cfg["regions"]), cfg["page_size"],
+            1 if cfg["hugetlb"] else 0, c_ops, n, c_sums, c_ns, total, err, len(err),
+        )
+    else:
+        rc = lib.rs_guest_run_local(
+            os.fsencode(cfg["image"]), BACKINGS[cfg["backing"]], regions, len(cfg["regions"]),
+            cfg["page_size"], c_ops, n, c_sums, c_ns, total, err, len(err),
+        )
+    (d / "total_ns").write_text(str(total[0]))
     if n:
         sums.flush()
         ns.flush()

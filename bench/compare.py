@@ -1,0 +1,276 @@
+"""The strategy comparison: every restore strategy and its baselines, on
+several workloads, in one process run, interleaved, with medians and ratios
+to `resident`, and a plot.
+
+    python -m bench.compare [--rounds 5] [--size-mib 512] [--out compare.png]
+
+Strategies (time = restore-to-done as the guest measures it: from the start
+of its mapping and handshake, or for `resident` from memory in place, to
+the end of its invocation):
+  resident     memory already in place (the file read in full first): the floor
+  mmap-cold    the memory file mapped MAP_PRIVATE after evicting it from the
+               page cache (Firecracker's file backend, cold)
+  mmap-warm    the same with the page cache hot
+  uffd-lazy    restore's engine, demand faults only (no plan)
+  uffd-reap    the plan fetched and installed in full, then the guest starts
+               (REAP's blocking prefetch)
+  uffd-replay  restore's engine replaying the plan asynchronously while the
+               guest runs
+Tier condition: warm L1 (every chunk in the local cache). Each workload is
+recorded once (an uffd-lazy run of invocation A whose fault log becomes the
+plan) and measured on a different invocation B that shares most of A's
+working set. minivm (a KVM guest) is one more workload: resident, uffd-lazy
+and uffd-replay, time from restore start to its answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from restore.handler import Server
+from restore.protocol import accept_handshake
+from restore.sample import write_sample_image
+from restore.session import RestoreSession
+from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.testing import Guest, expected_sums, reads, wait
+from restore.tiers.durable import DurableStore
+from restore.tiers.l1 import L1Cache
+from restore.workingset import load_plan, rebuild_plan, save_plan
+
+P = 4096
+STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    recorded: np.ndarray  # file offsets, invocation A (feeds the plan)
+    measured: np.ndarray  # file offsets, invocation B (timed)
+
+
+def _runs(rng, n_pages, share, run, overlap):
+    """Two invocations touching `share` of memory in runs of `run` pages;
+    B keeps `overlap` of A's runs and replaces the rest."""
+    n_runs = int(n_pages * share / run)
+    starts = rng.choice(n_pages // run, size=int(n_runs * (2 - overlap)) + 1, replace=False) * run
+    a, extra = starts[:n_runs], starts[n_runs:]
+    keep = rng.permutation(a)[: int(n_runs * overlap)]
+    b = np.concatenate([keep, extra[: n_runs - len(keep)]])
+    rng.shuffle(b)
+
+    def offs(s):
+        return ((s[:, None] + np.arange(run)).reshape(-1).astype(np.uint64)) * P
+
+    return offs(a), offs(b)
+
+
+def workloads(size: int, seed: int = 7) -> list[Workload]:
+    rng = np.random.default_rng(seed)
+    n = size // P
+    out = []
+    for name, share, run, overlap in [
+        ("heap-5%: runs of 3 pages, 80% shared", 0.05, 3, 0.8),
+        ("scatter-10%: single pages, 70% shared", 0.10, 1, 0.7),
+        ("scan-15%: runs of 256 pages, 90% shared", 0.15, 256, 0.9),
+    ]:
+        a, b = _runs(rng, n, share, run, overlap)
+        out.append(Workload(name, a, b))
+    return out
+
+
+class Bench:
+    def __init__(self, work: Path, size: int):
+        self.work = work
+        self.size = size
+        self.image = work / "mem.img"
+        write_sample_image(self.image, size, seed=3, zero=0.4, random=0.1)
+        os.sync()  # clean pages, so mmap-cold can drop them from the page cache
+        self.store = DurableStore(f"file://{work}/store")
+        create_snapshot(self.store, self.image, "bench")
+        self.snap = Snapshot.open(self.store, "bench")
+        self.l1 = L1Cache(work / "l1")
+        for c in self.snap.manifest.chunks:  # warm L1
+            if c.id:
+                self.l1.put(c.id, self.store.get(chunk_key(c.id)))
+        self._n = 0
+
+    def sock(self) -> str:
+        self._n += 1
+        return str(self.work / f"s{self._n}.sock")
+
+    def check(self, res, offsets) -> None:
+        touched = res.sums[-len(offsets):]
+        if not (touched == expected_sums(self.image, offsets)).all():
+            raise RuntimeError("a restore returned wrong bytes")
+
+    def local(self, backing: str, offsets) -> float:
+        if backing == "mmap-cold":
+            fd = os.open(self.image, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        kind = "resident" if backing == "resident" else "mmap"
+        with Guest("", memory_size=self.size, backing=kind, image=self.image) as g:
+            res = g.run(reads(offsets), timeout=600)
+        self.check(res, offsets)
+        return res.total_ns / 1e6
+
+    def served(self, offsets, use_plan: bool) -> float:
+        with Server(self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False) as server:
+            with Guest(server.socket_path, memory_size=self.size) as g:
+                res = g.run(reads(offsets), timeout=600)
+        self.check(res, offsets)
+        return res.total_ns / 1e6
+
+    def reap(self, offsets) -> float:
+        """Blocking prefetch: the guest waits until the whole plan is in."""
+        plan = load_plan(self.store, self.snap.manifest)
+        path = self.sock()
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(path)
+        lsock.listen(1)
+        m = self.snap.manifest
+        with Guest(path, memory_size=self.size) as g:
+            g.start(np.concatenate([wait(), reads(offsets)]))
+            conn, _ = lsock.accept()
+            hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
+                                  chunk_size=m.chunk_size)
+            session = RestoreSession(self.snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
+                                     l1=self.l1, persist_log=False, plan=plan)
+            while not session.prefetch_done():
+                time.sleep(0.0002)
+            conn.sendall(b"g")
+            res = g.wait(600)
+            session.wait(10)
+            session.close()
+            hs.close()
+            conn.close()
+        lsock.close()
+        self.check(res, offsets)
+        return res.total_ns / 1e6
+
+    def record(self, w: Workload) -> int:
+        """Record invocation A and make its fault log the plan."""
+        with Server(self.snap, self.sock(), l1=self.l1, use_plan=False) as server:
+            with Guest(server.socket_path, memory_size=self.size) as g:
+                self.check(g.run(reads(w.recorded), timeout=600), w.recorded)
+        return rebuild_plan(self.store, self.snap.manifest, sessions=1).pages
+
+    def run(self, strategy: str, offsets) -> float:
+        if strategy in ("resident", "mmap-cold", "mmap-warm"):
+            return self.local(strategy, offsets)
+        if strategy == "uffd-lazy":
+            return self.served(offsets, use_plan=False)
+        if strategy == "uffd-replay":
+            return self.served(offsets, use_plan=True)
+        return self.reap(offsets)
+
+
+def minivm_rows(work: Path, rounds: int) -> dict[str, list[float]]:
+    """minivm: restore start to answer, per strategy (KVM needed)."""
+    from bench.minivm import driver
+
+    if not driver.kvm_available():
+        return {}
+    b = driver.build(work / "minivm")
+    image, state = work / "vm.img", work / "vm.state"
+    driver.boot(b, image, state, 256)
+    store = DurableStore(f"file://{work}/vmstore")
+    create_snapshot(store, image, "vm")
+    snap = Snapshot.open(store, "vm")
+    l1 = L1Cache(work / "vml1")
+    for c in snap.manifest.chunks:
+        if c.id:
+            l1.put(c.id, store.get(chunk_key(c.id)))
+    n = iter(range(10**6))
+
+    def serve(use_plan, request, persist=False):
+        with Server(snap, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist) as s:
+            return driver.restore(b, s.socket_path, state, [request])[0].ns / 1e6
+
+    serve(False, 11, persist=True)  # record invocation A
+    rebuild_plan(store, snap.manifest, sessions=1)
+    rows = {"resident": [], "uffd-lazy": [], "uffd-replay": []}
+    for _ in range(rounds):
+        rows["resident"].append(driver.resident(b, image, state, [4242])[0].ns / 1e6)
+        rows["uffd-lazy"].append(serve(False, 4242))
+        rows["uffd-replay"].append(serve(True, 4242))
+    snap.close()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--out", default="compare.png", help="PNG plot to write")
+    ap.add_argument("--no-minivm", action="store_true")
+    args = ap.parse_args(argv)
+
+    results: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="restore-compare-") as tmp:
+        bench = Bench(Path(tmp), args.size_mib << 20)
+        for w in workloads(bench.size):
+            pages = bench.record(w)
+            print(f"{w.name}: plan of {pages} pages from the recorded invocation", file=sys.stderr)
+            rows = {s: [] for s in STRATEGIES}
+            for _ in range(args.rounds):  # interleaved: one of each per round
+                for s in STRATEGIES:
+                    rows[s].append(bench.run(s, w.measured))
+            results[w.name] = rows
+        bench.snap.close()
+        if not args.no_minivm:
+            vm = minivm_rows(Path(tmp), args.rounds)
+            if vm:
+                results["minivm (KVM guest, 256 MiB): one request"] = vm
+
+    print(f"\nrestore-to-done, median of {args.rounds} interleaved rounds; ratio to resident (warm L1)")
+    print(f"{'workload':<44}" + "".join(f"{s:>20}" for s in STRATEGIES))
+    for name, rows in results.items():
+        base = float(np.median(rows["resident"]))
+        cells = []
+        for s in STRATEGIES:
+            if s in rows and rows[s]:
+                med = float(np.median(rows[s]))
+                cells.append(f"{med:9.2f} ms {med / base:6.2f}x")
+            else:
+                cells.append("-")
+        print(f"{name:<44}" + "".join(f"{c:>20}" for c in cells))
+    _plot(results, args.out)
+    print(f"\nplot: {args.out}")
+    return 0
+
+
+def _plot(results, out) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(STRATEGIES)
+    for i, s in enumerate(STRATEGIES):
+        ys = [float(np.median(r[s])) / float(np.median(r["resident"])) if r.get(s) else 0 for r in results.values()]
+        ax.bar(np.arange(len(results)) + i * width, ys, width, label=s)
+    ax.set_yscale("log")
+    ax.set_ylabel("restore-to-done / resident")
+    ax.set_xticks(np.arange(len(results)) + 0.4 - width / 2)
+    ax.set_xticklabels([n.split(":")[0] for n in results], fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.legend(fontsize=8, ncol=3)
+    ax.set_title("restore strategies, warm L1 (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The test guest's handler-less baselines (resident, mmap of the memory
+file) and its wait step, used by the strategy comparison."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from restore.errors import InputError
+from restore.sample import write_sample_image
+from restore.testing import BareHandler, Guest, GuestError, expected_sums, reads, wait
+
+SIZE = 2 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "mem.img"
+    write_sample_image(p, SIZE, seed=9)
+    return p
+
+
+@pytest.mark.parametrize("backing", ["resident", "mmap"])
+def test_file_backed_guests_read_the_image(image, backing):
+    offs = np.arange(0, SIZE, 4096 * 5, dtype=np.uint64)
+    with Guest("", memory_size=SIZE, backing=backing, image=image) as g:
+        res = g.run(reads(offs), timeout=60)
+    assert (res.sums == expected_sums(image, offs)).all()
+    assert res.total_ns >= res.ns.sum() > 0
+
+
+def test_backing_arguments_are_checked(image):
+    with pytest.raises(InputError, match=re.escape("backing 'tmpfs' is not one of uffd, resident, mmap")):
+        Guest("", memory_size=SIZE, backing="tmpfs", image=image)
+    with pytest.raises(InputError, match="needs image, and only it"):
+        Guest("", memory_size=SIZE, backing="mmap")
+    with Guest("", memory_size=SIZE, backing="mmap", image=image) as g:
+        with pytest.raises(GuestError, match="nobody to wait for without a handler"):
+            g.run(wait(), timeout=60)
+
+
+def test_wait_step_holds_the_guest_until_the_handler_says_go(tmp_path, image):
+    path = str(tmp_path / "w.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    data = image.read_bytes()
+    offs = np.array([0, 4096 * 7], dtype=np.uint64)
+    with BareHandler(data) as bare, Guest(path, memory_size=SIZE) as g:
+        g.start(np.concatenate([wait(), reads(offs)]))
+        conn, _ = lsock.accept()
+        from restore.protocol import accept_handshake
+
+        hs = accept_handshake(conn, memory_size=SIZE, snapshot_page_size=4096, chunk_size=512 * 1024)
+        bare.serve(hs.uffd, [(r.base, r.size, r.offset) for r in hs.regions], 4096)
+        time.sleep(0.2)
+        conn.sendall(b"g")
+        res = g.wait(60)
+        bare.stop()
+        hs.close()
+        conn.close()
+    lsock.close()
+    assert res.ns[0] >= 150_000_000  # it waited for the go-ahead
+    assert (res.sums[1:] == expected_sums(image, offs)).all()
