@@ -322,10 +322,12 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @click.option("--no-plan", is_flag=True, help="Do not prefetch the snapshot's working-set plan.")
 @click.option("--rebuild-plan-after", type=click.IntRange(min=1), default=None, metavar="N",
               help="Rebuild the plan from the recent fault logs after every N sessions.")
+@click.option("--plan-sessions", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Fault logs a rebuilt plan merges.")
 @l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
+def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, plan_sessions, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
 
     Each connection on SOCKET is one guest (one JSON list of regions plus its
@@ -356,6 +358,7 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, fetchers, drain_
         drain_timeout=drain_timeout,
         use_plan=not no_plan,
         rebuild_plan_after=rebuild_plan_after,
+        plan_sessions=plan_sessions,
     ).start()
     click.echo(f"serving {snap.label} on {socket_path}", err=True)
     while not stop.wait(0.5):

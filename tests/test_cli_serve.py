@@ -96,3 +96,22 @@ def test_try_checks_every_page(tmp_path, made, run_cli):
     again = run_cli("try", "fn", "--pages", "300", "--store", store, check=True).stdout
     assert re.search(r"chunks:\s+[1-9]\d* from L1, 0 fetched, 0 failed", again), again
     assert "fault log:         snapshots/fn/1/sessions/" in again
+
+
+def test_plan_build_and_show(tmp_path, made, run_cli):
+    _, store = made
+    none = run_cli("plan", "build", "fn", "--store", store)
+    assert none.returncode == 1
+    assert none.stderr == "error: snapshot fn/1 has no recorded sessions to build a plan from\n"
+    missing = run_cli("plan", "show", "fn", "--store", store)
+    assert missing.returncode == 1 and missing.stderr == "error: snapshot fn/1 has no plan (see `restore plan build`)\n"
+    run_cli("try", "fn", "--pages", "200", "--no-plan", "--store", store, check=True)
+    built = run_cli("plan", "build", "fn:1", "--sessions", "3", "--min-share", "0.5", "--store", store, check=True).stdout
+    assert re.fullmatch(r"plan [0-9a-f]{16} for fn/1: \d+ pages \([\d.]+ [KM]iB\) from 1 sessions\n", built), built
+    shown = run_cli("plan", "show", "fn", "--store", store, check=True).stdout
+    assert "built from:        1 sessions, pages kept if in >= 50% of them" in shown
+    assert shown.count("  offset 0x") == 10
+    bad = run_cli("plan", "build", "fn", "--min-share", "0", "--store", store)
+    assert bad.returncode == 2 and "0<x<=1" in bad.stderr
+    replay = run_cli("try", "fn", "--pages", "200", "--store", store, check=True).stdout
+    assert re.search(r"prefetch:\s+\d+ pages from \d+ planned chunks", replay), replay
