@@ -41,7 +41,7 @@ from restore.handler import Server
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.session import RestoreSession
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
@@ -99,9 +99,7 @@ class Bench:
         create_snapshot(self.store, self.image, "bench")
         self.snap = Snapshot.open(self.store, "bench")
         self.l1 = L1Cache(work / "l1")
-        for c in self.snap.manifest.chunks:  # warm L1
-            if c.id:
-                self.l1.put(c.id, self.store.get(chunk_key(c.id)))
+        self.snap.fill_l1(self.l1)  # warm L1
         self._n = 0
 
     def sock(self) -> str:
@@ -188,9 +186,7 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, list[float]]:
     create_snapshot(store, image, "vm")
     snap = Snapshot.open(store, "vm")
     l1 = L1Cache(work / "vml1")
-    for c in snap.manifest.chunks:
-        if c.id:
-            l1.put(c.id, store.get(chunk_key(c.id)))
+    snap.fill_l1(l1)
     n = iter(range(10**6))
 
     def serve(use_plan, request, persist=False):

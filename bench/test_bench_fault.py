@@ -29,7 +29,7 @@ import pytest
 from restore.handler import Server
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import BareHandler, Guest, reads
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
@@ -49,9 +49,7 @@ def world(tmp_path_factory):
     create_snapshot(store, img, "bench", chunk_size=CHUNK)
     snap = Snapshot.open(store, "bench")
     l1 = L1Cache(d / "l1")
-    for c in snap.manifest.chunks:  # warm L1
-        if c.id:
-            l1.put(c.id, store.get(chunk_key(c.id)))
+    snap.fill_l1(l1)  # warm L1
     data = img.read_bytes()
     pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, P)
     nonzero = np.flatnonzero(pages.any(axis=1)).astype(np.uint64)

@@ -21,7 +21,7 @@ import pytest
 
 from bench.minivm import driver
 from restore.handler import Server
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 
@@ -42,9 +42,7 @@ def vm(tmp_path_factory):
     create_snapshot(store, image, "vm")
     snap = Snapshot.open(store, "vm")
     warm = L1Cache(d / "warm-l1")
-    for c in snap.manifest.chunks:
-        if c.id:
-            warm.put(c.id, store.get(chunk_key(c.id)))
+    snap.fill_l1(warm)
     yield {"build": b, "image": image, "state": state, "snap": snap, "dir": d, "warm": warm}
     snap.close()
 

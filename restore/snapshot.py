@@ -474,6 +474,18 @@ class Snapshot:
             self.l1.put(entry.id, data)
         return out
 
+    def fill_l1(self, l1: L1Cache) -> int:
+        """Copy every chunk object of the snapshot from the store into l1
+        (pre-warming a worker); returns how many objects were copied. Bytes
+        are verified on the way in."""
+        ids = {c.id for c in self.manifest.chunks if c.id and not l1.contains(c.id)}
+        for cid in ids:
+            data = self.store.get(chunk_key(cid))
+            if data is None:
+                raise ChunkMissing(f"snapshot {self.label}: object {chunk_key(cid)} is missing from {self.store.url}")
+            l1.put(cid, data)
+        return len(ids)
+
     def read_pages(self, offsets) -> np.ndarray:
         """The bytes of the pages at the given file offsets (page aligned),
         as a uint8 array [len(offsets), page_size]; each chunk involved is

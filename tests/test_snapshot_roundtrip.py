@@ -138,3 +138,12 @@ def test_memory_store_and_many_workers(tmp_path, mixed_image):
         out = bytearray(m.memory_size)
         snap.read_into(out, workers=3)
     assert out == mixed_image.read_bytes()
+
+
+def test_fill_l1_copies_every_object_once(tmp_path, store, mixed_image):
+    m = create_snapshot(store, mixed_image, "vm", chunk_size=CHUNK)
+    l1 = L1Cache(tmp_path / "l1")
+    with Snapshot.open(store, "vm") as snap:
+        assert snap.fill_l1(l1) == len({c.id for c in m.chunks if c.id})
+        assert snap.fill_l1(l1) == 0  # already there
+    assert all(l1.get(c.id) == store.get(chunk_key(c.id)) for c in m.chunks if c.id)
