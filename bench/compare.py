@@ -16,7 +16,10 @@ the end of its invocation):
                (REAP's blocking prefetch)
   uffd-replay  restore's engine replaying the plan asynchronously while the
                guest runs
-Tier condition: warm L1 (every chunk in the local cache). Each workload is
+Tier conditions: warm L1 (every chunk in the local cache); and, with
+--slow-tiers, cold L1 with L2 warm, and cold L1 and L2 with only the
+durable tier (S3), both behind bench/netdelay's delays (0.5 ms / 20 ms RTT),
+for the uffd strategies (resident stays the floor). Each workload is
 recorded once (an uffd-lazy run of invocation A whose fault log becomes the
 plan) and measured on a different invocation B that shares most of A's
 working set. minivm (a KVM guest) is one more workload: resident, uffd-lazy
@@ -89,18 +92,31 @@ def workloads(size: int, seed: int = 7) -> list[Workload]:
 
 
 class Bench:
-    def __init__(self, work: Path, size: int):
+    def __init__(self, work: Path, size: int, store: DurableStore | None = None, warm_l1: bool = True,
+                 image: Path | None = None, **server_kw):
         self.work = work
         self.size = size
-        self.image = work / "mem.img"
-        write_sample_image(self.image, size, seed=3, zero=0.4, random=0.1)
-        os.sync()  # clean pages, so mmap-cold can drop them from the page cache
-        self.store = DurableStore(f"file://{work}/store")
-        create_snapshot(self.store, self.image, "bench")
+        self.image = image or work / "mem.img"
+        if image is None:
+            write_sample_image(self.image, size, seed=3, zero=0.4, random=0.1)
+            os.sync()  # clean pages, so mmap-cold can drop them from the page cache
+        self.store = store or DurableStore(f"file://{work}/store")
+        create_snapshot(self.store, self.image, "bench", warm_l2=server_kw.get("l2"))
         self.snap = Snapshot.open(self.store, "bench")
-        self.l1 = L1Cache(work / "l1")
-        self.snap.fill_l1(self.l1)  # warm L1
+        self.warm_l1 = warm_l1
+        self.server_kw = server_kw
+        self._l1 = L1Cache(work / "l1")
+        if warm_l1:
+            self.snap.fill_l1(self._l1)
         self._n = 0
+
+    @property
+    def l1(self) -> L1Cache:
+        """The warm L1, or a new empty one for every restore (cold L1)."""
+        if self.warm_l1:
+            return self._l1
+        self._n += 1
+        return L1Cache(self.work / f"cold-l1-{self._n}")
 
     def sock(self) -> str:
         self._n += 1
@@ -123,7 +139,8 @@ class Bench:
         return res.total_ns / 1e6
 
     def served(self, offsets, use_plan: bool) -> float:
-        with Server(self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False) as server:
+        with Server(self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
+                    **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size) as g:
                 res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
@@ -143,7 +160,9 @@ class Bench:
             hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
                                   chunk_size=m.chunk_size)
             session = RestoreSession(self.snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
-                                     l1=self.l1, persist_log=False, plan=plan)
+                                     l1=self.l1, persist_log=False, plan=plan, l2=self.server_kw.get("l2"),
+                                     fetchers=self.server_kw.get("fetchers", 4),
+                                     prefetch_inflight=self.server_kw.get("prefetch_inflight", 8))
             while not session.prefetch_done():
                 time.sleep(0.0002)
             conn.sendall(b"g")
@@ -204,12 +223,45 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, list[float]]:
     return rows
 
 
+def slow_tier_rows(work: Path, image: Path, size: int, w: Workload, rounds: int, inflight: int) -> dict:
+    """The uffd strategies with a cold L1 behind L2 and behind the durable
+    tier alone (bench/netdelay: namespaces plus delay)."""
+    from bench import netdelay
+    from restore.tiers.durable import S3Options
+    from restore.tiers.l2 import L2Cluster
+
+    out = {}
+    with netdelay.tiers() as t:
+        opts = S3Options(endpoint=t.s3_endpoint, region="us-east-1", access_key_id="test", secret_access_key="test")
+        l2 = L2Cluster([("az1", [t.l2_address])])
+        for cond, kw in [("cold L1, L2 warm", {"l2": l2}), ("cold L1 and L2, durable", {})]:
+            d = work / cond.replace(" ", "_").replace(",", "")
+            d.mkdir()
+            store = DurableStore(f"s3://{t.bucket}/{d.name}", opts)
+            b = Bench(d, size, store=store, warm_l1=False, image=image, fetchers=inflight,
+                      prefetch_inflight=inflight, **kw)
+            b.record(w)
+            rows = {s: [] for s in ("uffd-lazy", "uffd-reap", "uffd-replay")}
+            for _ in range(rounds):
+                for s in rows:
+                    rows[s].append(b.run(s, w.measured))
+            rows["resident"] = [b.run("resident", w.measured) for _ in range(rounds)]
+            out[f"{w.name.split(':')[0]}, {cond} ({t.method} delay)"] = rows
+            b.snap.close()
+        l2.close()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--out", default="compare.png", help="PNG plot to write")
     ap.add_argument("--no-minivm", action="store_true")
+    ap.add_argument("--slow-tiers", action="store_true",
+                    help="also run the first workload with a cold L1 behind delayed L2 / S3 (needs root)")
+    ap.add_argument("--slow-size-mib", type=int, default=64, help="memory of the slow-tier runs")
+    ap.add_argument("--inflight", type=int, default=32, help="fetchers and prefetch requests in flight (slow tiers)")
     args = ap.parse_args(argv)
 
     results: dict[str, dict[str, list[float]]] = {}
@@ -224,12 +276,21 @@ def main(argv=None) -> int:
                     rows[s].append(bench.run(s, w.measured))
             results[w.name] = rows
         bench.snap.close()
+        if args.slow_tiers:
+            slow = Path(tmp) / "slow"
+            slow.mkdir()
+            img = slow / "mem.img"
+            write_sample_image(img, args.slow_size_mib << 20, seed=3, zero=0.4, random=0.1)
+            w = workloads(args.slow_size_mib << 20)[0]
+            results.update(slow_tier_rows(slow, img, args.slow_size_mib << 20, w, max(1, args.rounds // 2),
+                                          args.inflight))
         if not args.no_minivm:
             vm = minivm_rows(Path(tmp), args.rounds)
             if vm:
                 results["minivm (KVM guest, 256 MiB): one request"] = vm
 
-    print(f"\nrestore-to-done, median of {args.rounds} interleaved rounds; ratio to resident (warm L1)")
+    print(f"\nrestore-to-done, median of interleaved rounds ({args.rounds}; slow tiers {max(1, args.rounds // 2)}); "
+          "ratio to resident")
     print(f"{'workload':<44}" + "".join(f"{s:>20}" for s in STRATEGIES))
     for name, rows in results.items():
         base = float(np.median(rows["resident"]))
@@ -263,7 +324,7 @@ def _plot(results, out) -> None:
     ax.set_xticklabels([n.split(":")[0] for n in results], fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.legend(fontsize=8, ncol=3)
-    ax.set_title("restore strategies, warm L1 (lower is better)")
+    ax.set_title("restore strategies (lower is better)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 from .errors import InputError, RestoreError
 from .protocol import HandshakeError, accept_handshake, peer_credentials
-from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, RestoreSession, SessionStats
+from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, DEFAULT_PREFETCH_INFLIGHT, RestoreSession, SessionStats
 from .snapshot import Snapshot
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
@@ -81,6 +81,7 @@ class Server:
         use_plan: bool = True,
         rebuild_plan_after: Optional[int] = None,
         plan_sessions: int = 5,
+        prefetch_inflight: int = DEFAULT_PREFETCH_INFLIGHT,
         on_session_end: Optional[Callable[[SessionSummary], None]] = None,
     ):
         self.snapshot = snapshot
@@ -95,6 +96,7 @@ class Server:
         self.use_plan = use_plan
         self.rebuild_plan_after = rebuild_plan_after
         self.plan_sessions = plan_sessions
+        self.prefetch_inflight = prefetch_inflight
         self._since_plan = 0  # sessions recorded since the plan was rebuilt
         self.on_session_end = on_session_end
         self.summaries: list[SessionSummary] = []
@@ -210,6 +212,7 @@ class Server:
                 fetchers=self.fetchers,
                 persist_log=self.persist_logs,
                 plan=plan,
+                prefetch_inflight=self.prefetch_inflight,
             )
         except RestoreError as exc:
             hs.close()
