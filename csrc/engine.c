@@ -461,8 +461,8 @@ static void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns)
 }
 
 /* Install the planned pages of ready chunk c (plan chunk k) that are not
- * present or removed, as runs contiguous in the chunk and in a region.
- * The caller holds the install lock for reading. Best effort: a run that
+ * present or removed, as runs contiguous in the chunk and in a region,
+ * taking the install lock for reading per run. Best effort: a run that
  * meets -EAGAIN (a REMOVE in flight) is skipped; its pages fault later. */
 static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
 {
@@ -475,8 +475,12 @@ static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
 
         if (r < 0 || !candidate(e, r, c, p))
             continue;
+        /* The install lock is taken per run, so a demand fault waits for
+         * at most one run, never for a whole chunk's worth. */
+        pthread_rwlock_rdlock(&e->install);
         run_around(e, r, c, p, &lo, &hi);
         (void)fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
+        pthread_rwlock_unlock(&e->install);
         atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
     }
 }
@@ -515,9 +519,7 @@ static void *prefetch_main(void *arg)
         state = atomic_load(&e->chunks[c].state);
         if (state == C_READY) {
             pthread_mutex_unlock(&e->lock);
-            pthread_rwlock_rdlock(&e->install);
             prefetch_install(e, c, k);
-            pthread_rwlock_unlock(&e->install);
             continue;
         }
         if (state != C_FAILED) {
@@ -560,10 +562,10 @@ static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
     pthread_rwlock_rdlock(&e->install);
     for (size_t i = 0; i < waiting.n; i++)
         serve_or_defer(e, waiting.v[i].page, waiting.v[i].t_ns);
-    if (data && e->chunk_plan && e->chunk_plan[c] >= 0)
-        prefetch_install(e, c, (uint32_t)e->chunk_plan[c]);
     pthread_rwlock_unlock(&e->install);
     free(waiting.v);
+    if (data && e->chunk_plan && e->chunk_plan[c] >= 0)
+        prefetch_install(e, c, (uint32_t)e->chunk_plan[c]);
 
     pthread_mutex_lock(&e->lock);
     asked = e->prefetch_asked && e->prefetch_asked[c];
