@@ -260,10 +260,12 @@ class RestoreSession:
         recs = buf[:n]
         return recs[np.argsort(recs["t_ns"], kind="stable")]
 
-    def stats(self) -> SessionStats:
+    def stats(self, records: Optional[np.ndarray] = None) -> SessionStats:
+        """The session's figures; records: its fault log if the caller has
+        just read it (else it is read here)."""
         st = ffi.new("rs_engine_stats *")
         lib.rs_engine_get_stats(self._handle(), st)
-        svc = self.fault_log()["service_ns"]
+        svc = (self.fault_log() if records is None else records)["service_ns"]
         p50, p99, mx = (int(np.percentile(svc, q)) for q in (50, 99, 100)) if len(svc) else (0, 0, 0)
         return SessionStats(
             faults=st.faults,
@@ -304,8 +306,8 @@ class RestoreSession:
                 return None
             lib.rs_engine_stop(self._engine)
             self._fetchers.join()
-            final = self.stats()
             records = self.fault_log()
+            final = self.stats(records)
             self._closed = True
             lib.rs_engine_destroy(self._engine)
             self._engine = None

@@ -452,37 +452,31 @@ class Userfaultfd:
             raise _range_error(rc, "UFFDIO_COPY", dst, length, "rs_uffd_copy", done[0])
         return done[0]
 
+    def _fill(self, fn, name: str, dst: int, length: int, wake: bool) -> int:
+        """One of the range ioctls that take (dst, len, mode, *done)."""
+        dst, length = _check_range("dst", dst, length)
+        done = ffi.new("uint64_t *")
+        rc = fn(self.fileno(), dst, length, 0 if wake else lib.RS_UFFD_DONTWAKE, done)
+        if rc < 0:
+            raise _range_error(rc, name, dst, length, f"rs_uffd_{name[len('UFFDIO_'):].lower()}", done[0])
+        return done[0]
+
     def zeropage(self, dst: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE: map zero pages at the missing pages [dst,
         dst+length). Returns the bytes handled."""
-        dst, length = _check_range("dst", dst, length)
-        done = ffi.new("uint64_t *")
-        rc = lib.rs_uffd_zeropage(self.fileno(), dst, length, 0 if wake else lib.RS_UFFD_DONTWAKE, done)
-        if rc < 0:
-            raise _range_error(rc, "UFFDIO_ZEROPAGE", dst, length, "rs_uffd_zeropage", done[0])
-        return done[0]
+        return self._fill(lib.rs_uffd_zeropage, "UFFDIO_ZEROPAGE", dst, length, wake)
 
     def continue_(self, dst: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_CONTINUE (MINOR mode): map the page cache's pages at [dst,
         dst+length). Returns the bytes mapped."""
-        dst, length = _check_range("dst", dst, length)
-        done = ffi.new("uint64_t *")
-        rc = lib.rs_uffd_continue(self.fileno(), dst, length, 0 if wake else lib.RS_UFFD_DONTWAKE, done)
-        if rc < 0:
-            raise _range_error(rc, "UFFDIO_CONTINUE", dst, length, "rs_uffd_continue", done[0])
-        return done[0]
+        return self._fill(lib.rs_uffd_continue, "UFFDIO_CONTINUE", dst, length, wake)
 
     def poison(self, dst: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_POISON: mark the missing pages [dst, dst+length) poisoned:
         any later access gets SIGBUS (a woken faulting thread too). Returns
         the bytes handled. Note: a later copy() over a poisoned page replaces
         the poison (the kernel treats the marker as an empty page)."""
-        dst, length = _check_range("dst", dst, length)
-        done = ffi.new("uint64_t *")
-        rc = lib.rs_uffd_poison(self.fileno(), dst, length, 0 if wake else lib.RS_UFFD_DONTWAKE, done)
-        if rc < 0:
-            raise _range_error(rc, "UFFDIO_POISON", dst, length, "rs_uffd_poison", done[0])
-        return done[0]
+        return self._fill(lib.rs_uffd_poison, "UFFDIO_POISON", dst, length, wake)
 
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE: wake the threads faulting in [start, start+length)."""
