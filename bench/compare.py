@@ -33,7 +33,6 @@ import os
 import socket
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
-from restore.workingset import load_plan, rebuild_plan, save_plan
+from restore.workingset import load_plan, rebuild_plan
 
 P = 4096
 STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay"]

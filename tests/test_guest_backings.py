@@ -3,7 +3,6 @@ file) and its wait step, used by the strategy comparison."""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time

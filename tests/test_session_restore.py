@@ -406,7 +406,7 @@ def test_socket_is_private_and_stale_sockets_are_replaced(tmp_path, snap):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()  # a socket file nobody listens on
-    with Server(snap, path) as server:
+    with Server(snap, path):
         assert os.stat(path).st_mode & 0o777 == 0o600
         from restore.errors import InputError
 

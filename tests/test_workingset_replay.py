@@ -17,7 +17,7 @@ from restore.handler import Server
 from restore.sample import write_sample_image
 from restore.session import LOG_DTYPE
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, GuestError, expected_sums, reads, remove
+from restore.testing import Guest, expected_sums, reads, remove
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.workingset import (
@@ -73,7 +73,6 @@ def snap(tmp_path, image):
 
 def _trace(image, seed, n=1500):
     """A working set: runs of 3 pages, shifted a little per invocation."""
-    pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
     rng = np.random.default_rng(seed)
     starts = np.sort(rng.choice(np.arange(0, SIZE // P - 4, 7), size=n // 3, replace=False))
     rng.shuffle(starts)
