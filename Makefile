@@ -51,7 +51,8 @@ demo: install
 	$(RESTORE) plan build demo --sessions 1
 	@echo "--- restore again, replaying the plan as a prefetch: most faults never happen ---"
 	$(RESTORE) try demo --pages 8192
-	$(RESTORE) session show demo --head 5
+	@echo "--- the two sessions side by side ---"
+	$(RESTORE) session compare demo
 
 test: install
 	$(PY) -m pytest -q tests

@@ -51,6 +51,7 @@ struct counters {
         removes, eexist, deferred, poisoned;
     _Atomic uint64_t first_touches[6];
     _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
+    _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
 };
 
 struct rs_engine {
@@ -90,6 +91,7 @@ struct rs_engine {
     uint64_t *plan_zero;          /* planned all-zero pages, ascending */
     uint64_t n_plan_zero;
     _Atomic uint64_t *planned;    /* bitmap: page is in the plan */
+    _Atomic uint64_t *prefetched; /* bitmap: page installed by the prefetch */
     uint32_t prefetch_max;        /* chunk requests in flight at most */
     uint32_t prefetch_inflight;   /* under lock */
     uint8_t *prefetch_asked;      /* per chunk: requested by the prefetch,
@@ -230,14 +232,15 @@ static void defer(rs_engine *e, uint64_t page, uint64_t t_ns)
     wake_service(e);
 }
 
-static void log_touch(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns)
+/* Append the first-touch record of page p (once per page); 1 if it was
+ * the first. */
+static int log_record(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns,
+                      uint64_t svc)
 {
     rs_fault_record rec;
-    uint64_t svc;
 
     if (bit_set(e->touched, p))
-        return;
-    svc = now_ns() - t_ns;
+        return 0;
     memset(&rec, 0, sizeof(rec));
     rec.t_ns = t_ns - e->t0_ns;
     rec.offset = p * e->cfg.page_size;
@@ -246,8 +249,30 @@ static void log_touch(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_
     rec.source = (uint8_t)src;
     rs_faultlog_append(e->log, &rec);
     atomic_fetch_add(&e->st.first_touches[src], 1);
-    if (e->planned)
+    return 1;
+}
+
+/* Log the demand fault on page p that arrived at t_ns and is now served. */
+static void log_touch(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns)
+{
+    if (log_record(e, p, chunk, src, t_ns, now_ns() - t_ns) && e->planned)
         atomic_fetch_add(bit_test(e->planned, p) ? &e->st.faults_planned : &e->st.faults_unplanned, 1);
+}
+
+/* With a plan, a planned page that an install brings in ahead of its touch
+ * is logged there (source prefetched), in place of the demand fault it
+ * would have caused: a session that replays a plan records as much as one
+ * that did not. Pages [lo, upto) were just installed; skip is the page
+ * whose fault is being served (logged by its caller), or UINT64_MAX. */
+static void log_planned(rs_engine *e, uint64_t lo, uint64_t upto, uint64_t skip)
+{
+    uint64_t t = now_ns();
+
+    if (!e->planned)
+        return;
+    for (uint64_t q = lo; q < upto; q++)
+        if (q != skip && bit_test(e->planned, q))
+            log_record(e, q, e->page_chunk[q], RS_SRC_PREFETCHED, t, 0);
 }
 
 /* Result of an install ioctl: 0 done, -EAGAIN retry later, other -errno. */
@@ -270,6 +295,10 @@ static int candidate(rs_engine *e, int r, uint32_t c, uint64_t q)
            !bit_test(e->present, q) && !bit_test(e->removed, q);
 }
 
+/* Set while this thread installs for the prefetch: its install time is
+ * counted apart. */
+static _Thread_local int in_prefetch;
+
 /* Install the run of pages [lo, hi) of region r: copied from src (the run
  * is contiguous there) or, when src is NULL, as zero pages. Pages found
  * present are skipped. The first ioctl wakes what it installs; once the
@@ -284,7 +313,7 @@ static int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo,
 {
     const uint64_t ps = e->cfg.page_size;
     const uint64_t dst = addr_of(e, r, lo), len = (hi - lo) * ps;
-    uint64_t off = 0, mode = 0, done;
+    uint64_t off = 0, mode = 0, done, t0 = now_ns();
     int rc = 0, split = 0;
 
     while (off < len) {
@@ -315,6 +344,7 @@ static int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo,
     if (split && off)
         (void)rs_uffd_wake(e->uffd, dst, off);
     *upto = lo + off / ps;
+    atomic_fetch_add(in_prefetch ? &e->st.prefetch_install_ns : &e->st.demand_install_ns, now_ns() - t0);
     return ioctl_result(e, rc);
 }
 
@@ -322,13 +352,16 @@ static int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo,
  * UFFDIO_ZEROPAGE over the run of not-yet-present zero pages around it
  * within the fault-around window. hugetlbfs has no UFFDIO_ZEROPAGE: huge
  * pages are copied from a zero page, one at a time. */
-static int install_zero(rs_engine *e, int r, uint64_t p, int around)
+static int install_zero(rs_engine *e, int r, uint64_t p, int around, uint64_t *lo_out,
+                        uint64_t *upto_out)
 {
     uint64_t lo = p, hi = p + 1, upto;
     int rc;
 
-    if (e->cfg.page_size != 4096)
-        return fill_run(e, r, e->zero_page, p, p + 1, &upto);
+    if (e->cfg.page_size != 4096) {
+        rc = fill_run(e, r, e->zero_page, p, p + 1, &upto);
+        goto out;
+    }
     if (around && e->cfg.fault_around > 1) {
         uint64_t w0 = p - p % e->cfg.fault_around, w1 = w0 + e->cfg.fault_around;
 
@@ -338,7 +371,14 @@ static int install_zero(rs_engine *e, int r, uint64_t p, int around)
             hi++;
     }
     rc = fill_run(e, r, NULL, lo, hi, &upto);
-    return rc == -EAGAIN && upto > p ? 0 : rc;
+    if (rc == -EAGAIN && upto > p)
+        rc = 0;
+out:
+    if (lo_out) {
+        *lo_out = lo;
+        *upto_out = upto;
+    }
+    return rc;
 }
 
 static int install_poison(rs_engine *e, int r, uint64_t p)
@@ -385,6 +425,7 @@ static int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
     rc = fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
     if (rc == -EAGAIN && upto > p)
         rc = 0; /* the faulting page made it; the rest may fault later */
+    log_planned(e, lo, upto, p);
     return rc;
 }
 
@@ -397,16 +438,20 @@ static int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
     int rc, state;
 
     if (bit_test(e->removed, p)) {
-        rc = install_zero(e, r, p, 0);
+        rc = install_zero(e, r, p, 0, NULL, NULL);
         if (rc == 0)
             log_touch(e, p, e->page_chunk[p], RS_SRC_REMOVED, t_ns);
         return rc;
     }
     c = e->page_chunk[p];
     if (c == NO_CHUNK) {
-        rc = install_zero(e, r, p, 1);
-        if (rc == 0)
+        uint64_t lo, upto;
+
+        rc = install_zero(e, r, p, 1, &lo, &upto);
+        if (rc == 0) {
+            log_planned(e, lo, upto, p);
             log_touch(e, p, NO_CHUNK, RS_SRC_ZERO, t_ns);
+        }
         return rc;
     }
     for (;;) {
@@ -460,6 +505,15 @@ static void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns)
         defer(e, p, t_ns);
 }
 
+/* Book the prefetch's install of pages [lo, upto). */
+static void prefetch_booked(rs_engine *e, uint64_t lo, uint64_t upto)
+{
+    for (uint64_t q = lo; q < upto; q++)
+        bit_set(e->prefetched, q);
+    atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
+    log_planned(e, lo, upto, UINT64_MAX);
+}
+
 /* Install the planned pages of ready chunk c (plan chunk k) that are not
  * present or removed, as runs contiguous in the chunk and in a region,
  * taking the install lock for reading per run. Best effort: a run that
@@ -479,9 +533,11 @@ static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
          * at most one run, never for a whole chunk's worth. */
         pthread_rwlock_rdlock(&e->install);
         run_around(e, r, c, p, &lo, &hi);
+        in_prefetch = 1;
         (void)fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
+        in_prefetch = 0;
+        prefetch_booked(e, lo, upto);
         pthread_rwlock_unlock(&e->install);
-        atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
     }
 }
 
@@ -491,11 +547,16 @@ static void prefetch_zero(rs_engine *e)
 {
     pthread_rwlock_rdlock(&e->install);
     for (uint64_t i = 0; i < e->n_plan_zero; i++) {
-        uint64_t p = e->plan_zero[i];
-        int r = region_of_page(e, p);
+        uint64_t p = e->plan_zero[i], lo, upto;
+        int r = region_of_page(e, p), rc;
 
-        if (r >= 0 && candidate(e, r, NO_CHUNK, p) && install_zero(e, r, p, 1) == 0)
-            atomic_fetch_add(&e->st.prefetch_pages, 1);
+        if (r < 0 || !candidate(e, r, NO_CHUNK, p))
+            continue;
+        in_prefetch = 1;
+        rc = install_zero(e, r, p, 1, &lo, &upto);
+        in_prefetch = 0;
+        if (rc == 0)
+            prefetch_booked(e, lo, upto);
     }
     pthread_rwlock_unlock(&e->install);
 }
@@ -740,23 +801,40 @@ static void *service_main(void *arg)
 
 /* Read chunk c from L1 into buf (stored_bound bytes), decode it and settle
  * it. On a miss or a bad copy, pass the request on to the fetchers. */
+/* Verify and decode stored bytes of chunk c into a new buffer (*out),
+ * timed into decode_ns. */
+static int decode_chunk(rs_engine *e, uint32_t c, const uint8_t *stored, size_t len, uint8_t **out)
+{
+    uint64_t t0 = now_ns();
+    uint8_t *data = malloc(e->cfg.chunk_size);
+    int rc = data ? rs_chunk_decode(e->codec, stored, len, e->ids + (size_t)c * RS_ID_BYTES,
+                                    e->flags[c], e->zero + (size_t)c * e->bm_bytes, data)
+                  : -ENOMEM;
+
+    atomic_fetch_add(&e->st.decode_ns, now_ns() - t0);
+    if (rc) {
+        free(data);
+        data = NULL;
+    }
+    *out = data;
+    return rc;
+}
+
 static void l1_load(rs_engine *e, uint32_t c, uint8_t *buf, size_t bound)
 {
+    uint64_t t0 = now_ns();
     int64_t n = rs_l1_read(e->l1_dir, e->ids + (size_t)c * RS_ID_BYTES, buf, bound);
 
+    atomic_fetch_add(&e->st.l1_read_ns, now_ns() - t0);
     if (n >= 0 && (uint64_t)n == e->lens[c]) {
-        uint8_t *data = malloc(e->cfg.chunk_size);
-        int rc = data ? rs_chunk_decode(e->codec, buf, (size_t)n,
-                                        e->ids + (size_t)c * RS_ID_BYTES,
-                                        e->flags[c], e->zero + c * e->bm_bytes, data)
-                      : -ENOMEM;
+        uint8_t *data;
+        int rc = decode_chunk(e, c, buf, (size_t)n, &data);
 
         if (rc == 0) {
             atomic_fetch_add(&e->st.chunks_l1, 1);
             settle_chunk(e, c, data, RS_SRC_L1);
             return;
         }
-        free(data);
         atomic_fetch_add(&e->st.l1_bad, 1);
     } else if (n == -ENOENT) {
         atomic_fetch_add(&e->st.l1_misses, 1);
@@ -811,6 +889,7 @@ static void free_tables(rs_engine *e)
     free(e->chunk_plan);
     free(e->plan_zero);
     free((void *)e->planned);
+    free((void *)e->prefetched);
     free(e->prefetch_asked);
 }
 
@@ -833,6 +912,7 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
         if (pages[i] >= e->n_pages)
             return -EINVAL;
     e->planned = calloc((e->n_pages + 63) / 64, sizeof(uint64_t));
+    e->prefetched = calloc((e->n_pages + 63) / 64, sizeof(uint64_t));
     e->chunk_plan = malloc((nc + 1) * sizeof(int32_t));
     e->plan_chunks = malloc((nc + 1) * sizeof(uint32_t));
     e->plan_start = calloc(nc + 2, sizeof(uint64_t));
@@ -840,7 +920,7 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
     e->plan_zero = malloc((n + 1) * sizeof(uint64_t));
     e->prefetch_asked = calloc(nc + 1, 1);
     count = calloc(nc + 1, sizeof(uint64_t));
-    if (!e->planned || !e->chunk_plan || !e->plan_chunks || !e->plan_start ||
+    if (!e->planned || !e->prefetched || !e->chunk_plan || !e->plan_chunks || !e->plan_start ||
         !e->plan_pages || !e->plan_zero || !e->prefetch_asked || !count) {
         free(count);
         return -ENOMEM;
@@ -1120,15 +1200,10 @@ int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
         atomic_fetch_add(&e->st.supply_rejected, 1);
         return -EBADMSG;
     }
-    data = malloc(e->cfg.chunk_size);
-    if (!data)
-        return -ENOMEM;
-    rc = rs_chunk_decode(e->codec, stored, stored_len,
-                         e->ids + (size_t)chunk * RS_ID_BYTES, e->flags[chunk],
-                         e->zero + (size_t)chunk * e->bm_bytes, data);
+    rc = decode_chunk(e, chunk, stored, stored_len, &data);
     if (rc) {
-        free(data);
-        atomic_fetch_add(&e->st.supply_rejected, 1);
+        if (rc != -ENOMEM)
+            atomic_fetch_add(&e->st.supply_rejected, 1);
         return rc;
     }
     atomic_fetch_add(&e->st.chunks_fetched, 1);
@@ -1173,6 +1248,10 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->prefetch_pages = atomic_load(&e->st.prefetch_pages);
     out->faults_planned = atomic_load(&e->st.faults_planned);
     out->faults_unplanned = atomic_load(&e->st.faults_unplanned);
+    out->l1_read_ns = atomic_load(&e->st.l1_read_ns);
+    out->decode_ns = atomic_load(&e->st.decode_ns);
+    out->prefetch_install_ns = atomic_load(&e->st.prefetch_install_ns);
+    out->install_ns = atomic_load(&e->st.demand_install_ns) + out->prefetch_install_ns;
     pthread_mutex_lock(&e->lock);
     for (uint32_t c = 0; c < e->cfg.n_chunks; c++)
         parked += (uint32_t)e->chunks[c].parked.n;
@@ -1181,6 +1260,19 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->parked_now = parked;
     out->guest_gone = atomic_load(&e->guest_gone);
     out->error = atomic_load(&e->error);
+}
+
+size_t rs_engine_prefetched(rs_engine *e, uint64_t *out, size_t words)
+{
+    size_t n = (e->n_pages + 63) / 64;
+
+    if (!e->prefetched)
+        return 0;
+    if (words < n)
+        n = words;
+    for (size_t i = 0; i < n; i++)
+        out[i] = atomic_load(&e->prefetched[i]);
+    return n;
 }
 
 size_t rs_engine_log_read(rs_engine *e, rs_fault_record *out, size_t max)

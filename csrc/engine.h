@@ -27,7 +27,12 @@
  * Whoever makes a chunk READY (or FAILED) serves the faults parked on it.
  * Installs that meet -EAGAIN (a REMOVE in flight) are handed to the service
  * thread, which retries them after draining events. Every first touch of a
- * guest page is appended to the fault log.
+ * guest page is appended to the fault log; a planned page the prefetch
+ * installed is logged when it is installed (source prefetched), since a
+ * touch of a present page makes no event.
+ *
+ * The *_ns counters add up thread time per phase (several threads can
+ * spend it at once): they say where a restore's CPU went.
  */
 
 typedef struct rs_engine rs_engine;
@@ -69,6 +74,10 @@ typedef struct rs_engine_stats {
     uint64_t faults_planned;      /* first touches of planned pages that still
                                      faulted (their chunk was not there yet) */
     uint64_t faults_unplanned;    /* first touches of pages not in the plan */
+    uint64_t l1_read_ns;          /* time L1 threads spent reading files */
+    uint64_t decode_ns;           /* time spent verifying and decoding chunks */
+    uint64_t install_ns;          /* time spent in install ioctls (all) */
+    uint64_t prefetch_install_ns; /* of which the prefetch's */
     uint32_t parked_now;          /* faults waiting on chunks right now */
     int32_t guest_gone;           /* 1 once the guest's memory is gone */
     int32_t error;                /* -errno of the first unexpected failure */
@@ -130,6 +139,11 @@ int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
 int rs_engine_fail(rs_engine *e, uint32_t chunk, int err);
 
 void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out);
+
+/* Copy the bitmap of pages the prefetch installed (bit p of word p/64,
+ * fault-around runs included) into out, at most words words; returns the
+ * words copied (0 without a plan). */
+size_t rs_engine_prefetched(rs_engine *e, uint64_t *out, size_t words);
 
 /* Copy up to max fault records (append order) to out; returns the count. */
 size_t rs_engine_log_read(rs_engine *e, rs_fault_record *out, size_t max);

@@ -393,7 +393,7 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_pla
     import numpy as np
 
     from .handler import Server
-    from .session import DEFAULT_FAULT_AROUND
+    from .session import DEFAULT_FAULT_AROUND, prefetch_usage
     from .snapshot import Snapshot
     from .testing import Guest, reads
 
@@ -423,11 +423,15 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_pla
     click.echo(f"{snap.label}: guest read {len(trace)} pages in {fmt_ns(result.ns.sum())} "
                f"(per touch p50 {fmt_ns(np.median(result.ns))}, p99 {fmt_ns(np.percentile(result.ns, 99))}); "
                + ("every page matches the snapshot" if bad == 0 else f"{bad} PAGES DIFFER FROM THE SNAPSHOT"))
-    click.echo(f"{'faults:':<19}{st.faults} ({', '.join(f'{k} {v}' for k, v in st.first_touches.items() if v)})")
+    click.echo(f"{'faults:':<19}{st.faults}; first touches by source: "
+               + ", ".join(f"{k} {v}" for k, v in st.first_touches.items() if v))
     click.echo(f"{'pages installed:':<19}{st.pages_installed} ({human(st.bytes_installed)})")
     if st.prefetch_chunks:
-        click.echo(f"{'prefetch:':<19}{st.prefetch_pages} pages from {st.prefetch_chunks} planned chunks; "
-                   f"faults on planned pages {st.faults_planned}, on unplanned pages {st.faults_unplanned}")
+        useful, wasted = prefetch_usage(summary.prefetched, trace)
+        click.echo(f"{'prefetch:':<19}{st.prefetch_pages} pages from {st.prefetch_chunks} planned chunks, "
+                   f"{useful} of them read by the guest, {wasted} not")
+        click.echo(f"{'demand faults:':<19}{st.faults_planned} on planned pages whose chunk was not in yet, "
+                   f"{st.faults_unplanned} on pages not in the plan")
     click.echo(f"{'chunks:':<19}{st.chunks_l1} from L1, {st.chunks_fetched} fetched, {st.chunks_failed} failed")
     for tier, t in st.tiers.items():
         if t["requests"]:
@@ -521,52 +525,92 @@ def session_ls(spec, store_url, s3_endpoint, s3_region):
         click.echo(k.rsplit("/", 1)[1][: -len(".npy")])
 
 
+def _load_session(store: DurableStore, name: str, version: str, keys: list[str], session_id: Optional[str],
+                  newest: int = 1):
+    """(session id, fault log) of session_id, or of the newest-th newest."""
+    from .errors import SnapshotNotFound
+    from .session import load_fault_log, sessions_prefix
+
+    if session_id is None:
+        if not keys:
+            raise SnapshotNotFound(f"no sessions of {name}/{version}")
+        if len(keys) < newest:
+            raise SnapshotNotFound(f"{name}/{version} has only {len(keys)} saved session; give two session ids")
+        key = keys[-newest]
+    else:
+        key = f"{sessions_prefix(name, version)}{session_id}.npy"
+    data = store.get(key)
+    if data is None:
+        raise SnapshotNotFound(f"no session {session_id} of {name}/{version}")
+    return key.rsplit("/", 1)[1][: -len(".npy")], load_fault_log(data, f"{store.url}/{key}")
+
+
+def _session_rows(recs) -> list[tuple[str, str]]:
+    """The summary lines of a fault log: (label, value)."""
+    import numpy as np
+
+    from .session import SOURCES
+
+    pre = SOURCES.index("prefetched")
+    demand = recs[recs["source"] != pre]
+    rows = [("first touches", str(len(recs))), ("demand faults", str(len(demand)))]
+    if len(recs):
+        span = (int(recs["t_ns"].max()) - int(recs["t_ns"].min())) / 1e6
+        rows.append(("span", f"{span:.1f} ms"))
+    counts = np.bincount(recs["source"], minlength=len(SOURCES))
+    rows += [(f"  {SOURCES[i]}", str(int(n))) for i, n in enumerate(counts) if n]
+    rows.append(("chunks touched", str(len(np.unique(recs["chunk"][recs["chunk"] != 0xFFFFFFFF])))))
+    if len(demand):
+        svc = demand["service_ns"]
+        rows.append(("service p50/p99", f"{fmt_ns(np.percentile(svc, 50))} / {fmt_ns(np.percentile(svc, 99))}"))
+    return rows
+
+
 @session.command("show")
 @click.argument("spec", metavar="NAME[:VERSION]")
 @click.argument("session_id", required=False)
 @click.option("--head", type=click.IntRange(min=0), default=10, show_default=True, help="First touches to list.")
 @store_options
 def session_show(spec, session_id, head, store_url, s3_endpoint, s3_region):
-    """Summarise a session's fault log (default: the newest session)."""
-    import numpy as np
+    """Summarise a session's fault log (default: the newest session).
 
-    from .errors import SnapshotNotFound
-    from .session import SOURCES, load_fault_log, sessions_prefix
+    Pages a prefetch installed are logged when installed, with source
+    "prefetched"; every other record is a demand fault."""
+    from .session import SOURCES
 
     store = open_store(store_url, s3_endpoint, s3_region)
     name, version, keys = _session_logs(store, spec)
-    if session_id is None:
-        if not keys:
-            raise SnapshotNotFound(f"no sessions of {name}/{version}")
-        key = keys[-1]
-    else:
-        key = f"{sessions_prefix(name, version)}{session_id}.npy"
-    data = store.get(key)
-    if data is None:
-        raise SnapshotNotFound(f"no session {session_id} of {name}/{version}")
-    recs = load_fault_log(data, f"{store.url}/{key}")
-    sid = key.rsplit("/", 1)[1][: -len(".npy")]
+    sid, recs = _load_session(store, name, version, keys, session_id)
     click.echo(f"{'session:':<19}{sid} of {name}/{version}")
-    click.echo(f"{'first touches:':<19}{len(recs)}")
-    if len(recs) == 0:
-        return
-    span = (int(recs["t_ns"][-1]) - int(recs["t_ns"][0])) / 1e6
-    click.echo(f"{'span:':<19}{span:.1f} ms from first to last touch")
-    counts = np.bincount(recs["source"], minlength=len(SOURCES))
-    click.echo(f"{'by source:':<19}" + ", ".join(f"{SOURCES[i]} {int(n)}" for i, n in enumerate(counts) if n))
-    chunks = recs["chunk"][recs["chunk"] != 0xFFFFFFFF]
-    click.echo(f"{'chunks touched:':<19}{len(np.unique(chunks))}")
-    svc = recs["service_ns"]
-    click.echo(
-        f"{'service time:':<19}p50 {fmt_ns(np.percentile(svc, 50))}, "
-        f"p99 {fmt_ns(np.percentile(svc, 99))}, max {fmt_ns(svc.max())}"
-    )
+    for label, value in _session_rows(recs):
+        click.echo(f"{label + ':':<19}{value}")
     for r in recs[:head]:
         chunk = "-" if r["chunk"] == 0xFFFFFFFF else str(int(r["chunk"]))
         click.echo(
             f"  t={int(r['t_ns']) / 1e3:>10.1f} us  offset {int(r['offset']):#012x}  chunk {chunk:>6}  "
             f"{SOURCES[int(r['source'])]:<10} {int(r['service_ns']) / 1e3:8.1f} us"
         )
+
+
+@session.command("compare")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.argument("first", required=False)
+@click.argument("second", required=False)
+@store_options
+def session_compare(spec, first, second, store_url, s3_endpoint, s3_region):
+    """Two sessions' fault logs side by side (default: the two newest)."""
+    if (first is None) != (second is None):
+        raise click.UsageError("give two session ids, or none for the two newest")
+    store = open_store(store_url, s3_endpoint, s3_region)
+    name, version, keys = _session_logs(store, spec)
+    a_id, a = _load_session(store, name, version, keys, first, newest=2)
+    b_id, b = _load_session(store, name, version, keys, second, newest=1)
+    a_rows, b_rows = dict(_session_rows(a)), dict(_session_rows(b))
+    labels = list(a_rows) + [k for k in b_rows if k not in a_rows]
+    click.echo(f"{name}/{version}")
+    click.echo(f"{'':<19}{a_id:>24}{b_id:>24}")
+    for label in labels:
+        click.echo(f"{label + ':':<19}{a_rows.get(label, '-'):>24}{b_rows.get(label, '-'):>24}")
 
 
 @cli.group()

@@ -29,8 +29,11 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+import numpy as np
 
 from .errors import InputError, RestoreError
 from .protocol import HandshakeError, accept_handshake, peer_credentials
@@ -44,6 +47,7 @@ log = logging.getLogger("restore.handler")
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connected peer has to send its handshake
 WAIT_SLICE = 0.2  # seconds between looks at the stop flag
+SUMMARIES_KEPT = 256  # Server.summaries: the most recent sessions
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class SessionSummary:
     stats: SessionStats
     log_key: Optional[str]
     errors: list[str]
+    prefetched: np.ndarray  # file offsets the prefetch installed (RestoreSession.prefetched_offsets)
 
 
 class Server:
@@ -99,7 +104,7 @@ class Server:
         self.prefetch_inflight = prefetch_inflight
         self._since_plan = 0  # sessions recorded since the plan was rebuilt
         self.on_session_end = on_session_end
-        self.summaries: list[SessionSummary] = []
+        self.summaries: deque[SessionSummary] = deque(maxlen=SUMMARIES_KEPT)
         self.refused: list[str] = []  # one line per refused guest
         self._stopping = threading.Event()
         self._drain_deadline = float("inf")
@@ -233,7 +238,8 @@ class Server:
             conn.close()
             with self._lock:
                 self._active.pop(key, None)
-        summary = SessionSummary(session.session_id, pid, stats, session.log_key, session.errors)
+        summary = SessionSummary(session.session_id, pid, stats, session.log_key, session.errors,
+                                 session.prefetched_offsets())
         self._maybe_rebuild_plan(session.log_key is not None)
         self.summaries.append(summary)
         log.info(

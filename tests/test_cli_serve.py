@@ -70,8 +70,10 @@ def test_serve_a_guest_then_sigterm(tmp_path, made, run_cli):
     assert show.startswith(f"session:           {ls[0]} of fn/1\n")
     first = int(re.search(r"first touches:\s+(\d+)", show).group(1))
     assert 0 < first <= len(offsets)
-    assert re.search(r"by source:\s+(zero \d+, )?fetched \d+", show), show
-    assert "service time:" in show and "chunks touched:" in show
+    assert re.search(r"\n  fetched:\s+\d+\n", show), show
+    assert "prefetched" not in show  # no plan: every record is a demand fault
+    assert f"demand faults:     {first}\n" in show
+    assert "service p50/p99:" in show and "chunks touched:" in show
     assert show.count("  t=") == 10
 
 
@@ -114,4 +116,23 @@ def test_plan_build_and_show(tmp_path, made, run_cli):
     bad = run_cli("plan", "build", "fn", "--min-share", "0", "--store", store)
     assert bad.returncode == 2 and "0<x<=1" in bad.stderr
     replay = run_cli("try", "fn", "--pages", "200", "--store", store, check=True).stdout
-    assert re.search(r"prefetch:\s+\d+ pages from \d+ planned chunks", replay), replay
+    m = re.search(r"prefetch:\s+(\d+) pages from \d+ planned chunks, (\d+) of them read by the guest, (\d+) not", replay)
+    assert m and int(m[1]) == int(m[2]) + int(m[3]) and int(m[1]) > 0, replay
+    assert re.search(r"demand faults:\s+\d+ on planned pages whose chunk was not in yet, \d+ on pages not in the plan",
+                     replay), replay
+
+    # The recording and the replay, side by side: the replay logs the pages
+    # its prefetch installed, so it records as much as the first run did.
+    ids = run_cli("session", "ls", "fn", "--store", store, check=True).stdout.split()
+    side = run_cli("session", "compare", "fn", "--store", store, check=True).stdout.splitlines()
+    assert side[0] == "fn/1" and side[1].split() == ids[-2:]
+    rows = {line.split(":")[0].strip(): line.split(":", 1)[1].split() for line in side[2:]}
+    assert rows["prefetched"][0] == "-" and int(rows["prefetched"][1]) > 0
+    assert int(rows["demand faults"][1]) < int(rows["demand faults"][0])
+    assert rows["first touches"][0] == rows["first touches"][1]  # same invocation, same first touches
+    explicit = run_cli("session", "compare", "fn", ids[-2], ids[-1], "--store", store, check=True).stdout.splitlines()
+    assert explicit == side
+    one = run_cli("session", "compare", "fn", ids[-1], "--store", store)
+    assert one.returncode == 2 and "give two session ids, or none for the two newest" in one.stderr
+    unknown = run_cli("session", "compare", "fn", ids[-1], "nope", "--store", store)
+    assert unknown.returncode == 1 and unknown.stderr == "error: no session nope of fn/1\n"

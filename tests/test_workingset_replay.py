@@ -5,6 +5,7 @@ plan for another snapshot is refused; prefetch stops with its guest."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
@@ -15,7 +16,7 @@ import pytest
 
 from restore.handler import Server
 from restore.sample import write_sample_image
-from restore.session import LOG_DTYPE
+from restore.session import LOG_DTYPE, prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, remove
 from restore.tiers.durable import DurableStore
@@ -106,6 +107,20 @@ def test_replay_gives_identical_bytes_with_fewer_faults(tmp_path, snap, image):
     assert st.prefetch_chunks > 0 and st.prefetch_pages > 0
     assert st.faults < recorded.stats.faults / 3
     assert st.first_touches["failed"] == 0
+    # Every first touch is accounted for: a demand fault, or a planned page
+    # the prefetch put in ahead of it (logged at install).
+    assert st.first_touches["prefetched"] + st.faults_planned + st.faults_unplanned == len(np.unique(trace))
+    assert st.faults_unplanned == 0
+    # So the replay's log names the same pages as the recording's, and a plan
+    # rebuilt from it is the same set: the cycle neither shrinks nor drifts.
+    logs = [np.load(io.BytesIO(snap.store.get(s.log_key))) for s in (recorded, replayed)]
+    assert set(logs[0]["offset"]) == set(logs[1]["offset"]) == set(trace)
+    rebuild_plan(snap.store, snap.manifest, sessions=1)
+    assert set(load_plan(snap.store, snap.manifest)) == set(trace)
+    # fault_around=1: the prefetch installed exactly the plan, all of it read.
+    assert len(replayed.prefetched) == st.prefetch_pages
+    assert set(replayed.prefetched) <= set(trace)
+    assert st.install_ns >= st.prefetch_install_ns > 0 and st.decode_ns > 0 and st.l1_read_ns > 0
 
 
 def test_replay_with_a_different_invocation(tmp_path, snap, image):
@@ -114,8 +129,14 @@ def test_replay_with_a_different_invocation(tmp_path, snap, image):
         assert plan_info(snap.store, snap.manifest) is not None
         other = _trace(image, 3)  # another request: a different, overlapping working set
         replayed = _run(server, image, other)
-    assert replayed.stats.prefetch_pages > 0
-    assert replayed.stats.faults_unplanned > 0  # pages this invocation touched that the plan lacked
+    st = replayed.stats
+    assert st.prefetch_pages > 0
+    assert st.faults_unplanned > 0  # pages this invocation touched that the plan lacked
+    # Useful and wasted prefetch, against what this guest read: the plan came
+    # from another invocation, so some of it was never read.
+    useful, wasted = prefetch_usage(replayed.prefetched, other)
+    assert useful == len(set(replayed.prefetched) & set(other))
+    assert useful + wasted == st.prefetch_pages and useful > 0 and wasted > 0
 
 
 def test_prefetch_never_undoes_a_remove(tmp_path, snap, image):
