@@ -42,7 +42,7 @@ import numpy as np
 from restore.handler import Server
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
-from restore.session import RestoreSession
+from restore.session import RestoreSession, prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
@@ -108,6 +108,7 @@ class Bench:
         if warm_l1:
             self.snap.fill_l1(self._l1)
         self._n = 0
+        self.detail: list[dict] = []  # per served restore: _detail()
 
     @property
     def l1(self) -> L1Cache:
@@ -143,6 +144,7 @@ class Bench:
             with Guest(server.socket_path, memory_size=self.size) as g:
                 res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
+        self.detail.append(_detail(server.summaries[-1], offsets))
         return res.total_ns / 1e6
 
     def reap(self, offsets) -> float:
@@ -189,6 +191,16 @@ class Bench:
         if strategy == "uffd-replay":
             return self.served(offsets, use_plan=True)
         return self.reap(offsets)
+
+
+def _detail(summary, offsets) -> dict:
+    """Where a served restore's work went: faults, chunks, thread time per
+    phase, and the prefetch's useful and wasted pages for this trace."""
+    st = summary.stats
+    useful, wasted = prefetch_usage(summary.prefetched, np.unique(offsets))
+    return {"faults": st.faults, "chunks": st.chunks_l1 + st.chunks_fetched, "l1_read_ms": st.l1_read_ns / 1e6,
+            "decode_ms": st.decode_ns / 1e6, "install_ms": st.install_ns / 1e6, "prefetched": st.prefetch_pages,
+            "useful": useful, "wasted": wasted, "late": st.faults_planned, "unplanned": st.faults_unplanned}
 
 
 def minivm_rows(work: Path, rounds: int) -> dict[str, list[float]]:
@@ -251,28 +263,42 @@ def slow_tier_rows(work: Path, image: Path, size: int, w: Workload, rounds: int,
     return out
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not at least 1")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--rounds", type=_positive, default=5)
+    ap.add_argument("--size-mib", type=_positive, default=512)
     ap.add_argument("--out", default="compare.png", help="PNG plot to write")
     ap.add_argument("--no-minivm", action="store_true")
     ap.add_argument("--slow-tiers", action="store_true",
                     help="also run the first workload with a cold L1 behind delayed L2 / S3 (needs root)")
-    ap.add_argument("--slow-size-mib", type=int, default=64, help="memory of the slow-tier runs")
-    ap.add_argument("--inflight", type=int, default=32, help="fetchers and prefetch requests in flight (slow tiers)")
+    ap.add_argument("--slow-size-mib", type=_positive, default=64, help="memory of the slow-tier runs")
+    ap.add_argument("--inflight", type=_positive, default=32, help="fetchers and prefetch requests in flight (slow tiers)")
     args = ap.parse_args(argv)
 
     results: dict[str, dict[str, list[float]]] = {}
+    details: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="restore-compare-") as tmp:
         bench = Bench(Path(tmp), args.size_mib << 20)
         for w in workloads(bench.size):
             pages = bench.record(w)
             print(f"{w.name}: plan of {pages} pages from the recorded invocation", file=sys.stderr)
             rows = {s: [] for s in STRATEGIES}
+            details[w.name] = {"uffd-lazy": [], "uffd-replay": []}
             for _ in range(args.rounds):  # interleaved: one of each per round
                 for s in STRATEGIES:
                     rows[s].append(bench.run(s, w.measured))
+                    if s in details[w.name]:
+                        details[w.name][s].append(bench.detail[-1])
             results[w.name] = rows
         bench.snap.close()
         if args.slow_tiers:
@@ -301,6 +327,17 @@ def main(argv=None) -> int:
             else:
                 cells.append("-")
         print(f"{name:<44}" + "".join(f"{c:>20}" for c in cells))
+    if details:
+        print("\nwhere the time goes (warm L1; medians; thread time per phase, summed over the engine's threads)")
+        print(f"{'workload':<44}{'strategy':>13}{'faults':>8}{'chunks':>8}{'L1 read':>10}{'decode':>10}"
+              f"{'install':>10}{'prefetched':>12}{'useful':>8}{'wasted':>8}{'late':>6}{'unplanned':>10}")
+        for name, by in details.items():
+            for strat, ds in by.items():
+                med = {k: float(np.median([d[k] for d in ds])) for k in ds[0]}
+                print(f"{name.split(':')[0]:<44}{strat:>13}{med['faults']:8.0f}{med['chunks']:8.0f}"
+                      f"{med['l1_read_ms']:8.1f}ms{med['decode_ms']:8.1f}ms{med['install_ms']:8.1f}ms"
+                      f"{med['prefetched']:12.0f}{med['useful']:8.0f}{med['wasted']:8.0f}{med['late']:6.0f}"
+                      f"{med['unplanned']:10.0f}")
     _plot(results, args.out)
     print(f"\nplot: {args.out}")
     return 0

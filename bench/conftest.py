@@ -30,6 +30,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("throughput (median)")
         for name, nbytes, median in sorted(rows):
             terminalreporter.write_line(f"{name:<60} {nbytes / median / 1e9:7.2f} GB/s  ({median * 1e3:9.2f} ms)")
+    phases = [b for b in benches if "install_gbps" in b.extra_info]
+    raw = {b.name: b.extra_info["bytes"] / b.stats.median / 1e9 for b in benches if b.name.startswith("test_bench_raw_copy")}
+    for b in phases:
+        e = b.extra_info
+        terminalreporter.section("prefetch against raw UFFDIO_COPY (medians)")
+        for name, gbps in sorted(raw.items()):
+            terminalreporter.write_line(f"{name:<60} {gbps:7.2f} GB/s  (the floor)")
+        end = e["bytes"] / b.stats.median / 1e9
+        vs = {name: f"{end / g:.0%} of {name.split('[')[1][:-1]} KiB" for name, g in raw.items()}
+        terminalreporter.write_line(f"{'prefetch, end to end':<60} {end:7.2f} GB/s  ({', '.join(vs.values())})")
+        vs = {name: f"{e['install_gbps'] / g:.0%} of {name.split('[')[1][:-1]} KiB" for name, g in raw.items()}
+        terminalreporter.write_line(f"{'prefetch, install ioctls only':<60} {e['install_gbps']:7.2f} GB/s  ({', '.join(vs.values())})")
+        terminalreporter.write_line(
+            f"{'prefetch thread time per round':<60} L1 read {e['l1_read_ms']:.1f} ms, verify+decode {e['decode_ms']:.1f} ms, "
+            f"install {e['install_ms']:.1f} ms; wall {b.stats.median * 1e3:.1f} ms on {e['cpus']} CPUs"
+        )
     faults = [(b.name, b.extra_info["p50_ns"], b.extra_info.get("role")) for b in benches if "p50_ns" in b.extra_info]
     if faults:
         # Roles are "floor:<placement>" or "engine:<placement>": ratios are

@@ -37,10 +37,21 @@ struct plist {
     size_t n, cap;
 };
 
+/* A decoded chunk is kept only while some of its guest pages may still
+ * need it: once every one of its pages in the guest's regions is present
+ * or removed, the copy is freed (it would take memory the size of the
+ * guest, and a freed buffer is reused warm by the next decode). Readers of
+ * data hold a reference (chunk_acquire); the last one out frees it. */
+#define REF_USERS 0x3FFFFFFFu  /* readers holding the data */
+#define REF_RETIRED 0x40000000u /* every page settled: free when unused */
+#define REF_FREED 0x80000000u   /* data freed: load the chunk again to use it */
+
 struct chunk {
     _Atomic int state;  /* enum chunk_state */
     uint8_t source;     /* RS_SRC_L1 or RS_SRC_FETCHED once READY */
     uint8_t *data;      /* decoded chunk (chunk_size bytes) once READY */
+    _Atomic uint32_t ref;  /* REF_* */
+    _Atomic uint32_t left; /* its pages in the regions not yet settled */
     struct plist parked;
 };
 
@@ -48,7 +59,7 @@ struct chunk {
 struct counters {
     _Atomic uint64_t faults, pages_installed, bytes_installed, chunks_l1,
         chunks_fetched, chunks_failed, l1_misses, l1_bad, supply_rejected,
-        removes, eexist, deferred, poisoned;
+        removes, eexist, deferred, poisoned, chunks_released, chunks_reloaded;
     _Atomic uint64_t first_touches[6];
     _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
     _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
@@ -71,6 +82,7 @@ struct rs_engine {
     _Atomic uint64_t *present;    /* page installed (by anyone) */
     _Atomic uint64_t *removed;    /* page removed: zeros from now on */
     _Atomic uint64_t *touched;    /* page's first touch logged */
+    _Atomic uint64_t *settled;    /* page present or removed at least once */
     uint8_t *zero_page;           /* page_size zeros, for huge pages */
 
     pthread_mutex_t lock;         /* chunk states, parked lists, deferred, done,
@@ -275,6 +287,52 @@ static void log_planned(rs_engine *e, uint64_t lo, uint64_t upto, uint64_t skip)
             log_record(e, q, e->page_chunk[q], RS_SRC_PREFETCHED, t, 0);
 }
 
+/* Take a reference on chunk c's decoded data: 0 when it was freed. */
+static int chunk_acquire(rs_engine *e, uint32_t c)
+{
+    _Atomic uint32_t *ref = &e->chunks[c].ref;
+    uint32_t v = atomic_load(ref);
+
+    do {
+        if (v & REF_FREED)
+            return 0;
+    } while (!atomic_compare_exchange_weak(ref, &v, v + 1));
+    return 1;
+}
+
+static void chunk_try_free(rs_engine *e, uint32_t c)
+{
+    uint32_t v = REF_RETIRED;
+
+    if (atomic_load(&e->chunks[c].state) == C_READY &&
+        atomic_compare_exchange_strong(&e->chunks[c].ref, &v, REF_RETIRED | REF_FREED)) {
+        free(e->chunks[c].data);
+        atomic_fetch_add(&e->st.chunks_released, 1);
+    }
+}
+
+static void chunk_release(rs_engine *e, uint32_t c)
+{
+    if (atomic_fetch_sub(&e->chunks[c].ref, 1) - 1 == REF_RETIRED)
+        chunk_try_free(e, c);
+}
+
+/* Page q is present or removed: when it is the last unsettled page of
+ * its chunk, the chunk's decoded copy is no longer needed. */
+static void settle_page(rs_engine *e, uint64_t q)
+{
+    uint32_t c = e->page_chunk[q];
+
+    if (c == NO_CHUNK || bit_set(e->settled, q))
+        return;
+    if (atomic_fetch_sub(&e->chunks[c].left, 1) == 1) {
+        uint32_t old = atomic_fetch_or(&e->chunks[c].ref, REF_RETIRED);
+
+        if (!(old & REF_USERS))
+            chunk_try_free(e, c);
+    }
+}
+
 /* Result of an install ioctl: 0 done, -EAGAIN retry later, other -errno. */
 static int ioctl_result(rs_engine *e, int rc)
 {
@@ -295,8 +353,8 @@ static int candidate(rs_engine *e, int r, uint32_t c, uint64_t q)
            !bit_test(e->present, q) && !bit_test(e->removed, q);
 }
 
-/* Set while this thread installs for the prefetch: its install time is
- * counted apart. */
+/* Set while this thread installs for the prefetch: what it installs is
+ * marked prefetched, and its install time is counted apart. */
 static _Thread_local int in_prefetch;
 
 /* Install the run of pages [lo, hi) of region r: copied from src (the run
@@ -323,8 +381,14 @@ static int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo,
                               len - off, mode, &done);
         else
             rc = rs_uffd_zeropage(e->uffd, dst + off, len - off, mode, &done);
-        for (uint64_t k = 0; k < done / ps; k++)
+        for (uint64_t k = 0; k < done / ps; k++) {
             bit_set(e->present, lo + off / ps + k);
+            settle_page(e, lo + off / ps + k);
+            if (in_prefetch)
+                bit_set(e->prefetched, lo + off / ps + k);
+        }
+        if (in_prefetch)
+            atomic_fetch_add(&e->st.prefetch_pages, done / ps);
         atomic_fetch_add(&e->st.pages_installed, done / ps);
         atomic_fetch_add(&e->st.bytes_installed, done);
         off += done;
@@ -336,6 +400,7 @@ static int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo,
             break;
         atomic_fetch_add(&e->st.eexist, 1);
         bit_set(e->present, lo + off / ps);
+        settle_page(e, lo + off / ps);
         off += ps;
         mode = RS_UFFD_DONTWAKE;
         split = 1;
@@ -456,8 +521,9 @@ static int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
     }
     for (;;) {
         state = atomic_load_explicit(&e->chunks[c].state, memory_order_acquire);
-        if (state == C_READY) {
+        if (state == C_READY && chunk_acquire(e, c)) {
             rc = install_from_chunk(e, r, p, c);
+            chunk_release(e, c);
             if (rc == 0)
                 log_touch(e, p, c, e->chunks[c].source, t_ns);
             return rc;
@@ -470,7 +536,18 @@ static int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
         }
         pthread_mutex_lock(&e->lock);
         state = atomic_load(&e->chunks[c].state);
-        if (state == C_READY || state == C_FAILED) {
+        if (state == C_READY && (atomic_load(&e->chunks[c].ref) & REF_FREED)) {
+            /* Every page of the chunk was in, and its copy is gone; yet
+             * here is a fault on one (a race with an install, or memory
+             * dropped without a REMOVE event): load the chunk again, and
+             * keep this copy for the rest of the session (more of the
+             * chunk may come back the same way). */
+            e->chunks[c].data = NULL;
+            atomic_store(&e->chunks[c].ref, 0);
+            atomic_store(&e->chunks[c].state, C_ABSENT);
+            atomic_fetch_add(&e->st.chunks_reloaded, 1);
+            state = C_ABSENT;
+        } else if (state == C_READY || state == C_FAILED) {
             pthread_mutex_unlock(&e->lock);
             continue;
         }
@@ -505,40 +582,52 @@ static void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns)
         defer(e, p, t_ns);
 }
 
-/* Book the prefetch's install of pages [lo, upto). */
-static void prefetch_booked(rs_engine *e, uint64_t lo, uint64_t upto)
-{
-    for (uint64_t q = lo; q < upto; q++)
-        bit_set(e->prefetched, q);
-    atomic_fetch_add(&e->st.prefetch_pages, upto - lo);
-    log_planned(e, lo, upto, UINT64_MAX);
-}
-
 /* Install the planned pages of ready chunk c (plan chunk k) that are not
- * present or removed, as runs contiguous in the chunk and in a region,
- * taking the install lock for reading per run. Best effort: a run that
- * meets -EAGAIN (a REMOVE in flight) is skipped; its pages fault later. */
+ * present or removed, taking the install lock for reading per run. Each
+ * planned page brings its fault-around run, as its demand fault did when
+ * the plan was recorded (the log holds the faulting pages; the guest
+ * touched their neighbours without faulting), and the runs of neighbouring
+ * planned pages are coalesced while they stay contiguous in the chunk and
+ * in one region: one UFFDIO_COPY per run, up to a whole chunk. Best
+ * effort: a run that meets -EAGAIN (a REMOVE in flight) is cut short; its
+ * pages fault later. */
 static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
 {
-    /* Each planned page brings its fault-around run, as its demand fault
-     * did when the plan was recorded: the log holds the faulting pages, and
-     * the guest touched their neighbours without faulting. */
-    for (uint64_t i = e->plan_start[k]; i < e->plan_start[k + 1]; i++) {
-        uint64_t p = e->plan_pages[i], lo, hi, upto;
+    const uint64_t ps = e->cfg.page_size, end = e->plan_start[k + 1];
+    uint64_t i = e->plan_start[k];
+
+    if (!chunk_acquire(e, c))
+        return; /* every page of the chunk is in already */
+    while (i < end) {
+        uint64_t p = e->plan_pages[i++], lo, hi, lo2, hi2, upto;
         int r = region_of_page(e, p);
 
         if (r < 0 || !candidate(e, r, c, p))
             continue;
         /* The install lock is taken per run, so a demand fault waits for
-         * at most one run, never for a whole chunk's worth. */
+         * at most one run (a chunk's worth), never for the whole plan. */
         pthread_rwlock_rdlock(&e->install);
         run_around(e, r, c, p, &lo, &hi);
+        while (i < end && e->plan_pages[i] <= hi) {
+            uint64_t q = e->plan_pages[i];
+
+            if (q < hi) { /* inside the run already */
+                i++;
+                continue;
+            }
+            if (!candidate(e, r, c, q) || e->page_off[q] != e->page_off[q - 1] + ps)
+                break;
+            run_around(e, r, c, q, &lo2, &hi2);
+            hi = hi2;
+            i++;
+        }
         in_prefetch = 1;
         (void)fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
         in_prefetch = 0;
-        prefetch_booked(e, lo, upto);
+        log_planned(e, lo, upto, UINT64_MAX);
         pthread_rwlock_unlock(&e->install);
     }
+    chunk_release(e, c);
 }
 
 /* Install the plan's all-zero pages, each with its zero fault-around run
@@ -556,7 +645,7 @@ static void prefetch_zero(rs_engine *e)
         rc = install_zero(e, r, p, 1, &lo, &upto);
         in_prefetch = 0;
         if (rc == 0)
-            prefetch_booked(e, lo, upto);
+            log_planned(e, lo, upto, UINT64_MAX);
     }
     pthread_rwlock_unlock(&e->install);
 }
@@ -617,6 +706,8 @@ static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
     pthread_mutex_lock(&e->lock);
     ch->data = data;
     ch->source = (uint8_t)src;
+    if (data) /* held until the planned pages are in too */
+        atomic_fetch_add(&ch->ref, 1);
     atomic_store_explicit(&ch->state, data ? C_READY : C_FAILED, memory_order_release);
     waiting = plist_take(&ch->parked);
     pthread_mutex_unlock(&e->lock);
@@ -627,6 +718,8 @@ static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
     free(waiting.v);
     if (data && e->chunk_plan && e->chunk_plan[c] >= 0)
         prefetch_install(e, c, (uint32_t)e->chunk_plan[c]);
+    if (data)
+        chunk_release(e, c);
 
     pthread_mutex_lock(&e->lock);
     asked = e->prefetch_asked && e->prefetch_asked[c];
@@ -673,6 +766,7 @@ static void handle_remove(rs_engine *e, uint64_t start, uint64_t end)
 
             bit_set(e->removed, p);
             bit_clear(e->present, p);
+            settle_page(e, p);
         }
     }
 }
@@ -878,6 +972,7 @@ static void free_tables(rs_engine *e)
     free((void *)e->present);
     free((void *)e->removed);
     free((void *)e->touched);
+    free((void *)e->settled);
     free(e->l1_dir);
     free(e->zero_page);
     rs_fetchq_destroy(e->l1q);
@@ -1016,9 +1111,10 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     e->present = calloc(words, sizeof(uint64_t));
     e->removed = calloc(words, sizeof(uint64_t));
     e->touched = calloc(words, sizeof(uint64_t));
+    e->settled = calloc(words, sizeof(uint64_t));
     if (!e->regions || !e->page_chunk || !e->page_off || !e->ids || !e->lens ||
         !e->flags || !e->zero || !e->chunks || !e->present || !e->removed ||
-        !e->touched)
+        !e->touched || !e->settled)
         goto fail;
     memcpy(e->regions, regions, n_regions * sizeof(*regions));
     memcpy(e->page_chunk, page_chunk, e->n_pages * sizeof(uint32_t));
@@ -1035,6 +1131,16 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
             goto fail;
         }
     }
+    /* Each chunk's pages inside the regions (counted once each): its
+     * decoded copy is freed when all of them are settled. */
+    for (size_t i = 0; i < n_regions; i++) {
+        uint64_t p0 = regions[i].offset / cfg->page_size;
+
+        for (uint64_t p = p0; p < p0 + regions[i].size / cfg->page_size; p++)
+            if (page_chunk[p] != NO_CHUNK && !bit_set(e->settled, p))
+                atomic_fetch_add(&e->chunks[page_chunk[p]].left, 1);
+    }
+    memset((void *)e->settled, 0, words * sizeof(uint64_t));
     if (l1_dir && !(e->l1_dir = strdup(l1_dir)))
         goto fail;
     if (cfg->page_size != 4096 && !(e->zero_page = calloc(1, cfg->page_size)))
@@ -1149,7 +1255,8 @@ void rs_engine_destroy(rs_engine *e)
         return;
     rs_engine_stop(e);
     for (uint32_t c = 0; c < e->cfg.n_chunks; c++) {
-        free(e->chunks[c].data);
+        if (!(atomic_load(&e->chunks[c].ref) & REF_FREED))
+            free(e->chunks[c].data);
         free(e->chunks[c].parked.v);
     }
     free(e->deferred.v);
@@ -1243,6 +1350,8 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->eexist = atomic_load(&e->st.eexist);
     out->deferred = atomic_load(&e->st.deferred);
     out->poisoned = atomic_load(&e->st.poisoned);
+    out->chunks_released = atomic_load(&e->st.chunks_released);
+    out->chunks_reloaded = atomic_load(&e->st.chunks_reloaded);
     out->log_dropped = rs_faultlog_dropped(e->log);
     out->prefetch_chunks = atomic_load(&e->st.prefetch_chunks);
     out->prefetch_pages = atomic_load(&e->st.prefetch_pages);

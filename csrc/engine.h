@@ -61,6 +61,8 @@ typedef struct rs_engine_stats {
     uint64_t chunks_l1;           /* chunks decoded from L1 */
     uint64_t chunks_fetched;      /* chunks supplied by fetchers */
     uint64_t chunks_failed;       /* chunks given up on (pages poisoned) */
+    uint64_t chunks_released;     /* decoded copies freed: all their pages in */
+    uint64_t chunks_reloaded;     /* released chunks loaded again for a fault */
     uint64_t l1_misses;           /* L1 lookups that found no file */
     uint64_t l1_bad;              /* L1 files that failed verification */
     uint64_t supply_rejected;     /* supplied bytes that failed verification */

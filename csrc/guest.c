@@ -273,11 +273,12 @@ fail:
  * mapped so far stays in bases[] (0 where not mapped) for the caller to
  * unmap. */
 static int setup_memory(const rs_guest_region *regions, size_t n,
-                        int hugetlb, uint64_t *bases,
+                        int guest_flags, uint64_t *bases,
                         int *uffd_out, char *err, size_t err_len)
 {
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-    uint64_t features = RS_UFFD_FEATURE_EVENT_REMOVE;
+    int hugetlb = guest_flags & RS_GUEST_HUGETLB;
+    uint64_t features = guest_flags & RS_GUEST_NO_REMOVE_EVENTS ? 0 : RS_UFFD_FEATURE_EVENT_REMOVE;
     int uffd, rc;
 
     if (hugetlb) {
@@ -374,7 +375,7 @@ static void run_ops(const rs_guest_region *regions, size_t n_regions,
 }
 
 int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
-                 size_t n_regions, uint64_t page_size, int hugetlb,
+                 size_t n_regions, uint64_t page_size, int flags,
                  const rs_guest_op *ops, size_t n_ops, uint64_t *sums,
                  uint64_t *ns, uint64_t *total_ns, char *err, size_t err_len)
 {
@@ -383,7 +384,9 @@ int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
 
     if (err && err_len)
         err[0] = '\0';
-    rc = check_layout(regions, n_regions, page_size, hugetlb, err, err_len);
+    if (flags & ~(RS_GUEST_HUGETLB | RS_GUEST_NO_REMOVE_EVENTS))
+        return say(err, err_len, EINVAL, "unknown flags %#x", flags);
+    rc = check_layout(regions, n_regions, page_size, flags & RS_GUEST_HUGETLB, err, err_len);
     if (rc < 0)
         return rc;
     rc = check_ops(regions, n_regions, page_size, ops, n_ops, err, err_len);
@@ -395,7 +398,7 @@ int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
     if (!bases)
         return say(err, err_len, ENOMEM, "out of memory");
 
-    rc = setup_memory(regions, n_regions, hugetlb, bases, &uffd, err, err_len);
+    rc = setup_memory(regions, n_regions, flags, bases, &uffd, err, err_len);
     if (rc < 0)
         goto out;
     sock = rs_guest_handshake(socket_path, uffd, bases, regions, n_regions, page_size,

@@ -7,7 +7,8 @@
  *   1. mmap every region MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE (plus
  *      MAP_HUGETLB|MAP_HUGE_2MB when hugetlb);
  *   2. create a userfaultfd (O_CLOEXEC|O_NONBLOCK), handshake with
- *      UFFD_FEATURE_EVENT_REMOVE (plus MISSING_HUGETLBFS when hugetlb) and
+ *      UFFD_FEATURE_EVENT_REMOVE (unless told not to; plus MISSING_HUGETLBFS
+ *      when hugetlb) and
  *      register every region in MISSING mode;
  *   3. connect to the handler's Unix stream socket and send ONE message:
  *      the payload is a JSON array with one object per region, in order,
@@ -77,10 +78,15 @@ typedef struct rs_guest_op {
  * a written page never looks like a zero page). */
 uint8_t rs_guest_pattern(uint64_t i);
 
+enum { RS_GUEST_HUGETLB = 1, RS_GUEST_NO_REMOVE_EVENTS = 2 };
+
 /* Play the guest: map, handshake over socket_path, run ops.
  *
  * regions, n_regions: the memory layout (>= 1 region).
- * page_size: 4096, or 2097152 (and then hugetlb must be 1).
+ * page_size: 4096, or 2097152 (and then flags must hold RS_GUEST_HUGETLB).
+ * flags: RS_GUEST_HUGETLB (2 MiB hugetlbfs pages), RS_GUEST_NO_REMOVE_EVENTS
+ *        (leave UFFD_FEATURE_EVENT_REMOVE off: a dropped range then simply
+ *        faults again, and the handler is not told).
  * ops, n_ops: the trace; every op is checked before anything is mapped.
  * sums, ns: n_ops results each (see rs_guest_op). Each is written as soon as
  *           its op is done, so a caller that shares them with a dying guest
@@ -91,7 +97,7 @@ uint8_t rs_guest_pattern(uint64_t i);
  * Returns 0, or -errno: -EINVAL bad arguments, -ENOMEM mapping failed, or
  * the errno of the syscall that failed (socket, connect, sendmsg, uffd). */
 int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
-                 size_t n_regions, uint64_t page_size, int hugetlb,
+                 size_t n_regions, uint64_t page_size, int flags,
                  const rs_guest_op *ops, size_t n_ops, uint64_t *sums,
                  uint64_t *ns, uint64_t *total_ns, char *err, size_t err_len);
 

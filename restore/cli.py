@@ -607,10 +607,11 @@ def session_compare(spec, first, second, store_url, s3_endpoint, s3_region):
     b_id, b = _load_session(store, name, version, keys, second, newest=1)
     a_rows, b_rows = dict(_session_rows(a)), dict(_session_rows(b))
     labels = list(a_rows) + [k for k in b_rows if k not in a_rows]
+    w = max(len(a_id), len(b_id)) + 2
     click.echo(f"{name}/{version}")
-    click.echo(f"{'':<19}{a_id:>24}{b_id:>24}")
+    click.echo(f"{'':<19}{a_id:>{w}}{b_id:>{w}}")
     for label in labels:
-        click.echo(f"{label + ':':<19}{a_rows.get(label, '-'):>24}{b_rows.get(label, '-'):>24}")
+        click.echo(f"{label + ':':<19}{a_rows.get(label, '-'):>{w}}{b_rows.get(label, '-'):>{w}}")
 
 
 @cli.group()
@@ -624,6 +625,33 @@ def key_generate(path):
     """Write a new random 32-byte key (hex) to PATH, mode 0600."""
     generate_key_file(path)
     click.echo(f"wrote a new key to {path}; keep it safe: without it the snapshot cannot be read")
+
+
+@cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+             add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """The strategy comparison (bench/compare.py; --help for its options).
+
+    Runs `python -m bench.compare` from the source tree this package was
+    installed from (pip install -e .): every strategy, workload and tier
+    condition, interleaved, with medians, ratios to resident and a plot."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "compare.py").is_file():
+        raise click.ClickException(
+            f"the strategy comparison lives in the source tree's bench/ directory, and {root} has none: "
+            "install restore from a checkout (pip install -e .) to run it"
+        )
+    sys.path.insert(0, str(root))
+    sys.argv = ["restore bench", *args]
+    try:
+        runpy.run_module("bench.compare", run_name="__main__")
+    except SystemExit as exc:
+        if exc.code:
+            raise
 
 
 @cli.command("sample-image")

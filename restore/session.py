@@ -64,6 +64,8 @@ class SessionStats:
     chunks_l1: int
     chunks_fetched: int
     chunks_failed: int
+    chunks_released: int  # decoded copies freed once every page of theirs was in
+    chunks_reloaded: int  # released chunks loaded again for a late fault
     l1_misses: int
     l1_bad: int
     supply_rejected: int
@@ -92,7 +94,9 @@ class SessionStats:
 
 
 def new_session_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    """UTC start time to the microsecond, then a random tag: ids sort in
+    start order (rebuilding a plan takes the newest sessions)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
 def sessions_prefix(name: str, version: str) -> str:
@@ -282,6 +286,8 @@ class RestoreSession:
             chunks_l1=st.chunks_l1,
             chunks_fetched=st.chunks_fetched,
             chunks_failed=st.chunks_failed,
+            chunks_released=st.chunks_released,
+            chunks_reloaded=st.chunks_reloaded,
             l1_misses=st.l1_misses,
             l1_bad=st.l1_bad,
             supply_rejected=st.supply_rejected,

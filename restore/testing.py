@@ -165,8 +165,10 @@ class Guest:
 
     regions: (size, offset) pairs in bytes, in the memory file; or
     memory_size: bytes, one region at offset 0. page_size: bytes (4096, or
-    2 MiB with hugetlb=True). A Guest runs one trace: start(ops) then wait(),
-    or run(ops). Use it as a context manager: leaving kills the child if it
+    2 MiB with hugetlb=True). remove_events=False leaves
+    UFFD_FEATURE_EVENT_REMOVE off, as a VMM without a balloon may: a dropped
+    range then faults again without the handler being told. A Guest runs one
+    trace: start(ops) then wait(), or run(ops). Use it as a context manager: leaving kills the child if it
     still runs and removes its files.
     """
 
@@ -179,6 +181,7 @@ class Guest:
         hugetlb: bool = False,
         backing: str = "uffd",
         image: Optional[Union[str, os.PathLike]] = None,
+        remove_events: bool = True,
     ):
         if (regions is None) == (memory_size is None):
             raise InputError("give a Guest either regions or memory_size")
@@ -192,6 +195,7 @@ class Guest:
         self.regions = [(int(s), int(o)) for s, o in regions] if regions is not None else [(int(memory_size), 0)]
         self.page_size = int(page_size)
         self.hugetlb = bool(hugetlb)
+        self.remove_events = bool(remove_events)
         self._proc: Optional[subprocess.Popen] = None
         self._dir: Optional[Path] = None
         self._ops: Optional[np.ndarray] = None
@@ -218,6 +222,7 @@ class Guest:
                     "regions": self.regions,
                     "page_size": self.page_size,
                     "hugetlb": self.hugetlb,
+                    "remove_events": self.remove_events,
                     "backing": self.backing,
                     "image": self.image,
                 }
@@ -432,7 +437,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.get("backing", "uffd") == "uffd":
         rc = lib.rs_guest_run(
             os.fsencode(cfg["socket_path"]), regions, len(cfg["regions"]), cfg["page_size"],
-            1 if cfg["hugetlb"] else 0, c_ops, n, c_sums, c_ns, total, err, len(err),
+            (lib.RS_GUEST_HUGETLB if cfg["hugetlb"] else 0)
+            | (0 if cfg.get("remove_events", True) else lib.RS_GUEST_NO_REMOVE_EVENTS),
+            c_ops, n, c_sums, c_ns, total, err, len(err),
         )
     else:
         rc = lib.rs_guest_run_local(

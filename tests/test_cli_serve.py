@@ -136,3 +136,19 @@ def test_plan_build_and_show(tmp_path, made, run_cli):
     assert one.returncode == 2 and "give two session ids, or none for the two newest" in one.stderr
     unknown = run_cli("session", "compare", "fn", ids[-1], "nope", "--store", store)
     assert unknown.returncode == 1 and unknown.stderr == "error: no session nope of fn/1\n"
+
+
+def test_restore_bench_runs_the_comparison(tmp_path, run_cli):
+    """`restore bench` is bench/compare.py: a small run prints the table,
+    the breakdown and writes the plot; bad arguments exit 2 with the reason."""
+    out = tmp_path / "compare.png"
+    res = run_cli("bench", "--rounds", "1", "--size-mib", "8", "--no-minivm", "--out", str(out), check=True).stdout
+    assert "restore-to-done, median of interleaved rounds (1" in res
+    table = res.split("where the time goes")[0]
+    for strategy in ("resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay"):
+        assert strategy in table
+    assert re.search(r"heap-5%\s+uffd-replay\s+\d+\s+\d+", res), res
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad, why in [(["--rounds", "0"], "0 is not at least 1"), (["--size-mib", "x"], "'x' is not a whole number")]:
+        r = run_cli("bench", *bad)
+        assert r.returncode == 2 and why in r.stderr, r.stderr

@@ -94,6 +94,9 @@ def test_full_sweep_cold_then_warm_l1(serve, image, l1):
     second = _wait_sessions(server, 2)[1]
     assert second.stats.chunks_l1 == first.stats.chunks_fetched
     assert second.stats.chunks_fetched == 0 and second.stats.l1_misses == 0
+    # Every page came in, so no decoded copy outlived its last page.
+    for st in (first.stats, second.stats):
+        assert st.chunks_released == st.chunks_l1 + st.chunks_fetched and st.chunks_reloaded == 0
 
 
 @pytest.mark.parametrize("fault_around", [1, 16])
@@ -156,6 +159,25 @@ def test_remove_then_retouch_reads_zeros(serve, image):
     assert res.sums[4] == 0 and res.sums[5] == 0  # removed: zeros, never snapshot bytes
     assert res.sums[6] == exp[2]
     assert _wait_sessions(server, 1)[0].stats.removes == 1
+
+
+def test_dropped_range_without_remove_events_is_loaded_again(serve, image):
+    """A VMM that leaves UFFD_FEATURE_EVENT_REMOVE off: after MADV_DONTNEED the
+    pages fault again and the handler, not told, serves the snapshot's bytes,
+    loading again a chunk whose decoded copy it had freed."""
+    server = serve()
+    per_chunk = _image_pages(image).any(axis=1).reshape(-1, CHUNK // P)
+    c = int(np.flatnonzero(per_chunk.all(axis=1))[0])  # a chunk without zero pages
+    first_chunk = (c * CHUNK // P + np.arange(CHUNK // P, dtype=np.uint64)) * P
+    ops = np.concatenate([reads(first_chunk), remove(c * CHUNK, CHUNK // P), reads(first_chunk[:3])])
+    with Guest(server.socket_path, memory_size=SIZE, remove_events=False) as g:
+        res = g.run(ops, timeout=30)
+    exp = expected_sums(image, first_chunk)
+    assert (res.sums[: len(first_chunk)] == exp).all()
+    assert (res.sums[-3:] == exp[:3]).all()
+    st = _wait_sessions(server, 1)[0].stats
+    assert st.removes == 0 and st.chunks_reloaded == 1 and st.chunks_released == 1
+    assert st.first_touches["failed"] == 0 and st.error == 0
 
 
 def test_two_regions_with_a_gap(serve, image):

@@ -1,0 +1,137 @@
+"""Prefetch install throughput against raw UFFDIO_COPY, into the same kind
+of guest process, in one run.
+
+- raw-copy: the guest's whole memory (256 MiB, every page non-zero) filled
+  with one UFFDIO_COPY per run of 2 MiB (and, for like-for-like runs, of
+  512 KiB: one chunk) from a buffer already in memory. The floor: no
+  reading, no verification, no decode.
+- prefetch: a session whose plan lists every page, L1 warm; the guest
+  waits, touching nothing, until the prefetch is done. Timed from session
+  start to prefetch_done: L1 reads, SHA-256 verification, lz4 decode and
+  the installs, on the engine's threads. extra_info["install_gbps"] is the
+  prefetch's bytes over the time its threads spent in install ioctls: the
+  install path alone, comparable with raw-copy.
+
+After every round the guest reads a sample of its pages and checks them
+(outside the timing).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from restore.protocol import accept_handshake
+from restore.sample import write_sample_image
+from restore.session import RestoreSession
+from restore.snapshot import Snapshot, create_snapshot
+from restore.testing import Guest, expected_sums, reads, wait
+from restore.tiers.durable import DurableStore
+from restore.tiers.l1 import L1Cache
+from restore.uffd import Userfaultfd
+
+P = 4096
+SIZE = 256 << 20
+CHUNK = 512 * 1024
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prefetch")
+    img = d / "mem.img"
+    write_sample_image(img, SIZE, seed=5, zero=0.0, random=0.2)  # no zero pages: every page is copied
+    store = DurableStore(f"file://{d}/store")
+    create_snapshot(store, img, "bench", chunk_size=CHUNK)
+    snap = Snapshot.open(store, "bench")
+    l1 = L1Cache(d / "l1")
+    snap.fill_l1(l1)
+    data = np.fromfile(img, dtype=np.uint8)  # resident: the raw copies' source
+    sample = np.random.default_rng(0).choice(SIZE // P, 512, replace=False).astype(np.uint64) * P
+    yield {"dir": d, "img": img, "snap": snap, "l1": l1, "data": data, "sample": sample,
+           "plan": np.arange(0, SIZE, P, dtype=np.uint64)}
+    snap.close()
+
+
+class Round:
+    """One guest that waits for the go-ahead, then reads the sample."""
+
+    def __init__(self, world, name):
+        self.world = world
+        path = world["dir"] / f"{name}.sock"
+        if path.exists():
+            path.unlink()
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.lsock.bind(str(path))
+        self.lsock.listen(1)
+        self.guest = Guest(str(path), memory_size=SIZE)
+        self.guest.start(np.concatenate([wait(), reads(world["sample"])]))
+        self.conn, _ = self.lsock.accept()
+        self.hs = accept_handshake(self.conn, memory_size=SIZE, snapshot_page_size=P, chunk_size=CHUNK)
+        self.session = None
+
+    def finish(self):
+        self.conn.sendall(b"g")
+        res = self.guest.wait(60)
+        if self.session is not None:
+            self.session.wait(10)
+            self.session.close()
+        self.hs.close()
+        self.conn.close()
+        self.guest.close()
+        self.lsock.close()
+        if not (res.sums[1:] == expected_sums(self.world["img"], self.world["sample"])).all():
+            raise RuntimeError("the guest read wrong bytes")
+
+
+@pytest.mark.parametrize("run_kib", [2048, 512])
+def test_bench_raw_copy(benchmark, world, run_kib):
+    state = {}
+    run = run_kib << 10
+    src = world["data"].ctypes.data
+
+    def setup():
+        state["round"] = Round(world, f"raw{run_kib}")
+
+    def copy():
+        r = state["round"]
+        with Userfaultfd.from_fd(os.dup(r.hs.uffd)) as uffd:
+            for reg in r.hs.regions:
+                for off in range(0, reg.size, run):
+                    uffd.copy(reg.base + off, src + reg.offset + off, min(run, reg.size - off))
+
+    benchmark.pedantic(copy, setup=setup, teardown=lambda: state["round"].finish(), rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["bytes"] = SIZE
+
+
+def test_bench_prefetch_install(benchmark, world):
+    state = {}
+    install, phases = [], []
+
+    def setup():
+        state["round"] = Round(world, "prefetch")
+
+    def prefetch():
+        r = state["round"]
+        r.session = RestoreSession(world["snap"], r.hs.uffd, r.hs.regions, r.hs.page_size, conn_fd=r.conn.fileno(),
+                                   l1=world["l1"], persist_log=False, plan=world["plan"])
+        while not r.session.prefetch_done():
+            time.sleep(0.0002)
+
+    def teardown():
+        st = state["round"].session.stats()
+        assert st.prefetch_pages == SIZE // P and st.faults == 0
+        install.append(st.prefetch_pages * P / st.prefetch_install_ns)
+        phases.append((st.l1_read_ns, st.decode_ns, st.prefetch_install_ns))
+        state["round"].finish()
+
+    benchmark.pedantic(prefetch, setup=setup, teardown=teardown, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["bytes"] = SIZE
+    benchmark.extra_info["install_gbps"] = float(np.median(install))
+    for name, ns in zip(("l1_read_ms", "decode_ms", "install_ms"), np.median(np.array(phases), axis=0)):
+        benchmark.extra_info[name] = float(ns) / 1e6
+    benchmark.extra_info["cpus"] = os.cpu_count()
