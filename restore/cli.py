@@ -184,6 +184,69 @@ def snapshot_create(memfile, name, version, chunk_size, workers, warm_l2, l2_spe
     )
 
 
+@snapshot.command("optimize")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.option("--plan", "plan_ref", default=None, metavar="P",
+              help="The plan to lay out: a .npy file of file offsets, or a plan id in the store "
+                   "(default: the snapshot's current plan).")
+@click.option("--version", "version", default=None, help="The new version (default: next integer).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Encoding threads (default: one per core).")
+@key_options
+@store_options
+def snapshot_optimize(spec, plan_ref, version, workers, key_file, key_env, store_url, s3_endpoint, s3_region):
+    """Write a working-set-first version of a snapshot.
+
+    The plan's pages go first, in first-touch order, packed into "hot"
+    chunks; every other non-zero page follows in offset order in "cold"
+    chunks. The memory is the same; chunks already stored are not uploaded
+    again; the new version carries the plan. The source version is not
+    changed."""
+    from .layout import optimize_snapshot
+    from .snapshot import Snapshot, describe
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    name, src_version = split_snapshot(spec)
+    plan = None if plan_ref is None else _read_plan(store, plan_ref)
+    with Snapshot.open(store, name, src_version, load_key(key_file, key_env)) as snap:
+        with progress_bar("optimize", snap.manifest.memory_size) as advance:
+            opt = optimize_snapshot(snap, plan, version, workers=workers, progress=advance)
+        src = snap.label
+    m = opt.manifest
+    d = describe(store, m)
+    click.echo(
+        f"created {m.name}/{m.version} from {src}, working set first: {opt.hot_chunks} hot chunks, "
+        f"{d['chunks'] - opt.hot_chunks} cold chunks; {human(m.uploaded_bytes)} uploaded"
+    )
+    click.echo(f"plan {opt.plan.plan_id[:16]} ({opt.plan.pages} pages) carried over: its pages lie in "
+               f"{opt.hot_chunks} chunks now, {opt.source_chunks} in {src}")
+
+
+def _read_plan(store, ref: str):
+    """A plan given on the command line: a .npy file, or a plan id."""
+    import io
+    import os
+
+    import numpy as np
+
+    from .errors import InputError
+
+    if os.path.exists(ref):
+        try:
+            plan = np.load(ref, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"plan file {ref} is not a .npy array: {exc}") from None
+    else:
+        if len(ref) != 64 or any(ch not in "0123456789abcdef" for ch in ref):
+            raise InputError(f"plan {ref!r} is neither a file nor a plan id (64 hex digits; see `restore plan show`)")
+        data = store.get(f"plans/{ref}")
+        if data is None:
+            raise InputError(f"no plan {ref} in {store.url}")
+        plan = np.load(io.BytesIO(data), allow_pickle=False)
+    if plan.ndim != 1 or plan.dtype.kind not in "iu" or (plan.dtype.kind == "i" and len(plan) and plan.min() < 0):
+        raise InputError(f"plan {ref} must be a 1-D array of file offsets (non-negative integers), not {plan.dtype} {plan.shape}")
+    return plan.astype(np.uint64)
+
+
 @snapshot.command("ls")
 @click.argument("name", required=False)
 @store_options
@@ -477,7 +540,8 @@ def plan_show(spec, head, store_url, s3_endpoint, s3_region):
     import numpy as np
 
     from .errors import SnapshotNotFound
-    from .snapshot import load_manifest
+    from .manifest import ZERO_PAGE
+    from .snapshot import load_manifest, load_page_map
     from .workingset import load_plan, plan_info
 
     store = open_store(store_url, s3_endpoint, s3_region)
@@ -487,14 +551,15 @@ def plan_show(spec, head, store_url, s3_endpoint, s3_region):
     if info is None:
         raise SnapshotNotFound(f"snapshot {m.name}/{m.version} has no plan (see `restore plan build`)")
     pages = load_plan(store, m)
-    chunks = pages // m.chunk_size
+    chunks = load_page_map(store, m)["chunk"][(pages // m.page_size).astype(np.int64)]
     click.echo(f"{'plan:':<19}{info.plan_id} ({info.created})")
     click.echo(f"{'pages:':<19}{info.pages} ({human(info.pages * m.page_size)}, "
                f"{100 * info.pages * m.page_size / m.memory_size:.1f} % of memory)")
-    click.echo(f"{'chunks:':<19}{len(np.unique(chunks))} of {len(m.chunks)}")
+    click.echo(f"{'chunks:':<19}{len(np.unique(chunks[chunks != ZERO_PAGE]))} of {len(m.chunks)}"
+               + (f" (and {int((chunks == ZERO_PAGE).sum())} all-zero pages)" if (chunks == ZERO_PAGE).any() else ""))
     click.echo(f"{'built from:':<19}{len(info.built_from)} sessions, pages kept if in >= {info.min_share:.0%} of them")
-    for off in pages[:head]:
-        click.echo(f"  offset {int(off):#012x}  chunk {int(off) // m.chunk_size}")
+    for off, c in zip(pages[:head], chunks[:head]):
+        click.echo(f"  offset {int(off):#012x}  chunk {'-' if c == ZERO_PAGE else int(c)}")
 
 
 @cli.group()

@@ -10,6 +10,7 @@ objects it uploaded stay (they are content-addressed and may be shared).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -39,9 +40,11 @@ from .errors import (
     WrongKey,
 )
 from .manifest import (
+    PAGE_MAP_DTYPE,
     ZERO_PAGE,
     ChunkEntry,
     Manifest,
+    PageMapRef,
     check_chunk_size,
     check_name,
     check_page_size,
@@ -61,6 +64,21 @@ Progress = Callable[[int], None]  # called with bytes of memory just covered
 
 def chunk_key(chunk_id: str) -> str:
     return f"chunks/{chunk_id}"
+
+
+def load_page_map(store: DurableStore, manifest: Manifest) -> np.ndarray:
+    """The manifest's page map (PAGE_MAP_DTYPE per page, checked against
+    its id), or the identity layout's when it has none."""
+    ref = manifest.page_map
+    if ref is None:
+        return identity_page_map(manifest)
+    where = f"{store.url}/{ref.key}"
+    data = store.get(ref.key)
+    if data is None:
+        raise ManifestError(f"page map {where} is missing from the store")
+    if chunk_id_of(data) != ref.id:
+        raise ManifestError(f"page map {where}: SHA-256 of its bytes is not its id")
+    return parse_page_map(data, manifest, where)
 
 
 def _no_progress(_: int) -> None:
@@ -256,44 +274,83 @@ def create_snapshot(
     fd, size = _open_memory_file(memory_file, page_size)
     try:
         with ChunkCodec(chunk_size, page_size, key) as codec:
-            version = _claim_version(store, name, version)
-            try:
-                chunks, uploaded = _store_chunks(
-                    store, codec, fd, size, workers or os.cpu_count() or 1, uploads, progress, memory_file, warm_l2
-                )
-                manifest = Manifest(
-                    name=name,
-                    version=version,
-                    memory_size=size,
-                    chunk_size=chunk_size,
-                    page_size=page_size,
-                    chunks=chunks,
-                    key_check=codec.key_check,
-                    created_at=_now(),
-                    uploaded_bytes=uploaded,
-                )
-                if not store.put(manifest.key, manifest.to_json(), create_only=True):
-                    raise SnapshotExists(_exists_message(name, version, "ACTIVE"))
-            finally:
-                store.delete(pending_key(name, version))
+            return write_version(store, codec, name, version, _file_reader(fd, memory_file), size, size,
+                                 workers=workers, uploads=uploads, progress=progress, warm_l2=warm_l2)
     finally:
         os.close(fd)
+
+
+def write_version(
+    store: DurableStore,
+    codec: ChunkCodec,
+    name: str,
+    version: Optional[str],
+    read: Callable[[int, memoryview], None],
+    stored_size: int,
+    memory_size: int,
+    *,
+    page_map: Optional[np.ndarray] = None,
+    workers: Optional[int] = None,
+    uploads: int = DEFAULT_UPLOADS,
+    progress: Progress = _no_progress,
+    warm_l2=None,
+) -> Manifest:
+    """Claim a version, store the chunks of the stored_size bytes that
+    read(offset, view) gives, then the page map (None: identity layout;
+    else PAGE_MAP_DTYPE per page of memory_size) and last the manifest. The
+    claim is dropped whatever happens: nothing partial is ever ACTIVE."""
+    version = _claim_version(store, name, version)
+    try:
+        chunks, uploaded = _store_chunks(
+            store, codec, read, stored_size, workers or os.cpu_count() or 1, uploads, progress, warm_l2
+        )
+        ref = None
+        if page_map is not None:
+            blob = np.ascontiguousarray(page_map, dtype=PAGE_MAP_DTYPE).tobytes()
+            ref = PageMapRef(hashlib.sha256(blob).hexdigest(), len(page_map))
+            store.put_new(ref.key, blob)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            memory_size=memory_size,
+            chunk_size=codec.chunk_size,
+            page_size=codec.page_size,
+            chunks=chunks,
+            key_check=codec.key_check,
+            page_map=ref,
+            created_at=_now(),
+            uploaded_bytes=uploaded,
+        )
+        if not store.put(manifest.key, manifest.to_json(), create_only=True):
+            raise SnapshotExists(_exists_message(name, version, "ACTIVE"))
+    finally:
+        store.delete(pending_key(name, version))
     return manifest
+
+
+def _file_reader(fd: int, shown: str | os.PathLike) -> Callable[[int, memoryview], None]:
+    """Fill a buffer with the memory file's bytes at an offset."""
+
+    def read(offset: int, view: memoryview) -> None:
+        if os.preadv(fd, [view], offset) != len(view):
+            raise MemoryFileError(f"memory file '{os.fspath(shown)}' shrank while it was being read")
+
+    return read
 
 
 def _store_chunks(
     store: DurableStore,
     codec: ChunkCodec,
-    fd: int,
+    read: Callable[[int, memoryview], None],
     size: int,
     workers: int,
     uploads: int,
     progress: Progress,
-    shown: str | os.PathLike,
     warm_l2=None,
 ) -> tuple[list[ChunkEntry], int]:
-    """Encode every chunk on `workers` threads and upload each new object
-    once; returns the chunk entries and the bytes uploaded."""
+    """Encode the size bytes read(offset, view) gives, chunk by chunk, on
+    `workers` threads and upload each new object once; returns the chunk
+    entries and the bytes uploaded."""
     C = codec.chunk_size
     n = -(-size // C)
     local = threading.local()
@@ -304,11 +361,8 @@ def _store_chunks(
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = bytearray(C)
-        want = min(C, size - i * C)
-        view = memoryview(buf)[:want]
-        got = os.preadv(fd, [view], i * C)
-        if got != want:
-            raise MemoryFileError(f"memory file '{os.fspath(shown)}' shrank while it was being read")
+        view = memoryview(buf)[: min(C, size - i * C)]
+        read(i * C, view)
         return codec.encode(view)
 
     def upload(chunk_id: str, data: bytes) -> None:
@@ -427,17 +481,7 @@ class Snapshot:
         """page → (chunk, slot) for every page (PAGE_MAP_DTYPE); chunk is
         ZERO_PAGE for an all-zero page. Identity unless the manifest has a map."""
         if self._page_map is None:
-            ref = self.manifest.page_map
-            if ref is None:
-                self._page_map = identity_page_map(self.manifest)
-            else:
-                where = f"{self.store.url}/{ref.key}"
-                data = self.store.get(ref.key)
-                if data is None:
-                    raise ManifestError(f"page map {where} is missing from the store")
-                if chunk_id_of(data) != ref.id:
-                    raise ManifestError(f"page map {where}: SHA-256 of its bytes is not its id")
-                self._page_map = parse_page_map(data, self.manifest, where)
+            self._page_map = load_page_map(self.store, self.manifest)
         return self._page_map
 
     def chunk_offset(self, index: int) -> int:

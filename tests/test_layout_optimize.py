@@ -1,0 +1,174 @@
+"""`restore snapshot optimize`: a working-set-first version holds the same
+memory (guests restored from it read exactly the original bytes, for full
+sweeps and random traces), puts the plan's pages first in first-touch order,
+leaves the source version alone, and is idempotent in content."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+
+from restore.errors import InputError
+from restore.handler import Server
+from restore.layout import optimize_snapshot
+from restore.manifest import ZERO_PAGE
+from restore.sample import write_sample_image
+from restore.snapshot import Snapshot, create_snapshot, load_manifest
+from restore.testing import Guest, expected_sums, reads
+from restore.tiers.durable import DurableStore
+from restore.tiers.l1 import L1Cache
+from restore.workingset import load_plan, plan_info, plan_pointer_key, save_plan
+
+P = 4096
+CHUNK = 64 * 1024
+SIZE = 8 << 20
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    p = tmp_path_factory.mktemp("layout") / "mem.img"
+    write_sample_image(p, SIZE, seed=17)
+    return p
+
+
+def _plan(image, seed=2, n=300):
+    """A working set: runs of 3 non-zero pages in random order."""
+    pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
+    nonzero = np.flatnonzero(pages.any(axis=1))
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(nonzero[nonzero < len(pages) - 3], n // 3, replace=False)
+    return ((starts[:, None] + np.arange(3)).reshape(-1)).astype(np.uint64) * P
+
+
+@pytest.fixture(params=[None, b"k" * 32], ids=["plain", "encrypted"])
+def snap(request, tmp_path, image):
+    store = DurableStore(f"file://{tmp_path}/store")
+    create_snapshot(store, image, "fn", chunk_size=CHUNK, key=request.param)
+    save_plan(store, load_manifest(store, "fn"), _plan(image), ["s1"], 0.5)
+    with Snapshot.open(store, "fn", "1", key=request.param) as s:
+        s.test_key = request.param  # for opening the versions it makes
+        yield s
+
+
+def test_optimized_version_puts_the_plan_first_and_keeps_the_bytes(tmp_path, snap, image):
+    store = snap.store
+    v1_manifest = store.get("snapshots/fn/1/manifest.json")
+    v1_pointer = store.get(plan_pointer_key("fn", "1"))
+    plan = load_plan(store, snap.manifest)
+    opt = optimize_snapshot(snap)
+    m = opt.manifest
+    assert m.version == "2" and m.memory_size == SIZE and m.page_map is not None
+    # The source version is untouched, and the new one carries the plan.
+    assert store.get("snapshots/fn/1/manifest.json") == v1_manifest
+    assert store.get(plan_pointer_key("fn", "1")) == v1_pointer
+    assert (load_plan(store, m) == plan).all() and plan_info(store, m).built_from == ["s1"]
+
+    with Snapshot.open(store, "fn", "2", key=snap.test_key) as v2:
+        pm = v2.page_map()
+        # Hot chunks: the plan's non-zero pages, in first-touch order, from slot 0.
+        pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
+        _, first = np.unique(plan // P, return_index=True)
+        hot = (plan // P)[np.sort(first)].astype(np.int64)
+        hot = hot[pages[hot].any(axis=1)]
+        pos = pm["chunk"][hot].astype(np.int64) * (CHUNK // P) + pm["slot"][hot]
+        assert (pos == np.arange(len(hot))).all()
+        assert opt.hot_chunks == -(-len(hot) // (CHUNK // P)) < opt.source_chunks
+        # Cold chunks: the rest, in offset order, from the next chunk boundary.
+        cold = np.setdiff1d(np.flatnonzero(pages.any(axis=1)), hot)
+        cpos = pm["chunk"][cold].astype(np.int64) * (CHUNK // P) + pm["slot"][cold]
+        assert cpos[0] == opt.hot_chunks * (CHUNK // P) and (np.diff(cpos) == 1).all()
+        assert (pm["chunk"][~pages.any(axis=1)] == ZERO_PAGE).all()
+        out = np.zeros(SIZE, dtype=np.uint8)
+        v2.read_into(out)
+        assert out.tobytes() == image.read_bytes()
+        assert v2.verify() == []
+
+        # Real guests restored from it read the original bytes: a full sweep,
+        # and a random trace with the plan replayed.
+        l1 = L1Cache(tmp_path / "l1")
+        sweep = np.arange(0, SIZE, P, dtype=np.uint64)
+        trace = np.random.default_rng(5).permutation(SIZE // P)[:800].astype(np.uint64) * P
+        with Server(v2, tmp_path / "v2.sock", l1=l1) as server:
+            for offsets in (sweep, np.concatenate([plan, trace])):
+                with Guest(server.socket_path, memory_size=SIZE) as g:
+                    res = g.run(reads(offsets), timeout=60)
+                assert (res.sums == expected_sums(image, offsets)).all()
+
+
+def test_optimizing_twice_writes_nothing_new(snap):
+    first = optimize_snapshot(snap)
+    with Snapshot.open(snap.store, "fn", first.manifest.version, key=snap.test_key) as v2:
+        second = optimize_snapshot(v2, version="again")
+        pm2 = v2.page_map()
+    assert second.manifest.uploaded_bytes == 0
+    assert [c.id for c in second.manifest.chunks] == [c.id for c in first.manifest.chunks]
+    assert second.manifest.page_map == first.manifest.page_map
+    with Snapshot.open(snap.store, "fn", "again", key=snap.test_key) as v3:
+        assert (v3.page_map() == pm2).all()
+    assert second.hot_chunks == second.source_chunks == first.hot_chunks
+
+
+def test_a_replay_on_the_optimized_version_fetches_fewer_chunks(tmp_path, snap, image):
+    plan = load_plan(snap.store, snap.manifest)
+    opt = optimize_snapshot(snap)
+    fetched = {}
+    for version in ("1", opt.manifest.version):
+        with Snapshot.open(snap.store, "fn", version, key=snap.test_key) as s:
+            with Server(s, tmp_path / f"r{version}.sock", l1=L1Cache(tmp_path / f"l1-{version}"),
+                        persist_logs=False) as server:
+                with Guest(server.socket_path, memory_size=SIZE) as g:
+                    res = g.run(reads(plan), timeout=60)
+                assert (res.sums == expected_sums(image, plan)).all()
+            deadline = time.monotonic() + 10
+            while not server.summaries:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            st = server.summaries[0].stats
+            fetched[version] = st.chunks_fetched
+    assert fetched[opt.manifest.version] <= opt.hot_chunks < fetched["1"]
+
+
+def test_bad_plans_are_refused(snap):
+    with pytest.raises(InputError, match="is empty"):
+        optimize_snapshot(snap, np.zeros(0, dtype=np.uint64))
+    with pytest.raises(InputError, match=f"multiples of {P} below {SIZE}"):
+        optimize_snapshot(snap, np.array([SIZE], dtype=np.uint64))
+    with pytest.raises(InputError, match=f"multiples of {P}"):
+        optimize_snapshot(snap, np.array([P + 1], dtype=np.uint64))
+    snap.store.delete(plan_pointer_key("fn", "1"))
+    with pytest.raises(InputError, match=re.escape("snapshot fn/1 has no plan: record sessions")):
+        optimize_snapshot(snap)
+    assert [v for v in ("2",) if snap.store.get(f"snapshots/fn/{v}/manifest.json")] == []
+
+
+def test_cli_optimize(tmp_path, image, run_cli):
+    store = f"file://{tmp_path}/cli-store"
+    run_cli("snapshot", "create", str(image), "--name", "fn", "--chunk-size", "64K", "--store", store, check=True)
+    np.save(tmp_path / "plan.npy", _plan(image))
+    out = run_cli("snapshot", "optimize", "fn:1", "--plan", str(tmp_path / "plan.npy"), "--store", store,
+                  check=True).stdout
+    m = re.match(r"created fn/2 from fn/1, working set first: (\d+) hot chunks, \d+ cold chunks; [\d.]+ \w+ uploaded\n"
+                 r"plan [0-9a-f]{16} \(300 pages\) carried over: its pages lie in (\d+) chunks now, (\d+) in fn/1\n", out)
+    assert m and int(m[1]) == int(m[2]) < int(m[3]), out
+    shown = run_cli("plan", "show", "fn:2", "--store", store, check=True).stdout
+    assert re.search(r"pages:\s+300 ", shown) and "offset 0x" in shown
+    plan_id = re.search(r"plan:\s+([0-9a-f]{64}) ", shown)[1]
+    again = run_cli("snapshot", "optimize", "fn:2", "--store", store, check=True).stdout
+    assert "0 B uploaded" in again
+    by_id = run_cli("snapshot", "optimize", "fn:1", "--plan", plan_id, "--store", store, check=True).stdout
+    assert by_id.startswith("created fn/4 from fn/1")
+    (tmp_path / "bad.npy").write_text("not numpy")
+    np.save(tmp_path / "neg.npy", np.array([-4096]))
+    for args, message in [
+        (["--plan", "nope"], "error: plan 'nope' is neither a file nor a plan id (64 hex digits; see `restore plan show`)\n"),
+        (["--plan", "0" * 64], f"error: no plan {'0' * 64} in {store}\n"),
+        (["--plan", str(tmp_path / "bad.npy")], f"error: plan file {tmp_path / 'bad.npy'} is not a .npy array"),
+        (["--plan", str(tmp_path / "neg.npy")], f"error: plan {tmp_path / 'neg.npy'} must be a 1-D array of file offsets"),
+    ]:
+        r = run_cli("snapshot", "optimize", "fn:1", *args, "--store", store)
+        assert r.returncode == 1 and r.stderr.startswith(message), r.stderr
+    r = run_cli("snapshot", "optimize", "nope", "--store", store)
+    assert r.returncode == 1 and "no snapshot named 'nope'" in r.stderr
