@@ -16,6 +16,8 @@ the end of its invocation):
                (REAP's blocking prefetch)
   uffd-replay  restore's engine replaying the plan asynchronously while the
                guest runs
+  uffd-replay-ws  the same on the working-set-first version of the snapshot
+               (`restore snapshot optimize`: the plan's pages packed first)
 Tier conditions: warm L1 (every chunk in the local cache); and, with
 --slow-tiers, cold L1 with L2 warm, and cold L1 and L2 with only the
 durable tier (S3), both behind bench/netdelay's delays (0.5 ms / 20 ms RTT),
@@ -47,10 +49,12 @@ from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
+from restore.layout import optimize_snapshot
 from restore.workingset import load_plan, rebuild_plan
 
 P = 4096
-STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay"]
+STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws"]
+UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class Bench:
             self.snap.fill_l1(self._l1)
         self._n = 0
         self.detail: list[dict] = []  # per served restore: _detail()
+        self.snap_ws: Snapshot | None = None  # the working-set-first version, after record()
 
     @property
     def l1(self) -> L1Cache:
@@ -138,8 +143,8 @@ class Bench:
         self.check(res, offsets)
         return res.total_ns / 1e6
 
-    def served(self, offsets, use_plan: bool) -> float:
-        with Server(self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
+    def served(self, offsets, use_plan: bool, snap: Snapshot | None = None) -> float:
+        with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
                     **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size) as g:
                 res = g.run(reads(offsets), timeout=600)
@@ -177,11 +182,27 @@ class Bench:
         return res.total_ns / 1e6
 
     def record(self, w: Workload) -> int:
-        """Record invocation A and make its fault log the plan."""
-        with Server(self.snap, self.sock(), l1=self.l1, use_plan=False) as server:
+        """Record invocation A, make its fault log the plan, and write the
+        working-set-first version for that plan."""
+        # Fault-around 1 while recording: every page the guest touches faults,
+        # so the plan names the working set exactly (with fault-around, the
+        # neighbours a fault brings in are touched without being seen).
+        with Server(self.snap, self.sock(), l1=self.l1, use_plan=False, fault_around=1) as server:
             with Guest(server.socket_path, memory_size=self.size) as g:
                 self.check(g.run(reads(w.recorded), timeout=600), w.recorded)
-        return rebuild_plan(self.store, self.snap.manifest, sessions=1).pages
+        pages = rebuild_plan(self.store, self.snap.manifest, sessions=1).pages
+        if self.snap_ws is not None:
+            self.snap_ws.close()
+        opt = optimize_snapshot(self.snap)
+        self.snap_ws = Snapshot.open(self.store, "bench", opt.manifest.version)
+        if self.warm_l1:
+            self.snap_ws.fill_l1(self._l1)
+        return pages
+
+    def close(self) -> None:
+        self.snap.close()
+        if self.snap_ws is not None:
+            self.snap_ws.close()
 
     def run(self, strategy: str, offsets) -> float:
         if strategy in ("resident", "mmap-cold", "mmap-warm"):
@@ -190,6 +211,8 @@ class Bench:
             return self.served(offsets, use_plan=False)
         if strategy == "uffd-replay":
             return self.served(offsets, use_plan=True)
+        if strategy == "uffd-replay-ws":
+            return self.served(offsets, use_plan=True, snap=self.snap_ws)
         return self.reap(offsets)
 
 
@@ -198,7 +221,7 @@ def _detail(summary, offsets) -> dict:
     phase, and the prefetch's useful and wasted pages for this trace."""
     st = summary.stats
     useful, wasted = prefetch_usage(summary.prefetched, np.unique(offsets))
-    return {"faults": st.faults, "chunks": st.chunks_l1 + st.chunks_fetched, "l1_read_ms": st.l1_read_ns / 1e6,
+    return {"l2_bytes": st.tiers["l2"]["bytes"], "durable_bytes": st.tiers["durable"]["bytes"], "faults": st.faults, "chunks": st.chunks_l1 + st.chunks_fetched, "l1_read_ms": st.l1_read_ns / 1e6,
             "decode_ms": st.decode_ns / 1e6, "install_ms": st.install_ns / 1e6, "prefetched": st.prefetch_pages,
             "useful": useful, "wasted": wasted, "late": st.faults_planned, "unplanned": st.faults_unplanned}
 
@@ -219,24 +242,30 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, list[float]]:
     snap.fill_l1(l1)
     n = iter(range(10**6))
 
-    def serve(use_plan, request, persist=False):
-        with Server(snap, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist) as s:
-            return driver.restore(b, s.socket_path, state, [request])[0].ns / 1e6
+    def serve(use_plan, request, persist=False, s=snap, **kw):
+        with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist, **kw) as server:
+            return driver.restore(b, server.socket_path, state, [request])[0].ns / 1e6
 
-    serve(False, 11, persist=True)  # record invocation A
+    serve(False, 11, persist=True, fault_around=1)  # record invocation A, every touched page
     rebuild_plan(store, snap.manifest, sessions=1)
-    rows = {"resident": [], "uffd-lazy": [], "uffd-replay": []}
+    ws = Snapshot.open(store, "vm", optimize_snapshot(snap).manifest.version)
+    ws.fill_l1(l1)
+    rows = {"resident": [], "uffd-lazy": [], "uffd-replay": [], "uffd-replay-ws": []}
     for _ in range(rounds):
         rows["resident"].append(driver.resident(b, image, state, [4242])[0].ns / 1e6)
         rows["uffd-lazy"].append(serve(False, 4242))
         rows["uffd-replay"].append(serve(True, 4242))
+        rows["uffd-replay-ws"].append(serve(True, 4242, s=ws))
     snap.close()
+    ws.close()
     return rows
 
 
-def slow_tier_rows(work: Path, image: Path, size: int, w: Workload, rounds: int, inflight: int) -> dict:
+def slow_tier_rows(work: Path, image: Path, size: int, w: Workload, rounds: int, inflight: int,
+                   details: dict) -> dict:
     """The uffd strategies with a cold L1 behind L2 and behind the durable
-    tier alone (bench/netdelay: namespaces plus delay)."""
+    tier alone (bench/netdelay: namespaces plus delay); what the served
+    restores did goes into details."""
     from bench import netdelay
     from restore.tiers.durable import S3Options
     from restore.tiers.l2 import L2Cluster
@@ -252,13 +281,17 @@ def slow_tier_rows(work: Path, image: Path, size: int, w: Workload, rounds: int,
             b = Bench(d, size, store=store, warm_l1=False, image=image, fetchers=inflight,
                       prefetch_inflight=inflight, **kw)
             b.record(w)
-            rows = {s: [] for s in ("uffd-lazy", "uffd-reap", "uffd-replay")}
+            rows = {s: [] for s in UFFD}
+            name = f"{w.name.split(':')[0]}, {cond} ({t.method} delay)"
+            details[name] = {s: [] for s in UFFD if s != "uffd-reap"}
             for _ in range(rounds):
                 for s in rows:
                     rows[s].append(b.run(s, w.measured))
+                    if s in details[name]:
+                        details[name][s].append(b.detail[-1])
             rows["resident"] = [b.run("resident", w.measured) for _ in range(rounds)]
-            out[f"{w.name.split(':')[0]}, {cond} ({t.method} delay)"] = rows
-            b.snap.close()
+            out[name] = rows
+            b.close()
         l2.close()
     return out
 
@@ -293,14 +326,14 @@ def main(argv=None) -> int:
             pages = bench.record(w)
             print(f"{w.name}: plan of {pages} pages from the recorded invocation", file=sys.stderr)
             rows = {s: [] for s in STRATEGIES}
-            details[w.name] = {"uffd-lazy": [], "uffd-replay": []}
+            details[w.name] = {s: [] for s in UFFD if s != "uffd-reap"}
             for _ in range(args.rounds):  # interleaved: one of each per round
                 for s in STRATEGIES:
                     rows[s].append(bench.run(s, w.measured))
                     if s in details[w.name]:
                         details[w.name][s].append(bench.detail[-1])
             results[w.name] = rows
-        bench.snap.close()
+        bench.close()
         if args.slow_tiers:
             slow = Path(tmp) / "slow"
             slow.mkdir()
@@ -308,7 +341,7 @@ def main(argv=None) -> int:
             write_sample_image(img, args.slow_size_mib << 20, seed=3, zero=0.4, random=0.1)
             w = workloads(args.slow_size_mib << 20)[0]
             results.update(slow_tier_rows(slow, img, args.slow_size_mib << 20, w, max(1, args.rounds // 2),
-                                          args.inflight))
+                                          args.inflight, details))
         if not args.no_minivm:
             vm = minivm_rows(Path(tmp), args.rounds)
             if vm:
@@ -328,15 +361,18 @@ def main(argv=None) -> int:
                 cells.append("-")
         print(f"{name:<44}" + "".join(f"{c:>20}" for c in cells))
     if details:
-        print("\nwhere the time goes (warm L1; medians; thread time per phase, summed over the engine's threads)")
-        print(f"{'workload':<44}{'strategy':>13}{'faults':>8}{'chunks':>8}{'L1 read':>10}{'decode':>10}"
-              f"{'install':>10}{'prefetched':>12}{'useful':>8}{'wasted':>8}{'late':>6}{'unplanned':>10}")
+        print("\nwhere the time goes (medians; thread time per phase, summed over the engine's threads; "
+              "bytes fetched from the network tiers)")
+        print(f"{'workload':<44}{'strategy':>15}{'faults':>7}{'chunks':>7}{'L1 read':>9}{'decode':>9}"
+              f"{'install':>9}{'from L2':>10}{'durable':>10}{'prefetched':>11}{'useful':>7}{'wasted':>7}{'late':>5}"
+              f"{'unplanned':>10}")
         for name, by in details.items():
             for strat, ds in by.items():
                 med = {k: float(np.median([d[k] for d in ds])) for k in ds[0]}
-                print(f"{name.split(':')[0]:<44}{strat:>13}{med['faults']:8.0f}{med['chunks']:8.0f}"
-                      f"{med['l1_read_ms']:8.1f}ms{med['decode_ms']:8.1f}ms{med['install_ms']:8.1f}ms"
-                      f"{med['prefetched']:12.0f}{med['useful']:8.0f}{med['wasted']:8.0f}{med['late']:6.0f}"
+                print(f"{name.split(':')[0][:43]:<44}{strat:>15}{med['faults']:7.0f}{med['chunks']:7.0f}"
+                      f"{med['l1_read_ms']:7.1f}ms{med['decode_ms']:7.1f}ms{med['install_ms']:7.1f}ms"
+                      f"{med['l2_bytes'] / 2**20:7.1f}MiB{med['durable_bytes'] / 2**20:7.1f}MiB"
+                      f"{med['prefetched']:11.0f}{med['useful']:7.0f}{med['wasted']:7.0f}{med['late']:5.0f}"
                       f"{med['unplanned']:10.0f}")
     _plot(results, args.out)
     print(f"\nplot: {args.out}")

@@ -51,6 +51,7 @@ class TierStats:
     hits: int = 0
     bad: int = 0  # copies that failed verification
     errors: int = 0
+    bytes: int = 0  # stored bytes received, whatever became of them
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
     def summary(self) -> dict:
@@ -60,6 +61,7 @@ class TierStats:
             "hits": self.hits,
             "bad": self.bad,
             "errors": self.errors,
+            "bytes": self.bytes,
             "p50_ms": float(np.percentile(lat, 50) * 1e3),
             "p99_ms": float(np.percentile(lat, 99) * 1e3),
             "max_ms": float(lat.max() * 1e3),
@@ -109,10 +111,12 @@ class Fetchers:
         with self._lock:
             return {name: t.summary() for name, t in self.tiers.items()}
 
-    def _note(self, tier: str, seconds: float, hit: bool = False, bad: bool = False, error: bool = False) -> None:
+    def _note(self, tier: str, seconds: float, hit: bool = False, bad: bool = False, error: bool = False,
+              nbytes: int = 0) -> None:
         with self._lock:
             t = self.tiers[tier]
             t.requests += 1
+            t.bytes += nbytes
             t.hits += hit
             t.bad += bad
             t.errors += error
@@ -139,7 +143,8 @@ class Fetchers:
             data = self._l2.get(entry.id)
             if data is not None:
                 rc = self._supply(index, data)
-                self._note("l2", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY))
+                self._note("l2", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
+                           nbytes=len(data))
                 if rc in (0, -errno.EALREADY):
                     if rc == 0:
                         self._write_l1(entry.id, data)
@@ -161,7 +166,8 @@ class Fetchers:
             self._give_up(index, key, f"object {key} is missing from {self._store.url}")
             return
         rc = self._supply(index, data)
-        self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY))
+        self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
+                   nbytes=len(data))
         if rc == -errno.EALREADY:
             return
         if rc != 0:

@@ -104,6 +104,9 @@ def test_l2_miss_reads_the_store_and_fills_l2(tmp_path, s3_store, l2, image):
         second = _serve_one(snap, tmp_path, _nonzero_offsets(image, 2), image, l2=l2)
     assert second.stats.tiers["l2"]["hits"] == second.stats.chunks_fetched
     assert second.stats.tiers["durable"]["requests"] == 0
+    # The same chunks, so the same stored bytes: from the store, then from L2.
+    assert first.stats.tiers["l2"]["bytes"] == 0 == second.stats.tiers["durable"]["bytes"]
+    assert second.stats.tiers["l2"]["bytes"] == first.stats.tiers["durable"]["bytes"] > 0
 
 
 def test_an_l2_node_killed_mid_restore(tmp_path, s3_store, l2, memcached_cluster, image):
