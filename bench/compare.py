@@ -193,7 +193,7 @@ class Bench:
         pages = rebuild_plan(self.store, self.snap.manifest, sessions=1).pages
         if self.snap_ws is not None:
             self.snap_ws.close()
-        opt = optimize_snapshot(self.snap)
+        opt = optimize_snapshot(self.snap, warm_l2=self.server_kw.get("l2"))
         self.snap_ws = Snapshot.open(self.store, "bench", opt.manifest.version)
         if self.warm_l1:
             self.snap_ws.fill_l1(self._l1)

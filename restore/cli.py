@@ -191,9 +191,12 @@ def snapshot_create(memfile, name, version, chunk_size, workers, warm_l2, l2_spe
                    "(default: the snapshot's current plan).")
 @click.option("--version", "version", default=None, help="The new version (default: next integer).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Encoding threads (default: one per core).")
+@click.option("--warm-l2", is_flag=True, help="Also push every chunk of the new version into the --l2 clusters.")
+@l2_option
 @key_options
 @store_options
-def snapshot_optimize(spec, plan_ref, version, workers, key_file, key_env, store_url, s3_endpoint, s3_region):
+def snapshot_optimize(spec, plan_ref, version, workers, warm_l2, l2_specs, key_file, key_env, store_url, s3_endpoint,
+                      s3_region):
     """Write a working-set-first version of a snapshot.
 
     The plan's pages go first, in first-touch order, packed into "hot"
@@ -207,9 +210,13 @@ def snapshot_optimize(spec, plan_ref, version, workers, key_file, key_env, store
     store = open_store(store_url, s3_endpoint, s3_region)
     name, src_version = split_snapshot(spec)
     plan = None if plan_ref is None else _read_plan(store, plan_ref)
+    l2 = open_l2(l2_specs)
+    if warm_l2 and l2 is None:
+        raise click.UsageError("--warm-l2 needs --l2 ZONE=HOST:PORT")
     with Snapshot.open(store, name, src_version, load_key(key_file, key_env)) as snap:
         with progress_bar("optimize", snap.manifest.memory_size) as advance:
-            opt = optimize_snapshot(snap, plan, version, workers=workers, progress=advance)
+            opt = optimize_snapshot(snap, plan, version, workers=workers, progress=advance,
+                                    warm_l2=l2 if warm_l2 else None)
         src = snap.label
     m = opt.manifest
     d = describe(store, m)

@@ -67,12 +67,14 @@ def optimize_snapshot(
     workers: Optional[int] = None,
     uploads: int = DEFAULT_UPLOADS,
     progress: Progress = _no_progress,
+    warm_l2=None,
 ) -> Optimized:
     """Write a working-set-first version of snap (see the module text).
 
     plan: file offsets in first-touch order (default: the snapshot's current
     plan). version: the new version's name (default: the next integer).
-    progress(n) is called as n bytes of memory are encoded. Returns the new
+    progress(n) is called as n bytes of memory are encoded. warm_l2: an
+    L2Cluster that gets every chunk of the new version in every zone. Returns the new
     version, its plan and how many chunks the plan's pages lie in, before
     and after. The source version is not changed.
     """
@@ -117,7 +119,7 @@ def optimize_snapshot(
     page_map["slot"][order[stored]] = stored % slots
 
     new = write_version(snap.store, snap.codec, m.name, version, read, len(order) * P, m.memory_size,
-                        page_map=page_map, workers=workers, uploads=uploads, progress=progress)
+                        page_map=page_map, workers=workers, uploads=uploads, progress=progress, warm_l2=warm_l2)
     built_from = info.built_from if info else []
     min_share = info.min_share if info else 1.0
     return Optimized(new, save_plan(snap.store, new, plan, built_from, min_share), n_hot, n_src)

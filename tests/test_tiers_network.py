@@ -13,12 +13,14 @@ import pytest
 
 from restore.errors import InputError
 from restore.handler import Server
+from restore.layout import optimize_snapshot
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, chunk_key, create_snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.tiers.l2 import L2Cluster, parse_zone
+from restore.workingset import save_plan
 
 P = 4096
 CHUNK = 256 * 1024
@@ -90,6 +92,19 @@ def test_warm_l2_serves_a_cold_worker(tmp_path, s3_store, l2, image):
     create_snapshot(s3_store, image, "vm", chunk_size=CHUNK, warm_l2=l2)
     with Snapshot.open(s3_store, "vm") as snap:
         summary = _serve_one(snap, tmp_path, _nonzero_offsets(image, 2), image, l1=L1Cache(tmp_path / "l1"), l2=l2)
+    tiers = summary.stats.tiers
+    assert tiers["l2"]["hits"] == summary.stats.chunks_fetched > 0
+    assert tiers["durable"]["requests"] == 0
+
+
+def test_optimize_warms_l2_with_the_new_version(tmp_path, s3_store, l2, image):
+    create_snapshot(s3_store, image, "vm", chunk_size=CHUNK)
+    offsets = _nonzero_offsets(image, 2)
+    with Snapshot.open(s3_store, "vm") as snap:
+        save_plan(s3_store, snap.manifest, offsets[:64], [], 1.0)
+        v2 = optimize_snapshot(snap, warm_l2=l2).manifest
+    with Snapshot.open(s3_store, "vm", v2.version) as snap:
+        summary = _serve_one(snap, tmp_path, offsets, image, l1=L1Cache(tmp_path / "l1"), l2=l2)
     tiers = summary.stats.tiers
     assert tiers["l2"]["hits"] == summary.stats.chunks_fetched > 0
     assert tiers["durable"]["requests"] == 0
