@@ -678,7 +678,11 @@ def session_compare(spec, first, second, store_url, s3_endpoint, s3_region):
     a_id, a = _load_session(store, name, version, keys, first, newest=2)
     b_id, b = _load_session(store, name, version, keys, second, newest=1)
     a_rows, b_rows = dict(_session_rows(a)), dict(_session_rows(b))
-    labels = list(a_rows) + [k for k in b_rows if k not in a_rows]
+    from .session import SOURCES
+
+    order = ["first touches", "demand faults", "span", *(f"  {x}" for x in SOURCES), "chunks touched",
+             "service p50/p99"]
+    labels = [k for k in order if k in a_rows or k in b_rows]
     w = max(len(a_id), len(b_id)) + 2
     click.echo(f"{name}/{version}")
     click.echo(f"{'':<19}{a_id:>{w}}{b_id:>{w}}")
