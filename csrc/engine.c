@@ -1,6 +1,7 @@
 /* engine.c -- serve one guest's page faults from snapshot chunks (engine.h). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -11,6 +12,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -59,7 +61,7 @@ struct chunk {
 struct counters {
     _Atomic uint64_t faults, pages_installed, bytes_installed, chunks_l1,
         chunks_fetched, chunks_failed, l1_misses, l1_bad, supply_rejected,
-        removes, eexist, deferred, poisoned, chunks_released, chunks_reloaded;
+        removes, eexist, deferred, poisoned, chunks_released, chunks_reloaded, minor_faults;
     _Atomic uint64_t first_touches[6];
     _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
     _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
@@ -120,6 +122,7 @@ struct rs_engine {
     rs_fetchq *l1q, *remoteq;
     rs_faultlog *log;
     int uffd, conn_fd, wake_fd, stop_fd;
+    int memfd;                    /* the guest memory's memfd, or -1 */
     pthread_t service;
     pthread_t *l1_threads;
     uint32_t n_l1_started;
@@ -751,6 +754,16 @@ static void retry_deferred(rs_engine *e)
     free(again.v);
 }
 
+/* Drop file bytes [off, off + len) of the memfd from its page cache: a
+ * removed range of shared memory must read as zeros, as it does for
+ * anonymous memory, not as what it held. */
+static void punch(rs_engine *e, uint64_t off, uint64_t len)
+{
+    if (e->memfd >= 0 &&
+        fallocate(e->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0)
+        note_error(e, -errno);
+}
+
 static void handle_remove(rs_engine *e, uint64_t start, uint64_t end)
 {
     const uint64_t ps = e->cfg.page_size;
@@ -761,6 +774,10 @@ static void handle_remove(rs_engine *e, uint64_t start, uint64_t end)
         uint64_t a = start > g->base ? start : g->base;
         uint64_t b = end < g->base + g->size ? end : g->base + g->size;
 
+        if (a < b)
+            punch(e, g->offset + (a - g->base) - (a - g->base) % ps,
+                  b - a + (a - g->base) % ps);
+
         for (uint64_t addr = a - (a - g->base) % ps; addr < b; addr += ps) {
             uint64_t p = (g->offset + (addr - g->base)) / ps;
 
@@ -769,6 +786,34 @@ static void handle_remove(rs_engine *e, uint64_t start, uint64_t end)
             settle_page(e, p);
         }
     }
+}
+
+/* A minor fault on page p: the page is in the memfd's page cache but not
+ * mapped in the guest (its mapping was dropped without a REMOVE we were
+ * told of, or the fault came between an install putting the page in the
+ * cache and mapping it). Its bytes are the guest's own: map them with
+ * UFFDIO_CONTINUE. A removed page gets zeros instead. */
+static int serve_minor(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
+{
+    const uint64_t ps = e->cfg.page_size, dst = addr_of(e, r, p);
+    uint32_t c = e->page_chunk[p];
+    int rc;
+
+    if (bit_test(e->removed, p)) {
+        punch(e, p * ps, ps);
+        return serve_page(e, r, p, t_ns);
+    }
+    rc = rs_uffd_continue(e->uffd, dst, ps, 0, NULL);
+    if (rc == -EFAULT) /* gone from the cache meanwhile: a missing page now */
+        return serve_page(e, r, p, t_ns);
+    if (rc == -EEXIST)
+        return ioctl_result(e, rs_uffd_wake(e->uffd, dst, ps));
+    if (rc == 0) {
+        bit_set(e->present, p);
+        settle_page(e, p);
+        log_touch(e, p, c, c == NO_CHUNK ? RS_SRC_ZERO : e->chunks[c].source, t_ns);
+    }
+    return ioctl_result(e, rc);
 }
 
 static void handle_fault(rs_engine *e, const rs_uffd_event *ev)
@@ -786,7 +831,12 @@ static void handle_fault(rs_engine *e, const rs_uffd_event *ev)
             atomic_fetch_add(&e->st.poisoned, 1);
         return;
     }
-    rc = serve_page(e, r, p, t);
+    if (ev->flags & RS_UFFD_PAGEFAULT_MINOR) {
+        atomic_fetch_add(&e->st.minor_faults, 1);
+        rc = serve_minor(e, r, p, t);
+    } else {
+        rc = serve_page(e, r, p, t);
+    }
     if (rc == -EAGAIN) {
         /* Retried by this thread once the pending events are read. */
         push_deferred(e, p, t);
@@ -1095,7 +1145,7 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
         return -ENOMEM;
     e->cfg = *cfg;
     e->codec = codec;
-    e->uffd = e->conn_fd = e->wake_fd = e->stop_fd = -1;
+    e->uffd = e->conn_fd = e->wake_fd = e->stop_fd = e->memfd = -1;
     e->n_pages = cfg->memory_size / cfg->page_size;
     e->n_regions = n_regions;
     e->bm_bytes = rs_codec_bitmap_bytes(codec);
@@ -1183,6 +1233,21 @@ fail:
         close(e->stop_fd);
     free(e);
     return rc;
+}
+
+int rs_engine_set_memfd(rs_engine *e, int memfd)
+{
+    struct stat st;
+
+    if (e->service_started || memfd < 0)
+        return -EINVAL;
+    if (fstat(memfd, &st) < 0)
+        return -errno;
+    for (size_t i = 0; i < e->n_regions; i++)
+        if ((uint64_t)st.st_size < e->regions[i].offset + e->regions[i].size)
+            return -EINVAL;
+    e->memfd = memfd;
+    return 0;
 }
 
 int rs_engine_start(rs_engine *e, int uffd, int conn_fd)
@@ -1352,6 +1417,7 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->poisoned = atomic_load(&e->st.poisoned);
     out->chunks_released = atomic_load(&e->st.chunks_released);
     out->chunks_reloaded = atomic_load(&e->st.chunks_reloaded);
+    out->minor_faults = atomic_load(&e->st.minor_faults);
     out->log_dropped = rs_faultlog_dropped(e->log);
     out->prefetch_chunks = atomic_load(&e->st.prefetch_chunks);
     out->prefetch_pages = atomic_load(&e->st.prefetch_pages);

@@ -179,10 +179,11 @@ static char *regions_json(const uint64_t *bases, const rs_guest_region *regions,
     return s;
 }
 
-static int send_all(int sock, const char *buf, size_t len, int fd)
+/* Send buf with fds[0..n_fds) (1 or 2) as SCM_RIGHTS on its first byte. */
+static int send_all(int sock, const char *buf, size_t len, const int *fds, size_t n_fds)
 {
     union {
-        char buf[CMSG_SPACE(sizeof(int))];
+        char buf[CMSG_SPACE(2 * sizeof(int))];
         struct cmsghdr align;
     } control;
     struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
@@ -190,7 +191,7 @@ static int send_all(int sock, const char *buf, size_t len, int fd)
         .msg_iov = &iov,
         .msg_iovlen = 1,
         .msg_control = control.buf,
-        .msg_controllen = sizeof(control.buf),
+        .msg_controllen = CMSG_SPACE(n_fds * sizeof(int)),
     };
     struct cmsghdr *cmsg;
     ssize_t n;
@@ -200,8 +201,8 @@ static int send_all(int sock, const char *buf, size_t len, int fd)
     cmsg = CMSG_FIRSTHDR(&msg);
     cmsg->cmsg_level = SOL_SOCKET;
     cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    cmsg->cmsg_len = CMSG_LEN(n_fds * sizeof(int));
+    memcpy(CMSG_DATA(cmsg), fds, n_fds * sizeof(int));
     do {
         n = sendmsg(sock, &msg, MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
@@ -219,7 +220,7 @@ static int send_all(int sock, const char *buf, size_t len, int fd)
     return 0;
 }
 
-int rs_guest_handshake(const char *socket_path, int uffd,
+int rs_guest_handshake(const char *socket_path, int uffd, int memfd,
                        const uint64_t *bases, const rs_guest_region *regions,
                        size_t n_regions, uint64_t page_size, char *err,
                        size_t err_len)
@@ -254,7 +255,11 @@ int rs_guest_handshake(const char *socket_path, int uffd,
         say(err, err_len, rc, "connect %s: %s", socket_path, strerror(rc));
         goto fail;
     }
-    rc = send_all(sock, json, json_len, uffd);
+    {
+        int fds[2] = { uffd, memfd };
+
+        rc = send_all(sock, json, json_len, fds, memfd >= 0 ? 2 : 1);
+    }
     if (rc < 0) {
         rc = -rc;
         say(err, err_len, rc, "sendmsg %s: %s", socket_path, strerror(rc));
@@ -274,19 +279,44 @@ fail:
  * unmap. */
 static int setup_memory(const rs_guest_region *regions, size_t n,
                         int guest_flags, uint64_t *bases,
-                        int *uffd_out, char *err, size_t err_len)
+                        int *uffd_out, int *memfd_out, char *err, size_t err_len)
 {
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
     int hugetlb = guest_flags & RS_GUEST_HUGETLB;
     uint64_t features = guest_flags & RS_GUEST_NO_REMOVE_EVENTS ? 0 : RS_UFFD_FEATURE_EVENT_REMOVE;
-    int uffd, rc;
+    uint64_t modes = RS_UFFD_REGISTER_MISSING;
+    int uffd, rc, memfd = -1;
+
+    if (guest_flags & RS_GUEST_MEMFD) {
+        /* One memfd holds the memory file's layout: region r maps it at
+         * its file offset, shared, as a memfd-backed VMM does. */
+        uint64_t extent = 0;
+
+        for (size_t r = 0; r < n; r++)
+            if (regions[r].offset + regions[r].size > extent)
+                extent = regions[r].offset + regions[r].size;
+        memfd = memfd_create("restore-guest", MFD_CLOEXEC);
+        if (memfd < 0) {
+            rc = errno;
+            return say(err, err_len, rc, "memfd_create: %s", strerror(rc));
+        }
+        *memfd_out = memfd;
+        if (ftruncate(memfd, (off_t)extent) < 0) {
+            rc = errno;
+            return say(err, err_len, rc, "ftruncate memfd to %" PRIu64 " bytes: %s", extent, strerror(rc));
+        }
+        flags = MAP_SHARED | MAP_NORESERVE;
+        features |= RS_UFFD_FEATURE_MINOR_SHMEM;
+        modes |= RS_UFFD_REGISTER_MINOR;
+    }
 
     if (hugetlb) {
         flags |= MAP_HUGETLB | MAP_HUGE_2MB;
         features |= RS_UFFD_FEATURE_MISSING_HUGETLBFS;
     }
     for (size_t r = 0; r < n; r++) {
-        void *p = mmap(NULL, regions[r].size, PROT_READ | PROT_WRITE, flags, -1, 0);
+        void *p = mmap(NULL, regions[r].size, PROT_READ | PROT_WRITE, flags, memfd,
+                       memfd >= 0 ? (off_t)regions[r].offset : 0);
 
         if (p == MAP_FAILED) {
             rc = errno;
@@ -305,7 +335,7 @@ static int setup_memory(const rs_guest_region *regions, size_t n,
         return say(err, err_len, -rc, "UFFDIO_API (features %#" PRIx64 "): %s", features,
                    strerror(-rc));
     for (size_t r = 0; r < n; r++) {
-        rc = rs_uffd_register(uffd, bases[r], regions[r].size, RS_UFFD_REGISTER_MISSING, NULL);
+        rc = rs_uffd_register(uffd, bases[r], regions[r].size, modes, NULL);
         if (rc < 0)
             return say(err, err_len, -rc, "UFFDIO_REGISTER region %zu: %s", r,
                        strerror(-rc));
@@ -380,12 +410,14 @@ int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
                  uint64_t *ns, uint64_t *total_ns, char *err, size_t err_len)
 {
     uint64_t *bases, t_start = now_ns();
-    int uffd = -1, sock = -1, rc;
+    int uffd = -1, memfd = -1, sock = -1, rc;
 
     if (err && err_len)
         err[0] = '\0';
-    if (flags & ~(RS_GUEST_HUGETLB | RS_GUEST_NO_REMOVE_EVENTS))
+    if (flags & ~(RS_GUEST_HUGETLB | RS_GUEST_NO_REMOVE_EVENTS | RS_GUEST_MEMFD))
         return say(err, err_len, EINVAL, "unknown flags %#x", flags);
+    if ((flags & RS_GUEST_HUGETLB) && (flags & RS_GUEST_MEMFD))
+        return say(err, err_len, EINVAL, "a memfd-backed guest has 4 KiB pages, not hugetlb");
     rc = check_layout(regions, n_regions, page_size, flags & RS_GUEST_HUGETLB, err, err_len);
     if (rc < 0)
         return rc;
@@ -398,10 +430,10 @@ int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
     if (!bases)
         return say(err, err_len, ENOMEM, "out of memory");
 
-    rc = setup_memory(regions, n_regions, flags, bases, &uffd, err, err_len);
+    rc = setup_memory(regions, n_regions, flags, bases, &uffd, &memfd, err, err_len);
     if (rc < 0)
         goto out;
-    sock = rs_guest_handshake(socket_path, uffd, bases, regions, n_regions, page_size,
+    sock = rs_guest_handshake(socket_path, uffd, memfd, bases, regions, n_regions, page_size,
                               err, err_len);
     if (sock < 0) {
         rc = sock;
@@ -417,6 +449,8 @@ out:
         close(sock);
     if (uffd >= 0)
         close(uffd);
+    if (memfd >= 0)
+        close(memfd);
     for (size_t r = 0; r < n_regions; r++) {
         if (bases[r])
             munmap((void *)(uintptr_t)bases[r], regions[r].size);

@@ -78,7 +78,7 @@ typedef struct rs_guest_op {
  * a written page never looks like a zero page). */
 uint8_t rs_guest_pattern(uint64_t i);
 
-enum { RS_GUEST_HUGETLB = 1, RS_GUEST_NO_REMOVE_EVENTS = 2 };
+enum { RS_GUEST_HUGETLB = 1, RS_GUEST_NO_REMOVE_EVENTS = 2, RS_GUEST_MEMFD = 4 };
 
 /* Play the guest: map, handshake over socket_path, run ops.
  *
@@ -86,7 +86,11 @@ enum { RS_GUEST_HUGETLB = 1, RS_GUEST_NO_REMOVE_EVENTS = 2 };
  * page_size: 4096, or 2097152 (and then flags must hold RS_GUEST_HUGETLB).
  * flags: RS_GUEST_HUGETLB (2 MiB hugetlbfs pages), RS_GUEST_NO_REMOVE_EVENTS
  *        (leave UFFD_FEATURE_EVENT_REMOVE off: a dropped range then simply
- *        faults again, and the handler is not told).
+ *        faults again, and the handler is not told), RS_GUEST_MEMFD (back
+ *        the memory with one memfd, region r mapped MAP_SHARED at its file
+ *        offset, registered MISSING|MINOR with UFFD_FEATURE_MINOR_SHMEM, and
+ *        send the memfd as a second fd after the uffd, as memfd-backed
+ *        Firecracker builds do; 4 KiB pages only).
  * ops, n_ops: the trace; every op is checked before anything is mapped.
  * sums, ns: n_ops results each (see rs_guest_op). Each is written as soon as
  *           its op is done, so a caller that shares them with a dying guest
@@ -115,9 +119,10 @@ int rs_guest_run_local(const char *image_path, int backing,
 
 /* Step 3 alone, for guests whose memory is mapped already: connect to
  * socket_path and send the JSON for regions (host bases in bases[i]) and
- * uffd as above. Returns the connected socket (O_CLOEXEC; the caller closes
- * it when it is done with the memory) or -errno with a reason in err. */
-int rs_guest_handshake(const char *socket_path, int uffd,
+ * uffd as above, then memfd when it is >= 0. Returns the connected socket
+ * (O_CLOEXEC; the caller closes it when it is done with the memory) or
+ * -errno with a reason in err. */
+int rs_guest_handshake(const char *socket_path, int uffd, int memfd,
                        const uint64_t *bases, const rs_guest_region *regions,
                        size_t n_regions, uint64_t page_size, char *err,
                        size_t err_len);

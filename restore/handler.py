@@ -218,6 +218,7 @@ class Server:
                 persist_log=self.persist_logs,
                 plan=plan,
                 prefetch_inflight=self.prefetch_inflight,
+                memfd=hs.memfd,
             )
         except RestoreError as exc:
             hs.close()

@@ -28,10 +28,12 @@ As implemented here:
   The payload is capped at ``max_payload`` bytes. Bytes sent after the
   first complete message with its fd are left unread in the socket.
 - fds: one (the userfaultfd, registered by the guest in MISSING mode) is
-  the upstream protocol. Two (userfaultfd, then a memfd holding guest
-  memory, as in E2B's fork) are received but refused by
-  ``accept_handshake`` until the engine supports MINOR mode. More than two
-  are refused by ``recv_handshake``.
+  the upstream protocol. Two: the userfaultfd, then a memfd holding guest
+  memory, as in E2B's fork, with region r mapped shared from the memfd at
+  its memory-file offset and registered MISSING|MINOR. ``accept_handshake``
+  checks that the second fd is a memfd (it answers F_GET_SEALS) that covers
+  every region, with 4 KiB pages. More than two are refused by
+  ``recv_handshake``.
 - ``accept_handshake`` also reads the peer's pid/uid/gid (``SO_PEERCRED``),
   checks that the fd is a userfaultfd (its ``/proc/self/fd`` link, when
   /proc is mounted), and checks the regions against the snapshot geometry
@@ -46,6 +48,7 @@ as a context manager), or ``detach_uffd()`` to hand the fd to someone else.
 from __future__ import annotations
 
 import array
+import fcntl
 import json
 import os
 import re
@@ -147,12 +150,14 @@ class PeerCred:
 
 @dataclass
 class Handshake:
-    """An accepted handshake. Owns uffd (an fd, -1 once closed or detached)."""
+    """An accepted handshake. Owns uffd (an fd, -1 once closed or detached)
+    and memfd (the guest memory's memfd when the guest sent one, else -1)."""
 
     regions: list[Region]
     uffd: int
     peer: PeerCred
     page_size: int  # bytes: the guest page size, shared by all regions
+    memfd: int = -1
 
     def detach_uffd(self) -> int:
         """Give up ownership of the userfaultfd and return it."""
@@ -160,10 +165,10 @@ class Handshake:
         return fd
 
     def close(self) -> None:
-        """Close the userfaultfd (idempotent)."""
-        fd, self.uffd = self.uffd, -1
-        if fd >= 0:
-            os.close(fd)
+        """Close the userfaultfd and the memfd (idempotent)."""
+        fds = (self.uffd, self.memfd)
+        self.uffd = self.memfd = -1
+        _close_all(fd for fd in fds if fd >= 0)
 
     def __enter__(self) -> "Handshake":
         return self
@@ -499,14 +504,28 @@ def accept_handshake(
     peer = peer_credentials(conn)
     payload, fds = recv_handshake(conn, timeout=timeout)
     try:
-        if len(fds) == 2:
-            raise HandshakeError("handshake carried 2 fds: a memfd of guest memory is not supported yet")
         _check_is_uffd(fds[0])
         regions = parse_regions(payload)
         page = check_regions(
             regions, memory_size=memory_size, snapshot_page_size=snapshot_page_size, chunk_size=chunk_size
         )
+        if len(fds) == 2:
+            _check_memfd(fds[1], regions, page)
     except BaseException:
         _close_all(fds)
         raise
-    return Handshake(regions=regions, uffd=fds[0], peer=peer, page_size=page)
+    return Handshake(regions=regions, uffd=fds[0], peer=peer, page_size=page, memfd=fds[1] if len(fds) == 2 else -1)
+
+
+def _check_memfd(fd: int, regions: list[Region], page_size: int) -> None:
+    """The second fd must be a memfd covering every region's file range."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise HandshakeError("the handshake's second fd is not a memfd (it does not answer F_GET_SEALS)") from None
+    if page_size != 4096:
+        raise HandshakeError(f"a memfd of guest memory needs 4 KiB pages, not {_fmt_size(page_size)}")
+    size = os.fstat(fd).st_size
+    extent = max(r.offset + r.size for r in regions)
+    if size < extent:
+        raise HandshakeError(f"the memfd holds {_fmt_size(size)}, less than the regions' {_fmt_size(extent)}")

@@ -58,6 +58,7 @@ class SessionStats:
     first touch (event read to page installed), in ns."""
 
     faults: int
+    minor_faults: int  # page in the memfd but not mapped: answered by UFFDIO_CONTINUE
     first_touches: dict[str, int]
     pages_installed: int
     bytes_installed: int
@@ -147,6 +148,10 @@ class RestoreSession:
     per fault at most. persist_log: save the fault log to the store on close.
     plan: file offsets to prefetch, in order (restore/workingset.py), with
     prefetch_inflight chunk requests at a time; None: demand paging only.
+    memfd: the memfd holding the guest's memory when the guest sent one
+    (regions mapped shared at their file offsets, registered MISSING|MINOR;
+    see rs_engine_set_memfd), owned by the caller like uffd; -1: anonymous
+    memory.
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class RestoreSession:
         persist_log: bool = True,
         plan: Optional[np.ndarray] = None,
         prefetch_inflight: int = DEFAULT_PREFETCH_INFLIGHT,
+        memfd: int = -1,
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
@@ -229,6 +235,8 @@ class RestoreSession:
                     "rs_engine_set_plan",
                     self.label,
                 )
+            if memfd >= 0:
+                check(lib.rs_engine_set_memfd(self._engine, memfd), "rs_engine_set_memfd", self.label)
             check(lib.rs_engine_start(self._engine, uffd, conn_fd), "rs_engine_start", self.label)
         except BaseException:
             lib.rs_engine_destroy(self._engine)
@@ -280,6 +288,7 @@ class RestoreSession:
         p50, p99, mx = (int(np.percentile(svc, q)) for q in (50, 99, 100)) if len(svc) else (0, 0, 0)
         return SessionStats(
             faults=st.faults,
+            minor_faults=st.minor_faults,
             first_touches={name: int(st.first_touches[i]) for i, name in enumerate(SOURCES)},
             pages_installed=st.pages_installed,
             bytes_installed=st.bytes_installed,

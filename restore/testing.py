@@ -167,7 +167,9 @@ class Guest:
     memory_size: bytes, one region at offset 0. page_size: bytes (4096, or
     2 MiB with hugetlb=True). remove_events=False leaves
     UFFD_FEATURE_EVENT_REMOVE off, as a VMM without a balloon may: a dropped
-    range then faults again without the handler being told. A Guest runs one
+    range then faults again without the handler being told. memfd=True backs
+    the memory with a memfd (shared, registered MISSING|MINOR) and sends it
+    after the uffd, as memfd-backed Firecracker builds do. A Guest runs one
     trace: start(ops) then wait(), or run(ops). Use it as a context manager: leaving kills the child if it
     still runs and removes its files.
     """
@@ -182,6 +184,7 @@ class Guest:
         backing: str = "uffd",
         image: Optional[Union[str, os.PathLike]] = None,
         remove_events: bool = True,
+        memfd: bool = False,
     ):
         if (regions is None) == (memory_size is None):
             raise InputError("give a Guest either regions or memory_size")
@@ -196,6 +199,7 @@ class Guest:
         self.page_size = int(page_size)
         self.hugetlb = bool(hugetlb)
         self.remove_events = bool(remove_events)
+        self.memfd = bool(memfd)
         self._proc: Optional[subprocess.Popen] = None
         self._dir: Optional[Path] = None
         self._ops: Optional[np.ndarray] = None
@@ -223,6 +227,7 @@ class Guest:
                     "page_size": self.page_size,
                     "hugetlb": self.hugetlb,
                     "remove_events": self.remove_events,
+                    "memfd": self.memfd,
                     "backing": self.backing,
                     "image": self.image,
                 }
@@ -438,7 +443,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rc = lib.rs_guest_run(
             os.fsencode(cfg["socket_path"]), regions, len(cfg["regions"]), cfg["page_size"],
             (lib.RS_GUEST_HUGETLB if cfg["hugetlb"] else 0)
-            | (0 if cfg.get("remove_events", True) else lib.RS_GUEST_NO_REMOVE_EVENTS),
+            | (0 if cfg.get("remove_events", True) else lib.RS_GUEST_NO_REMOVE_EVENTS)
+            | (lib.RS_GUEST_MEMFD if cfg.get("memfd") else 0),
             c_ops, n, c_sums, c_ns, total, err, len(err),
         )
     else:

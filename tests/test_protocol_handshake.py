@@ -318,10 +318,31 @@ def test_payload_of_exactly_max_payload_is_accepted(pair, uffd):
 # -- fd counts --------------------------------------------------------------------
 
 
-def test_a_memfd_beside_the_uffd_is_refused_for_now(pair, uffd, memfd):
+def test_a_memfd_beside_the_uffd_is_accepted(pair, uffd, memfd):
     a, b = pair
+    os.ftruncate(memfd, 64 * MIB)
     socket.send_fds(b, [msg(reg())], [uffd, memfd])
-    refused(a, "handshake carried 2 fds: a memfd of guest memory is not supported yet")
+    hs = accept_handshake(a, **GEO)
+    assert hs.memfd >= 0 and os.readlink(f"/proc/self/fd/{hs.memfd}").startswith("/memfd:guest-mem")
+    before = open_fds()
+    hs.close()
+    assert hs.memfd == hs.uffd == -1 and len(before - open_fds()) == 2
+
+
+def test_a_memfd_too_small_or_not_a_memfd_is_refused(pair, uffd, memfd, tmp_path):
+    a, b = pair
+    os.ftruncate(memfd, 32 * MIB)
+    socket.send_fds(b, [msg(reg())], [uffd, memfd])
+    refused(a, "the memfd holds 32 MiB, less than the regions' 64 MiB")
+    plain = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        socket.send_fds(b, [msg(reg())], [uffd, plain])
+        refused(a, "the handshake's second fd is not a memfd (it does not answer F_GET_SEALS)")
+    finally:
+        os.close(plain)
+    os.ftruncate(memfd, GIB)
+    socket.send_fds(b, [msg(reg(page=2 * MIB))], [uffd, memfd])
+    refused(a, "a memfd of guest memory needs 4 KiB pages, not 2 MiB", **GEO_HUGE)
 
 
 def test_recv_returns_both_fds_of_the_memfd_extension(pair, uffd, memfd):

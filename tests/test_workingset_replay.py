@@ -81,9 +81,15 @@ def _trace(image, seed, n=1500):
     return offs.astype(np.uint64) * P
 
 
-def _run(server, image, offsets):
+@pytest.fixture(params=["anon", "memfd"])
+def mem(request):
+    """Anonymous guest memory, or a memfd sent with the handshake."""
+    return {"memfd": request.param == "memfd"}
+
+
+def _run(server, image, offsets, **guest_kw):
     before = len(server.summaries)
-    with Guest(server.socket_path, memory_size=SIZE) as g:
+    with Guest(server.socket_path, memory_size=SIZE, **guest_kw) as g:
         res = g.run(reads(offsets), timeout=120)
     assert (res.sums == expected_sums(image, offsets)).all()
     deadline = time.monotonic() + 10
@@ -93,16 +99,16 @@ def _run(server, image, offsets):
     return server.summaries[-1]
 
 
-def test_replay_gives_identical_bytes_with_fewer_faults(tmp_path, snap, image):
+def test_replay_gives_identical_bytes_with_fewer_faults(tmp_path, snap, image, mem):
     trace = _trace(image, 1)
     with Server(snap, tmp_path / "a.sock", l1=L1Cache(tmp_path / "l1"), fault_around=1) as server:
-        recorded = _run(server, image, trace)
+        recorded = _run(server, image, trace, **mem)
         assert recorded.stats.prefetch_chunks == 0
         info = rebuild_plan(snap.store, snap.manifest, sessions=1)
         assert info.pages == len(np.unique(trace)) and info.built_from == [recorded.session_id]
         plan = load_plan(snap.store, snap.manifest)
         assert (plan == trace[np.sort(np.unique(trace, return_index=True)[1])]).all()  # first-touch order
-        replayed = _run(server, image, trace)
+        replayed = _run(server, image, trace, **mem)
     st = replayed.stats
     assert st.prefetch_chunks > 0 and st.prefetch_pages > 0
     assert st.faults < recorded.stats.faults / 3
@@ -139,7 +145,7 @@ def test_replay_with_a_different_invocation(tmp_path, snap, image):
     assert useful + wasted == st.prefetch_pages and useful > 0 and wasted > 0
 
 
-def test_prefetch_never_undoes_a_remove(tmp_path, snap, image):
+def test_prefetch_never_undoes_a_remove(tmp_path, snap, image, mem):
     pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
     nonzero = np.flatnonzero(pages.any(axis=1))
     target = nonzero[(nonzero >= 512) & (nonzero < 1024)][:32].astype(np.uint64) * P
@@ -148,7 +154,7 @@ def test_prefetch_never_undoes_a_remove(tmp_path, snap, image):
         with Server(snap, tmp_path / f"r{i}.sock", l1=L1Cache(tmp_path / "l1")) as server:
             # Drop the whole span (the balloon), then read the planned pages.
             ops = np.concatenate([remove(512 * P, 512), reads(target)])
-            with Guest(server.socket_path, memory_size=SIZE) as g:
+            with Guest(server.socket_path, memory_size=SIZE, **mem) as g:
                 res = g.run(ops, timeout=60)
         assert (res.sums[1:] == 0).all(), f"round {i}: a removed page holds snapshot bytes"
 
