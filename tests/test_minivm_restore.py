@@ -48,12 +48,15 @@ def _wait_sessions(server, n, timeout=10.0):
     return server.summaries
 
 
+@pytest.mark.parametrize("memfd", [False, True], ids=["anon", "memfd"])
 @pytest.mark.parametrize("fault_around", [1, 16, 64])
-def test_restored_vm_answers_like_one_that_never_left_memory(vm, fault_around):
+def test_restored_vm_answers_like_one_that_never_left_memory(vm, fault_around, memfd):
+    """memfd: the VMM backs guest memory with a memfd and sends it too, so a
+    real vCPU faults on shared memory."""
     assert set(vm["reference"].values()) != {0}  # the reference did real work
-    server = _server(vm, f"fa{fault_around}", fault_around=fault_around)
+    server = _server(vm, f"fa{fault_around}{memfd}", fault_around=fault_around)
     try:
-        got = driver.restore(vm["build"], server.socket_path, vm["state"], REQUESTS)
+        got = driver.restore(vm["build"], server.socket_path, vm["state"], REQUESTS, memfd=memfd)
         assert {a.request: a.value for a in got} == {r: vm["reference"][r] for r in REQUESTS}
         st = _wait_sessions(server, 1)[0].stats
         assert st.faults > 0 and st.first_touches["failed"] == 0
@@ -63,10 +66,11 @@ def test_restored_vm_answers_like_one_that_never_left_memory(vm, fault_around):
         server.stop()
 
 
-def test_balloon_remove_reads_zeros_never_snapshot_bytes(vm):
-    server = _server(vm, "balloon")
+@pytest.mark.parametrize("memfd", [False, True], ids=["anon", "memfd"])
+def test_balloon_remove_reads_zeros_never_snapshot_bytes(vm, memfd):
+    server = _server(vm, f"balloon{memfd}")
     try:
-        got = driver.restore(vm["build"], server.socket_path, vm["state"], [BALLOON, 7])
+        got = driver.restore(vm["build"], server.socket_path, vm["state"], [BALLOON, 7], memfd=memfd)
         assert [a.value for a in got] == [0, vm["reference"][7]]
         assert vm["reference"][BALLOON] == 0  # the same in a VM that never left memory
         st = _wait_sessions(server, 1)[0].stats
@@ -79,7 +83,7 @@ def test_two_vms_restored_at_once_from_one_snapshot(vm):
     server = _server(vm, "pair")
     try:
         a = driver.start_restore(vm["build"], server.socket_path, vm["state"], REQUESTS[:3])
-        b = driver.start_restore(vm["build"], server.socket_path, vm["state"], REQUESTS[2:])
+        b = driver.start_restore(vm["build"], server.socket_path, vm["state"], REQUESTS[2:], memfd=True)
         got_a, got_b = driver.wait_restore(a), driver.wait_restore(b)
         assert {x.request: x.value for x in got_a + got_b} == {r: vm["reference"][r] for r in REQUESTS}
         assert len(_wait_sessions(server, 2)) == 2

@@ -115,16 +115,18 @@ def boot(
 
 
 def restore(b: Build, socket_path: str | os.PathLike, state: str | os.PathLike, requests: Sequence[int],
-            timeout: float = 300) -> list[Answer]:
-    """Restore through the handler at socket_path and answer requests."""
-    return _wait(start_restore(b, socket_path, state, requests), "restore", timeout)
+            timeout: float = 300, memfd: bool = False) -> list[Answer]:
+    """Restore through the handler at socket_path and answer requests.
+    memfd: back guest memory with a memfd and send it with the handshake."""
+    return _wait(start_restore(b, socket_path, state, requests, memfd), "restore", timeout)
 
 
 def start_restore(b: Build, socket_path: str | os.PathLike, state: str | os.PathLike,
-                  requests: Sequence[int]) -> subprocess.Popen:
+                  requests: Sequence[int], memfd: bool = False) -> subprocess.Popen:
     """Start a restore in the background; finish it with wait_restore()."""
     return subprocess.Popen(
-        [str(b.minivm), "restore", "--socket", str(socket_path), "--state", str(state), *_requests(requests)],
+        [str(b.minivm), "restore", "--socket", str(socket_path), "--state", str(state),
+         *(["--memfd", "1"] if memfd else []), *_requests(requests)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

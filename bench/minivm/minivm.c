@@ -58,6 +58,7 @@ struct vm {
     unsigned n_regions;
     uint8_t *host[MAX_REGIONS];   /* region i: guest physical i*mem/n */
     uint64_t region_size;
+    int memfd;                    /* the memory's memfd, or -1 (anonymous) */
 };
 
 static const char STATE_MAGIC[8] = "MINIVM1";
@@ -91,16 +92,26 @@ static uint8_t *gpa_to_host(struct vm *vm, uint64_t gpa)
     return vm->host[i] + gpa % vm->region_size;
 }
 
-static void map_memory(struct vm *vm, uint64_t mem, unsigned n_regions)
+/* Guest memory: anonymous, or (memfd) one memfd holding the memory file's
+ * layout, region i mapped shared at its offset, as memfd-backed VMMs do. */
+static void map_memory(struct vm *vm, uint64_t mem, unsigned n_regions, int memfd)
 {
     if (!n_regions || n_regions > MAX_REGIONS || mem % (n_regions * 4096ull))
         die("memory of %llu bytes cannot be cut into %u regions", (unsigned long long)mem, n_regions);
     vm->mem = mem;
     vm->n_regions = n_regions;
     vm->region_size = mem / n_regions;
+    vm->memfd = -1;
+    if (memfd) {
+        vm->memfd = memfd_create("minivm-memory", MFD_CLOEXEC);
+        if (vm->memfd < 0 || ftruncate(vm->memfd, (off_t)mem) < 0)
+            die("memfd of %llu bytes: %s", (unsigned long long)mem, strerror(errno));
+    }
     for (unsigned i = 0; i < n_regions; i++) {
-        vm->host[i] = mmap(NULL, vm->region_size, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        vm->host[i] = memfd ? mmap(NULL, vm->region_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                                   vm->memfd, (off_t)(i * vm->region_size))
+                            : mmap(NULL, vm->region_size, PROT_READ | PROT_WRITE,
+                                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (vm->host[i] == MAP_FAILED)
             die("mmap %llu bytes: %s", (unsigned long long)vm->region_size, strerror(errno));
     }
@@ -273,7 +284,12 @@ static void read_image(struct vm *vm, const char *path)
 /* Firecracker's side of the UFFD handshake. */
 static void handshake(struct vm *vm, const char *socket_path)
 {
-    struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_EVENT_REMOVE };
+    struct uffdio_api api = {
+        .api = UFFD_API,
+        .features = UFFD_FEATURE_EVENT_REMOVE | (vm->memfd >= 0 ? UFFD_FEATURE_MINOR_SHMEM : 0),
+    };
+    int fds[2] = { -1, vm->memfd };
+    size_t n_fds = vm->memfd >= 0 ? 2 : 1;
     struct sockaddr_un addr = { .sun_family = AF_UNIX };
     char json[1024];
     size_t len = 0;
@@ -288,7 +304,7 @@ static void handshake(struct vm *vm, const char *socket_path)
     for (unsigned i = 0; i < vm->n_regions; i++) {
         struct uffdio_register reg = {
             .range = { .start = (uint64_t)(uintptr_t)vm->host[i], .len = vm->region_size },
-            .mode = UFFDIO_REGISTER_MODE_MISSING,
+            .mode = UFFDIO_REGISTER_MODE_MISSING | (vm->memfd >= 0 ? UFFDIO_REGISTER_MODE_MINOR : 0),
         };
 
         if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
@@ -309,17 +325,18 @@ static void handshake(struct vm *vm, const char *socket_path)
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof(addr)) < 0)
         die("connect %s: %s", socket_path, strerror(errno));
     {
-        char cbuf[CMSG_SPACE(sizeof(int))];
+        char cbuf[CMSG_SPACE(2 * sizeof(int))];
         struct iovec iov = { .iov_base = json, .iov_len = len };
         struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
-                              .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+                              .msg_control = cbuf, .msg_controllen = CMSG_SPACE(n_fds * sizeof(int)) };
         struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
 
         memset(cbuf, 0, sizeof(cbuf));
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &uffd, sizeof(int));
+        c->cmsg_len = CMSG_LEN(n_fds * sizeof(int));
+        fds[0] = uffd;
+        memcpy(CMSG_DATA(c), fds, n_fds * sizeof(int));
         if (sendmsg(sock, &msg, 0) != (ssize_t)len)
             die("sendmsg: %s", strerror(errno));
     }
@@ -419,7 +436,7 @@ static void load_guest(struct vm *vm, const char *path)
 static void usage(void)
 {
     die("usage: minivm boot --guest BIN --mem MIB [--regions N] --image FILE --state FILE [--request R ...]\n"
-        "       minivm restore --socket PATH --state FILE [--request R ...]\n"
+        "       minivm restore --socket PATH --state FILE [--memfd 1] [--request R ...]\n"
         "       minivm resident --image FILE --state FILE [--request R ...]");
 }
 
@@ -428,6 +445,7 @@ int main(int argc, char **argv)
     const char *guest = NULL, *image = NULL, *state = NULL, *sock = NULL;
     uint64_t mem = 0;
     unsigned regions = 1;
+    int memfd = 0;
     uint32_t requests[MAX_REQUESTS];
     int n_requests = 0;
     struct vm vm;
@@ -456,6 +474,8 @@ int main(int argc, char **argv)
             state = v;
         else if (!strcmp(argv[i], "--socket"))
             sock = v;
+        else if (!strcmp(argv[i], "--memfd"))
+            memfd = atoi(v);
         else if (!strcmp(argv[i], "--request") && n_requests < MAX_REQUESTS)
             requests[n_requests++] = (uint32_t)strtoul(v, NULL, 0);
         else
@@ -470,7 +490,7 @@ int main(int argc, char **argv)
     if (mode == 'b') {
         if (!guest || !mem || !image || !state)
             usage();
-        map_memory(&vm, mem, regions);
+        map_memory(&vm, mem, regions, 0);
         load_guest(&vm, guest);
         create_vm(&vm);
         boot_cpu(&vm);
@@ -483,7 +503,7 @@ int main(int argc, char **argv)
         if (!state || (mode == 'r' && !sock) || (mode == 'm' && !image))
             usage();
         load_state(state, &mem, &regions, &r, &s);
-        map_memory(&vm, mem, regions);
+        map_memory(&vm, mem, regions, mode == 'r' && memfd);
         if (mode == 'm') {
             read_image(&vm, image);
             t0 = now_ns();
