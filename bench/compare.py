@@ -18,6 +18,8 @@ the end of its invocation):
                guest runs
   uffd-replay-ws  the same on the working-set-first version of the snapshot
                (`restore snapshot optimize`: the plan's pages packed first)
+  uffd-replay-ws-memfd  the same with guest memory in a memfd sent with the
+               handshake (shared memory, MISSING|MINOR)
 Tier conditions: warm L1 (every chunk in the local cache); and, with
 --slow-tiers, cold L1 with L2 warm, and cold L1 and L2 with only the
 durable tier (S3), both behind bench/netdelay's delays (0.5 ms / 20 ms RTT),
@@ -53,8 +55,9 @@ from restore.layout import optimize_snapshot
 from restore.workingset import load_plan, rebuild_plan
 
 P = 4096
-STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws"]
-UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws"]
+STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws",
+              "uffd-replay-ws-memfd"]
+UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws", "uffd-replay-ws-memfd"]
 
 
 @dataclass(frozen=True)
@@ -143,10 +146,10 @@ class Bench:
         self.check(res, offsets)
         return res.total_ns / 1e6
 
-    def served(self, offsets, use_plan: bool, snap: Snapshot | None = None) -> float:
+    def served(self, offsets, use_plan: bool, snap: Snapshot | None = None, memfd: bool = False) -> float:
         with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
                     **self.server_kw) as server:
-            with Guest(server.socket_path, memory_size=self.size) as g:
+            with Guest(server.socket_path, memory_size=self.size, memfd=memfd) as g:
                 res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
         self.detail.append(_detail(server.summaries[-1], offsets))
@@ -213,6 +216,8 @@ class Bench:
             return self.served(offsets, use_plan=True)
         if strategy == "uffd-replay-ws":
             return self.served(offsets, use_plan=True, snap=self.snap_ws)
+        if strategy == "uffd-replay-ws-memfd":
+            return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd=True)
         return self.reap(offsets)
 
 
@@ -226,8 +231,9 @@ def _detail(summary, offsets) -> dict:
             "useful": useful, "wasted": wasted, "late": st.faults_planned, "unplanned": st.faults_unplanned}
 
 
-def minivm_rows(work: Path, rounds: int) -> dict[str, list[float]]:
-    """minivm: restore start to answer, per strategy (KVM needed)."""
+def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """minivm: restore start to answer, per strategy (KVM needed), for a
+    request other than the recorded one, and for the recorded one again."""
     from bench.minivm import driver
 
     if not driver.kvm_available():
@@ -242,23 +248,27 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, list[float]]:
     snap.fill_l1(l1)
     n = iter(range(10**6))
 
-    def serve(use_plan, request, persist=False, s=snap, **kw):
+    def serve(use_plan, request, persist=False, s=snap, memfd=False, **kw):
         with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist, **kw) as server:
-            return driver.restore(b, server.socket_path, state, [request])[0].ns / 1e6
+            return driver.restore(b, server.socket_path, state, [request], memfd=memfd)[0].ns / 1e6
 
     serve(False, 11, persist=True, fault_around=1)  # record invocation A, every touched page
     rebuild_plan(store, snap.manifest, sessions=1)
     ws = Snapshot.open(store, "vm", optimize_snapshot(snap).manifest.version)
     ws.fill_l1(l1)
-    rows = {"resident": [], "uffd-lazy": [], "uffd-replay": [], "uffd-replay-ws": []}
-    for _ in range(rounds):
-        rows["resident"].append(driver.resident(b, image, state, [4242])[0].ns / 1e6)
-        rows["uffd-lazy"].append(serve(False, 4242))
-        rows["uffd-replay"].append(serve(True, 4242))
-        rows["uffd-replay-ws"].append(serve(True, 4242, s=ws))
+    out = {}
+    for label, request in [("another request", 4242), ("the recorded request", 11)]:
+        rows = out[f"minivm (KVM guest, 256 MiB): {label}"] = {
+            "resident": [], "uffd-lazy": [], "uffd-replay": [], "uffd-replay-ws": [], "uffd-replay-ws-memfd": []}
+        for _ in range(rounds):
+            rows["resident"].append(driver.resident(b, image, state, [request])[0].ns / 1e6)
+            rows["uffd-lazy"].append(serve(False, request))
+            rows["uffd-replay"].append(serve(True, request))
+            rows["uffd-replay-ws"].append(serve(True, request, s=ws))
+            rows["uffd-replay-ws-memfd"].append(serve(True, request, s=ws, memfd=True))
     snap.close()
     ws.close()
-    return rows
+    return out
 
 
 def slow_tier_rows(work: Path, image: Path, size: int, w: Workload, rounds: int, inflight: int,
@@ -347,9 +357,7 @@ def main(argv=None) -> int:
             results.update(slow_tier_rows(slow, img, args.slow_size_mib << 20, w, max(1, args.rounds // 2),
                                           args.inflight, details))
         if not args.no_minivm:
-            vm = minivm_rows(Path(tmp), args.rounds)
-            if vm:
-                results["minivm (KVM guest, 256 MiB): one request"] = vm
+            results.update(minivm_rows(Path(tmp), args.rounds))
 
     print(f"\nrestore-to-done, median of interleaved rounds ({args.rounds}; slow tiers {max(1, args.rounds // 2)}); "
           "ratio to resident")
