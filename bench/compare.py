@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     print(f"\nrestore-to-done, median of interleaved rounds ({args.rounds}; slow tiers {max(1, args.rounds // 2)}); "
           "ratio to resident")
     width = max([44] + [len(n) + 1 for n in results])
-    print(f"{'workload':<{width}}" + "".join(f"{s:>20}" for s in STRATEGIES))
+    print(f"{'workload':<{width}}" + "".join(f"{s:>22}" for s in STRATEGIES))
     for name, rows in results.items():
         base = float(np.median(rows["resident"]))
         cells = []
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
                 cells.append(f"{med:9.2f} ms {med / base:6.2f}x")
             else:
                 cells.append("-")
-        print(f"{name:<{width}}" + "".join(f"{c:>20}" for c in cells))
+        print(f"{name:<{width}}" + "".join(f"{c:>22}" for c in cells))
     if details:
         print("\nwhere the time goes (medians; thread time per phase, summed over the engine's threads; "
               "bytes fetched from the network tiers)")

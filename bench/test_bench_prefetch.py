@@ -14,6 +14,10 @@ of guest process, in one run.
 
 After every round the guest reads a sample of its pages and checks them
 (outside the timing).
+
+- install paths (test_bench_install_path): the same 256 MiB made guest
+  memory by each way the kernel offers, anonymous and memfd-backed; see the
+  comment above it.
 """
 
 from __future__ import annotations
@@ -135,3 +139,75 @@ def test_bench_prefetch_install(benchmark, world):
     for name, ns in zip(("l1_read_ms", "decode_ms", "install_ms"), np.median(np.array(phases), axis=0)):
         benchmark.extra_info[name] = float(ns) / 1e6
     benchmark.extra_info["cpus"] = os.cpu_count()
+
+
+# -- install paths into a memfd ------------------------------------------------
+#
+# How fast can 256 MiB of bytes already in memory become guest memory, per
+# install path? One process, its own mappings registered with its own
+# userfaultfd (no faults are taken: only the installs are timed), 2 MiB runs:
+#   anon-copy            UFFDIO_COPY into anonymous memory (upstream Firecracker)
+#   shm-copy             UFFDIO_COPY into a memfd mapping (what the engine does
+#                        for memfd-backed guests)
+#   shm-pwrite-continue  pwrite the bytes into the memfd, then UFFDIO_CONTINUE
+#   shm-memcpy-continue  memcpy through the handler's own shared mapping of the
+#                        memfd, then UFFDIO_CONTINUE ("map, don't copy")
+#   shm-continue-cached  UFFDIO_CONTINUE alone, the pages already in the memfd's
+#                        page cache (the best case of mapping instead of copying)
+
+INSTALL_PATHS = ["anon-copy", "shm-copy", "shm-pwrite-continue", "shm-memcpy-continue", "shm-continue-cached"]
+
+
+@pytest.mark.parametrize("path", INSTALL_PATHS)
+def test_bench_install_path(benchmark, world, path):
+    import ctypes
+    import mmap
+
+    from restore.uffd import Feature
+
+    run = 2 << 20
+    src = world["data"]
+    state = {}
+
+    def setup():
+        shared = path != "anon-copy"
+        if shared:
+            fd = os.memfd_create("bench-guest", os.MFD_CLOEXEC)
+            os.ftruncate(fd, SIZE)
+            guest = mmap.mmap(fd, SIZE, mmap.MAP_SHARED)
+            mine = mmap.mmap(fd, SIZE, mmap.MAP_SHARED)
+        else:
+            fd, mine = None, None
+            guest = mmap.mmap(-1, SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        uffd = Userfaultfd(Feature.MINOR_SHMEM if shared else Feature(0))
+        g = ctypes.addressof(ctypes.c_char.from_buffer(guest))
+        uffd.register(g, SIZE, missing=True, minor=shared)
+        if path == "shm-continue-cached":
+            os.pwrite(fd, src, 0)
+        state.update(fd=fd, guest=guest, mine=mine, uffd=uffd, g=g,
+                     m=ctypes.addressof(ctypes.c_char.from_buffer(mine)) if mine is not None else 0)
+
+    def install():
+        s = state
+        for off in range(0, SIZE, run):
+            if path.endswith("copy"):
+                s["uffd"].copy(s["g"] + off, src.ctypes.data + off, run)
+                continue
+            if path == "shm-pwrite-continue":
+                os.pwrite(s["fd"], memoryview(src)[off:off + run], off)
+            elif path == "shm-memcpy-continue":
+                ctypes.memmove(s["m"] + off, src.ctypes.data + off, run)
+            s["uffd"].continue_(s["g"] + off, run)
+
+    def teardown():
+        s = state
+        assert s["guest"][SIZE - P:SIZE] == src[SIZE - P:SIZE].tobytes()
+        s["uffd"].close()
+        s["guest"].close()
+        if s["mine"] is not None:
+            s["mine"].close()
+        if s["fd"] is not None:
+            os.close(s["fd"])
+
+    benchmark.pedantic(install, setup=setup, teardown=teardown, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["bytes"] = SIZE
