@@ -67,7 +67,11 @@ class Server:
 
     snapshot: the opened snapshot (its codec and store are shared by the
     sessions). l1: the L1 cache (None: no L1). l2: the memcached L2 (None:
-    no L2). on_session_end: called with a
+    no L2). record_fault_around: the fault-around of sessions that run
+    without a plan (None: fault_around); 1 makes every first touch a fault,
+    so their logs name the working set exactly (a neighbour brought in by
+    fault-around is touched unseen), at the price of a slower recording
+    session: what a working-set-first layout wants. on_session_end: called with a
     SessionSummary when a session ends (for tests and the CLI).
     """
 
@@ -79,6 +83,7 @@ class Server:
         l1: Optional[L1Cache] = None,
         l2: Optional[L2Cluster] = None,
         fault_around: int = DEFAULT_FAULT_AROUND,
+        record_fault_around: Optional[int] = None,
         fetchers: int = DEFAULT_FETCHERS,
         drain_timeout: float = 10.0,
         persist_logs: bool = True,
@@ -94,6 +99,7 @@ class Server:
         self.l1 = l1
         self.l2 = l2
         self.fault_around = fault_around
+        self.record_fault_around = record_fault_around
         self.fetchers = fetchers
         self.drain_timeout = drain_timeout
         self.persist_logs = persist_logs
@@ -213,7 +219,8 @@ class Server:
                 conn_fd=conn.fileno(),
                 l1=self.l1,
                 l2=self.l2,
-                fault_around=self.fault_around,
+                fault_around=self.fault_around if plan is not None or not self.record_fault_around
+                else self.record_fault_around,
                 fetchers=self.fetchers,
                 persist_log=self.persist_logs,
                 plan=plan,

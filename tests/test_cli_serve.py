@@ -86,6 +86,9 @@ def test_serve_refuses_bad_settings(tmp_path, made, run_cli):
     taken = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "plain"), "--store", store)
     assert taken.returncode == 1
     assert taken.stderr == f"error: socket path {tmp_path / 'plain'} exists and is not a socket\n"
+    zero = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "s"), "--record-fault-around", "0",
+                   "--store", store)
+    assert zero.returncode == 2 and "--record-fault-around" in zero.stderr
     missing = run_cli("session", "show", "fn", "--store", store)
     assert missing.returncode == 1 and missing.stderr == "error: no sessions of fn/1\n"
 

@@ -145,6 +145,19 @@ def test_replay_with_a_different_invocation(tmp_path, snap, image):
     assert useful + wasted == st.prefetch_pages and useful > 0 and wasted > 0
 
 
+def test_recording_with_fault_around_1_names_the_working_set_exactly(tmp_path, snap, image):
+    trace = _trace(image, 6)
+    with Server(snap, tmp_path / "x.sock", l1=L1Cache(tmp_path / "l1"), record_fault_around=1,
+                rebuild_plan_after=1) as server:
+        recorded = _run(server, image, trace)
+        # Every touched page faulted once: the log is the working set.
+        assert recorded.stats.faults == recorded.stats.pages_installed == len(np.unique(trace))
+        assert set(load_plan(snap.store, snap.manifest)) == set(trace)
+        replayed = _run(server, image, trace)
+    # With a plan the session is not recording-only: full fault-around again.
+    assert replayed.stats.prefetch_pages > len(np.unique(trace))
+
+
 def test_prefetch_never_undoes_a_remove(tmp_path, snap, image, mem):
     pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
     nonzero = np.flatnonzero(pages.any(axis=1))
