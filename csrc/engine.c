@@ -61,7 +61,8 @@ struct chunk {
 struct counters {
     _Atomic uint64_t faults, pages_installed, bytes_installed, chunks_l1,
         chunks_fetched, chunks_failed, l1_misses, l1_bad, supply_rejected,
-        removes, eexist, deferred, poisoned, chunks_released, chunks_reloaded, minor_faults;
+        removes, eexist, deferred, poisoned, chunks_released, chunks_reloaded, minor_faults,
+        memfd_written;
     _Atomic uint64_t first_touches[6];
     _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
     _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
@@ -123,6 +124,10 @@ struct rs_engine {
     rs_faultlog *log;
     int uffd, conn_fd, wake_fd, stop_fd;
     int memfd;                    /* the guest memory's memfd, or -1 */
+    int memfd_continue;           /* fill it by pwrite + UFFDIO_CONTINUE */
+    _Atomic uint64_t *claimed;    /* continue mode: page being written into
+                                     the memfd by someone */
+    _Atomic uint64_t *written;    /* continue mode: ... and its bytes are in */
     pthread_t service;
     pthread_t *l1_threads;
     uint32_t n_l1_started;
@@ -360,6 +365,46 @@ static int candidate(rs_engine *e, int r, uint32_t c, uint64_t q)
  * marked prefetched, and its install time is counted apart. */
 static _Thread_local int in_prefetch;
 
+/* Continue mode: write the pages of [lo, hi) (their bytes at src, the run
+ * contiguous there) into the memfd at their file offsets, each page by
+ * whichever thread claims it first. Returns the first page that cannot be
+ * mapped yet (another thread claimed it and has not finished writing it,
+ * or a write failed), hi when all can. The guest cannot see a page before
+ * it is mapped, and a page mapped by us is never claimed again (it is
+ * present), so no write ever lands on bytes the guest may have changed. */
+static uint64_t write_run(rs_engine *e, const uint8_t *src, uint64_t lo, uint64_t hi)
+{
+    const uint64_t ps = e->cfg.page_size;
+    uint64_t q = lo;
+
+    while (q < hi) {
+        uint64_t a = q;
+
+        while (q < hi && !bit_set(e->claimed, q))
+            q++;
+        for (uint64_t k = a; k < q;) {
+            ssize_t n = pwrite(e->memfd, src + (k - lo) * ps, (q - k) * ps, (off_t)(k * ps));
+
+            if (n <= 0) {
+                note_error(e, n < 0 ? -errno : -EIO);
+                for (uint64_t j = k; j < q; j++)
+                    bit_clear(e->claimed, j); /* let a later try write them */
+                return k;
+            }
+            for (uint64_t j = k; j < k + (uint64_t)n / ps; j++)
+                bit_set(e->written, j);
+            atomic_fetch_add(&e->st.memfd_written, (uint64_t)n / ps);
+            k += (uint64_t)n / ps;
+        }
+        if (q < hi) {
+            if (!bit_test(e->written, q))
+                return q;
+            q++; /* written by another thread: map it all the same */
+        }
+    }
+    return hi;
+}
+
 /* Install the run of pages [lo, hi) of region r: copied from src (the run
  * is contiguous there) or, when src is NULL, as zero pages. Pages found
  * present are skipped. The first ioctl wakes what it installs; once the
@@ -372,14 +417,18 @@ static _Thread_local int in_prefetch;
 static int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo,
                     uint64_t hi, uint64_t *upto)
 {
-    const uint64_t ps = e->cfg.page_size;
-    const uint64_t dst = addr_of(e, r, lo), len = (hi - lo) * ps;
-    uint64_t off = 0, mode = 0, done, t0 = now_ns();
-    int rc = 0, split = 0;
+    const uint64_t ps = e->cfg.page_size, dst = addr_of(e, r, lo);
+    uint64_t off = 0, mode = 0, done, t0 = now_ns(), len;
+    int rc = 0, split = 0, cont = src && src != e->zero_page && e->memfd_continue;
 
+    if (cont) /* the bytes go into the memfd; the ioctls only map them */
+        hi = write_run(e, src, lo, hi);
+    len = (hi - lo) * ps;
     while (off < len) {
         done = 0;
-        if (src)
+        if (cont)
+            rc = rs_uffd_continue(e->uffd, dst + off, len - off, mode, &done);
+        else if (src)
             rc = rs_uffd_copy(e->uffd, dst + off, (uint64_t)(uintptr_t)(src + off),
                               len - off, mode, &done);
         else
@@ -493,6 +542,8 @@ static int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
     rc = fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
     if (rc == -EAGAIN && upto > p)
         rc = 0; /* the faulting page made it; the rest may fault later */
+    else if (rc == 0 && upto <= p)
+        rc = -EAGAIN; /* continue mode: another thread is writing it */
     log_planned(e, lo, upto, p);
     return rc;
 }
@@ -803,6 +854,8 @@ static int serve_minor(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
         punch(e, p * ps, ps);
         return serve_page(e, r, p, t_ns);
     }
+    if (e->claimed && bit_test(e->claimed, p) && !bit_test(e->written, p))
+        return -EAGAIN; /* its bytes are still being written */
     rc = rs_uffd_continue(e->uffd, dst, ps, 0, NULL);
     if (rc == -EFAULT) /* gone from the cache meanwhile: a missing page now */
         return serve_page(e, r, p, t_ns);
@@ -1023,6 +1076,8 @@ static void free_tables(rs_engine *e)
     free((void *)e->removed);
     free((void *)e->touched);
     free((void *)e->settled);
+    free((void *)e->claimed);
+    free((void *)e->written);
     free(e->l1_dir);
     free(e->zero_page);
     rs_fetchq_destroy(e->l1q);
@@ -1235,17 +1290,27 @@ fail:
     return rc;
 }
 
-int rs_engine_set_memfd(rs_engine *e, int memfd)
+int rs_engine_set_memfd(rs_engine *e, int memfd, int mode)
 {
     struct stat st;
+    size_t words = (e->n_pages + 63) / 64;
 
-    if (e->service_started || memfd < 0)
+    if (e->service_started || memfd < 0 || e->memfd >= 0 ||
+        (mode != RS_MEMFD_COPY && mode != RS_MEMFD_CONTINUE) ||
+        (mode == RS_MEMFD_CONTINUE && e->cfg.page_size != 4096))
         return -EINVAL;
     if (fstat(memfd, &st) < 0)
         return -errno;
     for (size_t i = 0; i < e->n_regions; i++)
         if ((uint64_t)st.st_size < e->regions[i].offset + e->regions[i].size)
             return -EINVAL;
+    if (mode == RS_MEMFD_CONTINUE) {
+        e->claimed = calloc(words, sizeof(uint64_t));
+        e->written = calloc(words, sizeof(uint64_t));
+        if (!e->claimed || !e->written)
+            return -ENOMEM; /* freed with the engine */
+        e->memfd_continue = 1;
+    }
     e->memfd = memfd;
     return 0;
 }
@@ -1418,6 +1483,7 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->chunks_released = atomic_load(&e->st.chunks_released);
     out->chunks_reloaded = atomic_load(&e->st.chunks_reloaded);
     out->minor_faults = atomic_load(&e->st.minor_faults);
+    out->memfd_written = atomic_load(&e->st.memfd_written);
     out->log_dropped = rs_faultlog_dropped(e->log);
     out->prefetch_chunks = atomic_load(&e->st.prefetch_chunks);
     out->prefetch_pages = atomic_load(&e->st.prefetch_pages);

@@ -56,6 +56,7 @@ typedef struct rs_engine_config {
 typedef struct rs_engine_stats {
     uint64_t faults;              /* page-fault events handled */
     uint64_t minor_faults;        /* of which minor (memfd page not mapped) */
+    uint64_t memfd_written;       /* pages written into the memfd (continue mode) */
     uint64_t first_touches[6];    /* first touches by RS_SRC_* */
     uint64_t pages_installed;     /* guest pages installed, fault-around incl. */
     uint64_t bytes_installed;     /* bytes installed by copy or zeropage */
@@ -116,15 +117,22 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
 int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n_pages,
                        uint32_t inflight);
 
+enum { RS_MEMFD_COPY = 0, RS_MEMFD_CONTINUE = 1 };
+
 /* The guest's memory lives in memfd (shared, region r at its memory-file
- * offset, registered MISSING|MINOR): before rs_engine_start. Missing pages
- * are filled as for anonymous memory (UFFDIO_COPY / ZEROPAGE put them in
- * the memfd's page cache and map them); minor faults (a page in the cache
- * but not mapped in the guest) are answered with UFFDIO_CONTINUE; a
- * REMOVE punches the range out of the memfd so that it reads as zeros.
+ * offset, registered MISSING|MINOR): before rs_engine_start. mode says how
+ * pages are filled:
+ *   RS_MEMFD_COPY      as for anonymous memory: UFFDIO_COPY puts a page in
+ *                      the memfd's page cache and maps it in one ioctl;
+ *   RS_MEMFD_CONTINUE  "map, don't copy": the decoded bytes are written
+ *                      into the memfd (pwrite, each page once) and the run
+ *                      is mapped with UFFDIO_CONTINUE (4 KiB pages only).
+ * Either way zero pages get UFFDIO_ZEROPAGE; minor faults (a page in the
+ * cache but not mapped in the guest) are answered with UFFDIO_CONTINUE;
+ * a REMOVE punches the range out of the memfd so that it reads as zeros.
  * The caller keeps owning memfd. -EINVAL when it is smaller than the
- * regions. */
-int rs_engine_set_memfd(rs_engine *e, int memfd);
+ * regions or the mode is unknown. */
+int rs_engine_set_memfd(rs_engine *e, int memfd, int mode);
 
 /* Start serving: uffd is the guest's userfaultfd (API done, regions
  * registered, O_NONBLOCK), conn_fd the guest's connection (EOF or hangup

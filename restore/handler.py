@@ -71,7 +71,9 @@ class Server:
     without a plan (None: fault_around); 1 makes every first touch a fault,
     so their logs name the working set exactly (a neighbour brought in by
     fault-around is touched unseen), at the price of a slower recording
-    session: what a working-set-first layout wants. on_session_end: called with a
+    session: what a working-set-first layout wants. memfd_install: how
+    pages go into a guest's memfd when it sends one ("copy" or "continue",
+    see RestoreSession). on_session_end: called with a
     SessionSummary when a session ends (for tests and the CLI).
     """
 
@@ -84,6 +86,7 @@ class Server:
         l2: Optional[L2Cluster] = None,
         fault_around: int = DEFAULT_FAULT_AROUND,
         record_fault_around: Optional[int] = None,
+        memfd_install: str = "copy",
         fetchers: int = DEFAULT_FETCHERS,
         drain_timeout: float = 10.0,
         persist_logs: bool = True,
@@ -100,6 +103,7 @@ class Server:
         self.l2 = l2
         self.fault_around = fault_around
         self.record_fault_around = record_fault_around
+        self.memfd_install = memfd_install
         self.fetchers = fetchers
         self.drain_timeout = drain_timeout
         self.persist_logs = persist_logs
@@ -226,6 +230,7 @@ class Server:
                 plan=plan,
                 prefetch_inflight=self.prefetch_inflight,
                 memfd=hs.memfd,
+                memfd_install=self.memfd_install,
             )
         except RestoreError as exc:
             hs.close()

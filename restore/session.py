@@ -44,6 +44,7 @@ DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
 DEFAULT_PREFETCH_INFLIGHT = 8  # plan chunks requested at once
+MEMFD_INSTALLS = {"copy": lib.RS_MEMFD_COPY, "continue": lib.RS_MEMFD_CONTINUE}
 
 
 class RegionLike(Protocol):
@@ -59,6 +60,7 @@ class SessionStats:
 
     faults: int
     minor_faults: int  # page in the memfd but not mapped: answered by UFFDIO_CONTINUE
+    memfd_written: int  # pages written into the guest's memfd ("continue" installs)
     first_touches: dict[str, int]
     pages_installed: int
     bytes_installed: int
@@ -151,7 +153,10 @@ class RestoreSession:
     memfd: the memfd holding the guest's memory when the guest sent one
     (regions mapped shared at their file offsets, registered MISSING|MINOR;
     see rs_engine_set_memfd), owned by the caller like uffd; -1: anonymous
-    memory.
+    memory. memfd_install: how pages go into it, "copy" (UFFDIO_COPY, the
+    default: measured faster here, see bench/test_bench_prefetch.py) or
+    "continue" (write the bytes into the memfd, map them with
+    UFFDIO_CONTINUE).
     """
 
     def __init__(
@@ -172,11 +177,14 @@ class RestoreSession:
         plan: Optional[np.ndarray] = None,
         prefetch_inflight: int = DEFAULT_PREFETCH_INFLIGHT,
         memfd: int = -1,
+        memfd_install: str = "copy",
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
         if fetchers < 1:
             raise InputError(f"fetchers must be at least 1, got {fetchers}")
+        if memfd_install not in MEMFD_INSTALLS:
+            raise InputError(f"memfd_install must be one of {', '.join(MEMFD_INSTALLS)}, got {memfd_install!r}")
         m = snapshot.manifest
         self.snapshot = snapshot
         self.session_id = session_id or new_session_id()
@@ -236,7 +244,8 @@ class RestoreSession:
                     self.label,
                 )
             if memfd >= 0:
-                check(lib.rs_engine_set_memfd(self._engine, memfd), "rs_engine_set_memfd", self.label)
+                check(lib.rs_engine_set_memfd(self._engine, memfd, MEMFD_INSTALLS[memfd_install]),
+                      "rs_engine_set_memfd", self.label)
             check(lib.rs_engine_start(self._engine, uffd, conn_fd), "rs_engine_start", self.label)
         except BaseException:
             lib.rs_engine_destroy(self._engine)
@@ -289,6 +298,7 @@ class RestoreSession:
         return SessionStats(
             faults=st.faults,
             minor_faults=st.minor_faults,
+            memfd_written=st.memfd_written,
             first_touches={name: int(st.first_touches[i]) for i, name in enumerate(SOURCES)},
             pages_installed=st.pages_installed,
             bytes_installed=st.bytes_installed,

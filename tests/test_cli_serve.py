@@ -89,6 +89,9 @@ def test_serve_refuses_bad_settings(tmp_path, made, run_cli):
     zero = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "s"), "--record-fault-around", "0",
                    "--store", store)
     assert zero.returncode == 2 and "--record-fault-around" in zero.stderr
+    bogus = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "s"), "--memfd-install", "mmap",
+                    "--store", store)
+    assert bogus.returncode == 2 and "'mmap' is not one of 'copy', 'continue'" in bogus.stderr
     missing = run_cli("session", "show", "fn", "--store", store)
     assert missing.returncode == 1 and missing.stderr == "error: no sessions of fn/1\n"
 

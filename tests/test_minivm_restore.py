@@ -48,15 +48,18 @@ def _wait_sessions(server, n, timeout=10.0):
     return server.summaries
 
 
-@pytest.mark.parametrize("memfd", [False, True], ids=["anon", "memfd"])
+MEMORY = pytest.mark.parametrize("memfd", [None, "copy", "continue"], ids=["anon", "memfd-copy", "memfd-continue"])
+
+
+@MEMORY
 @pytest.mark.parametrize("fault_around", [1, 16, 64])
 def test_restored_vm_answers_like_one_that_never_left_memory(vm, fault_around, memfd):
     """memfd: the VMM backs guest memory with a memfd and sends it too, so a
-    real vCPU faults on shared memory."""
+    real vCPU faults on shared memory, filled by copy or by continue."""
     assert set(vm["reference"].values()) != {0}  # the reference did real work
-    server = _server(vm, f"fa{fault_around}{memfd}", fault_around=fault_around)
+    server = _server(vm, f"fa{fault_around}{memfd}", fault_around=fault_around, memfd_install=memfd or "copy")
     try:
-        got = driver.restore(vm["build"], server.socket_path, vm["state"], REQUESTS, memfd=memfd)
+        got = driver.restore(vm["build"], server.socket_path, vm["state"], REQUESTS, memfd=bool(memfd))
         assert {a.request: a.value for a in got} == {r: vm["reference"][r] for r in REQUESTS}
         st = _wait_sessions(server, 1)[0].stats
         assert st.faults > 0 and st.first_touches["failed"] == 0
@@ -66,11 +69,11 @@ def test_restored_vm_answers_like_one_that_never_left_memory(vm, fault_around, m
         server.stop()
 
 
-@pytest.mark.parametrize("memfd", [False, True], ids=["anon", "memfd"])
+@MEMORY
 def test_balloon_remove_reads_zeros_never_snapshot_bytes(vm, memfd):
-    server = _server(vm, f"balloon{memfd}")
+    server = _server(vm, f"balloon{memfd}", memfd_install=memfd or "copy")
     try:
-        got = driver.restore(vm["build"], server.socket_path, vm["state"], [BALLOON, 7], memfd=memfd)
+        got = driver.restore(vm["build"], server.socket_path, vm["state"], [BALLOON, 7], memfd=bool(memfd))
         assert [a.value for a in got] == [0, vm["reference"][7]]
         assert vm["reference"][BALLOON] == 0  # the same in a VM that never left memory
         st = _wait_sessions(server, 1)[0].stats

@@ -54,21 +54,27 @@ def serve(tmp_path, snap, l1):
 
     def make(snapshot=None, **kw):
         path = tmp_path / f"s{len(servers)}.sock"
-        kw.setdefault("l1", l1)
+        kw = {"l1": l1, **make.defaults, **kw}
         s = Server(snapshot or snap, path, **kw).start()
         servers.append(s)
         return s
 
+    make.defaults = {}  # Server keywords for every server of the test
     yield make
     for s in servers:
         s.stop()
 
 
-@pytest.fixture(params=["anon", "memfd"])
-def mem(request):
-    """How the guest's memory is backed: anonymous memory (upstream
-    Firecracker), or a memfd sent after the uffd (memfd-backed builds)."""
-    return {"memfd": request.param == "memfd"}
+@pytest.fixture(params=["anon", "memfd-copy", "memfd-continue"])
+def mem(request, serve):
+    """How the guest's memory is backed and filled: anonymous memory
+    (upstream Firecracker), or a memfd sent after the uffd (memfd-backed
+    builds) filled with UFFDIO_COPY or by writing it and UFFDIO_CONTINUE.
+    Gives the Guest's keywords and sets the servers' memfd_install."""
+    if request.param == "anon":
+        return {}
+    serve.defaults["memfd_install"] = request.param.split("-")[1]
+    return {"memfd": True}
 
 
 def _wait_sessions(server, n, timeout=10.0):
@@ -190,11 +196,20 @@ def test_dropped_range_without_remove_events_is_loaded_again(serve, image):
     assert st.first_touches["failed"] == 0 and st.error == 0
 
 
-def test_memfd_pages_dropped_without_remove_events_keep_their_bytes(serve, image):
+def test_an_unknown_memfd_install_is_refused(snap):
+    from restore.errors import InputError
+    from restore.session import RestoreSession
+
+    with pytest.raises(InputError, match="^memfd_install must be one of copy, continue, got 'mmap'$"):
+        RestoreSession(snap, -1, [], P, memfd_install="mmap")
+
+
+@pytest.mark.parametrize("install", ["copy", "continue"])
+def test_memfd_pages_dropped_without_remove_events_keep_their_bytes(serve, image, install):
     """Shared memory dropped with MADV_DONTNEED keeps its bytes in the memfd:
     with no REMOVE event the next touch is a minor fault, answered by mapping
     the page again (UFFDIO_CONTINUE), so the guest reads what it wrote."""
-    server = serve()
+    server = serve(memfd_install=install)
     nonzero = np.flatnonzero(_image_pages(image).any(axis=1))
     a, b = int(nonzero[3]) * P, int(nonzero[40]) * P
     ops = np.concatenate([reads([a, b]), writes([a]), remove(a, 1), remove(b, 1), reads([a, b])])

@@ -81,10 +81,13 @@ def _trace(image, seed, n=1500):
     return offs.astype(np.uint64) * P
 
 
-@pytest.fixture(params=["anon", "memfd"])
+@pytest.fixture(params=["anon", "memfd-copy", "memfd-continue"])
 def mem(request):
-    """Anonymous guest memory, or a memfd sent with the handshake."""
-    return {"memfd": request.param == "memfd"}
+    """(Guest keywords, Server keywords): anonymous guest memory, or a memfd
+    sent with the handshake and filled by UFFDIO_COPY or UFFDIO_CONTINUE."""
+    if request.param == "anon":
+        return {}, {}
+    return {"memfd": True}, {"memfd_install": request.param.split("-")[1]}
 
 
 def _run(server, image, offsets, **guest_kw):
@@ -100,18 +103,25 @@ def _run(server, image, offsets, **guest_kw):
 
 
 def test_replay_gives_identical_bytes_with_fewer_faults(tmp_path, snap, image, mem):
+    guest_kw, server_kw = mem
     trace = _trace(image, 1)
-    with Server(snap, tmp_path / "a.sock", l1=L1Cache(tmp_path / "l1"), fault_around=1) as server:
-        recorded = _run(server, image, trace, **mem)
+    with Server(snap, tmp_path / "a.sock", l1=L1Cache(tmp_path / "l1"), fault_around=1, **server_kw) as server:
+        recorded = _run(server, image, trace, **guest_kw)
         assert recorded.stats.prefetch_chunks == 0
         info = rebuild_plan(snap.store, snap.manifest, sessions=1)
         assert info.pages == len(np.unique(trace)) and info.built_from == [recorded.session_id]
         plan = load_plan(snap.store, snap.manifest)
         assert (plan == trace[np.sort(np.unique(trace, return_index=True)[1])]).all()  # first-touch order
-        replayed = _run(server, image, trace, **mem)
+        replayed = _run(server, image, trace, **guest_kw)
     st = replayed.stats
     assert st.prefetch_chunks > 0 and st.prefetch_pages > 0
     assert st.faults < recorded.stats.faults / 3
+    # "continue" writes every data page into the memfd, then maps it.
+    nonzero = int(np.fromfile(image, dtype=np.uint8).reshape(-1, P)[np.unique(trace) // P].any(axis=1).sum())
+    if server_kw.get("memfd_install") == "continue":
+        assert st.memfd_written >= nonzero
+    else:
+        assert st.memfd_written == 0
     assert st.first_touches["failed"] == 0
     # Every first touch is accounted for: a demand fault, or a planned page
     # the prefetch put in ahead of it (logged at install).
@@ -163,11 +173,12 @@ def test_prefetch_never_undoes_a_remove(tmp_path, snap, image, mem):
     nonzero = np.flatnonzero(pages.any(axis=1))
     target = nonzero[(nonzero >= 512) & (nonzero < 1024)][:32].astype(np.uint64) * P
     save_plan(snap.store, snap.manifest, np.concatenate([target, nonzero[:2000].astype(np.uint64) * P]), [], 1.0)
+    guest_kw, server_kw = mem
     for i in range(5):
-        with Server(snap, tmp_path / f"r{i}.sock", l1=L1Cache(tmp_path / "l1")) as server:
+        with Server(snap, tmp_path / f"r{i}.sock", l1=L1Cache(tmp_path / "l1"), **server_kw) as server:
             # Drop the whole span (the balloon), then read the planned pages.
             ops = np.concatenate([remove(512 * P, 512), reads(target)])
-            with Guest(server.socket_path, memory_size=SIZE, **mem) as g:
+            with Guest(server.socket_path, memory_size=SIZE, **guest_kw) as g:
                 res = g.run(ops, timeout=60)
         assert (res.sums[1:] == 0).all(), f"round {i}: a removed page holds snapshot bytes"
 
