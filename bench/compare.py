@@ -19,7 +19,9 @@ the end of its invocation):
   uffd-replay-ws  the same on the working-set-first version of the snapshot
                (`restore snapshot optimize`: the plan's pages packed first)
   uffd-replay-ws-memfd  the same with guest memory in a memfd sent with the
-               handshake (shared memory, MISSING|MINOR)
+               handshake (shared memory, MISSING|MINOR), filled by UFFDIO_COPY
+  uffd-replay-ws-memfd-cont  the same, filled by writing the memfd and
+               mapping with UFFDIO_CONTINUE (--memfd-install continue)
 Tier conditions: warm L1 (every chunk in the local cache); and, with
 --slow-tiers, cold L1 with L2 warm, and cold L1 and L2 with only the
 durable tier (S3), both behind bench/netdelay's delays (0.5 ms / 20 ms RTT),
@@ -56,8 +58,8 @@ from restore.workingset import load_plan, rebuild_plan
 
 P = 4096
 STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws",
-              "uffd-replay-ws-memfd"]
-UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws", "uffd-replay-ws-memfd"]
+              "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont"]
+UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws", "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont"]
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,10 @@ class Bench:
         self.check(res, offsets)
         return res.total_ns / 1e6
 
-    def served(self, offsets, use_plan: bool, snap: Snapshot | None = None, memfd: bool = False) -> float:
+    def served(self, offsets, use_plan: bool, snap: Snapshot | None = None, memfd: str | None = None) -> float:
         with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
-                    **self.server_kw) as server:
-            with Guest(server.socket_path, memory_size=self.size, memfd=memfd) as g:
+                    memfd_install=memfd or "copy", **self.server_kw) as server:
+            with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
         self.detail.append(_detail(server.summaries[-1], offsets))
@@ -217,7 +219,9 @@ class Bench:
         if strategy == "uffd-replay-ws":
             return self.served(offsets, use_plan=True, snap=self.snap_ws)
         if strategy == "uffd-replay-ws-memfd":
-            return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd=True)
+            return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd="copy")
+        if strategy == "uffd-replay-ws-memfd-cont":
+            return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd="continue")
         return self.reap(offsets)
 
 
@@ -248,9 +252,10 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
     snap.fill_l1(l1)
     n = iter(range(10**6))
 
-    def serve(use_plan, request, persist=False, s=snap, memfd=False, **kw):
-        with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist, **kw) as server:
-            return driver.restore(b, server.socket_path, state, [request], memfd=memfd)[0].ns / 1e6
+    def serve(use_plan, request, persist=False, s=snap, memfd=None, **kw):
+        with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist,
+                    memfd_install=memfd or "copy", **kw) as server:
+            return driver.restore(b, server.socket_path, state, [request], memfd=memfd is not None)[0].ns / 1e6
 
     serve(False, 11, persist=True, fault_around=1)  # record invocation A, every touched page
     rebuild_plan(store, snap.manifest, sessions=1)
@@ -259,13 +264,15 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
     out = {}
     for label, request in [("another request", 4242), ("the recorded request", 11)]:
         rows = out[f"minivm (KVM guest, 256 MiB): {label}"] = {
-            "resident": [], "uffd-lazy": [], "uffd-replay": [], "uffd-replay-ws": [], "uffd-replay-ws-memfd": []}
+            "resident": [], "uffd-lazy": [], "uffd-replay": [], "uffd-replay-ws": [], "uffd-replay-ws-memfd": [],
+            "uffd-replay-ws-memfd-cont": []}
         for _ in range(rounds):
             rows["resident"].append(driver.resident(b, image, state, [request])[0].ns / 1e6)
             rows["uffd-lazy"].append(serve(False, request))
             rows["uffd-replay"].append(serve(True, request))
             rows["uffd-replay-ws"].append(serve(True, request, s=ws))
-            rows["uffd-replay-ws-memfd"].append(serve(True, request, s=ws, memfd=True))
+            rows["uffd-replay-ws-memfd"].append(serve(True, request, s=ws, memfd="copy"))
+            rows["uffd-replay-ws-memfd-cont"].append(serve(True, request, s=ws, memfd="continue"))
     snap.close()
     ws.close()
     return out
@@ -362,7 +369,7 @@ def main(argv=None) -> int:
     print(f"\nrestore-to-done, median of interleaved rounds ({args.rounds}; slow tiers {max(1, args.rounds // 2)}); "
           "ratio to resident")
     width = max([44] + [len(n) + 1 for n in results])
-    print(f"{'workload':<{width}}" + "".join(f"{s:>22}" for s in STRATEGIES))
+    print(f"{'workload':<{width}}" + "".join(f"{s:>26}" for s in STRATEGIES))
     for name, rows in results.items():
         base = float(np.median(rows["resident"]))
         cells = []
@@ -372,17 +379,17 @@ def main(argv=None) -> int:
                 cells.append(f"{med:9.2f} ms {med / base:6.2f}x")
             else:
                 cells.append("-")
-        print(f"{name:<{width}}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{name:<{width}}" + "".join(f"{c:>26}" for c in cells))
     if details:
         print("\nwhere the time goes (medians; thread time per phase, summed over the engine's threads; "
               "bytes fetched from the network tiers)")
-        print(f"{'workload':<{width}}{'strategy':>15}{'faults':>7}{'chunks':>7}{'L1 read':>9}{'decode':>9}"
+        print(f"{'workload':<{width}}{'strategy':>26}{'faults':>7}{'chunks':>7}{'L1 read':>9}{'decode':>9}"
               f"{'install':>9}{'from L2':>10}{'durable':>10}{'prefetched':>11}{'useful':>7}{'wasted':>7}{'late':>5}"
               f"{'unplanned':>10}")
         for name, by in details.items():
             for strat, ds in by.items():
                 med = {k: float(np.median([d[k] for d in ds])) for k in ds[0]}
-                print(f"{name.split(':')[0]:<{width}}{strat:>15}{med['faults']:7.0f}{med['chunks']:7.0f}"
+                print(f"{name.split(':')[0]:<{width}}{strat:>26}{med['faults']:7.0f}{med['chunks']:7.0f}"
                       f"{med['l1_read_ms']:7.1f}ms{med['decode_ms']:7.1f}ms{med['install_ms']:7.1f}ms"
                       f"{med['l2_bytes'] / 2**20:7.1f}MiB{med['durable_bytes'] / 2**20:7.1f}MiB"
                       f"{med['prefetched']:11.0f}{med['useful']:7.0f}{med['wasted']:7.0f}{med['late']:5.0f}"
