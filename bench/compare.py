@@ -405,7 +405,9 @@ def _plot(results, out) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(max(11, 1.6 * len(results)), 5.5))
     width = 0.8 / len(STRATEGIES)
     for i, s in enumerate(STRATEGIES):
         ys = [float(np.median(r[s])) / float(np.median(r["resident"])) if r.get(s) else 0 for r in results.values()]
@@ -413,9 +415,10 @@ def _plot(results, out) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("restore-to-done / resident")
     ax.set_xticks(np.arange(len(results)) + 0.4 - width / 2)
-    ax.set_xticklabels([n.split(":")[0] for n in results], fontsize=8)
+    labels = [n.split(":")[0] + (":" + n.split(":")[1] if n.startswith("minivm") else "") for n in results]
+    ax.set_xticklabels([textwrap.fill(x.replace(" (relay delay)", ""), 18) for x in labels], fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.6)
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     ax.set_title("restore strategies (lower is better)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
