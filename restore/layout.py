@@ -73,10 +73,11 @@ def optimize_snapshot(
 
     plan: file offsets in first-touch order (default: the snapshot's current
     plan). version: the new version's name (default: the next integer).
-    progress(n) is called as n bytes of memory are encoded. warm_l2: an
-    L2Cluster that gets every chunk of the new version in every zone. Returns the new
-    version, its plan and how many chunks the plan's pages lie in, before
-    and after. The source version is not changed.
+    progress(n): n more bytes of the work done, memory_size in all (reading
+    the source is the first half, encoding the new chunks the second).
+    warm_l2: an L2Cluster that gets every chunk of the new version in every
+    zone. Returns the new version, its plan and how many chunks the plan's
+    pages lie in, before and after. The source version is not changed.
     """
     m = snap.manifest
     info = None
@@ -102,8 +103,10 @@ def optimize_snapshot(
     # The memory, read once (through L1 when the snapshot has one), then
     # gathered into the new order chunk by chunk as the encoders ask.
     memory = np.zeros(m.memory_size, dtype=np.uint8)
-    snap.read_into(memory, workers)
+    half = m.memory_size // 2
+    snap.read_into(memory, workers, lambda n: progress(n * half // m.memory_size))
     pages = memory.reshape(-1, P)
+    packed = len(order) * P
 
     def read(offset: int, view: memoryview) -> None:
         idx = order[offset // P : (offset + len(view)) // P]
@@ -118,8 +121,9 @@ def optimize_snapshot(
     page_map["chunk"][order[stored]] = stored // slots
     page_map["slot"][order[stored]] = stored % slots
 
-    new = write_version(snap.store, snap.codec, m.name, version, read, len(order) * P, m.memory_size,
-                        page_map=page_map, workers=workers, uploads=uploads, progress=progress, warm_l2=warm_l2)
+    new = write_version(snap.store, snap.codec, m.name, version, read, packed, m.memory_size, page_map=page_map,
+                        workers=workers, uploads=uploads, progress=lambda n: progress(n * (m.memory_size - half) // packed),
+                        warm_l2=warm_l2)
     built_from = info.built_from if info else []
     min_share = info.min_share if info else 1.0
     return Optimized(new, save_plan(snap.store, new, plan, built_from, min_share), n_hot, n_src)
