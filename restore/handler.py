@@ -37,7 +37,14 @@ import numpy as np
 
 from .errors import InputError, RestoreError
 from .protocol import HandshakeError, accept_handshake, peer_credentials
-from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, DEFAULT_PREFETCH_INFLIGHT, RestoreSession, SessionStats
+from .session import (
+    DEFAULT_FAULT_AROUND,
+    DEFAULT_FETCHERS,
+    DEFAULT_PREFETCH_INFLIGHT,
+    MEMFD_INSTALLS,
+    RestoreSession,
+    SessionStats,
+)
 from .snapshot import Snapshot
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
@@ -103,6 +110,8 @@ class Server:
         self.l2 = l2
         self.fault_around = fault_around
         self.record_fault_around = record_fault_around
+        if memfd_install not in MEMFD_INSTALLS:
+            raise InputError(f"memfd_install must be one of {', '.join(MEMFD_INSTALLS)}, got {memfd_install!r}")
         self.memfd_install = memfd_install
         self.fetchers = fetchers
         self.drain_timeout = drain_timeout
@@ -223,8 +232,8 @@ class Server:
                 conn_fd=conn.fileno(),
                 l1=self.l1,
                 l2=self.l2,
-                fault_around=self.fault_around if plan is not None or not self.record_fault_around
-                else self.record_fault_around,
+                fault_around=self.record_fault_around if plan is None and self.record_fault_around
+                else self.fault_around,
                 fetchers=self.fetchers,
                 persist_log=self.persist_logs,
                 plan=plan,

@@ -202,6 +202,8 @@ def test_an_unknown_memfd_install_is_refused(snap):
 
     with pytest.raises(InputError, match="^memfd_install must be one of copy, continue, got 'mmap'$"):
         RestoreSession(snap, -1, [], P, memfd_install="mmap")
+    with pytest.raises(InputError, match="^memfd_install must be one of copy, continue, got 'mmap'$"):
+        Server(snap, "/nonexistent/s.sock", memfd_install="mmap")
 
 
 @pytest.mark.parametrize("install", ["copy", "continue"])
