@@ -40,6 +40,7 @@ from .tiers.l2 import L2Cluster
 log = logging.getLogger("restore.fetcher")
 
 POLL_MS = 200  # how often a blocked fetcher looks up to see if it should stop
+DURABLE_ATTEMPTS = 3  # reads of a chunk whose durable bytes fail verification
 LATENCY_SAMPLES = 65536  # latencies kept per tier (the most recent)
 
 
@@ -154,25 +155,31 @@ class Fetchers:
             else:
                 self._note("l2", time.perf_counter() - t)
 
-        t = time.perf_counter()
-        try:
-            data = self._store.get(key)  # retried within the store's deadline
-        except RestoreError as exc:
-            self._note("durable", time.perf_counter() - t, error=True)
-            self._give_up(index, key, str(exc))
-            return
-        if data is None:
-            self._note("durable", time.perf_counter() - t)
-            self._give_up(index, key, f"object {key} is missing from {self._store.url}")
-            return
-        rc = self._supply(index, data)
-        self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
-                   nbytes=len(data))
-        if rc == -errno.EALREADY:
-            return
-        if rc != 0:
-            self._give_up(index, key, f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})")
-            return
+        for attempt in range(1, DURABLE_ATTEMPTS + 1):
+            t = time.perf_counter()
+            try:
+                data = self._store.get(key)  # retried within the store's deadline
+            except RestoreError as exc:
+                self._note("durable", time.perf_counter() - t, error=True)
+                self._give_up(index, key, str(exc))
+                return
+            if data is None:
+                self._note("durable", time.perf_counter() - t)
+                self._give_up(index, key, f"object {key} is missing from {self._store.url}")
+                return
+            rc = self._supply(index, data)
+            self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
+                       nbytes=len(data))
+            if rc == -errno.EALREADY:
+                return
+            if rc == 0:
+                break
+            # Damaged on the way (or at rest): read it again before giving up.
+            why = f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})"
+            if attempt == DURABLE_ATTEMPTS:
+                self._give_up(index, key, f"{why}, {DURABLE_ATTEMPTS} times")
+                return
+            log.warning("%s: chunk %d: %s; reading it again", self._label, index, why)
         self._write_l1(entry.id, data)
         if self._l2 is not None:
             self._l2.put(entry.id, data)  # fills the zone, or repairs a bad copy

@@ -264,6 +264,15 @@ class Guest:
             total_ns=int(total.read_text()) if total.exists() else 0,
         )
 
+    def done_so_far(self) -> GuestResult:
+        """The results of the steps finished so far (those whose ns is set),
+        e.g. of a guest killed by SIGBUS at a poisoned page."""
+        if self._dir is None:
+            raise InputError("the guest has not been started")
+        ns = np.load(self._dir / "ns.npy")
+        done = ns != _NOT_DONE
+        return GuestResult(sums=np.load(self._dir / "sums.npy")[done], ns=ns[done], total_ns=0)
+
     def run(self, ops: np.ndarray, timeout: Optional[float] = None) -> GuestResult:
         """start(ops) then wait(timeout)."""
         return self.start(ops).wait(timeout)

@@ -1,0 +1,258 @@
+"""Fault injection against real components: a fault-injecting TCP proxy
+(tests/faults/proxy.py) in front of the S3 server and of every memcached
+node, servers killed and restarted mid-restore, and damaged L1 files.
+
+For every case a real guest process reads its memory through a Server,
+and it must end with the snapshot's bytes on every page it read, or die on
+a poisoned page (SIGBUS) while the session names the chunk and the cause:
+never wrong bytes, never silent zeros, never a hang (every wait below has a
+deadline, and so has every tier). The tally is printed after the run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import TALLY
+from proxy import FaultProxy
+
+from restore.handler import Server
+from restore.sample import write_sample_image
+from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.testing import Guest, GuestError, GuestTimeout, expected_sums, reads
+from restore.tiers.durable import DurableStore
+from restore.tiers.l1 import L1Cache
+from restore.tiers.l2 import L2Cluster
+
+P = 4096
+CHUNK = 256 * 1024
+SIZE = 8 << 20
+HANG = 60  # seconds: a restore not done by then counts as a hang
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    p = tmp_path_factory.mktemp("faults") / "mem.img"
+    write_sample_image(p, SIZE, seed=8)
+    return p
+
+
+@pytest.fixture(scope="module")
+def trace(image):
+    """Every non-zero page, in a random order: every chunk is needed."""
+    pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
+    nonzero = np.flatnonzero(pages.any(axis=1))
+    return np.random.default_rng(3).permutation(nonzero).astype(np.uint64) * P
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    with FaultProxy(("127.0.0.1", s3_server.port), seed=1) as proxy:
+        yield proxy
+        TALLY["injected"].update({f"s3 {k}": n for k, n in proxy.injected.items()})
+
+
+@pytest.fixture
+def snap(s3_server, s3_proxy, image, request):
+    """The snapshot in S3, opened through the proxy (short timeouts: a
+    stalled request fails within seconds and is retried within the deadline)."""
+    store = DurableStore(f"s3://snapshots/{request.node.name[:40]}", s3_server.options())
+    create_snapshot(store, image, "vm", chunk_size=CHUNK)
+    opts = s3_server.options(deadline=6.0, connect_timeout=1.0, timeout=1.5)
+    opts = type(opts)(**{**opts.__dict__, "endpoint": s3_proxy.endpoint})
+    via_proxy = DurableStore(store.url, opts)
+    with Snapshot.open(via_proxy, "vm") as s:
+        yield s
+
+
+def _restore(snap, tmp_path, trace, image, during=None, **server_kw):
+    """One restore of a fresh guest with a cold L1; checks every byte the
+    guest read. during(): called in a thread once the guest runs (kills,
+    restarts). Returns (the session summary, the GuestError the guest died
+    of or None)."""
+    server_kw.setdefault("l1", L1Cache(tmp_path / f"l1-{time.monotonic_ns()}"))
+    with Server(snap, tmp_path / f"s{time.monotonic_ns()}.sock", persist_logs=False, **server_kw) as server:
+        with Guest(server.socket_path, memory_size=SIZE) as g:
+            g.start(reads(trace))
+            helper = threading.Thread(target=during, daemon=True) if during else None
+            if helper:
+                helper.start()
+            died = None
+            try:
+                got = g.wait(HANG).sums
+            except GuestTimeout:
+                TALLY["hangs"] += 1
+                raise
+            except GuestError as exc:
+                died = exc
+                got = g.done_so_far().sums
+            if helper:
+                helper.join(HANG)
+        deadline = time.monotonic() + 10
+        while not server.summaries:
+            assert time.monotonic() < deadline, "the session did not end"
+            time.sleep(0.01)
+    summary = server.summaries[0]
+    wrong = int((got != expected_sums(image, trace[: len(got)])).sum())
+    TALLY["restores"] += 1
+    TALLY["bytes_verified"] += (len(got) - wrong) * P
+    TALLY["wrong_bytes"] += wrong * P
+    assert wrong == 0, f"{wrong} pages with wrong bytes"
+    if died is not None:
+        # Died on a poisoned page: the session says which chunk, and why.
+        assert died.signal == signal.SIGBUS, died
+        assert summary.stats.poisoned >= 1 and summary.errors, summary
+        TALLY["poisoned"] += 1
+    return summary, died
+
+
+# -- the S3 server behind a faulty network ---------------------------------------
+
+TRANSIENT = [
+    ("delay", 1.0, {"seconds": 0.02}),
+    ("stall", 0.2, {}),
+    ("reset", 0.3, {"after": 2000}),
+    ("truncate", 0.3, {"after": 2000}),
+    ("http503", 0.4, {}),
+    ("flip", 0.3, {"after": 600, "every": 50000}),
+]
+
+
+@pytest.mark.parametrize("kind,share,params", TRANSIENT, ids=[t[0] for t in TRANSIENT])
+def test_s3_faults_that_pass_end_with_the_right_bytes(tmp_path, snap, s3_proxy, trace, image, kind, share, params):
+    s3_proxy.set(kind, share, **params)
+    summary, died = _restore(snap, tmp_path, trace, image, fetchers=4)
+    assert s3_proxy.injected[kind] > 0  # the fault was really there
+    if kind == "flip":
+        # Caught by verification every time. A chunk is read again, but a
+        # kept-alive connection that damages every reply damages the new
+        # reads too: those chunks are poisoned, by name (checked above).
+        assert summary.stats.supply_rejected > 0
+        return
+    assert died is None, summary.errors
+    assert summary.stats.chunks_failed == 0
+
+
+@pytest.mark.parametrize("kind", ["stall", "http503", "flip"])
+def test_s3_faults_that_last_poison_and_name_the_chunk(tmp_path, snap, s3_proxy, trace, image, kind):
+    s3_proxy.set(kind, 1.0, after=600, every=50000)
+    t0 = time.monotonic()
+    summary, died = _restore(snap, tmp_path, trace[:50], image, fetchers=2)
+    assert died is not None and time.monotonic() - t0 < HANG
+    why = {"stall": ("timed out", "error sending request"), "http503": ("503",), "flip": ("fail verification",)}[kind]
+    line = summary.errors[0]
+    assert "chunk " in line and "chunks/" in line and "giving up, its pages are poisoned" in line
+    assert any(w in line.lower() for w in why), summary.errors
+
+
+def test_s3_restarted_mid_restore(tmp_path, snap, s3_server, trace, image):
+    def bounce():
+        time.sleep(0.05)
+        s3_server.stop()
+        time.sleep(1.0)
+        s3_server.start()
+
+    summary, died = _restore(snap, tmp_path, trace, image, during=bounce, fetchers=4)
+    TALLY["injected"]["s3 restart"] += 1
+    assert died is None, summary.errors
+
+
+# -- memcached (L2) behind a faulty network ----------------------------------------
+
+
+@pytest.fixture
+def l2_proxied(memcached_cluster):
+    proxies = [FaultProxy(n.address, seed=i) for i, n in enumerate(memcached_cluster)]
+    cluster = L2Cluster([("az1", [p.address for p in proxies])], timeout=0.5, connect_timeout=0.5, dead_timeout=1.0)
+    yield cluster, proxies
+    cluster.close()
+    for p in proxies:
+        TALLY["injected"].update({f"memcached {k}": n for k, n in p.injected.items()})
+        p.close()
+
+
+@pytest.mark.parametrize("kind,params", [("delay", {"seconds": 0.01}), ("stall", {}), ("reset", {"after": 3000}),
+                                         ("truncate", {"after": 3000}), ("flip", {"after": 400, "every": 40000})],
+                         ids=["delay", "stall", "reset", "truncate", "flip"])
+def test_l2_faults_fall_back_to_the_store(tmp_path, snap, s3_server, l2_proxied, trace, image, kind, params):
+    cluster, proxies = l2_proxied
+    # Warm L2 with every chunk, straight (not through the faults).
+    for c in snap.manifest.chunks:
+        if c.id:
+            cluster.put(c.id, snap.store.get(chunk_key(c.id)), zones="all")
+    for p in proxies:
+        p.set(kind, 1.0, **params)
+    summary, died = _restore(snap, tmp_path, trace, image, l2=cluster, fetchers=4)
+    assert died is None, summary.errors
+    tiers = summary.stats.tiers
+    assert tiers["l2"]["hits"] + tiers["durable"]["hits"] == summary.stats.chunks_fetched
+    if kind != "delay":
+        assert tiers["durable"]["hits"] > 0  # what L2 could not give came from the store
+    if kind == "flip":
+        assert tiers["l2"]["bad"] > 0
+
+
+def test_memcached_nodes_killed_and_restarted_mid_restore(tmp_path, snap, memcached_cluster, trace, image):
+    cluster = L2Cluster([("az1", [n.address for n in memcached_cluster])], timeout=0.5, connect_timeout=0.5,
+                        dead_timeout=0.5)
+    for c in snap.manifest.chunks:
+        if c.id:
+            cluster.put(c.id, snap.store.get(chunk_key(c.id)), zones="all")
+
+    def kill_two():
+        time.sleep(0.02)
+        memcached_cluster[0].kill()
+        memcached_cluster[1].proc.send_signal(signal.SIGSTOP)  # a node that hangs rather than dies
+        time.sleep(1.0)
+        memcached_cluster[1].proc.send_signal(signal.SIGCONT)
+
+    try:
+        summary, died = _restore(snap, tmp_path, trace, image, l2=cluster, during=kill_two, fetchers=4)
+    finally:
+        cluster.close()
+    TALLY["injected"]["memcached kill"] += 1
+    TALLY["injected"]["memcached stop"] += 1
+    assert died is None, summary.errors
+
+
+# -- damaged or full L1 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_damaged_l1_files_are_not_trusted(tmp_path, snap, trace, image, damage):
+    l1 = L1Cache(tmp_path / "l1")
+    snap.fill_l1(l1)
+    files = sorted(p for p in (tmp_path / "l1").rglob("*") if p.is_file() and len(p.name) == 64)
+    assert files
+    for f in files[::3]:
+        data = bytearray(f.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        elif damage == "flip":
+            data[len(data) // 3] ^= 0x01
+        else:
+            data = bytearray()
+        f.write_bytes(bytes(data))
+        TALLY["injected"][f"l1 {damage}"] += 1
+    summary, died = _restore(snap, tmp_path, trace, image, l1=l1, fetchers=4)
+    assert died is None
+    st = summary.stats
+    assert st.l1_bad == len(files[::3]) and st.chunks_fetched == len(files[::3])
+
+
+def test_l1_disk_full(tmp_path, snap, trace, image):
+    """L1 on a 64 KiB tmpfs: writes fail, serving goes on from the store."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        summary, died = _restore(snap, tmp_path, trace, image, l1=L1Cache(mnt / "l1"), fetchers=4)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    TALLY["injected"]["l1 disk full"] += 1
+    assert died is None
+    assert summary.stats.chunks_fetched == sum(1 for c in snap.manifest.chunks if c.id)
