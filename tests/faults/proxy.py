@@ -90,8 +90,8 @@ class FaultProxy:
 
     def close(self) -> None:
         self._closing.set()
-        _close(self._sock)
         self._thread.join(5)
+        _close(self._sock)
         with self._lock:
             held = list(self._open)
         for s in held:
@@ -116,11 +116,15 @@ class FaultProxy:
     # -- relaying ------------------------------------------------------------
 
     def _accept_loop(self) -> None:
+        self._sock.settimeout(0.2)  # to see close() soon: closing does not wake accept()
         while not self._closing.is_set():
             try:
                 client, _ = self._sock.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             with self._lock:
                 self.connections += 1
                 conn = _Conn(self.connections, self._rng.random(), client)

@@ -115,8 +115,8 @@ def _restore(snap, tmp_path, trace, image, during=None, **server_kw):
 TRANSIENT = [
     ("delay", 1.0, {"seconds": 0.02}),
     ("stall", 0.2, {}),
-    ("reset", 0.3, {"after": 2000}),
-    ("truncate", 0.3, {"after": 2000}),
+    ("reset", 0.2, {"after": 2000}),
+    ("truncate", 0.2, {"after": 2000}),
     ("http503", 0.4, {}),
     ("flip", 0.3, {"after": 600, "every": 50000}),
 ]
