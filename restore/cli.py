@@ -391,6 +391,8 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
                    "for `snapshot optimize`; default: --fault-around).")
 @click.option("--memfd-install", type=click.Choice(["copy", "continue"]), default="copy", show_default=True,
               help="For guests that send a memfd: UFFDIO_COPY, or write the memfd and UFFDIO_CONTINUE.")
+@click.option("--allow-uid", "allow_uids", multiple=True, type=click.IntRange(min=0), metavar="UID",
+              help="A uid whose VMMs may connect (repeatable; default: the server's own uid).")
 @click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest.")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds running guests get after SIGTERM before they are killed.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session start and end.")
@@ -402,7 +404,7 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_around, memfd_install, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, plan_sessions, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
+def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_around, memfd_install, allow_uids, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, plan_sessions, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
 
     Each connection on SOCKET is one guest (one JSON list of regions plus its
@@ -431,6 +433,7 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_aro
         fault_around=fault_around or DEFAULT_FAULT_AROUND,
         record_fault_around=record_fault_around,
         memfd_install=memfd_install,
+        allowed_uids=allow_uids or None,
         fetchers=fetchers or DEFAULT_FETCHERS,
         drain_timeout=drain_timeout,
         use_plan=not no_plan,

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -80,7 +80,9 @@ class Server:
     fault-around is touched unseen), at the price of a slower recording
     session: what a working-set-first layout wants. memfd_install: how
     pages go into a guest's memfd when it sends one ("copy" or "continue",
-    see RestoreSession). on_session_end: called with a
+    see RestoreSession). allowed_uids: the uids whose VMMs may connect
+    (SO_PEERCRED; default: this process's own); others are hung up on
+    before anything is read from them. on_session_end: called with a
     SessionSummary when a session ends (for tests and the CLI).
     """
 
@@ -94,6 +96,7 @@ class Server:
         fault_around: int = DEFAULT_FAULT_AROUND,
         record_fault_around: Optional[int] = None,
         memfd_install: str = "copy",
+        allowed_uids: Optional[Iterable[int]] = None,
         fetchers: int = DEFAULT_FETCHERS,
         drain_timeout: float = 10.0,
         persist_logs: bool = True,
@@ -113,6 +116,9 @@ class Server:
         if memfd_install not in MEMFD_INSTALLS:
             raise InputError(f"memfd_install must be one of {', '.join(MEMFD_INSTALLS)}, got {memfd_install!r}")
         self.memfd_install = memfd_install
+        self.allowed_uids = frozenset(allowed_uids) if allowed_uids is not None else frozenset({os.getuid()})
+        if not self.allowed_uids:
+            raise InputError("allowed_uids is empty: no VMM could ever be served")
         self.fetchers = fetchers
         self.drain_timeout = drain_timeout
         self.persist_logs = persist_logs
@@ -205,7 +211,17 @@ class Server:
 
     def _serve_guest(self, conn: socket.socket) -> None:
         m = self.snapshot.manifest
-        pid = self._peer_pid(conn)
+        try:
+            peer = peer_credentials(conn)
+        except RestoreError as exc:
+            self._refuse(conn, 0, str(exc))
+            return
+        pid = peer.pid
+        if peer.uid not in self.allowed_uids:
+            # Not one of our VMMs: hang up, read nothing from it, kill nothing.
+            self._refuse(conn, pid, f"peer uid {peer.uid} is not allowed (allowed: "
+                         f"{', '.join(map(str, sorted(self.allowed_uids)))})", kill=False)
+            return
         try:
             hs = accept_handshake(
                 conn,
@@ -293,12 +309,12 @@ class Server:
         except RestoreError as exc:
             log.error("%s: could not rebuild its plan: %s", self.snapshot.label, exc)
 
-    def _refuse(self, conn: socket.socket, pid: int, reason: str) -> None:
+    def _refuse(self, conn: socket.socket, pid: int, reason: str, kill: bool = True) -> None:
         """Refuse a guest: log why, hang up, and kill its VMM (kill_refused):
         a VMM whose memory is registered with a userfaultfd nobody serves
         would hang at its first fault."""
         line = f"refused guest pid {pid}: {reason}"
-        if self.kill_refused and pid > 0 and pid != os.getpid():
+        if kill and self.kill_refused and pid > 0 and pid != os.getpid():
             try:
                 os.kill(pid, signal.SIGKILL)
                 line += "; killed it, as it cannot run without its page-fault handler"

@@ -92,6 +92,9 @@ def test_serve_refuses_bad_settings(tmp_path, made, run_cli):
     bogus = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "s"), "--memfd-install", "mmap",
                     "--store", store)
     assert bogus.returncode == 2 and "'mmap' is not one of 'copy', 'continue'" in bogus.stderr
+    negative = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "s"), "--allow-uid", "-1",
+                       "--store", store)
+    assert negative.returncode == 2 and "--allow-uid" in negative.stderr
     missing = run_cli("session", "show", "fn", "--store", store)
     assert missing.returncode == 1 and missing.stderr == "error: no sessions of fn/1\n"
 

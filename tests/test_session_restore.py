@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -540,3 +542,53 @@ def test_page_mapped_snapshot_is_served_through_its_map(tmp_path):
             assert (res.sums == expected_sums(img, offsets)).all()
         finally:
             server.stop()
+
+
+def test_a_peer_with_another_uid_is_refused_and_not_killed(snap, image):
+    """Only the allowed uids (default: the server's own) may connect. Even
+    with the socket opened up to everyone, a process of another user is
+    hung up on before anything is read from it, and is not killed."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="restore-open-")
+    os.chmod(d, 0o755)
+    server = Server(snap, os.path.join(d, "s.sock")).start()
+    os.chmod(server.socket_path, 0o666)  # as a careless deployment might
+    client = (
+        "import os, socket, sys, time\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(sys.argv[1])\n"
+        "s.sendall(b'[]')\n"
+        "try:\n    gone = s.recv(1) == b''\n"
+        "except ConnectionResetError:  # closed with our bytes unread\n    gone = True\n"
+        "print(gone, flush=True); time.sleep(1)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", client, server.socket_path], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "True\n", proc.stderr  # hung up on, alive to the end
+    assert len(server.refused) == 1
+    assert server.refused[0].endswith(f"peer uid 65534 is not allowed (allowed: {os.getuid()})")
+    try:
+        # The server's own uid is still served.
+        with Guest(server.socket_path, memory_size=SIZE) as g:
+            assert (g.run(reads([0]), timeout=30).sums == expected_sums(image, [0])).all()
+    finally:
+        server.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_allowed_uids_exclude_even_our_own(serve, image):
+    server = serve(allowed_uids=[12345])
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        g.start(reads([0]))
+        deadline = time.monotonic() + 10
+        while not server.refused:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert server.refused[0].endswith(f"peer uid {os.getuid()} is not allowed (allowed: 12345)")
+        assert g.pid and os.waitpid(g.pid, os.WNOHANG) == (0, 0)  # not killed by the server
+    from restore.errors import InputError
+
+    with pytest.raises(InputError, match="allowed_uids is empty"):
+        Server(server.snapshot, "/nonexistent/x.sock", allowed_uids=[])

@@ -135,7 +135,10 @@ class FaultProxy:
         try:
             kind, _ = self._fault(conn)
             if kind != "http503":  # a throttled S3 answers without asking upstream
-                conn.upstream = socket.create_connection(self.upstream, timeout=5)
+                try:
+                    conn.upstream = socket.create_connection(self.upstream, timeout=5)
+                except OSError:  # upstream down (being restarted): the client sees a reset
+                    return
                 conn.upstream.settimeout(None)
                 with self._lock:
                     self._open.add(conn.upstream)

@@ -1,0 +1,202 @@
+"""Hostile input, property-based (hypothesis): whatever bytes or JSON reach
+the handshake, manifest, plan-pointer, plan and fault-log parsers, they
+either parse into something that passes their own checks or raise the
+package's one-line input error. Never another exception, never a value
+that breaks the invariants the engine relies on."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from restore.errors import InputError, ManifestError, RestoreError
+from restore.manifest import Manifest
+from restore.protocol import HandshakeError, Region, check_regions, parse_regions
+from restore.session import load_fault_log
+from restore.snapshot import create_snapshot, load_manifest
+from restore.tiers.durable import DurableStore
+from restore.workingset import PlanError, load_plan, plan_pointer_key
+
+EXAMPLES = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+GEO = dict(memory_size=1 << 30, snapshot_page_size=4096, chunk_size=512 << 10)
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                      st.text(max_size=20))
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                             st.dictionaries(st.text(max_size=12), inner, max_size=5)),
+                          max_leaves=20)
+KEYS = ["base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"]
+region_like = st.dictionaries(st.sampled_from(KEYS + ["extra"]),
+                              st.one_of(st.integers(-10, 2**66), st.sampled_from([0, 4096, 2 << 20, 1 << 30]),
+                                        json_leaf), max_size=6)
+
+
+def _regions_ok(regions: list[Region], page: int) -> None:
+    """The invariants a Server relies on after check_regions."""
+    spans = sorted((r.base, r.size) for r in regions)
+    files = sorted((r.offset, r.size) for r in regions)
+    for r in regions:
+        assert r.size > 0 and r.base % page == 0 and r.size % page == 0 and r.offset % page == 0
+        assert r.offset + r.size <= GEO["memory_size"] and r.base + r.size <= 2**64
+    for (a, n), (b, _) in zip(spans, spans[1:]):
+        assert a + n <= b
+    for (a, n), (b, _) in zip(files, files[1:]):
+        assert a + n <= b
+
+
+def _handshake(payload: bytes) -> None:
+    try:
+        regions = parse_regions(payload)
+        page = check_regions(regions, **GEO)
+    except HandshakeError:
+        return
+    _regions_ok(regions, page)
+
+
+@EXAMPLES
+@given(st.binary(max_size=300))
+def test_handshake_bytes(payload):
+    _handshake(payload)
+
+
+@EXAMPLES
+@given(st.one_of(json_value, st.lists(region_like, max_size=4)))
+def test_handshake_json(doc):
+    _handshake(json.dumps(doc).encode())
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(st.integers(0, 64), st.integers(0, 8), st.integers(0, 300)), min_size=1, max_size=5),
+       st.sampled_from([4096, 2 << 20]))
+def test_handshake_geometry(spans, page):
+    """Plausible region lists (pages, not bytes): overlapping, touching,
+    past the end. Whatever check_regions accepts is sound."""
+    doc = [{"base_host_virt_addr": (1 << 40) + b * page, "size": n * page, "offset": o * page, "page_size": page}
+           for b, n, o in spans]
+    _handshake(json.dumps(doc).encode())
+
+
+@EXAMPLES
+@given(st.binary(max_size=400))
+def test_manifest_bytes(data):
+    try:
+        Manifest.parse(data, "fuzz")
+    except ManifestError:
+        pass
+
+
+_VALID = None
+
+
+def _valid_manifest() -> dict:
+    global _VALID
+    if _VALID is None:
+        store = DurableStore("memory://")
+        import tempfile
+        from pathlib import Path
+
+        from restore.sample import write_sample_image
+
+        with tempfile.TemporaryDirectory() as d:
+            img = Path(d) / "m.img"
+            write_sample_image(img, 256 << 10, seed=2)
+            create_snapshot(store, img, "fz", chunk_size=64 << 10)
+        _VALID = json.loads(store.get(load_manifest(store, "fz").key))
+    return json.loads(json.dumps(_VALID))
+
+
+def _paths(doc, prefix=()):
+    yield prefix
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc[:3]):
+            yield from _paths(v, prefix + (i,))
+
+
+@EXAMPLES
+@given(st.data())
+def test_manifest_with_one_field_replaced(data):
+    """A valid manifest with any one field (at any depth) replaced by any
+    JSON value: refused with ManifestError, or parsed into a manifest that
+    writes itself back out and parses again to the same thing."""
+    doc = _valid_manifest()
+    path = data.draw(st.sampled_from(list(_paths(doc))[1:]))
+    target = doc
+    for k in path[:-1]:
+        target = target[k]
+    if data.draw(st.booleans()):
+        target[path[-1]] = data.draw(json_value)
+    elif isinstance(target, dict):
+        del target[path[-1]]
+    else:
+        target.pop(path[-1])
+    try:
+        m = Manifest.parse(json.dumps(doc).encode(), "fuzz")
+    except ManifestError:
+        return
+    assert Manifest.parse(m.to_json(), "again") == m
+
+
+@EXAMPLES
+@given(st.one_of(json_value, st.binary(max_size=200)), st.binary(max_size=300))
+def test_plan_pointer_and_plan_bytes(pointer, plan_bytes):
+    """A plan pointer and plan object written by someone else: refused with
+    PlanError (or an input error), or a plan of in-range page offsets."""
+    store = DurableStore("memory://")
+    doc = _valid_manifest()
+    m = Manifest.parse(json.dumps(doc).encode(), "ok")
+    raw = pointer if isinstance(pointer, bytes) else json.dumps(pointer).encode()
+    store.put(plan_pointer_key(m.name, m.version), raw)
+    store.put("plans/" + "0" * 64, plan_bytes)
+    try:
+        plan = load_plan(store, m)
+    except (PlanError, InputError):
+        return
+    assert plan is None or (plan.dtype == np.uint64 and not (plan % m.page_size).any()
+                            and (len(plan) == 0 or int(plan.max()) < m.memory_size))
+
+
+@EXAMPLES
+@given(st.data())
+def test_plan_objects(data):
+    """A well-formed pointer to a plan object holding any .npy array."""
+    import hashlib
+
+    from restore.workingset import save_plan
+
+    store = DurableStore("memory://")
+    m = Manifest.parse(json.dumps(_valid_manifest()).encode(), "ok")
+    save_plan(store, m, np.zeros(1, dtype=np.uint64), [], 1.0)
+    dtype = data.draw(st.sampled_from(["<u8", "<i8", "<u4", "<f8", ">u8", "u1"]))
+    arr = np.array(data.draw(st.lists(st.integers(0, 2**40), max_size=20)), dtype=np.uint64).astype(dtype)
+    if data.draw(st.booleans()):
+        arr = arr.reshape(-1, 1) if len(arr) else arr
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    blob = buf.getvalue()
+    pid = hashlib.sha256(blob).hexdigest()
+    store.put(f"plans/{pid}", blob)
+    pointer = json.loads(store.get(plan_pointer_key(m.name, m.version)))
+    pointer["plan"]["id"] = pid
+    store.put(plan_pointer_key(m.name, m.version), json.dumps(pointer).encode())
+    try:
+        plan = load_plan(store, m)
+    except PlanError:
+        return
+    assert plan.dtype == np.uint64 and plan.ndim == 1
+    assert not (plan % m.page_size).any() and (len(plan) == 0 or int(plan.max()) < m.memory_size)
+
+
+@EXAMPLES
+@given(st.binary(max_size=300))
+def test_fault_log_bytes(data):
+    try:
+        load_fault_log(data, "fuzz")
+    except RestoreError:
+        pass
