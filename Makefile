@@ -15,7 +15,7 @@ RESTORE := $(VENV)/bin/restore
 DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind memcached iproute2
 DEMO_DIR ?= demo-data
 
-.PHONY: demo test bench deps install clean
+.PHONY: soak demo test bench deps install clean
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -56,6 +56,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+soak: install
+	RESTORE_SOAK=1 $(PY) -m pytest -q -s tests/test_soak.py
 
 bench: install
 	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,ops --benchmark-sort=name

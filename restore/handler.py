@@ -66,7 +66,14 @@ class SessionSummary:
     stats: SessionStats
     log_key: Optional[str]
     errors: list[str]
-    prefetched: np.ndarray  # file offsets the prefetch installed (RestoreSession.prefetched_offsets)
+    prefetched_bitmap: bytes  # pages the prefetch installed, one bit each (np.packbits, little)
+    page_size: int
+
+    @property
+    def prefetched(self) -> np.ndarray:
+        """File offsets the prefetch installed (RestoreSession.prefetched_offsets)."""
+        bits = np.unpackbits(np.frombuffer(self.prefetched_bitmap, dtype=np.uint8), bitorder="little")
+        return np.flatnonzero(bits).astype(np.uint64) * np.uint64(self.page_size)
 
 
 class Server:
@@ -276,8 +283,11 @@ class Server:
             conn.close()
             with self._lock:
                 self._active.pop(key, None)
+        # Kept as a bitmap: a server holds its last SUMMARIES_KEPT summaries.
+        pages = np.zeros(m.memory_size // session.page_size, dtype=bool)
+        pages[session.prefetched_offsets() // np.uint64(session.page_size)] = True
         summary = SessionSummary(session.session_id, pid, stats, session.log_key, session.errors,
-                                 session.prefetched_offsets())
+                                 np.packbits(pages, bitorder="little").tobytes(), session.page_size)
         self._maybe_rebuild_plan(session.log_key is not None)
         self.summaries.append(summary)
         log.info(

@@ -1,0 +1,122 @@
+"""Soak: many restores against one `restore serve` process, then a check
+that its file descriptors, threads and resident memory came back to where
+they were, and that every guest got the right bytes.
+
+The snapshot is a minivm KVM guest's memory, so both kinds of guest share
+one server: test guest processes read pages of it (and check them), and
+minivm VMs restore from it and answer requests (checked against a VM that
+never left memory). By default a short run (20 sequential restores, then 8
+concurrent guests); RESTORE_SOAK=1 (`make soak`) runs 200 sequential ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.minivm import driver
+from restore.snapshot import create_snapshot
+from restore.testing import Guest, expected_sums, reads
+from restore.tiers.durable import DurableStore
+
+P = 4096
+MEM_MIB = 64
+SEQUENTIAL = 200 if os.environ.get("RESTORE_SOAK") == "1" else 20
+CONCURRENT = 8
+REQUESTS = [3, 99, 4242]
+
+
+def _proc_figures(pid: int) -> dict:
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {"fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": int(fields["Threads"]),
+            "rss_kib": int(fields["VmRSS"].split()[0])}
+
+
+@pytest.mark.skipif(not driver.kvm_available(), reason="/dev/kvm is not available")
+def test_soak(tmp_path, capsys):
+    b = driver.build(tmp_path / "minivm")
+    image, state = tmp_path / "vm.img", tmp_path / "vm.state"
+    reference = {a.request: a.value for a in driver.boot(b, image, state, MEM_MIB, requests=REQUESTS)}
+    store_url = f"file://{tmp_path}/store"
+    create_snapshot(DurableStore(store_url), image, "vm")
+    sock = tmp_path / "serve.sock"
+    env = {**os.environ, "RESTORE_CACHE_DIR": str(tmp_path / "cache")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "restore", "serve", "--snapshot", "vm", "--socket", str(sock), "--store", store_url,
+         "--rebuild-plan-after", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        size = MEM_MIB << 20
+        nonzero = np.flatnonzero(np.fromfile(image, dtype=np.uint8).reshape(-1, P).any(axis=1))
+        rng = np.random.default_rng(11)
+        checked = 0
+
+        def process_guest():
+            offs = rng.choice(nonzero, 300, replace=False).astype(np.uint64) * P
+            return Guest(str(sock), memory_size=size).start(reads(offs)), offs
+
+        def check(g, offs):
+            nonlocal checked
+            sums = g.wait(120).sums
+            g.close()
+            assert (sums == expected_sums(image, offs)).all()
+            checked += len(offs) * P
+
+        def concurrent_burst():
+            vms = [driver.start_restore(b, sock, state, REQUESTS) for _ in range(2)]
+            guests = [process_guest() for _ in range(CONCURRENT - len(vms))]
+            for g, offs in guests:
+                check(g, offs)
+            for vm in vms:
+                assert {a.request: a.value for a in driver.wait_restore(vm)} == reference
+
+        # Warm up (L1 filled, plan built, the allocator's arenas grown to a
+        # burst of concurrent guests), then take the baseline.
+        for _ in range(6):
+            check(*process_guest())
+        concurrent_burst()
+        time.sleep(1.0)
+        before = _proc_figures(server.pid)
+
+        for i in range(SEQUENTIAL):
+            if i % 4 == 3:
+                answers = driver.restore(b, sock, state, REQUESTS, memfd=i % 8 == 7)
+                assert {a.request: a.value for a in answers} == reference
+            else:
+                check(*process_guest())
+
+        concurrent_burst()
+
+        deadline = time.monotonic() + 30
+        while True:  # sessions close and their threads end shortly after the guests
+            time.sleep(0.5)
+            after = _proc_figures(server.pid)
+            if (after["fds"] <= before["fds"] and after["threads"] <= before["threads"]) or time.monotonic() > deadline:
+                break
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err
+    with capsys.disabled():
+        print(f"\nsoak: {SEQUENTIAL} sequential restores + {CONCURRENT} concurrent guests, {checked} bytes checked; "
+              f"server fds {before['fds']} -> {after['fds']}, threads {before['threads']} -> {after['threads']}, "
+              f"RSS {before['rss_kib']} -> {after['rss_kib']} KiB")
+    assert after["fds"] <= before["fds"], (before, after)
+    assert after["threads"] <= before["threads"], (before, after)
+    # Resident memory: back to the baseline, allowing allocator slack of 16 MiB.
+    assert after["rss_kib"] <= before["rss_kib"] + 16 * 1024, (before, after)
+    assert f"stopped after {SEQUENTIAL + 2 * CONCURRENT + 6} sessions, 0 refused" in err
