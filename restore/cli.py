@@ -401,23 +401,34 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
               help="Rebuild the plan from the recent fault logs after every N sessions.")
 @click.option("--plan-sessions", type=click.IntRange(min=1), default=5, show_default=True,
               help="Fault logs a rebuilt plan merges.")
+@click.option("--supervise", is_flag=True,
+              help="Run the server as a worker under a supervisor that, if the worker dies, kills the VMMs it "
+                   "was serving (their guests would hang) and starts a new worker on the same socket.")
+@click.option("--worker-listen-fd", type=int, default=None, hidden=True)
+@click.option("--worker-report-fd", type=int, default=None, hidden=True)
 @l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_around, memfd_install, allow_uids, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, plan_sessions, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
+def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_around, memfd_install, allow_uids, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, plan_sessions, supervise, worker_listen_fd, worker_report_fd, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
 
     Each connection on SOCKET is one guest (one JSON list of regions plus its
     userfaultfd). SIGTERM or Ctrl-C stops the server cleanly."""
     import logging
     import signal
+    import socket
     import threading
 
     from .handler import Server
     from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS
     from .snapshot import Snapshot
+    from .supervisor import PeerReports
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="restore: %(message)s")
+    if supervise:
+        from .supervisor import supervise as run_supervisor
+
+        sys.exit(run_supervisor([a for a in _ARGV if a != "--supervise"], socket_path))
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)
     l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
@@ -439,6 +450,8 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_aro
         use_plan=not no_plan,
         rebuild_plan_after=rebuild_plan_after,
         plan_sessions=plan_sessions,
+        listener=socket.socket(fileno=worker_listen_fd) if worker_listen_fd is not None else None,
+        on_peer=PeerReports(worker_report_fd) if worker_report_fd is not None else None,
     ).start()
     click.echo(f"serving {snap.label} on {socket_path}", err=True)
     while not stop.wait(0.5):
@@ -755,8 +768,13 @@ def sample_image(out, size, seed, zero, random_):
     click.echo(f"wrote {human(size)} sample image to {out}")
 
 
+_ARGV: list[str] = []  # the command line, for `serve --supervise` to start its worker with
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the CLI, turning the package's errors into one line."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="restore", standalone_mode=False)
     except click.exceptions.Exit as exc:

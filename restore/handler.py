@@ -57,6 +57,36 @@ WAIT_SLICE = 0.2  # seconds between looks at the stop flag
 SUMMARIES_KEPT = 256  # Server.summaries: the most recent sessions
 
 
+def listen_socket(path: str) -> socket.socket:
+    """Bind and listen on a Unix socket at path, mode 0600 (replacing a
+    stale socket a dead server left; refusing a path in use or not a
+    socket)."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise InputError(f"socket path {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # a stale socket left by a server that died
+        else:
+            raise InputError(f"socket path {path}: another server is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # the socket is created 0600
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"socket path {path} cannot be bound: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return sock
+
+
 @dataclass(frozen=True)
 class SessionSummary:
     """What the server reports when a session ends."""
@@ -90,7 +120,12 @@ class Server:
     see RestoreSession). allowed_uids: the uids whose VMMs may connect
     (SO_PEERCRED; default: this process's own); others are hung up on
     before anything is read from them. on_session_end: called with a
-    SessionSummary when a session ends (for tests and the CLI).
+    SessionSummary when a session ends (for tests and the CLI). on_peer:
+    called with ("start", pid) when a peer connects and ("end", pid) when
+    the server is done with it (a supervisor tracks the VMMs it must kill
+    if this process dies). listener: an already listening socket (a
+    supervisor's) to accept on instead of binding socket_path; it is left
+    bound when the server stops.
     """
 
     def __init__(
@@ -113,6 +148,8 @@ class Server:
         plan_sessions: int = 5,
         prefetch_inflight: int = DEFAULT_PREFETCH_INFLIGHT,
         on_session_end: Optional[Callable[[SessionSummary], None]] = None,
+        on_peer: Optional[Callable[[str, int], None]] = None,
+        listener: Optional[socket.socket] = None,
     ):
         self.snapshot = snapshot
         self.socket_path = os.fspath(socket_path)
@@ -143,37 +180,14 @@ class Server:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[RestoreSession, int]] = {}  # id -> (session, peer pid)
         self._threads: list[threading.Thread] = []
-        self._listener = self._listen()
+        self.on_peer = on_peer
+        self._owns_listener = listener is None
+        self._listener = listen_socket(self.socket_path) if listener is None else listener
+        if listener is not None:
+            listener.settimeout(WAIT_SLICE)  # accept() wakes to see stop()
         self._accept_thread: Optional[threading.Thread] = None
 
     # -- socket -------------------------------------------------------------
-    def _listen(self) -> socket.socket:
-        path = self.socket_path
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise InputError(f"socket path {path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)  # a stale socket left by a server that died
-            else:
-                raise InputError(f"socket path {path}: another server is listening there")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)  # the socket is created 0600
-        try:
-            sock.bind(path)
-        except OSError as exc:
-            sock.close()
-            raise InputError(f"socket path {path} cannot be bound: {exc.strerror}") from None
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(64)
-        return sock
-
     # -- running ------------------------------------------------------------
     def start(self) -> "Server":
         """Accept guests on a background thread; returns self."""
@@ -187,6 +201,8 @@ class Server:
         while not self._stopping.is_set():
             try:
                 conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 if self._stopping.is_set():
                     break
@@ -203,11 +219,17 @@ class Server:
             return len(self._active)
 
     def _guest(self, conn: socket.socket) -> None:
+        pid = self._peer_pid(conn)
+        if self.on_peer:
+            self.on_peer("start", pid)
         try:
             self._serve_guest(conn)
         except Exception as exc:  # a bug must not leave the guest hanging
             log.exception("internal error serving a guest")
-            self._refuse(conn, self._peer_pid(conn), f"internal error: {exc!r}")
+            self._refuse(conn, pid, f"internal error: {exc!r}")
+        finally:
+            if self.on_peer:
+                self.on_peer("end", pid)
 
     @staticmethod
     def _peer_pid(conn: socket.socket) -> int:
@@ -359,19 +381,21 @@ class Server:
         then kill them; wait for every session to end (when wait)."""
         self._drain_deadline = time.monotonic() + self.drain_timeout
         self._stopping.set()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
-        except OSError:
-            pass
+        if self._owns_listener:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
+            except OSError:
+                pass
         if self._accept_thread is not None:
             self._accept_thread.join()
         try:
             self._listener.close()
         finally:
-            try:
-                os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+            if self._owns_listener:
+                try:
+                    os.unlink(self.socket_path)
+                except FileNotFoundError:
+                    pass
         if wait:
             with self._lock:
                 threads = list(self._threads)
