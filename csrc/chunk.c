@@ -14,6 +14,7 @@
 static const char LABEL_ENC[] = "restore/v1/chunk-encryption";
 static const char LABEL_NONCE[] = "restore/v1/chunk-nonce";
 static const char LABEL_CHECK[] = "restore/v1/key-check";
+static const char LABEL_MANIFEST[] = "restore/v1/manifest-mac";
 static const char CHUNK_AAD[] = "restore/chunk/v1";
 
 struct rs_codec {
@@ -25,6 +26,7 @@ struct rs_codec {
     uint8_t k_enc[32];      /* AES-256-GCM key, derived from the master key */
     uint8_t k_nonce[32];    /* HMAC key for the synthetic nonce */
     uint8_t key_check[16];  /* key check value kept in the manifest */
+    uint8_t k_manifest[32]; /* HMAC key authenticating the manifest */
     EVP_MD *sha256;         /* fetched once; shared read-only by threads */
     EVP_CIPHER *gcm;        /* fetched once; NULL without a key */
 };
@@ -81,7 +83,8 @@ int rs_codec_create(rs_codec **out, size_t chunk_size, size_t page_size,
         }
         if ((rc = derive(c->sha256, key, LABEL_ENC, c->k_enc, 32)) ||
             (rc = derive(c->sha256, key, LABEL_NONCE, c->k_nonce, 32)) ||
-            (rc = derive(c->sha256, key, LABEL_CHECK, c->key_check, 16)))
+            (rc = derive(c->sha256, key, LABEL_CHECK, c->key_check, 16)) ||
+            (rc = derive(c->sha256, key, LABEL_MANIFEST, c->k_manifest, 32)))
             goto fail;
     }
     *out = c;
@@ -118,6 +121,18 @@ int rs_codec_key_check(const rs_codec *codec, uint8_t *out16)
     if (!codec->has_key)
         return -ENOKEY;
     memcpy(out16, codec->key_check, 16);
+    return 0;
+}
+
+int rs_codec_manifest_mac(const rs_codec *codec, const uint8_t *data, size_t len,
+                          uint8_t *out32)
+{
+    unsigned int mac_len = 0;
+
+    if (!codec->has_key)
+        return -ENOKEY;
+    if (!HMAC(codec->sha256, codec->k_manifest, 32, data, len, out32, &mac_len) || mac_len != 32)
+        return -EIO;
     return 0;
 }
 

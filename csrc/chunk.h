@@ -83,6 +83,13 @@ size_t rs_codec_bitmap_bytes(const rs_codec *codec);
  * -ENOKEY when the codec has no key. */
 int rs_codec_key_check(const rs_codec *codec, uint8_t *out16);
 
+/* 32-byte HMAC-SHA256 of data (a manifest's canonical bytes) under a key
+ * derived from the master key (HMAC(master, "restore/v1/manifest-mac")):
+ * the manifest's own authentication, so a manifest forged in a shared
+ * store cannot send a guest to other chunks. -ENOKEY without a key. */
+int rs_codec_manifest_mac(const rs_codec *codec, const uint8_t *data, size_t len,
+                          uint8_t *out32);
+
 /* Encode one chunk.
  * raw, raw_len: the chunk's bytes in slot order; raw_len is a multiple of
  *               page_size and at most chunk_size (shorter for the last chunk).

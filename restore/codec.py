@@ -90,6 +90,13 @@ class ChunkCodec:
         check(lib.rs_codec_key_check(self._handle(), out), "rs_codec_key_check")
         return bytes(out).hex()
 
+    def manifest_mac(self, data: bytes) -> str:
+        """Hex HMAC-SHA256 of data under the manifest key derived from the
+        snapshot key (csrc/chunk.h rs_codec_manifest_mac)."""
+        out = ffi.new("uint8_t[32]")
+        check(lib.rs_codec_manifest_mac(self._handle(), data, len(data), out), "rs_codec_manifest_mac")
+        return bytes(out).hex()
+
     def _scratch(self):
         s = getattr(self._local, "scratch", None)
         if s is None:

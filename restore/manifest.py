@@ -2,11 +2,11 @@
 
 A manifest is one JSON object, written last and atomically to
 ``snapshots/<name>/<version>/manifest.json``; its presence makes the
-snapshot ACTIVE. Format 1.0::
+snapshot ACTIVE. Format 1.1::
 
     {
       "format": "restore-snapshot",
-      "format_version": "1.0",            major.minor; a newer major is refused
+      "format_version": "1.1",            major.minor; a newer major is refused
       "name": "fn-hello", "version": "3",
       "memory_size": 268435456,           bytes of the memory file
       "chunk_size": 524288,               bytes per chunk (power of two)
@@ -17,8 +17,18 @@ snapshot ACTIVE. Format 1.0::
       "created": {"at": "2026-11-27T05:44:03Z", "by": "restore 0.1.0",
                   "uploaded_bytes": 1234},
       "chunks": [{"id": "<sha256 hex>" | null, "stored_len": 4150,
-                  "flags": 1, "zero": "<zero bitmap, hex>"}, ...]
+                  "flags": 1, "zero": "<zero bitmap, hex>"}, ...],
+      "mac": "<64 hex>"                   encrypted snapshots (1.1): HMAC-SHA256,
+                                          under a key derived from the snapshot
+                                          key, of the canonical JSON of every
+                                          other field (sorted keys, no spaces)
     }
+
+Chunks authenticate themselves (their id is the SHA-256 of their bytes;
+encrypted ones also carry a GCM tag), and the manifest names them, so an
+encrypted snapshot's manifest is authenticated too: a manifest forged or
+altered in a shared store cannot send a guest to other chunks. A plain
+snapshot has no secret to authenticate its manifest with.
 
 Chunk entries follow csrc/chunk.h: ``id`` is the SHA-256 of the stored
 bytes (null for an all-zero chunk, which has no object), ``flags`` are
@@ -46,7 +56,7 @@ from .errors import ChunkSizeError, InvalidName, ManifestError, UnsupportedManif
 
 FORMAT = "restore-snapshot"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 ENCRYPTION_ALGORITHM = "AES-256-GCM"
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 1 << 30  # every length fits a C int (lz4, OpenSSL)
@@ -128,6 +138,7 @@ class Manifest:
     created_by: str = f"restore {__version__}"
     uploaded_bytes: int = 0  # bytes this creation added to the store
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys of a newer minor
+    mac: Optional[str] = None  # hex HMAC over signed_bytes() (encrypted snapshots)
 
     # -- geometry ---------------------------------------------------------
     @property
@@ -166,7 +177,7 @@ class Manifest:
         return sum({c.id: c.stored_len for c in self.chunks if c.id}.values())
 
     # -- serialisation ----------------------------------------------------
-    def to_json(self) -> bytes:
+    def _doc(self) -> dict:
         doc = {
             "format": FORMAT,
             "format_version": f"{FORMAT_MAJOR}.{FORMAT_MINOR}",
@@ -187,6 +198,16 @@ class Manifest:
             ],
         }
         doc.update(self.extra)
+        return doc
+
+    def signed_bytes(self) -> bytes:
+        """What the MAC covers: every field but the MAC, as canonical JSON."""
+        return json.dumps(self._doc(), sort_keys=True, separators=(",", ":")).encode()
+
+    def to_json(self) -> bytes:
+        doc = self._doc()
+        if self.mac is not None:
+            doc["mac"] = self.mac
         return (json.dumps(doc, indent=1) + "\n").encode()
 
     @classmethod
@@ -258,6 +279,9 @@ class _Parser:
         if plan is not None and (not isinstance(plan, str) or not _HEX64.fullmatch(plan)):
             raise self.fail("field 'plan' should be null or 64 hex digits")
         created = self.field(doc, "created", dict)
+        mac = doc.get("mac")
+        if mac is not None and (not isinstance(mac, str) or not _HEX64.fullmatch(mac)):
+            raise self.fail("field 'mac' should be 64 hex digits")
         m = Manifest(
             name=name,
             version=version,
@@ -272,6 +296,7 @@ class _Parser:
             created_by=self.field(created, "by", str, "created."),
             uploaded_bytes=self.field(created, "uploaded_bytes", int, "created."),
             extra={k: v for k, v in doc.items() if k not in _KNOWN_KEYS},
+            mac=mac,
         )
         if page_map is None:
             self.check_identity(m)
@@ -358,6 +383,7 @@ class _Parser:
 
 
 _KNOWN_KEYS = {
+    "mac",
     "format",
     "format_version",
     "name",

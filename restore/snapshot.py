@@ -11,6 +11,7 @@ objects it uploaded stay (they are content-addressed and may be shared).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import mmap
 import os
@@ -321,6 +322,8 @@ def write_version(
             created_at=_now(),
             uploaded_bytes=uploaded,
         )
+        if codec.encrypted:
+            manifest.mac = codec.manifest_mac(manifest.signed_bytes())
         if not store.put(manifest.key, manifest.to_json(), create_only=True):
             raise SnapshotExists(_exists_message(name, version, "ACTIVE"))
     finally:
@@ -451,6 +454,16 @@ class Snapshot:
         if m.encrypted and self.codec.key_check != m.key_check:
             self.codec.close()
             raise WrongKey(f"the key given is not the key of snapshot {m.name}/{m.version} (key check differs)")
+        if m.encrypted:
+            where = f"{store.url}/{m.key}"
+            if m.mac is None:
+                self.codec.close()
+                raise ManifestError(f"manifest {where} is not authenticated (it has no mac): an encrypted "
+                                    "snapshot's manifest must be; re-create the snapshot")
+            if not hmac.compare_digest(self.codec.manifest_mac(m.signed_bytes()), m.mac):
+                self.codec.close()
+                raise ManifestError(f"manifest {where} fails authentication: it was altered or forged "
+                                    "after it was written with this snapshot's key")
         self._page_map: Optional[np.ndarray] = None
 
     @classmethod

@@ -39,7 +39,7 @@ def _refused(d, message: str, cls=ManifestError):
 
 
 def test_written_manifest_is_self_describing(doc):
-    assert doc["format"] == "restore-snapshot" and doc["format_version"] == "1.0"
+    assert doc["format"] == "restore-snapshot" and doc["format_version"] == "1.1"
     assert doc["page_map"] is None and doc["plan"] is None and doc["encryption"] is None
     assert set(doc["chunks"][0]) == {"id", "stored_len", "flags", "zero"}
     m = _parse(doc)

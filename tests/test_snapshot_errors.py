@@ -211,3 +211,41 @@ def test_verify_names_each_bad_chunk(store, mixed_image):
         f"snapshot vm/1 chunk {missing} at offset {missing * CHUNK:#x}: "
         f"object {chunk_key(m.chunks[missing].id)} is missing from {store.url}"
     )
+
+
+def test_an_encrypted_snapshots_manifest_is_authenticated(tmp_path, store, key, mixed_image, run_cli):
+    """A manifest altered in the store (chunks swapped, so a guest would get
+    another chunk's bytes), stripped of its MAC, or given a made-up one is
+    refused before any chunk is read; a plain snapshot has no MAC to check."""
+    import json
+
+    from restore.errors import ManifestError
+
+    m = create_snapshot(store, mixed_image, "sec", chunk_size=64 * 1024, key=key)
+    good = store.get(m.key)
+    doc = json.loads(good)
+    assert len(doc["mac"]) == 64
+    with Snapshot.open(store, "sec", key=key) as s:
+        assert s.verify() == []
+    data = [i for i, c in enumerate(doc["chunks"]) if c["id"]]
+    swapped = json.loads(good)
+    a, b = data[0], data[1]
+    swapped["chunks"][a], swapped["chunks"][b] = swapped["chunks"][b], swapped["chunks"][a]
+    stripped = {k: v for k, v in doc.items() if k != "mac"}
+    made_up = {**doc, "mac": "0" * 64}
+    where = f"{store.url}/{m.key}"
+    for bad, why in [(swapped, "fails authentication: it was altered or forged"),
+                     (made_up, "fails authentication: it was altered or forged"),
+                     (stripped, "is not authenticated (it has no mac)")]:
+        store.put(m.key, json.dumps(bad).encode())
+        with pytest.raises(ManifestError, match=re.escape(f"manifest {where} {why}")):
+            Snapshot.open(store, "sec", key=key)
+    key_file = tmp_path / "k.hex"
+    key_file.write_text(key.hex())
+    cli = run_cli("snapshot", "verify", "sec", "--key-file", str(key_file), "--store", store.url)
+    assert cli.returncode == 1 and "is not authenticated (it has no mac)" in cli.stderr
+    store.put(m.key, good)
+    plain = create_snapshot(store, mixed_image, "open", chunk_size=64 * 1024)
+    assert "mac" not in json.loads(store.get(plain.key))
+    with Snapshot.open(store, "open") as s:
+        assert s.verify() == []

@@ -39,14 +39,15 @@ def _build(store, image: bytes, key=None, seed=1):
             if e.id:
                 store.put(chunk_key(e.id), e.data)
             chunks.append(ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap))
-        key_check = codec.key_check
-    blob = pm.tobytes()
-    ref = PageMapRef(hashlib.sha256(blob).hexdigest(), len(pages))
-    store.put(ref.key, blob)
-    m = Manifest(
-        name="ws", version="1", memory_size=len(image), chunk_size=CHUNK, page_size=P,
-        chunks=chunks, key_check=key_check, page_map=ref, created_at="2026-11-27T00:00:00Z",
-    )
+        blob = pm.tobytes()
+        ref = PageMapRef(hashlib.sha256(blob).hexdigest(), len(pages))
+        store.put(ref.key, blob)
+        m = Manifest(
+            name="ws", version="1", memory_size=len(image), chunk_size=CHUNK, page_size=P,
+            chunks=chunks, key_check=codec.key_check, page_map=ref, created_at="2026-11-27T00:00:00Z",
+        )
+        if key:  # an encrypted snapshot's manifest is authenticated
+            m.mac = codec.manifest_mac(m.signed_bytes())
     store.put(m.key, m.to_json())
     return m, pm, order
 

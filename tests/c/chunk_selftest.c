@@ -854,6 +854,28 @@ static void test_key_check(const struct geom *g)
     free(b);
 }
 
+/* The manifest MAC: HMAC-SHA256 under HMAC(master, label), none without a key. */
+static void test_manifest_mac(const struct geom *g)
+{
+    static const char doc[] = "{\"format\":\"restore-snapshot\"}";
+    uint8_t *got = xmalloc(32), k[32], want[32], other[32];
+    unsigned int n = 0;
+
+    CHECK_RC("manifest mac without key",
+             rs_codec_manifest_mac(g->plain, (const uint8_t *)doc, strlen(doc), got), -ENOKEY);
+    CHECK_RC("manifest mac", rs_codec_manifest_mac(g->key1, (const uint8_t *)doc, strlen(doc), got), 0);
+    ref_hmac(KEY1, "restore/v1/manifest-mac", 23, k);
+    CHECK(HMAC(EVP_sha256(), k, 32, (const uint8_t *)doc, strlen(doc), want, &n) && n == 32,
+          "reference HMAC-SHA256 failed");
+    CHECK(memcmp(got, want, 32) == 0, "manifest mac is not HMAC(HMAC(master, label), doc)");
+    CHECK_RC("manifest mac, empty", rs_codec_manifest_mac(g->key1, (const uint8_t *)doc, 0, other), 0);
+    CHECK(memcmp(got, other, 32) != 0, "the manifest mac ignores its input");
+    CHECK_RC("manifest mac, key 2",
+             rs_codec_manifest_mac(g->key2, (const uint8_t *)doc, strlen(doc), other), 0);
+    CHECK(memcmp(got, other, 32) != 0, "two keys give the same manifest mac");
+    free(got);
+}
+
 /* Argument errors of encode. */
 static void test_encode_args(const struct geom *g, prng *r)
 {
@@ -929,6 +951,7 @@ static void test_geometry(size_t chunk, size_t page, prng *r)
         rounds = quick ? 32 : 1024;
     geom_open(&g, chunk, page);
     test_key_check(&g);
+    test_manifest_mac(&g);
     test_encode_args(&g, r);
 
     for (int keyed = 0; keyed < 2; keyed++) {
