@@ -230,25 +230,26 @@ def snapshot_optimize(spec, plan_ref, version, workers, warm_l2, l2_specs, key_f
 
 def _read_plan(store, ref: str):
     """A plan given on the command line: a .npy file, or a plan id."""
-    import io
     import os
 
     import numpy as np
 
     from .errors import InputError
+    from .session import parse_npy
 
     if os.path.exists(ref):
         try:
-            plan = np.load(ref, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"plan file {ref} is not a .npy array: {exc}") from None
+            data = open(ref, "rb").read()
+        except OSError as exc:
+            raise InputError(f"plan file {ref} cannot be read: {exc.strerror}") from None
+        plan = parse_npy(data, f"plan file {ref}")
     else:
         if len(ref) != 64 or any(ch not in "0123456789abcdef" for ch in ref):
             raise InputError(f"plan {ref!r} is neither a file nor a plan id (64 hex digits; see `restore plan show`)")
         data = store.get(f"plans/{ref}")
         if data is None:
             raise InputError(f"no plan {ref} in {store.url}")
-        plan = np.load(io.BytesIO(data), allow_pickle=False)
+        plan = parse_npy(data, f"plan {ref}")
     if plan.ndim != 1 or plan.dtype.kind not in "iu" or (plan.dtype.kind == "i" and len(plan) and plan.min() < 0):
         raise InputError(f"plan {ref} must be a 1-D array of file offsets (non-negative integers), not {plan.dtype} {plan.shape}")
     return plan.astype(np.uint64)

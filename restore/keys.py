@@ -12,8 +12,9 @@ import base64
 import binascii
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 from .errors import KeyProviderError
 
@@ -63,15 +64,58 @@ def key_from_env(name: str) -> bytes:
     return _parse(value.encode(), f"environment variable {name}")
 
 
-def load_key(key_file: Optional[str | os.PathLike] = None, key_env: Optional[str] = None) -> Optional[bytes]:
-    """The key named by at most one of key_file / key_env, or None."""
+class KeyProvider(Protocol):
+    """Where a snapshot key comes from. key() reads it (32 bytes) each time
+    it is called, so a rotated file or variable is picked up; describe()
+    names the source, never the key."""
+
+    def key(self) -> bytes: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FileKeyProvider:
+    """A key file: 64 hex digits, base64 of 32 bytes, or 32 raw bytes."""
+
+    path: str
+
+    def key(self) -> bytes:
+        return key_from_file(self.path)
+
+    def describe(self) -> str:
+        return f"key file '{self.path}'"
+
+
+@dataclass(frozen=True)
+class EnvKeyProvider:
+    """An environment variable: 64 hex digits or base64 of 32 bytes."""
+
+    name: str
+
+    def key(self) -> bytes:
+        return key_from_env(self.name)
+
+    def describe(self) -> str:
+        return f"environment variable {self.name}"
+
+
+def key_provider(key_file: Optional[str | os.PathLike] = None,
+                 key_env: Optional[str] = None) -> Optional[KeyProvider]:
+    """The provider named by at most one of key_file / key_env, or None."""
     if key_file is not None and key_env is not None:
         raise KeyProviderError("give the key either as a file or as an environment variable, not both")
     if key_file is not None:
-        return key_from_file(key_file)
+        return FileKeyProvider(os.fspath(key_file))
     if key_env is not None:
-        return key_from_env(key_env)
+        return EnvKeyProvider(key_env)
     return None
+
+
+def load_key(key_file: Optional[str | os.PathLike] = None, key_env: Optional[str] = None) -> Optional[bytes]:
+    """The key named by at most one of key_file / key_env, or None."""
+    provider = key_provider(key_file, key_env)
+    return provider.key() if provider is not None else None
 
 
 def generate_key_file(path: str | os.PathLike) -> Path:

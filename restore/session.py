@@ -396,12 +396,20 @@ def prefetch_usage(prefetched: np.ndarray, touched: np.ndarray) -> tuple[int, in
     return useful, len(prefetched) - useful
 
 
-def load_fault_log(data: bytes, where: str) -> np.ndarray:
-    """Parse a saved fault log (.npy of LOG_DTYPE); ValueError names where."""
+def parse_npy(data: bytes, what: str, error: type[InputError] = InputError) -> np.ndarray:
+    """Parse .npy bytes from outside (no pickles). numpy reads the header
+    with Python's tokenizer, so damaged bytes raise all sorts (SyntaxError,
+    tokenize errors, ...): every one becomes error("<what> is not a .npy
+    array: ...")."""
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"fault log {where} is not a .npy array: {exc}") from None
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - whatever numpy raises on bad bytes
+        raise error(f"{what} is not a .npy array: {type(exc).__name__}: {exc}") from None
+
+
+def load_fault_log(data: bytes, where: str) -> np.ndarray:
+    """Parse a saved fault log (.npy of LOG_DTYPE); InputError names where."""
+    arr = parse_npy(data, f"fault log {where}")
     if arr.dtype != LOG_DTYPE or arr.ndim != 1:
         raise InputError(f"fault log {where} has dtype {arr.dtype} / shape {arr.shape}, not a fault log")
     return arr

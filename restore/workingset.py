@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import InputError, ManifestError
 from .manifest import Manifest
-from .session import load_fault_log, sessions_prefix
+from .session import load_fault_log, parse_npy, sessions_prefix
 from .tiers.durable import DurableStore
 
 PLAN_FORMAT = "restore-plan"
@@ -123,8 +123,8 @@ def plan_info(store: DurableStore, manifest: Manifest) -> Optional[PlanInfo]:
         ident = (snap["name"], snap["version"], snap["memory_size"], snap["chunk_size"], snap["page_size"])
         info = PlanInfo(str(plan["id"]), int(plan["pages"]), list(doc.get("built_from", [])),
                         float(doc.get("min_share", DEFAULT_MIN_SHARE)), str(doc.get("created", "")))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PlanError(f"plan pointer {where} is damaged: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        raise PlanError(f"plan pointer {where} is damaged: {exc!r}") from None
     want = (manifest.name, manifest.version, manifest.memory_size, manifest.chunk_size, manifest.page_size)
     if ident != want:
         raise PlanError(
@@ -146,10 +146,7 @@ def load_plan(store: DurableStore, manifest: Manifest) -> Optional[np.ndarray]:
         raise PlanError(f"plan {store.url}/{key} is missing")
     if hashlib.sha256(data).hexdigest() != info.plan_id:
         raise PlanError(f"plan {store.url}/{key}: SHA-256 of its bytes is not its id")
-    try:
-        plan = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise PlanError(f"plan {store.url}/{key} is not a .npy array: {exc}") from None
+    plan = parse_npy(data, f"plan {store.url}/{key}", PlanError)
     if plan.dtype != np.uint64 or plan.ndim != 1:
         raise PlanError(f"plan {store.url}/{key} has dtype {plan.dtype}, shape {plan.shape}")
     _check_offsets(plan, manifest, f"plan {store.url}/{key}")

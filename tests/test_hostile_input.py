@@ -200,3 +200,41 @@ def test_fault_log_bytes(data):
         load_fault_log(data, "fuzz")
     except RestoreError:
         pass
+
+
+def test_the_fuzz_targets_find_nothing():
+    """tests/fuzz_parsers.py's mutational fuzzer, 20000 inputs per target
+    (`python tests/fuzz_parsers.py --runs N` runs it longer)."""
+    import fuzz_parsers
+
+    for target in fuzz_parsers.TARGETS:
+        runs, findings = fuzz_parsers.fuzz(target, 20000, seed=7)
+        assert runs == 20000 and findings == [], (target, findings[:1])
+
+
+def test_what_the_fuzzer_found_stays_fixed():
+    """numpy parses .npy headers with Python's tokenizer (SyntaxError and
+    tokenize errors on damaged bytes), and a number too large for an int
+    overflowed: both are input errors now."""
+    from restore.session import parse_npy
+
+    bad_header = b"\x93NUMPY\x01\x00v\x00{'descr': '<u8', 'fortran_order': False, 'shape': (3,"
+    for data in (bad_header, bad_header + b" " * 40 + b"\n", b"\x93NUMPY\x01\x00\x04\x00{'a'"):
+        try:
+            parse_npy(data, "x")
+        except InputError as exc:
+            assert str(exc).startswith("x is not a .npy array: ")
+    store = DurableStore("memory://")
+    m = Manifest.parse(json.dumps(_valid_manifest()).encode(), "ok")
+    from restore.workingset import save_plan
+
+    save_plan(store, m, np.zeros(1, dtype=np.uint64), [], 1.0)
+    pointer = json.loads(store.get(plan_pointer_key(m.name, m.version)))
+    text = json.dumps(pointer).replace(f'"pages": {pointer["plan"]["pages"]}', '"pages": 1e999')
+    store.put(plan_pointer_key(m.name, m.version), text.encode())
+    try:
+        load_plan(store, m)
+    except PlanError as exc:
+        assert "is damaged" in str(exc)
+    else:
+        raise AssertionError("a pointer with an infinite page count was accepted")

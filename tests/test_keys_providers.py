@@ -66,3 +66,21 @@ def test_load_key_picks_one_source(tmp_path, monkeypatch):
         load_key(key_file=p, key_env="K")
     with pytest.raises(KeyProviderError, match=re.escape(f"key file '{p}' already exists; refusing to overwrite a key")):
         generate_key_file(p)
+
+
+def test_providers_read_the_key_each_time_and_never_show_it(tmp_path, monkeypatch):
+    from restore.keys import EnvKeyProvider, FileKeyProvider, key_provider
+
+    p = tmp_path / "k"
+    p.write_text(KEY.hex())
+    fp = key_provider(key_file=p)
+    assert isinstance(fp, FileKeyProvider) and fp.key() == KEY and fp.describe() == f"key file '{p}'"
+    other = bytes(range(32))
+    p.write_text(other.hex())  # rotated: the next read sees the new key
+    assert fp.key() == other
+    monkeypatch.setenv("K", KEY.hex())
+    ep = key_provider(key_env="K")
+    assert isinstance(ep, EnvKeyProvider) and ep.key() == KEY and ep.describe() == "environment variable K"
+    for provider in (fp, ep):
+        assert KEY.hex() not in repr(provider) and other.hex() not in repr(provider)
+    assert key_provider() is None
