@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -47,6 +48,7 @@ struct plist {
 #define REF_USERS 0x3FFFFFFFu  /* readers holding the data */
 #define REF_RETIRED 0x40000000u /* every page settled: free when unused */
 #define REF_FREED 0x80000000u   /* data freed: load the chunk again to use it */
+#define POOL_MAX 16             /* decoded-chunk buffers kept for reuse */
 
 struct chunk {
     _Atomic int state;  /* enum chunk_state */
@@ -119,6 +121,13 @@ struct rs_engine {
     int done;
     struct plist deferred;        /* installs that met -EAGAIN */
     _Atomic size_t n_deferred;    /* deferred.n, readable without the lock */
+
+    /* Buffers for decoded chunks: mmap'ed, so that a session's memory goes
+     * back to the system when it ends (malloc keeps freed 512 KiB blocks in
+     * its arenas), and a few kept for reuse, warm, within the session. */
+    pthread_mutex_t pool_lock;
+    uint8_t *pool[POOL_MAX];
+    int pool_n;
 
     rs_fetchq *l1q, *remoteq;
     rs_faultlog *log;
@@ -295,6 +304,36 @@ static void log_planned(rs_engine *e, uint64_t lo, uint64_t upto, uint64_t skip)
             log_record(e, q, e->page_chunk[q], RS_SRC_PREFETCHED, t, 0);
 }
 
+static uint8_t *chunk_alloc(rs_engine *e)
+{
+    void *p = NULL;
+
+    pthread_mutex_lock(&e->pool_lock);
+    if (e->pool_n > 0)
+        p = e->pool[--e->pool_n];
+    pthread_mutex_unlock(&e->pool_lock);
+    if (!p) {
+        p = mmap(NULL, e->cfg.chunk_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            p = NULL;
+    }
+    return p;
+}
+
+static void chunk_free(rs_engine *e, uint8_t *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&e->pool_lock);
+    if (e->pool_n < POOL_MAX) {
+        e->pool[e->pool_n++] = p;
+        p = NULL;
+    }
+    pthread_mutex_unlock(&e->pool_lock);
+    if (p)
+        munmap(p, e->cfg.chunk_size);
+}
+
 /* Take a reference on chunk c's decoded data: 0 when it was freed. */
 static int chunk_acquire(rs_engine *e, uint32_t c)
 {
@@ -314,7 +353,7 @@ static void chunk_try_free(rs_engine *e, uint32_t c)
 
     if (atomic_load(&e->chunks[c].state) == C_READY &&
         atomic_compare_exchange_strong(&e->chunks[c].ref, &v, REF_RETIRED | REF_FREED)) {
-        free(e->chunks[c].data);
+        chunk_free(e, e->chunks[c].data);
         atomic_fetch_add(&e->st.chunks_released, 1);
     }
 }
@@ -1003,14 +1042,14 @@ static void *service_main(void *arg)
 static int decode_chunk(rs_engine *e, uint32_t c, const uint8_t *stored, size_t len, uint8_t **out)
 {
     uint64_t t0 = now_ns();
-    uint8_t *data = malloc(e->cfg.chunk_size);
+    uint8_t *data = chunk_alloc(e);
     int rc = data ? rs_chunk_decode(e->codec, stored, len, e->ids + (size_t)c * RS_ID_BYTES,
                                     e->flags[c], e->zero + (size_t)c * e->bm_bytes, data)
                   : -ENOMEM;
 
     atomic_fetch_add(&e->st.decode_ns, now_ns() - t0);
     if (rc) {
-        free(data);
+        chunk_free(e, data);
         data = NULL;
     }
     *out = data;
@@ -1262,6 +1301,7 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
         goto fail;
     }
     pthread_mutex_init(&e->lock, NULL);
+    pthread_mutex_init(&e->pool_lock, NULL);
     {
         pthread_condattr_t ca;
         pthread_rwlockattr_t ra;
@@ -1386,9 +1426,12 @@ void rs_engine_destroy(rs_engine *e)
     rs_engine_stop(e);
     for (uint32_t c = 0; c < e->cfg.n_chunks; c++) {
         if (!(atomic_load(&e->chunks[c].ref) & REF_FREED))
-            free(e->chunks[c].data);
+            chunk_free(e, e->chunks[c].data);
         free(e->chunks[c].parked.v);
     }
+    while (e->pool_n > 0)
+        munmap(e->pool[--e->pool_n], e->cfg.chunk_size);
+    pthread_mutex_destroy(&e->pool_lock);
     free(e->deferred.v);
     free(e->l1_threads);
     close(e->wake_fd);
