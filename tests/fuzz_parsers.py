@@ -32,13 +32,20 @@ GEO = dict(memory_size=1 << 30, snapshot_page_size=4096, chunk_size=512 << 10)
 
 
 def target_handshake(data: bytes) -> None:
+    """Whatever check_regions accepts is what a Server relies on: non-empty,
+    aligned regions inside the snapshot, overlapping neither in the guest's
+    address space nor in the memory file."""
     try:
         regions = parse_regions(data)
         page = check_regions(regions, **GEO)
     except RestoreError:
         return
     for r in regions:
-        assert r.size > 0 and r.base % page == 0 and r.offset + r.size <= GEO["memory_size"]
+        assert r.size > 0 and r.base % page == 0 and r.size % page == 0 and r.offset % page == 0
+        assert r.offset + r.size <= GEO["memory_size"] and r.base + r.size <= 2**64
+    for spans in (sorted((r.base, r.size) for r in regions), sorted((r.offset, r.size) for r in regions)):
+        for (a, n), (b, _) in zip(spans, spans[1:]):
+            assert a + n <= b
 
 
 def target_manifest(data: bytes) -> None:

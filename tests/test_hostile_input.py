@@ -9,20 +9,19 @@ from __future__ import annotations
 import io
 import json
 
+import fuzz_parsers
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from restore.errors import InputError, ManifestError, RestoreError
 from restore.manifest import Manifest
-from restore.protocol import HandshakeError, Region, check_regions, parse_regions
 from restore.session import load_fault_log
 from restore.snapshot import create_snapshot, load_manifest
 from restore.tiers.durable import DurableStore
 from restore.workingset import PlanError, load_plan, plan_pointer_key
 
 EXAMPLES = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-GEO = dict(memory_size=1 << 30, snapshot_page_size=4096, chunk_size=512 << 10)
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
                       st.text(max_size=20))
@@ -35,26 +34,8 @@ region_like = st.dictionaries(st.sampled_from(KEYS + ["extra"]),
                                         json_leaf), max_size=6)
 
 
-def _regions_ok(regions: list[Region], page: int) -> None:
-    """The invariants a Server relies on after check_regions."""
-    spans = sorted((r.base, r.size) for r in regions)
-    files = sorted((r.offset, r.size) for r in regions)
-    for r in regions:
-        assert r.size > 0 and r.base % page == 0 and r.size % page == 0 and r.offset % page == 0
-        assert r.offset + r.size <= GEO["memory_size"] and r.base + r.size <= 2**64
-    for (a, n), (b, _) in zip(spans, spans[1:]):
-        assert a + n <= b
-    for (a, n), (b, _) in zip(files, files[1:]):
-        assert a + n <= b
-
-
 def _handshake(payload: bytes) -> None:
-    try:
-        regions = parse_regions(payload)
-        page = check_regions(regions, **GEO)
-    except HandshakeError:
-        return
-    _regions_ok(regions, page)
+    fuzz_parsers.target_handshake(payload)
 
 
 @EXAMPLES
@@ -205,8 +186,6 @@ def test_fault_log_bytes(data):
 def test_the_fuzz_targets_find_nothing():
     """tests/fuzz_parsers.py's mutational fuzzer, 20000 inputs per target
     (`python tests/fuzz_parsers.py --runs N` runs it longer)."""
-    import fuzz_parsers
-
     for target in fuzz_parsers.TARGETS:
         runs, findings = fuzz_parsers.fuzz(target, 20000, seed=7)
         assert runs == 20000 and findings == [], (target, findings[:1])
