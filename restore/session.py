@@ -11,6 +11,7 @@ in order) is saved beside the snapshot as
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -94,6 +95,14 @@ class SessionStats:
     decode_ns: int  # verifying and decoding chunks
     install_ns: int  # install ioctls (demand and prefetch)
     prefetch_install_ns: int  # of which the prefetch's
+
+
+# SessionStats fields copied as they are from rs_engine_stats (same names).
+_ENGINE_COUNTERS = tuple(
+    name for name, _ in ffi.typeof("rs_engine_stats").fields
+    if name in {f.name for f in dataclasses.fields(SessionStats)}
+    and name not in ("first_touches", "guest_gone", "prefetch_done")
+)
 
 
 def new_session_id() -> str:
@@ -296,41 +305,14 @@ class RestoreSession:
         svc = records["service_ns"][records["source"] != SOURCES.index("prefetched")]
         p50, p99, mx = (int(np.percentile(svc, q)) for q in (50, 99, 100)) if len(svc) else (0, 0, 0)
         return SessionStats(
-            faults=st.faults,
-            minor_faults=st.minor_faults,
-            memfd_written=st.memfd_written,
+            **{name: getattr(st, name) for name in _ENGINE_COUNTERS},
             first_touches={name: int(st.first_touches[i]) for i, name in enumerate(SOURCES)},
-            pages_installed=st.pages_installed,
-            bytes_installed=st.bytes_installed,
-            chunks_l1=st.chunks_l1,
-            chunks_fetched=st.chunks_fetched,
-            chunks_failed=st.chunks_failed,
-            chunks_released=st.chunks_released,
-            chunks_reloaded=st.chunks_reloaded,
-            l1_misses=st.l1_misses,
-            l1_bad=st.l1_bad,
-            supply_rejected=st.supply_rejected,
-            removes=st.removes,
-            eexist=st.eexist,
-            deferred=st.deferred,
-            poisoned=st.poisoned,
-            log_dropped=st.log_dropped,
-            parked_now=st.parked_now,
             guest_gone=bool(st.guest_gone),
-            error=st.error,
+            prefetch_done=bool(st.prefetch_done),
             service_p50_ns=p50,
             service_p99_ns=p99,
             service_max_ns=mx,
             tiers=self._fetchers.tier_summary(),
-            prefetch_chunks=st.prefetch_chunks,
-            prefetch_pages=st.prefetch_pages,
-            faults_planned=st.faults_planned,
-            faults_unplanned=st.faults_unplanned,
-            prefetch_done=bool(st.prefetch_done),
-            l1_read_ns=st.l1_read_ns,
-            decode_ns=st.decode_ns,
-            install_ns=st.install_ns,
-            prefetch_install_ns=st.prefetch_install_ns,
         )
 
     def prefetched_offsets(self) -> np.ndarray:
