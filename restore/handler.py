@@ -41,9 +41,9 @@ from .session import (
     DEFAULT_FAULT_AROUND,
     DEFAULT_FETCHERS,
     DEFAULT_PREFETCH_INFLIGHT,
-    MEMFD_INSTALLS,
     RestoreSession,
     SessionStats,
+    check_memfd_install,
 )
 from .snapshot import Snapshot
 from .tiers.l1 import L1Cache
@@ -157,9 +157,7 @@ class Server:
         self.l2 = l2
         self.fault_around = fault_around
         self.record_fault_around = record_fault_around
-        if memfd_install not in MEMFD_INSTALLS:
-            raise InputError(f"memfd_install must be one of {', '.join(MEMFD_INSTALLS)}, got {memfd_install!r}")
-        self.memfd_install = memfd_install
+        self.memfd_install = check_memfd_install(memfd_install)
         self.allowed_uids = frozenset(allowed_uids) if allowed_uids is not None else frozenset({os.getuid()})
         if not self.allowed_uids:
             raise InputError("allowed_uids is empty: no VMM could ever be served")

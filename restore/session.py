@@ -97,6 +97,13 @@ class SessionStats:
     prefetch_install_ns: int  # of which the prefetch's
 
 
+def check_memfd_install(value: str) -> str:
+    """value, if it names a way to fill a guest's memfd (MEMFD_INSTALLS)."""
+    if value not in MEMFD_INSTALLS:
+        raise InputError(f"memfd_install must be one of {', '.join(MEMFD_INSTALLS)}, got {value!r}")
+    return value
+
+
 # SessionStats fields copied as they are from rs_engine_stats (same names).
 _ENGINE_COUNTERS = tuple(
     name for name, _ in ffi.typeof("rs_engine_stats").fields
@@ -192,8 +199,7 @@ class RestoreSession:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
         if fetchers < 1:
             raise InputError(f"fetchers must be at least 1, got {fetchers}")
-        if memfd_install not in MEMFD_INSTALLS:
-            raise InputError(f"memfd_install must be one of {', '.join(MEMFD_INSTALLS)}, got {memfd_install!r}")
+        check_memfd_install(memfd_install)
         m = snapshot.manifest
         self.snapshot = snapshot
         self.session_id = session_id or new_session_id()
