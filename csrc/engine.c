@@ -52,7 +52,7 @@ struct plist {
 
 struct chunk {
     _Atomic int state;  /* enum chunk_state */
-    uint8_t source;     /* RS_SRC_L1 or RS_SRC_FETCHED once READY */
+    uint8_t source;     /* RS_SRC_L1, _L2 or _DURABLE once READY */
     uint8_t *data;      /* decoded chunk (chunk_size bytes) once READY */
     _Atomic uint32_t ref;  /* REF_* */
     _Atomic uint32_t left; /* its pages in the regions not yet settled */
@@ -65,7 +65,7 @@ struct counters {
         chunks_fetched, chunks_failed, l1_misses, l1_bad, supply_rejected,
         removes, eexist, deferred, poisoned, chunks_released, chunks_reloaded, minor_faults,
         memfd_written;
-    _Atomic uint64_t first_touches[6];
+    _Atomic uint64_t first_touches[RS_N_SOURCES];
     _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
     _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
 };
@@ -1467,12 +1467,12 @@ int rs_engine_next_request(rs_engine *e, uint32_t *chunk, int timeout_ms)
 }
 
 int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
-                     size_t stored_len)
+                     size_t stored_len, int source)
 {
     uint8_t *data;
     int rc;
 
-    if (chunk >= e->cfg.n_chunks)
+    if (chunk >= e->cfg.n_chunks || (source != RS_SRC_L2 && source != RS_SRC_DURABLE))
         return -EINVAL;
     if (atomic_load(&e->chunks[chunk].state) != C_QUEUED_REMOTE)
         return -EALREADY;
@@ -1487,7 +1487,7 @@ int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
         return rc;
     }
     atomic_fetch_add(&e->st.chunks_fetched, 1);
-    settle_chunk(e, chunk, data, RS_SRC_FETCHED);
+    settle_chunk(e, chunk, data, (uint8_t)source);
     return 0;
 }
 
@@ -1509,7 +1509,7 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
 
     memset(out, 0, sizeof(*out));
     out->faults = atomic_load(&e->st.faults);
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < RS_N_SOURCES; i++)
         out->first_touches[i] = atomic_load(&e->st.first_touches[i]);
     out->pages_installed = atomic_load(&e->st.pages_installed);
     out->bytes_installed = atomic_load(&e->st.bytes_installed);

@@ -57,7 +57,7 @@ typedef struct rs_engine_stats {
     uint64_t faults;              /* page-fault events handled */
     uint64_t minor_faults;        /* of which minor (memfd page not mapped) */
     uint64_t memfd_written;       /* pages written into the memfd (continue mode) */
-    uint64_t first_touches[6];    /* first touches by RS_SRC_* */
+    uint64_t first_touches[8];    /* first touches by RS_SRC_* */
     uint64_t pages_installed;     /* guest pages installed, fault-around incl. */
     uint64_t bytes_installed;     /* bytes installed by copy or zeropage */
     uint64_t chunks_l1;           /* chunks decoded from L1 */
@@ -151,12 +151,14 @@ int rs_engine_wait(rs_engine *e, int timeout_ms);
 
 /* Fetcher side. next_request: 1 and *chunk set, 0 on timeout,
  * -ESHUTDOWN when stopping. supply: verify and decode stored bytes of a
- * requested chunk and serve its parked faults; a negative result (from
- * rs_chunk_decode) leaves the request open so another tier may be asked.
+ * requested chunk and serve its parked faults; source names the tier the
+ * bytes came from (RS_SRC_L2 or RS_SRC_DURABLE; the chunk's first touches
+ * are logged with it); a negative result (from rs_chunk_decode) leaves the
+ * request open so another tier may be asked.
  * fail: give up on a chunk: its pending and future faults are poisoned. */
 int rs_engine_next_request(rs_engine *e, uint32_t *chunk, int timeout_ms);
 int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
-                     size_t stored_len);
+                     size_t stored_len, int source);
 int rs_engine_fail(rs_engine *e, uint32_t chunk, int err);
 
 void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out);

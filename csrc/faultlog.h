@@ -19,10 +19,14 @@
 enum {
     RS_SRC_ZERO = 0,       /* an all-zero page: UFFDIO_ZEROPAGE, no fetch */
     RS_SRC_L1 = 1,         /* from a chunk decoded out of the L1 cache */
-    RS_SRC_FETCHED = 2,    /* from a chunk a fetcher brought (L2/durable) */
+    RS_SRC_FETCHED = 2,    /* from a fetched chunk, tier unknown (logs of
+                              format 1.0; no longer written) */
     RS_SRC_REMOVED = 3,    /* the range was removed (balloon): zeros */
     RS_SRC_PREFETCHED = 4, /* installed ahead of the touch by a prefetch */
-    RS_SRC_FAILED = 5      /* the chunk could not be had: poisoned */
+    RS_SRC_FAILED = 5,     /* the chunk could not be had: poisoned */
+    RS_SRC_L2 = 6,         /* from a chunk the memcached L2 supplied */
+    RS_SRC_DURABLE = 7,    /* from a chunk the durable store supplied */
+    RS_N_SOURCES = 8
 };
 
 typedef struct rs_fault_record {

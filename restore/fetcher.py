@@ -132,8 +132,8 @@ class Fetchers:
             if rc == 1:
                 self._serve(chunk[0])
 
-    def _supply(self, index: int, data: bytes) -> int:
-        return lib.rs_engine_supply(self._engine, index, data, len(data))
+    def _supply(self, index: int, data: bytes, source: int) -> int:
+        return lib.rs_engine_supply(self._engine, index, data, len(data), source)
 
     def _serve(self, index: int) -> None:
         entry = self._manifest.chunks[index]
@@ -143,7 +143,7 @@ class Fetchers:
             t = time.perf_counter()
             data = self._l2.get(entry.id)
             if data is not None:
-                rc = self._supply(index, data)
+                rc = self._supply(index, data, lib.RS_SRC_L2)
                 self._note("l2", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
                            nbytes=len(data))
                 if rc in (0, -errno.EALREADY):
@@ -167,7 +167,7 @@ class Fetchers:
                 self._note("durable", time.perf_counter() - t)
                 self._give_up(index, key, f"object {key} is missing from {self._store.url}")
                 return
-            rc = self._supply(index, data)
+            rc = self._supply(index, data, lib.RS_SRC_DURABLE)
             self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
                        nbytes=len(data))
             if rc == -errno.EALREADY:

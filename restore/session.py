@@ -40,7 +40,9 @@ LOG_DTYPE = np.dtype(
         "itemsize": 32,
     }
 )
-SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed")
+# RS_SRC_* by index. "fetched" (a network tier, which one not recorded) is
+# found only in logs written before l2 and durable were told apart.
+SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed", "l2", "durable")
 DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault_around)
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
@@ -400,4 +402,8 @@ def load_fault_log(data: bytes, where: str) -> np.ndarray:
     arr = parse_npy(data, f"fault log {where}")
     if arr.dtype != LOG_DTYPE or arr.ndim != 1:
         raise InputError(f"fault log {where} has dtype {arr.dtype} / shape {arr.shape}, not a fault log")
+    bad = np.flatnonzero(arr["source"] >= len(SOURCES))
+    if len(bad):
+        raise InputError(f"fault log {where}: record {int(bad[0])} has source {int(arr['source'][bad[0]])}, "
+                         f"not one of 0..{len(SOURCES) - 1}")
     return arr

@@ -70,7 +70,7 @@ def test_serve_a_guest_then_sigterm(tmp_path, made, run_cli):
     assert show.startswith(f"session:           {ls[0]} of fn/1\n")
     first = int(re.search(r"first touches:\s+(\d+)", show).group(1))
     assert 0 < first <= len(offsets)
-    assert re.search(r"\n  fetched:\s+\d+\n", show), show
+    assert re.search(r"\n  durable:\s+\d+\n", show), show
     assert "prefetched" not in show  # no plan: every record is a demand fault
     assert f"demand faults:     {first}\n" in show
     assert "service p50/p99:" in show and "chunks touched:" in show

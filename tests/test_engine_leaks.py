@@ -55,7 +55,7 @@ def test_create_start_supply_stop_destroy_stays_flat():
         assert lib.rs_engine_start(eng, uffd, -1) == 0
         assert lib.rs_engine_next_request(eng, req, 0) == 0  # nothing asked for
         # Supplying a chunk nobody asked for is refused; failing one is not.
-        assert lib.rs_engine_supply(eng, 0, enc[0].data, len(enc[0].data)) < 0
+        assert lib.rs_engine_supply(eng, 0, enc[0].data, len(enc[0].data), lib.RS_SRC_L2) < 0
         assert lib.rs_engine_fail(eng, 1, -5) == 0
         st = ffi.new("rs_engine_stats *")
         lib.rs_engine_get_stats(eng, st)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import fuzz_parsers
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from restore.errors import InputError, ManifestError, RestoreError
 from restore.manifest import Manifest
-from restore.session import load_fault_log
+from restore.session import LOG_DTYPE, SOURCES, load_fault_log
 from restore.snapshot import create_snapshot, load_manifest
 from restore.tiers.durable import DurableStore
 from restore.workingset import PlanError, load_plan, plan_pointer_key
@@ -181,6 +183,16 @@ def test_fault_log_bytes(data):
         load_fault_log(data, "fuzz")
     except RestoreError:
         pass
+
+
+def test_fault_log_with_an_unknown_source():
+    recs = np.zeros(3, dtype=LOG_DTYPE)
+    recs["source"] = [1, 0, len(SOURCES)]
+    buf = io.BytesIO()
+    np.save(buf, recs)
+    with pytest.raises(InputError, match=re.escape(
+            f"fault log bad.npy: record 2 has source {len(SOURCES)}, not one of 0..{len(SOURCES) - 1}")):
+        load_fault_log(buf.getvalue(), "bad.npy")
 
 
 def test_the_fuzz_targets_find_nothing():

@@ -158,7 +158,7 @@ def test_fault_log_follows_first_touch_order(serve, image, snap):
     pages = _image_pages(image)[offsets // P]
     is_zero = ~pages.any(axis=1)
     assert (recs["source"][is_zero] == SOURCES.index("zero")).all()
-    assert set(recs["source"][~is_zero]) <= {SOURCES.index("fetched"), SOURCES.index("l1")}
+    assert set(recs["source"][~is_zero]) <= {SOURCES.index("durable"), SOURCES.index("l1")}
     assert (recs["chunk"][~is_zero] == offsets[~is_zero] // CHUNK).all()
 
 
