@@ -400,28 +400,20 @@ def main(argv=None) -> int:
 
 
 def _plot(results, out) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Bars of restore-to-done / resident (medians) per workload and strategy."""
     import textwrap
 
-    fig, ax = plt.subplots(figsize=(max(11, 1.6 * len(results)), 5.5))
-    width = 0.8 / len(STRATEGIES)
-    for i, s in enumerate(STRATEGIES):
-        ys = [float(np.median(r[s])) / float(np.median(r["resident"])) if r.get(s) else 0 for r in results.values()]
-        ax.bar(np.arange(len(results)) + i * width, ys, width, label=s)
-    ax.set_yscale("log")
-    ax.set_ylabel("restore-to-done / resident")
-    ax.set_xticks(np.arange(len(results)) + 0.4 - width / 2)
-    labels = [n.split(":")[0] + (":" + n.split(":")[1] if n.startswith("minivm") else "") for n in results]
-    ax.set_xticklabels([textwrap.fill(x.replace(" (relay delay)", ""), 18) for x in labels], fontsize=7)
-    ax.axhline(1.0, color="black", linewidth=0.6)
-    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    ax.set_title("restore strategies (lower is better)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    from restore.plot import plot_grouped_bars
+
+    groups = {}
+    for name, rows in results.items():
+        label = name.split(":")[0] + (":" + name.split(":")[1] if name.startswith("minivm") else "")
+        base = float(np.median(rows["resident"]))
+        groups[textwrap.fill(label.replace(" (relay delay)", ""), 18)] = {
+            s: float(np.median(rows[s])) / base for s in STRATEGIES if rows.get(s)}
+    plot_grouped_bars(groups, out, series=STRATEGIES, title="restore strategies (lower is better)",
+                      ylabel="restore-to-done / resident", baseline=1.0, log=True,
+                      width_px=max(1200, 176 * len(results)), height_px=700)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,38 @@ class SizeParam(click.ParamType):
 
 SIZE = SizeParam()
 
+_PIXELS_RE = re.compile(r"(\d+)x(\d+)", re.IGNORECASE)
+
+
+class PixelsParam(click.ParamType):
+    """A picture size in pixels, WIDTHxHEIGHT (e.g. 1200x800): (width, height)."""
+
+    name = "WxH"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        m = _PIXELS_RE.fullmatch(str(value).strip())
+        if not m:
+            self.fail(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1200x800", param, ctx)
+        from .errors import InputError
+        from .plot import check_size
+
+        width, height = int(m.group(1)), int(m.group(2))
+        try:
+            check_size(width, height)
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+        return width, height
+
+
+def plot_options(f):
+    """-o/--out and --size of the commands that draw a PNG."""
+    f = click.option("--size", "size", type=PixelsParam(), default="1200x800", show_default=True,
+                     metavar="WIDTHxHEIGHT", help="Picture size in pixels.")(f)
+    return click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=str),
+                        help="The PNG file to write.")(f)
+
 
 def fmt_ns(ns: float) -> str:
     """A duration in ns, in the unit that reads best: 850 ns, 12.8 us, 3.1 ms."""
@@ -570,19 +602,12 @@ def plan_show(spec, head, store_url, s3_endpoint, s3_region):
     """Show a snapshot version's current plan."""
     import numpy as np
 
-    from .errors import SnapshotNotFound
-    from .manifest import ZERO_PAGE
-    from .snapshot import load_manifest, load_page_map
-    from .workingset import load_plan, plan_info
+    from .manifest import ZERO_PAGE, page_chunks
+    from .snapshot import load_page_map
 
     store = open_store(store_url, s3_endpoint, s3_region)
-    name, version = split_snapshot(spec)
-    m = load_manifest(store, name, version)
-    info = plan_info(store, m)
-    if info is None:
-        raise SnapshotNotFound(f"snapshot {m.name}/{m.version} has no plan (see `restore plan build`)")
-    pages = load_plan(store, m)
-    chunks = load_page_map(store, m)["chunk"][(pages // m.page_size).astype(np.int64)]
+    m, info, pages = _current_plan(store, spec)
+    chunks = page_chunks(load_page_map(store, m), pages, m.page_size)
     click.echo(f"{'plan:':<19}{info.plan_id} ({info.created})")
     click.echo(f"{'pages:':<19}{info.pages} ({human(info.pages * m.page_size)}, "
                f"{100 * info.pages * m.page_size / m.memory_size:.1f} % of memory)")
@@ -591,6 +616,42 @@ def plan_show(spec, head, store_url, s3_endpoint, s3_region):
     click.echo(f"{'built from:':<19}{len(info.built_from)} sessions, pages kept if in >= {info.min_share:.0%} of them")
     for off, c in zip(pages[:head], chunks[:head]):
         click.echo(f"  offset {int(off):#012x}  chunk {'-' if c == ZERO_PAGE else int(c)}")
+
+
+def _current_plan(store: DurableStore, spec: str):
+    """(manifest, PlanInfo, uint64 file offsets) of the current plan of the
+    snapshot version NAME[:VERSION]; SnapshotNotFound if it has none."""
+    from .errors import SnapshotNotFound
+    from .snapshot import load_manifest
+    from .workingset import load_plan, plan_info
+
+    name, version = split_snapshot(spec)
+    m = load_manifest(store, name, version)
+    info = plan_info(store, m)
+    if info is None:
+        raise SnapshotNotFound(f"snapshot {m.name}/{m.version} has no plan (see `restore plan build`)")
+    return m, info, load_plan(store, m)
+
+
+@plan.command("plot")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@plot_options
+@store_options
+def plan_plot(spec, out, size, store_url, s3_endpoint, s3_region):
+    """Draw a snapshot version's current plan over its memory map as a PNG.
+
+    Top: every planned page at its memory offset and rank in the plan.
+    Bottom: the snapshot's chunks in stored order. Both are coloured by the
+    order in which the plan first needs each chunk (its fetch order)."""
+    from .plot import plot_plan
+    from .snapshot import load_page_map
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    m, info, pages = _current_plan(store, spec)
+    plot_plan(pages, out, title=f"{m.name}/{m.version} plan {info.plan_id[:16]}", memory_size=m.memory_size,
+              chunk_size=m.chunk_size, page_size=m.page_size, page_map=load_page_map(store, m),
+              chunk_count=len(m.chunks), width_px=size[0], height_px=size[1])
+    click.echo(f"wrote {out}")
 
 
 @cli.group()
@@ -712,6 +773,29 @@ def session_compare(spec, first, second, store_url, s3_endpoint, s3_region):
     click.echo(f"{'':<19}{a_id:>{w}}{b_id:>{w}}")
     for label in labels:
         click.echo(f"{label + ':':<19}{a_rows.get(label, '-'):>{w}}{b_rows.get(label, '-'):>{w}}")
+
+
+@session.command("plot")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.argument("session_id", required=False)
+@plot_options
+@store_options
+def session_plot(spec, session_id, out, size, store_url, s3_endpoint, s3_region):
+    """Draw a session's fault log as a PNG (default: the newest session).
+
+    Top: every logged first touch by time and memory offset, coloured by
+    source, demand faults outlined. Bottom: logged pages x page size over
+    time. Pages a fault-around installed and the guest touched unseen are
+    not in the log, so are not drawn."""
+    from .plot import plot_session
+    from .snapshot import load_manifest
+
+    store = open_store(store_url, s3_endpoint, s3_region)
+    name, version, keys = _session_logs(store, spec)
+    sid, recs = _load_session(store, name, version, keys, session_id)
+    plot_session(recs, out, title=f"{name}/{version} session {sid}",
+                 page_size=load_manifest(store, name, version).page_size, width_px=size[0], height_px=size[1])
+    click.echo(f"wrote {out}")
 
 
 @cli.group()

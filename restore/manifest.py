@@ -70,7 +70,9 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def check_name(value: str, what: str = "snapshot name") -> str:
-    """A name or version: 1-128 of [A-Za-z0-9._-], not starting with . or -."""
+    """Return value if it is a valid name or version: 1-128 of
+    [A-Za-z0-9._-], starting with a letter or digit; else raise InvalidName
+    (what names the kind of value in the message)."""
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise InvalidName(
             f"{what} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
@@ -84,7 +86,8 @@ def _is_pow2(v: int) -> bool:
 
 
 def check_chunk_size(chunk_size: int, page_size: int = 4096) -> int:
-    """Refuse a chunk size that is not a power of two >= 4 KiB and >= page_size."""
+    """Return chunk_size (bytes), or raise ChunkSizeError when it is not a
+    power of two, >= 4 KiB, >= page_size and <= 1 GiB."""
     if not isinstance(chunk_size, int) or not _is_pow2(chunk_size) or chunk_size < MIN_CHUNK_SIZE:
         raise ChunkSizeError(f"chunk size {chunk_size} is not a power of two of at least 4096 bytes")
     if chunk_size > MAX_CHUNK_SIZE:
@@ -95,6 +98,7 @@ def check_chunk_size(chunk_size: int, page_size: int = 4096) -> int:
 
 
 def check_page_size(page_size: int) -> int:
+    """Return page_size (bytes) if it is 4096 or 2 MiB; else raise ChunkSizeError."""
     if page_size not in (4096, 2 << 20):
         raise ChunkSizeError(f"page size {page_size} is not 4096 (4 KiB) or 2097152 (2 MiB)")
     return page_size
@@ -125,6 +129,17 @@ class PageMapRef:
 
 @dataclass
 class Manifest:
+    """A snapshot manifest (format 1.1, drawn in the module text).
+
+    Sizes are bytes. chunks: one ChunkEntry per chunk, in chunk order.
+    key_check: hex key check value of an encrypted snapshot (None: plain).
+    page_map: where the page map object is (None: identity layout). plan:
+    reserved (written as null). created_at: UTC, YYYY-MM-DDTHH:MM:SSZ.
+    extra: keys of a newer minor version, kept and written back. mac: hex
+    HMAC of signed_bytes() (encrypted snapshots). parse() reads one;
+    snapshot.write_version builds and writes them.
+    """
+
     name: str
     version: str
     memory_size: int  # bytes
@@ -143,18 +158,22 @@ class Manifest:
     # -- geometry ---------------------------------------------------------
     @property
     def encrypted(self) -> bool:
+        """True for an encrypted (AES-256-GCM) snapshot."""
         return self.key_check is not None
 
     @property
     def pages(self) -> int:
+        """Pages of page_size bytes in the memory file."""
         return self.memory_size // self.page_size
 
     @property
     def slots_per_chunk(self) -> int:
+        """Slots (pages) per chunk."""
         return self.chunk_size // self.page_size
 
     @property
     def key(self) -> str:
+        """The manifest's store key: snapshots/<name>/<version>/manifest.json."""
         return manifest_key(self.name, self.version)
 
     # -- figures for inspect ---------------------------------------------
@@ -205,6 +224,8 @@ class Manifest:
         return json.dumps(self._doc(), sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self) -> bytes:
+        """The manifest as written to the store: indented JSON, UTF-8, with
+        the MAC when there is one."""
         doc = self._doc()
         if self.mac is not None:
             doc["mac"] = self.mac
@@ -212,15 +233,22 @@ class Manifest:
 
     @classmethod
     def parse(cls, data: bytes, where: str) -> "Manifest":
-        """Parse and check a manifest; where names it in errors."""
+        """Parse and check a manifest; where names it in errors.
+
+        Raises ManifestError naming the manifest and the field for anything
+        missing, mistyped or inconsistent, and UnsupportedManifestVersion
+        (a ManifestError) for a format major version other than 1. Does not
+        check the MAC (that needs the key: see snapshot.Snapshot)."""
         return _Parser(where).parse(data)
 
 
 def manifest_key(name: str, version: str) -> str:
+    """The store key of a version's manifest."""
     return f"snapshots/{name}/{version}/manifest.json"
 
 
 def pending_key(name: str, version: str) -> str:
+    """The store key of a version's PENDING claim."""
     return f"snapshots/{name}/{version}/pending.json"
 
 
@@ -401,7 +429,10 @@ _KNOWN_KEYS = {
 
 def parse_page_map(data: bytes, manifest: Manifest, where: str) -> np.ndarray:
     """Check a page map object against its manifest and return it as an array
-    of PAGE_MAP_DTYPE, one entry per page."""
+    of PAGE_MAP_DTYPE, one entry per page (a read-only view of data).
+    Raises ManifestError, naming where, for a wrong size, a chunk or slot
+    out of range, or a page placed in a slot the chunk marks all zero. The
+    SHA-256 against the map's id is the caller's check."""
     fail = lambda msg: ManifestError(f"page map {where}: {msg}")  # noqa: E731
     if len(data) != manifest.pages * PAGE_MAP_DTYPE.itemsize:
         raise fail(f"is {len(data)} bytes, expected {manifest.pages * PAGE_MAP_DTYPE.itemsize} for {manifest.pages} pages")
@@ -432,3 +463,11 @@ def identity_page_map(manifest: Manifest) -> np.ndarray:
     pm["chunk"][zero] = ZERO_PAGE
     pm["slot"][zero] = 0
     return pm
+
+
+def page_chunks(page_map: np.ndarray, offsets: np.ndarray, page_size: int) -> np.ndarray:
+    """The chunk holding the page at each file offset (bytes, page-aligned),
+    per page_map (PAGE_MAP_DTYPE, one entry per page_size page): uint32,
+    ZERO_PAGE for an all-zero page, which no chunk holds."""
+    pages = (np.asarray(offsets, dtype=np.uint64) // np.uint64(page_size)).astype(np.int64)
+    return page_map["chunk"][pages]
