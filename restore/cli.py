@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from ._version import __version__
+from .config import config_option
 from .errors import RestoreError
 from .keys import generate_key_file, load_key
 from .tiers.durable import DurableStore, S3Options, default_store_url
@@ -414,9 +415,12 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 
 
 @cli.command("serve")
+@config_option
 @click.option("--snapshot", "spec", required=True, metavar="NAME[:VERSION]", help="Snapshot to serve (default: newest version).")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Unix socket to listen on (mode 0600).")
 @click.option("--cache", "cache_dir", default=None, help="L1 chunk cache directory (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
+@click.option("--cache-budget", type=SIZE, default=None, metavar="SIZE",
+              help="L1 size budget, e.g. 20G; least recently used chunks are evicted past it (default: 8 GiB).")
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
 @click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
 @click.option("--record-fault-around", type=click.IntRange(min=1), default=None, metavar="N",
@@ -426,14 +430,23 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
               help="For guests that send a memfd: UFFDIO_COPY, or write the memfd and UFFDIO_CONTINUE.")
 @click.option("--allow-uid", "allow_uids", multiple=True, type=click.IntRange(min=0), metavar="UID",
               help="A uid whose VMMs may connect (repeatable; default: the server's own uid).")
-@click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest.")
+@click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest (fetch concurrency).")
+@click.option("--prefetch-inflight", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Plan chunks the prefetch asks for at once (default: 8; more for slow tiers).")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds running guests get after SIGTERM before they are killed.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session start and end.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log lines on stderr as text, or as JSON objects (one per line, with structured fields).")
+@click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; port 0: any free port).")
 @click.option("--no-plan", is_flag=True, help="Do not prefetch the snapshot's working-set plan.")
 @click.option("--rebuild-plan-after", type=click.IntRange(min=1), default=None, metavar="N",
               help="Rebuild the plan from the recent fault logs after every N sessions.")
 @click.option("--plan-sessions", type=click.IntRange(min=1), default=5, show_default=True,
               help="Fault logs a rebuilt plan merges.")
+@click.option("--audit-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Run every Nth session that has a plan without it, recording every first touch, and score the "
+                   "plan by what that guest touched (useful and wasted pages, in the metrics).")
 @click.option("--supervise", is_flag=True,
               help="Run the server as a worker under a supervisor that, if the worker dies, kills the VMMs it "
                    "was serving (their guests would hang) and starts a new worker on the same socket.")
@@ -442,30 +455,47 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_around, memfd_install, allow_uids, fetchers, drain_timeout, verbose, no_plan, rebuild_plan_after, plan_sessions, supervise, worker_listen_fd, worker_report_fd, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
+def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, record_fault_around, memfd_install,
+          allow_uids, fetchers, prefetch_inflight, drain_timeout, verbose, log_format, metrics_addr, no_plan,
+          rebuild_plan_after, plan_sessions, audit_every, supervise, worker_listen_fd, worker_report_fd, l2_specs,
+          key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
 
     Each connection on SOCKET is one guest (one JSON list of regions plus its
-    userfaultfd). SIGTERM or Ctrl-C stops the server cleanly."""
+    userfaultfd). Settings come from flags and/or a TOML file (--config).
+    SIGTERM or Ctrl-C: no new guests; running guests get --drain-timeout
+    seconds to finish (their fault logs are saved), then the server exits."""
     import logging
     import signal
     import socket
     import threading
 
+    from . import logs
     from .handler import Server
-    from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS
+    from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, DEFAULT_PREFETCH_INFLIGHT
     from .snapshot import Snapshot
     from .supervisor import PeerReports
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="restore: %(message)s")
-    if supervise:
+    logs.configure(log_format, verbose)
+    log = logging.getLogger("restore.serve")
+    if supervise and worker_listen_fd is None:
         from .supervisor import supervise as run_supervisor
 
         sys.exit(run_supervisor([a for a in _ARGV if a != "--supervise"], socket_path))
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)
-    l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
+    l1 = None
+    if not no_cache:
+        l1 = L1Cache(cache_dir or default_cache_dir(), **({"budget_bytes": cache_budget} if cache_budget else {}))
     snap = Snapshot.open(store, name, version, load_key(key_file, key_env), l1)
+    metrics = None
+    if metrics_addr is not None:
+        from .metrics import ServerMetrics
+
+        metrics = ServerMetrics(l1)
+        host, port = metrics.serve(metrics_addr)
+        log.info("metrics on http://%s:%d/metrics", host, port,
+                 extra={"event": "metrics", "metrics_url": f"http://{host}:{port}/metrics"})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -479,20 +509,34 @@ def serve(spec, socket_path, cache_dir, no_cache, fault_around, record_fault_aro
         memfd_install=memfd_install,
         allowed_uids=allow_uids or None,
         fetchers=fetchers or DEFAULT_FETCHERS,
+        prefetch_inflight=prefetch_inflight or DEFAULT_PREFETCH_INFLIGHT,
         drain_timeout=drain_timeout,
         use_plan=not no_plan,
         rebuild_plan_after=rebuild_plan_after,
         plan_sessions=plan_sessions,
+        audit_every=audit_every,
+        on_fetch=metrics.observe_fetch if metrics else None,
         listener=socket.socket(fileno=worker_listen_fd) if worker_listen_fd is not None else None,
         on_peer=PeerReports(worker_report_fd) if worker_report_fd is not None else None,
-    ).start()
-    click.echo(f"serving {snap.label} on {socket_path}", err=True)
+    )
+    if metrics is not None:
+        metrics.attach(server)
+    server.start()
+    log.info("serving %s on %s", snap.label, socket_path,
+             extra={"event": "serving", "snapshot": snap.label, "socket": socket_path})
     while not stop.wait(0.5):
         pass
-    click.echo("stopping", err=True)
+    log.info("stopping: no new guests; %d running get %.0f s to finish", server.active(), drain_timeout,
+             extra={"event": "stopping", "active": server.active()})
     server.stop()
     snap.close()
-    click.echo(f"stopped after {len(server.summaries)} sessions, {len(server.refused)} refused", err=True)
+    counts = server.counters()
+    if metrics is not None:
+        metrics.close()
+    log.info("stopped after %d sessions, %d refused", counts.get("sessions_ended", 0),
+             counts.get("sessions_refused", 0),
+             extra={"event": "stopped", "sessions": counts.get("sessions_ended", 0),
+                    "refused": counts.get("sessions_refused", 0)})
 
 
 @cli.command("try")

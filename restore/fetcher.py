@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -73,7 +73,10 @@ class Fetchers:
     """A pool of fetcher threads serving one engine.
 
     engine: the cdata rs_engine *; it must outlive the pool (stop the
-    engine, then join()). label names the session in log lines.
+    engine, then join()). label names the session in log lines. on_fetch:
+    called after every request to a tier with (tier "l2" or "durable",
+    seconds, outcome "hit", "miss", "bad" (failed verification) or
+    "error", stored bytes received), from the fetcher's thread.
     """
 
     def __init__(
@@ -85,8 +88,10 @@ class Fetchers:
         threads: int,
         label: str,
         l2: Optional[L2Cluster] = None,
+        on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
     ):
         self._engine = engine
+        self._on_fetch = on_fetch
         self._manifest = manifest
         self._store = store
         self._l1 = l1
@@ -122,6 +127,9 @@ class Fetchers:
             t.bad += bad
             t.errors += error
             t.latencies.append(seconds)
+        if self._on_fetch is not None:
+            outcome = "error" if error else "bad" if bad else "hit" if hit else "miss"
+            self._on_fetch(tier, seconds, outcome, nbytes)
 
     def _run(self) -> None:
         chunk = ffi.new("uint32_t *")

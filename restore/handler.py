@@ -29,7 +29,7 @@ import socket
 import stat
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -41,9 +41,11 @@ from .session import (
     DEFAULT_FAULT_AROUND,
     DEFAULT_FETCHERS,
     DEFAULT_PREFETCH_INFLIGHT,
+    SERVICE_BUCKETS_NS,
     RestoreSession,
     SessionStats,
     check_memfd_install,
+    prefetch_usage,
 )
 from .snapshot import Snapshot
 from .tiers.l1 import L1Cache
@@ -54,7 +56,7 @@ log = logging.getLogger("restore.handler")
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connected peer has to send its handshake
 WAIT_SLICE = 0.2  # seconds between looks at the stop flag
-SUMMARIES_KEPT = 256  # Server.summaries: the most recent sessions
+SUMMARIES_KEPT = 256  # Server.summaries and Server.refused: the most recent
 
 
 def listen_socket(path: str) -> socket.socket:
@@ -98,6 +100,7 @@ class SessionSummary:
     errors: list[str]
     prefetched_bitmap: bytes  # pages the prefetch installed, one bit each (np.packbits, little)
     page_size: int
+    audit: Optional[tuple[int, int]] = None  # an audit session: (useful, wasted) pages of the plan
 
     @property
     def prefetched(self) -> np.ndarray:
@@ -123,9 +126,17 @@ class Server:
     SessionSummary when a session ends (for tests and the CLI). on_peer:
     called with ("start", pid) when a peer connects and ("end", pid) when
     the server is done with it (a supervisor tracks the VMMs it must kill
-    if this process dies). listener: an already listening socket (a
-    supervisor's) to accept on instead of binding socket_path; it is left
-    bound when the server stops.
+    if this process dies). on_fetch: told of every request its sessions
+    make to a network tier (see restore.fetcher.Fetchers). listener: an
+    already listening socket (a supervisor's) to accept on instead of
+    binding socket_path; it is left bound when the server stops.
+
+    audit_every: every Nth session that would replay a plan runs without
+    it instead, recording every first touch (fault-around 1), and the plan
+    is scored against what that guest touched: its pages the guest used
+    (useful) and never touched (wasted). A replaying session cannot tell:
+    a touch of a page the prefetch installed raises no userfaultfd event.
+    Audits cost the audited guest its prefetch; None: no audits.
     """
 
     def __init__(
@@ -149,6 +160,8 @@ class Server:
         prefetch_inflight: int = DEFAULT_PREFETCH_INFLIGHT,
         on_session_end: Optional[Callable[[SessionSummary], None]] = None,
         on_peer: Optional[Callable[[str, int], None]] = None,
+        on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
+        audit_every: Optional[int] = None,
         listener: Optional[socket.socket] = None,
     ):
         self.snapshot = snapshot
@@ -169,10 +182,19 @@ class Server:
         self.rebuild_plan_after = rebuild_plan_after
         self.plan_sessions = plan_sessions
         self.prefetch_inflight = prefetch_inflight
+        if audit_every is not None and audit_every < 1:
+            raise InputError(f"audit_every must be at least 1 session, got {audit_every}")
+        self.audit_every = audit_every
         self._since_plan = 0  # sessions recorded since the plan was rebuilt
+        self._with_plan = 0  # sessions that found a plan (audits counted)
         self.on_session_end = on_session_end
+        self.on_fetch = on_fetch
         self.summaries: deque[SessionSummary] = deque(maxlen=SUMMARIES_KEPT)
-        self.refused: list[str] = []  # one line per refused guest
+        self.refused: deque[str] = deque(maxlen=SUMMARIES_KEPT)  # one line per refused guest
+        # Totals of the sessions that ended (counters()); guarded by _lock.
+        self._ended: Counter[str] = Counter()
+        self._service_hist = np.zeros(len(SERVICE_BUCKETS_NS) + 1, dtype=np.int64)
+        self._service_sum_ns = 0
         self._stopping = threading.Event()
         self._drain_deadline = float("inf")
         self._lock = threading.Lock()
@@ -215,6 +237,26 @@ class Server:
         """Guests being served now."""
         with self._lock:
             return len(self._active)
+
+    def counters(self) -> dict[str, int]:
+        """Totals over every session this server has served, the running
+        ones included (RestoreSession.counters, summed), plus
+        "sessions_ended", "sessions_refused", "sessions_active", "audits",
+        "prefetch_useful_pages" and "prefetch_wasted_pages" (from audits).
+        Counters only grow: an ending session's figures move from the
+        running sum to the ended totals in one step."""
+        with self._lock:
+            total = Counter(self._ended)
+            for session, _ in self._active.values():
+                total.update(session.counters())
+            total["sessions_active"] = len(self._active)
+        return dict(total)
+
+    def service_histogram(self) -> tuple[tuple[int, ...], list[int], int]:
+        """Demand-fault service times of the ended sessions: (bucket upper
+        bounds in ns, counts per bucket with one more for the rest, sum ns)."""
+        with self._lock:
+            return SERVICE_BUCKETS_NS, self._service_hist.tolist(), self._service_sum_ns
 
     def _guest(self, conn: socket.socket) -> None:
         pid = self._peer_pid(conn)
@@ -266,6 +308,17 @@ class Server:
                 plan = load_plan(self.snapshot.store, m)
             except RestoreError as exc:  # a bad plan costs speed, never correctness
                 log.error("%s: not using its plan: %s", self.snapshot.label, exc)
+        audited = None  # the plan an audit session scores
+        if plan is not None and self.audit_every:
+            with self._lock:
+                self._with_plan += 1
+                if self._with_plan % self.audit_every == 0:
+                    audited, plan = plan, None
+        fault_around = self.fault_around
+        if audited is not None:
+            fault_around = 1
+        elif plan is None and self.record_fault_around:
+            fault_around = self.record_fault_around
         try:
             session = RestoreSession(
                 self.snapshot,
@@ -275,14 +328,14 @@ class Server:
                 conn_fd=conn.fileno(),
                 l1=self.l1,
                 l2=self.l2,
-                fault_around=self.record_fault_around if plan is None and self.record_fault_around
-                else self.fault_around,
+                fault_around=fault_around,
                 fetchers=self.fetchers,
                 persist_log=self.persist_logs,
                 plan=plan,
                 prefetch_inflight=self.prefetch_inflight,
                 memfd=hs.memfd,
                 memfd_install=self.memfd_install,
+                on_fetch=self.on_fetch,
             )
         except RestoreError as exc:
             hs.close()
@@ -291,7 +344,10 @@ class Server:
         key = id(session)
         with self._lock:
             self._active[key] = (session, pid)
-        log.info("guest pid %d: %s started (%d regions)", pid, session.label, len(hs.regions))
+        log.info("guest pid %d: %s started (%d regions%s)", pid, session.label, len(hs.regions),
+                 ", auditing the plan" if audited is not None else "",
+                 extra={"event": "session_start", "session": session.session_id, "pid": pid,
+                        "snapshot": self.snapshot.label, "plan": plan is not None, "audit": audited is not None})
         try:
             while not session.wait(WAIT_SLICE):
                 if self._stopping.is_set() and self._drain_expired():
@@ -301,13 +357,26 @@ class Server:
             stats = session.close()
             hs.close()
             conn.close()
+            audit = None
+            if audited is not None:
+                audit = prefetch_usage(audited, session.fault_log()["offset"])
             with self._lock:
                 self._active.pop(key, None)
+                self._ended.update(session.counters())
+                self._ended["sessions_ended"] += 1
+                self._service_hist += stats.service_hist
+                self._service_sum_ns += stats.service_sum_ns
+                if audit is not None:
+                    self._ended.update(audits=1, prefetch_useful_pages=audit[0], prefetch_wasted_pages=audit[1])
+        if audit is not None:
+            log.info("%s: audit of the plan: %d of its pages used, %d never touched", session.label, *audit,
+                     extra={"event": "plan_audit", "session": session.session_id, "useful": audit[0],
+                            "wasted": audit[1]})
         # Kept as a bitmap: a server holds its last SUMMARIES_KEPT summaries.
         pages = np.zeros(m.memory_size // session.page_size, dtype=bool)
         pages[session.prefetched_offsets() // np.uint64(session.page_size)] = True
         summary = SessionSummary(session.session_id, pid, stats, session.log_key, session.errors,
-                                 np.packbits(pages, bitorder="little").tobytes(), session.page_size)
+                                 np.packbits(pages, bitorder="little").tobytes(), session.page_size, audit)
         self._maybe_rebuild_plan(session.log_key is not None)
         self.summaries.append(summary)
         log.info(
@@ -318,6 +387,12 @@ class Server:
             stats.pages_installed,
             stats.service_p50_ns / 1e3,
             summary.log_key,
+            extra={"event": "session_end", "session": session.session_id, "pid": pid,
+                   "snapshot": self.snapshot.label, "faults": stats.faults,
+                   "pages_installed": stats.pages_installed, "first_touches": stats.first_touches,
+                   "prefetch_pages": stats.prefetch_pages, "service_p50_ns": stats.service_p50_ns,
+                   "service_p99_ns": stats.service_p99_ns, "errors": len(summary.errors),
+                   "log_key": summary.log_key},
         )
         if self.on_session_end:
             self.on_session_end(summary)
@@ -350,8 +425,10 @@ class Server:
                 line += "; killed it, as it cannot run without its page-fault handler"
             except ProcessLookupError:
                 pass
-        log.error(line)
-        self.refused.append(line)
+        log.error(line, extra={"event": "refused", "pid": pid, "reason": reason})
+        with self._lock:
+            self.refused.append(line)
+            self._ended["sessions_refused"] += 1
         try:
             conn.close()
         except OSError:

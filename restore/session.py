@@ -19,7 +19,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -47,6 +47,12 @@ DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
 DEFAULT_PREFETCH_INFLIGHT = 8  # plan chunks requested at once
+# Upper bounds (ns) of the buckets SessionStats.service_hist counts demand
+# faults in; a last bucket takes the rest. From a fault-around install of
+# a decoded chunk (a few us) to a slow durable fetch (seconds).
+SERVICE_BUCKETS_NS = (2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+                      2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000, 100_000_000,
+                      250_000_000, 1_000_000_000)
 MEMFD_INSTALLS = {"copy": lib.RS_MEMFD_COPY, "continue": lib.RS_MEMFD_CONTINUE}
 
 
@@ -86,6 +92,8 @@ class SessionStats:
     service_p50_ns: int
     service_p99_ns: int
     service_max_ns: int
+    service_hist: tuple[int, ...]  # demand faults per SERVICE_BUCKETS_NS bucket, then the rest
+    service_sum_ns: int  # of all demand faults' service times
     tiers: dict  # per network tier: requests, hits, bad, errors, p50/p99/max ms
     prefetch_chunks: int  # chunks the plan asked for
     prefetch_pages: int  # pages the prefetch installed
@@ -174,7 +182,8 @@ class RestoreSession:
     memory. memfd_install: how pages go into it, "copy" (UFFDIO_COPY, the
     default: measured faster here, see bench/test_bench_prefetch.py) or
     "continue" (write the bytes into the memfd, map them with
-    UFFDIO_CONTINUE).
+    UFFDIO_CONTINUE). on_fetch: told of every request to a network tier
+    (see restore.fetcher.Fetchers), e.g. for metrics.
     """
 
     def __init__(
@@ -196,6 +205,7 @@ class RestoreSession:
         prefetch_inflight: int = DEFAULT_PREFETCH_INFLIGHT,
         memfd: int = -1,
         memfd_install: str = "copy",
+        on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
@@ -267,7 +277,8 @@ class RestoreSession:
         except BaseException:
             lib.rs_engine_destroy(self._engine)
             raise
-        self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2)
+        self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
+                                 on_fetch=on_fetch)
 
     # -- running ----------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -292,8 +303,27 @@ class RestoreSession:
         lib.rs_engine_get_stats(self._handle(), st)
         return bool(st.prefetch_done)
 
+    def counters(self) -> dict[str, int]:
+        """The engine's counters now (cheap: for polling, e.g. by a metrics
+        scrape): the counting fields of SessionStats that come from the
+        engine (faults, pages_installed, chunks_l1, ..., each only grows),
+        and "first_touches.<source>" per SOURCES. After close(), their
+        final values."""
+        with self._lock:
+            return dict(self._final_counters) if self._closed else self._read_counters()
+
+    def _read_counters(self) -> dict[str, int]:
+        st = ffi.new("rs_engine_stats *")
+        lib.rs_engine_get_stats(self._engine, st)
+        out = {name: int(getattr(st, name)) for name in _ENGINE_COUNTERS if name not in ("parked_now", "error")}
+        out.update((f"first_touches.{name}", int(st.first_touches[i])) for i, name in enumerate(SOURCES))
+        return out
+
     def fault_log(self) -> np.ndarray:
-        """First touches so far, in arrival order (LOG_DTYPE)."""
+        """First touches so far, in arrival order (LOG_DTYPE); after
+        close(), the whole log."""
+        if self._closed:
+            return self._records
         eng = self._handle()
         st = ffi.new("rs_engine_stats *")
         lib.rs_engine_get_stats(eng, st)
@@ -312,6 +342,7 @@ class RestoreSession:
         # Prefetched pages are logged at install, with no service time.
         svc = records["service_ns"][records["source"] != SOURCES.index("prefetched")]
         p50, p99, mx = (int(np.percentile(svc, q)) for q in (50, 99, 100)) if len(svc) else (0, 0, 0)
+        hist = np.bincount(np.searchsorted(SERVICE_BUCKETS_NS, svc), minlength=len(SERVICE_BUCKETS_NS) + 1)
         return SessionStats(
             **{name: getattr(st, name) for name in _ENGINE_COUNTERS},
             first_touches={name: int(st.first_touches[i]) for i, name in enumerate(SOURCES)},
@@ -320,6 +351,8 @@ class RestoreSession:
             service_p50_ns=p50,
             service_p99_ns=p99,
             service_max_ns=mx,
+            service_hist=tuple(int(n) for n in hist),
+            service_sum_ns=int(svc.sum(dtype=np.uint64)),
             tiers=self._fetchers.tier_summary(),
         )
 
@@ -347,6 +380,8 @@ class RestoreSession:
             records = self.fault_log()
             final = self.stats(records)
             self._prefetched = self.prefetched_offsets()
+            self._records = records
+            self._final_counters = self._read_counters()
             self._closed = True
             lib.rs_engine_destroy(self._engine)
             self._engine = None

@@ -177,6 +177,14 @@ class L1Cache:
             self._estimate = total + self._written - written
         return total
 
+    def usage_estimate(self) -> int:
+        """This process's running estimate of usage() in bytes: the last
+        scan plus its own writes and evictions since (scans first if it has
+        never scanned). Cheap; other processes' writes are not in it."""
+        with self._lock:
+            estimate = self._estimate
+        return self.usage() if estimate is None else estimate
+
     def __len__(self) -> int:
         """Number of entries on disk (a scan)."""
         return len(self._scan())

@@ -1,0 +1,312 @@
+"""`restore serve` as a service: settings from a TOML file, JSON log lines,
+a Prometheus endpoint whose counters follow real restores, and SIGTERM
+during a restore letting it finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from restore.sample import write_sample_image
+from restore.testing import Guest, expected_sums, reads
+
+SIZE = 16 << 20
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def made(tmp_path, run_cli):
+    img = tmp_path / "mem.img"
+    write_sample_image(img, SIZE, seed=11)
+    store = f"file://{tmp_path}/store"
+    run_cli("snapshot", "create", str(img), "--name", "fn", "--store", store, check=True)
+    return img, store
+
+
+class Daemon:
+    """`restore serve` in a child process; its stderr JSON lines read as they come."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        env = dict(os.environ, NO_COLOR="1")
+        env.pop("RESTORE_STORE", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "restore", "serve", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        self.lines: list[str] = []
+        self.records: list[dict] = []
+        self._next: dict[str, int] = {}
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self._q.put(line)
+        self._q.put(None)
+
+    def event(self, name: str, timeout: float = 30.0) -> dict:
+        """The next JSON log record whose event is name (after the last one
+        returned for name)."""
+        deadline = time.monotonic() + timeout
+        start = self._next.get(name, 0)
+        while True:
+            for i in range(start, len(self.records)):
+                if self.records[i].get("event") == name:
+                    self._next[name] = i + 1
+                    return self.records[i]
+            start = len(self.records)
+            line = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert line is not None, f"serve exited {self.proc.wait()} before {name!r}:\n" + "".join(self.lines)
+            self.lines.append(line)
+            rec = json.loads(line)  # every line is one JSON object
+            assert {"ts", "level", "logger", "msg"} <= rec.keys(), rec
+            self.records.append(rec)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        while (line := self._q.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the endpoint: (name, sorted labels) → value."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def write_config(path: Path, **settings) -> Path:
+    lines = []
+    for key, v in settings.items():
+        lines.append(f"{key} = {json.dumps(v)}")  # JSON strings, numbers, booleans and arrays are TOML too
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_serve_from_a_config_file_with_metrics(tmp_path, made, run_cli):
+    img, store = made
+    sock = tmp_path / "fn.sock"
+    config = write_config(tmp_path / "serve.toml", snapshot="fn", socket=str(sock), store=store,
+                          cache=str(tmp_path / "cache"), metrics="127.0.0.1:0", log_format="json", verbose=True,
+                          audit_every=2, fetchers=2)
+    d = Daemon(tmp_path, "--config", str(config))
+    try:
+        url = d.event("metrics")["metrics_url"]
+        assert d.event("serving")["socket"] == str(sock)
+        before = scrape(url)
+        assert value(before, "restore_active_sessions") == 0
+        assert value(before, "restore_sessions_total", outcome="ended") == 0
+
+        rng = np.random.default_rng(3)
+        offsets = np.sort(rng.choice(SIZE // 4096, 600, replace=False)).astype(np.uint64) * 4096
+
+        def restore_once() -> dict:
+            with Guest(str(sock), memory_size=SIZE) as g:
+                res = g.run(reads(offsets), timeout=60)
+            assert (res.sums == expected_sums(img, offsets)).all()
+            return d.event("session_end")
+
+        # 1: no plan yet, a cold L1: every chunk comes from the durable store.
+        first = restore_once()
+        after1 = scrape(url)
+        assert first["faults"] > 0 and first["first_touches"]["durable"] > 0 and first["log_key"]
+        assert value(after1, "restore_sessions_total", outcome="ended") == 1
+        assert value(after1, "restore_first_touches_total", source="durable") == first["first_touches"]["durable"]
+        assert value(after1, "restore_first_touches_total", source="zero") == first["first_touches"]["zero"]
+        assert value(after1, "restore_faults_total", kind="all") == first["faults"]
+        assert value(after1, "restore_l1_lookups_total", result="miss") > 0
+        assert value(after1, "restore_fetch_seconds_count", tier="durable", outcome="hit") > 0
+        assert value(after1, "restore_fetch_bytes_total", tier="durable") > 0
+        assert value(after1, "restore_fetch_errors_total", tier="durable", kind="error") == 0
+        demand = first["faults"] - first["first_touches"]["prefetched"]
+        assert value(after1, "restore_fault_service_seconds_count") == sum(
+            n for s, n in first["first_touches"].items() if s != "prefetched")
+        assert value(after1, "restore_fault_service_seconds_sum") > 0 and demand > 0
+        assert value(after1, "restore_l1_size_bytes") > 0
+
+        run_cli("plan", "build", "fn", "--sessions", "1", "--store", store, check=True)
+
+        # 2: the plan is replayed; the chunks are in L1 now.
+        second = restore_once()
+        after2 = scrape(url)
+        assert second["prefetch_pages"] > 0
+        assert value(after2, "restore_prefetch_pages_total") == second["prefetch_pages"]
+        assert value(after2, "restore_first_touches_total", source="prefetched") > 0
+        assert value(after2, "restore_l1_lookups_total", result="hit") > 0
+        assert 0 < value(after2, "restore_l1_hit_ratio") < 1
+        assert value(after2, "restore_prefetch_useful_pages_total") == 0
+
+        # 3: every second session with a plan is an audit: no prefetch, the plan scored.
+        third = restore_once()
+        audit = d.event("plan_audit")
+        after3 = scrape(url)
+        assert third["prefetch_pages"] == 0 and audit["useful"] > 0
+        assert value(after3, "restore_plan_audits_total") == 1
+        assert value(after3, "restore_prefetch_useful_pages_total") == audit["useful"]
+        assert value(after3, "restore_prefetch_wasted_pages_total") == audit["wasted"]
+        assert value(after3, "restore_sessions_total", outcome="ended") == 3
+        for name in ("restore_faults_total", "restore_pages_installed_total", "restore_bytes_installed_total"):
+            assert value(after3, name, **({"kind": "all"} if "faults" in name else {})) > value(after1, name, **(
+                {"kind": "all"} if "faults" in name else {}))
+        assert d.stop() == 0
+    finally:
+        d.kill()
+    stopped = [json.loads(x) for x in d.lines if '"stopped"' in x]
+    assert stopped and stopped[-1]["sessions"] == 3 and stopped[-1]["refused"] == 0
+    ls = run_cli("session", "ls", "fn", "--store", store, check=True).stdout.split()
+    assert len(ls) == 3
+
+
+def test_sigterm_during_a_restore_lets_it_finish(tmp_path, made, run_cli):
+    img, store = made
+    sock = tmp_path / "fn.sock"
+    config = write_config(tmp_path / "serve.toml", snapshot="fn", socket=str(sock), store=store,
+                          no_cache=True, fault_around=1, log_format="json", verbose=True, drain_timeout=60)
+    d = Daemon(tmp_path, "--config", str(config))
+    try:
+        d.event("serving")
+        # Every non-zero page once, in a scattered order, each its own fault.
+        offsets = np.random.default_rng(5).permutation(SIZE // 4096).astype(np.uint64) * 4096
+        ops = np.concatenate([reads(offsets)] * 3)  # then twice more over present pages
+        with Guest(str(sock), memory_size=SIZE) as g:
+            g.start(ops)
+            deadline = time.monotonic() + 30
+            while (done := len(g.done_so_far().ns)) < 100:
+                assert time.monotonic() < deadline, "the guest made no progress"
+                time.sleep(0.002)
+            d.proc.send_signal(signal.SIGTERM)
+            stopping = d.event("stopping")
+            res = g.wait(timeout=60)
+        assert done < len(ops) and stopping["active"] == 1  # the guest was mid-restore at SIGTERM
+        assert (res.sums == expected_sums(img, np.tile(offsets, 3))).all()
+        end = d.event("session_end")
+        assert end["errors"] == 0 and end["log_key"]
+        assert d.proc.wait(60) == 0
+    finally:
+        d.kill()
+    assert run_cli("session", "ls", "fn", "--store", store, check=True).stdout.split() == [
+        Path(end["log_key"]).stem]
+
+
+def test_flags_win_over_the_config_file(tmp_path, made):
+    _, store = made
+    config = write_config(tmp_path / "serve.toml", snapshot="fn", socket=str(tmp_path / "from-file.sock"),
+                          store=store, no_cache=True, log_format="json")
+    sock = tmp_path / "from-flag.sock"
+    d = Daemon(tmp_path, "--config", str(config), "--socket", str(sock))
+    try:
+        assert d.event("serving")["socket"] == str(sock)
+        assert sock.exists() and not (tmp_path / "from-file.sock").exists()
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def test_l2_as_a_table_of_zones(tmp_path, made, run_cli):
+    _, store = made
+    (tmp_path / "serve.toml").write_text(
+        f'snapshot = "fn"\nsocket = "{tmp_path}/fn.sock"\nstore = "{store}"\n'
+        '[l2]\naz1 = ["127.0.0.1:1", "127.0.0.1:2"]\naz2 = "127.0.0.1:3"\nbad = [1]\n')
+    r = run_cli("serve", "--config", str(tmp_path / "serve.toml"))
+    assert r.returncode == 2
+    assert f"{tmp_path}/serve.toml: l2.bad must be a list of HOST:PORT strings, got [1]" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('snapshot = "fn"\nsockett = "x"\n', "serve.toml: unknown setting 'sockett' (known: "),
+        ('snapshot = "fn"\nfault_around = "many"\n', "serve.toml: fault_around: 'many' is not a valid integer"),
+        ('snapshot = "fn"\nfault_around = 0\n', "serve.toml: fault_around: 0 is not in the range x>=1"),
+        ('snapshot = "fn"\nno_cache = "yes"\n', "serve.toml: no_cache must be true or false, got 'yes'"),
+        ('snapshot = "fn"\nallow_uid = 5\n', "serve.toml: allow_uid must be an array (it may be given several "
+                                             "times), got 5"),
+        ('snapshot = "fn"\nallow_uid = [-1]\n', "serve.toml: allow_uid: -1 is not in the range x>=0"),
+        ('snapshot = "fn"\nsocket = ["a"]\n', "serve.toml: socket must be a path, got ['a']"),
+        ('snapshot = "fn"\nfetchers = 2.5\n', "serve.toml: fetchers must be an integer, got 2.5"),
+        ('snapshot = "fn"\ncache_budget = "lots"\n', "serve.toml: cache_budget: 'lots' is not a size"),
+        ('snapshot = "fn"\nl2 = [{a = 1}]\n', "serve.toml: l2 must be a string, got {'a': 1}"),
+        ('snapshot = "fn"\nlog_format = "xml"\n', "serve.toml: log_format: 'xml' is not one of 'text', 'json'"),
+        ('snapshot = "fn"\nfault_around = 2\nfault-around = 3\n', "serve.toml: 'fault-around' is given twice"),
+        ('snapshot = "fn"\nconfig = "other.toml"\n', "serve.toml: unknown setting 'config'"),
+        ('snapshot = "fn"\nworker_listen_fd = 3\n', "serve.toml: unknown setting 'worker_listen_fd'"),
+        ('snapshot = "fn\n', "serve.toml: not valid TOML: "),
+        ('[serve\n', "serve.toml: not valid TOML: "),
+        (b'snapshot = "\xff"\n', "serve.toml: not valid TOML: "),
+    ],
+)
+def test_bad_config_files_are_refused(tmp_path, run_cli, text, message):
+    path = tmp_path / "serve.toml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    r = run_cli("serve", "--config", str(path), "--socket", str(tmp_path / "s.sock"))
+    assert r.returncode == 2, r.stderr
+    assert "Invalid value for '--config'" in r.stderr and message in r.stderr, r.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_config_file_missing_or_a_directory(tmp_path, run_cli):
+    r = run_cli("serve", "--config", str(tmp_path / "nope.toml"))
+    assert r.returncode == 2 and f"{tmp_path}/nope.toml: no such file" in r.stderr
+    r = run_cli("serve", "--config", str(tmp_path))
+    assert r.returncode == 2 and f"{tmp_path}: is a directory" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "addr, message",
+    [
+        ("nonsense", "metrics address 'nonsense' is not HOST:PORT"),
+        ("127.0.0.1:99999", "metrics address '127.0.0.1:99999': port 99999 is not in 0..65535"),
+        ("127.0.0.1:x", "metrics address '127.0.0.1:x' is not HOST:PORT"),
+        ("192.0.2.1:9464", "metrics address 192.0.2.1:9464: cannot listen: "),
+    ],
+)
+def test_bad_metrics_addresses(tmp_path, made, run_cli, addr, message):
+    _, store = made
+    sock = tmp_path / "fn.sock"
+    r = run_cli("serve", "--snapshot", "fn", "--socket", str(sock), "--store", store, "--metrics", addr)
+    assert r.returncode == 1 and f"error: {message}" in r.stderr, r.stderr
+    assert not sock.exists()
+
+
+def test_metrics_port_in_use(tmp_path, made, run_cli):
+    _, store = made
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        r = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "fn.sock"), "--store", store,
+                    "--metrics", f"127.0.0.1:{port}")
+    finally:
+        busy.close()
+    assert r.returncode == 1 and re.search(rf"error: metrics address 127.0.0.1:{port}: cannot listen: .*in use",
+                                           r.stderr), r.stderr
