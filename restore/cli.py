@@ -539,6 +539,33 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, re
                     "refused": counts.get("sessions_refused", 0)})
 
 
+def _wait_for_socket(path: str, timeout: float = 10.0) -> None:
+    """Wait for a server to create its socket at path (one started in the
+    background a moment ago); a clear error if none does."""
+    import stat
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return
+            raise click.BadParameter(f"{path} is not a socket", param_hint="'--socket'")
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                raise click.BadParameter(f"no server is listening at {path} (waited {timeout:.0f} s)",
+                                         param_hint="'--socket'") from None
+            time.sleep(0.05)
+
+
+def _echo_guest(label: str, trace, result, bad: int) -> None:
+    import numpy as np
+
+    click.echo(f"{label}: guest read {len(trace)} pages in {fmt_ns(result.ns.sum())} "
+               f"(per touch p50 {fmt_ns(np.median(result.ns))}, p99 {fmt_ns(np.percentile(result.ns, 99))}); "
+               + ("every page matches the snapshot" if bad == 0 else f"{bad} PAGES DIFFER FROM THE SNAPSHOT"))
+
+
 @cli.command("try")
 @click.argument("spec", metavar="NAME[:VERSION]")
 @click.option("--pages", type=click.IntRange(min=1), default=4096, show_default=True, help="Pages the guest touches.")
@@ -548,16 +575,21 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, re
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
 @click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
 @click.option("--no-plan", is_flag=True, help="Do not prefetch the snapshot's working-set plan.")
+@click.option("--socket", "socket_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Restore through the `restore serve` listening here instead of a private handler "
+                   "(the session's figures are then that server's: its log and metrics).")
 @l2_option
 @key_options
 @store_options
-def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_plan, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
+def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_plan, socket_path, l2_specs, key_file,
+         key_env, store_url, s3_endpoint, s3_region):
     """Restore a snapshot into a test guest and show how the session went.
 
-    Starts a handler for the snapshot on a private socket, runs a guest
-    process (restore.testing.Guest) that maps the snapshot's memory and reads
-    a working set of pages (runs of adjacent pages, in random order), checks
-    every page it read against the snapshot, and prints the session's stats."""
+    Starts a handler for the snapshot on a private socket (or uses the
+    server at --socket), runs a guest process (restore.testing.Guest) that
+    maps the snapshot's memory and reads a working set of pages (runs of
+    adjacent pages, in random order), checks every page it read against the
+    snapshot, and prints the session's stats."""
     import tempfile
 
     import numpy as np
@@ -576,6 +608,15 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_pla
         n_pages = m.memory_size // m.page_size
         starts = rng.choice(max(1, n_pages - run_pages), size=max(1, pages // run_pages), replace=False)
         trace = (starts[:, None] + np.arange(run_pages)).reshape(-1)[:pages].astype(np.uint64) * m.page_size
+        if socket_path is not None:
+            _wait_for_socket(socket_path)
+            with Guest(socket_path, memory_size=m.memory_size, page_size=m.page_size, hugetlb=m.page_size > 4096) as guest:
+                result = guest.run(reads(trace), timeout=600)
+            expected = snap.read_pages(trace).view("<u8").sum(axis=1, dtype=np.uint64)
+            bad = int((result.sums != expected).sum())
+            _echo_guest(snap.label, trace, result, bad)
+            click.echo(f"{'served by:':<19}{socket_path} (its log and metrics have the session's figures)")
+            sys.exit(1 if bad else 0)
         with tempfile.TemporaryDirectory(prefix="restore-try-") as tmp:
             server = Server(
                 snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs), fault_around=fault_around or DEFAULT_FAULT_AROUND,
@@ -590,9 +631,7 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_pla
     summary = server.summaries[0]
     st = summary.stats
     bad = int((result.sums != expected).sum())
-    click.echo(f"{snap.label}: guest read {len(trace)} pages in {fmt_ns(result.ns.sum())} "
-               f"(per touch p50 {fmt_ns(np.median(result.ns))}, p99 {fmt_ns(np.percentile(result.ns, 99))}); "
-               + ("every page matches the snapshot" if bad == 0 else f"{bad} PAGES DIFFER FROM THE SNAPSHOT"))
+    _echo_guest(snap.label, trace, result, bad)
     click.echo(f"{'faults:':<19}{st.faults}; first touches by source: "
                + ", ".join(f"{k} {v}" for k, v in st.first_touches.items() if v))
     click.echo(f"{'pages installed:':<19}{st.pages_installed} ({human(st.bytes_installed)})")

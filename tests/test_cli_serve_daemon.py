@@ -310,3 +310,25 @@ def test_metrics_port_in_use(tmp_path, made, run_cli):
         busy.close()
     assert r.returncode == 1 and re.search(rf"error: metrics address 127.0.0.1:{port}: cannot listen: .*in use",
                                            r.stderr), r.stderr
+
+
+def test_try_through_a_server_that_is_not_there(tmp_path, made, run_cli):
+    _, store = made
+    not_a_socket = tmp_path / "file.sock"
+    not_a_socket.write_text("")
+    r = run_cli("try", "fn", "--store", store, "--socket", str(not_a_socket))
+    assert r.returncode == 2 and f"Invalid value for '--socket': {not_a_socket} is not a socket" in r.stderr, r.stderr
+
+
+def test_try_through_a_running_server(tmp_path, made, run_cli):
+    _, store = made
+    sock = tmp_path / "fn.sock"
+    d = Daemon(tmp_path, "--snapshot", "fn", "--socket", str(sock), "--store", store, "--no-cache",
+               "--log-format", "json", "-v")
+    try:
+        r = run_cli("try", "fn", "--store", store, "--socket", str(sock), "--pages", "300", check=True)
+        assert "every page matches the snapshot" in r.stdout and f"served by:         {sock}" in r.stdout
+        assert d.event("session_end")["faults"] > 0
+        assert d.stop() == 0
+    finally:
+        d.kill()
