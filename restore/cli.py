@@ -40,6 +40,23 @@ class SizeParam(click.ParamType):
 
 SIZE = SizeParam()
 
+
+class OwnerParam(click.ParamType):
+    """UID or UID:GID, numbers (a gid left out: -1, unchanged)."""
+
+    name = "owner"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", str(value).strip())
+        if not m:
+            self.fail(f"{value!r} is not UID or UID:GID (numbers)", param, ctx)
+        return int(m.group(1)), int(m.group(2)) if m.group(2) is not None else -1
+
+
+OWNER = OwnerParam()
+
 _PIXELS_RE = re.compile(r"(\d+)x(\d+)", re.IGNORECASE)
 
 
@@ -430,6 +447,9 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
               help="For guests that send a memfd: UFFDIO_COPY, or write the memfd and UFFDIO_CONTINUE.")
 @click.option("--allow-uid", "allow_uids", multiple=True, type=click.IntRange(min=0), metavar="UID",
               help="A uid whose VMMs may connect (repeatable; default: the server's own uid).")
+@click.option("--socket-owner", type=OWNER, default=None, metavar="UID[:GID]",
+              help="Give the socket to this uid (and gid), so VMMs running as it (a jailer's --uid) can connect; "
+                   "allow it with --allow-uid too.")
 @click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest (fetch concurrency).")
 @click.option("--prefetch-inflight", type=click.IntRange(min=1), default=None, metavar="N",
               help="Plan chunks the prefetch asks for at once (default: 8; more for slow tiers).")
@@ -456,7 +476,7 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @key_options
 @store_options
 def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, record_fault_around, memfd_install,
-          allow_uids, fetchers, prefetch_inflight, drain_timeout, verbose, log_format, metrics_addr, no_plan,
+          allow_uids, socket_owner, fetchers, prefetch_inflight, drain_timeout, verbose, log_format, metrics_addr, no_plan,
           rebuild_plan_after, plan_sessions, audit_every, supervise, worker_listen_fd, worker_report_fd, l2_specs,
           key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
@@ -481,7 +501,7 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, re
     if supervise and worker_listen_fd is None:
         from .supervisor import supervise as run_supervisor
 
-        sys.exit(run_supervisor([a for a in _ARGV if a != "--supervise"], socket_path))
+        sys.exit(run_supervisor([a for a in _ARGV if a != "--supervise"], socket_path, socket_owner))
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)
     l1 = None
@@ -515,6 +535,7 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, re
         rebuild_plan_after=rebuild_plan_after,
         plan_sessions=plan_sessions,
         audit_every=audit_every,
+        socket_owner=socket_owner,
         on_fetch=metrics.observe_fetch if metrics else None,
         listener=socket.socket(fileno=worker_listen_fd) if worker_listen_fd is not None else None,
         on_peer=PeerReports(worker_report_fd) if worker_report_fd is not None else None,

@@ -72,7 +72,8 @@ def _check_type(path: str, key: str, param: click.Option, value: Any) -> None:
     if param.multiple and not isinstance(value, list):
         raise click.BadParameter(f"{path}: {key} must be an array (it may be given several times), got {value!r}")
     for item in items:
-        if isinstance(item, (dict, list, bool)) or (
+        textual = isinstance(param.type, (click.Path, click.Choice)) or param.type is click.STRING
+        if isinstance(item, (dict, list, bool)) or (textual and not isinstance(item, str)) or (
                 isinstance(item, float) and isinstance(param.type, click.types.IntParamType)):
             raise click.BadParameter(f"{path}: {key} must be {_type_words(param.type)}, got {item!r}")
 

@@ -59,10 +59,12 @@ WAIT_SLICE = 0.2  # seconds between looks at the stop flag
 SUMMARIES_KEPT = 256  # Server.summaries and Server.refused: the most recent
 
 
-def listen_socket(path: str) -> socket.socket:
+def listen_socket(path: str, owner: Optional[tuple[int, int]] = None) -> socket.socket:
     """Bind and listen on a Unix socket at path, mode 0600 (replacing a
     stale socket a dead server left; refusing a path in use or not a
-    socket)."""
+    socket). owner: (uid, gid) to give the socket to before it listens, so
+    VMMs running as that uid can connect (gid -1: unchanged); None: this
+    process's."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise InputError(f"socket path {path} exists and is not a socket")
@@ -84,7 +86,15 @@ def listen_socket(path: str) -> socket.socket:
         raise InputError(f"socket path {path} cannot be bound: {exc.strerror}") from None
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    try:
+        os.chmod(path, 0o600)
+        if owner is not None:
+            os.chown(path, *owner)
+    except OSError as exc:
+        sock.close()
+        os.unlink(path)
+        raise InputError(f"socket path {path} cannot be given to uid {owner[0] if owner else '?'}: "
+                         f"{exc.strerror}") from None
     sock.listen(64)
     return sock
 
@@ -127,7 +137,9 @@ class Server:
     called with ("start", pid) when a peer connects and ("end", pid) when
     the server is done with it (a supervisor tracks the VMMs it must kill
     if this process dies). on_fetch: told of every request its sessions
-    make to a network tier (see restore.fetcher.Fetchers). listener: an
+    make to a network tier (see restore.fetcher.Fetchers). socket_owner:
+    (uid, gid) the socket is given to, so that VMMs running as uid (a
+    jailer's --uid) can connect to it (see listen_socket). listener: an
     already listening socket (a supervisor's) to accept on instead of
     binding socket_path; it is left bound when the server stops.
 
@@ -162,6 +174,7 @@ class Server:
         on_peer: Optional[Callable[[str, int], None]] = None,
         on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
         audit_every: Optional[int] = None,
+        socket_owner: Optional[tuple[int, int]] = None,
         listener: Optional[socket.socket] = None,
     ):
         self.snapshot = snapshot
@@ -202,7 +215,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self.on_peer = on_peer
         self._owns_listener = listener is None
-        self._listener = listen_socket(self.socket_path) if listener is None else listener
+        self._listener = listen_socket(self.socket_path, socket_owner) if listener is None else listener
         if listener is not None:
             listener.settimeout(WAIT_SLICE)  # accept() wakes to see stop()
         self._accept_thread: Optional[threading.Thread] = None
@@ -425,6 +438,9 @@ class Server:
                 line += "; killed it, as it cannot run without its page-fault handler"
             except ProcessLookupError:
                 pass
+            except PermissionError:
+                line += ("; COULD NOT KILL IT (no permission: run the handler as root or with CAP_KILL), "
+                         "its guest will hang at its first fault")
         log.error(line, extra={"event": "refused", "pid": pid, "reason": reason})
         with self._lock:
             self.refused.append(line)
@@ -450,6 +466,9 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            except PermissionError:
+                log.error("%s: could not kill guest pid %d (no permission: run the handler as root or with "
+                          "CAP_KILL); it will hang at its next first touch", session.label, pid)
 
     def stop(self, wait: bool = True) -> None:
         """Stop accepting; let running guests finish within drain_timeout,

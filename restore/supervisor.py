@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from typing import Optional
 
 from .errors import RestoreError
 from .handler import listen_socket
@@ -39,11 +40,11 @@ RESTARTS = 5  # worker restarts allowed within RESTART_WINDOW seconds
 RESTART_WINDOW = 60.0
 
 
-def supervise(worker_args: list[str], socket_path: str) -> int:
+def supervise(worker_args: list[str], socket_path: str, socket_owner: Optional[tuple[int, int]] = None) -> int:
     """Run `restore <worker_args>` as a worker on socket_path until SIGTERM
     or SIGINT; returns the exit status. worker_args: the serve command
-    line without --supervise."""
-    listener = listen_socket(socket_path)
+    line without --supervise; socket_owner: see listen_socket."""
+    listener = listen_socket(socket_path, socket_owner)
     reports_r, reports_w = os.pipe()
     stopping = False
     worker = None
@@ -129,6 +130,9 @@ def _kill_all(pids: set[int]) -> list[int]:
             killed.append(pid)
         except ProcessLookupError:
             pass
+        except PermissionError:
+            log.error("supervisor: could not kill VMM pid %d (no permission: run as root or with CAP_KILL); "
+                      "its guest will hang", pid)
     return killed
 
 

@@ -8,10 +8,12 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -249,6 +251,8 @@ def test_l2_as_a_table_of_zones(tmp_path, made, run_cli):
                                              "times), got 5"),
         ('snapshot = "fn"\nallow_uid = [-1]\n', "serve.toml: allow_uid: -1 is not in the range x>=0"),
         ('snapshot = "fn"\nsocket = ["a"]\n', "serve.toml: socket must be a path, got ['a']"),
+        ('snapshot = "fn"\nsocket = 5\n', "serve.toml: socket must be a path, got 5"),
+        ('snapshot = 1.5\n', "serve.toml: snapshot must be a string, got 1.5"),
         ('snapshot = "fn"\nfetchers = 2.5\n', "serve.toml: fetchers must be an integer, got 2.5"),
         ('snapshot = "fn"\ncache_budget = "lots"\n', "serve.toml: cache_budget: 'lots' is not a size"),
         ('snapshot = "fn"\nl2 = [{a = 1}]\n', "serve.toml: l2 must be a string, got {'a': 1}"),
@@ -332,3 +336,36 @@ def test_try_through_a_running_server(tmp_path, made, run_cli):
         assert d.stop() == 0
     finally:
         d.kill()
+
+
+def test_socket_owner_lets_a_jailed_uid_connect(tmp_path, made):
+    _, store = made
+    jail = Path(tempfile.mkdtemp(prefix="restore-jail-"))  # a directory uid 65534 can reach
+    jail.chmod(0o755)
+    sock = jail / "fn.sock"
+    d = Daemon(tmp_path, "--snapshot", "fn", "--socket", str(sock), "--store", store, "--no-cache",
+               "--socket-owner", "65534:65534", "--allow-uid", "65534", "--log-format", "json")
+    try:
+        d.event("serving")
+        st = sock.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+        # A VMM running as uid 65534 connects, then hangs up without a
+        # handshake: it is refused for that (and killed), not for its uid.
+        client = subprocess.run(
+            ["python3", "-c", "import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
+             "s.connect(sys.argv[1]); s.close(); time.sleep(30)", str(sock)], user=65534, group=65534,
+            capture_output=True, text=True, timeout=60)
+        assert client.returncode == -signal.SIGKILL, client.stderr
+        refused = d.event("refused")
+        assert refused["reason"] == "peer closed the connection during the handshake", refused
+        assert d.stop() == 0
+    finally:
+        d.kill()
+        shutil.rmtree(jail, ignore_errors=True)
+
+
+def test_bad_socket_owner(tmp_path, made, run_cli):
+    _, store = made
+    r = run_cli("serve", "--snapshot", "fn", "--socket", str(tmp_path / "fn.sock"), "--store", store,
+                "--socket-owner", "nobody")
+    assert r.returncode == 2 and "'nobody' is not UID or UID:GID (numbers)" in r.stderr, r.stderr

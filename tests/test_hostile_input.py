@@ -16,6 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import click
+
+from restore import config
+from restore.cli import serve
 from restore.errors import InputError, ManifestError, RestoreError
 from restore.manifest import Manifest
 from restore.session import LOG_DTYPE, SOURCES, load_fault_log
@@ -183,6 +187,45 @@ def test_fault_log_bytes(data):
         load_fault_log(data, "fuzz")
     except RestoreError:
         pass
+
+
+@EXAMPLES
+@given(st.binary(max_size=400))
+def test_serve_config_bytes(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("config") / "serve.toml"
+    path.write_bytes(data)
+    ctx = click.Context(serve)
+    try:
+        settings = config.load(str(path), serve, ctx)
+    except click.BadParameter as exc:
+        assert str(exc.message).startswith(f"{path}: ")
+        return
+    assert set(settings) <= {p.name for p in serve.params}
+
+
+@EXAMPLES
+@given(st.dictionaries(st.sampled_from(["snapshot", "socket", "fault_around", "allow_uid", "no_cache", "l2",
+                                        "metrics", "log_format", "cache_budget", "socket_owner", "bogus"]),
+                       st.one_of(st.integers(-5, 5), st.text(max_size=8), st.booleans(), st.floats(allow_nan=False),
+                                 st.lists(st.integers(-2, 3), max_size=2), st.lists(st.text(max_size=5), max_size=2),
+                                 st.dictionaries(st.text(max_size=4), st.lists(st.text(max_size=6), max_size=2),
+                                                 max_size=2)),
+                       max_size=4))
+def test_serve_config_values(tmp_path_factory, settings):
+    path = tmp_path_factory.mktemp("config") / "serve.toml"
+    path.write_bytes(tomli_w_dumps(settings))
+    try:
+        config.load(str(path), serve, click.Context(serve))
+    except click.BadParameter as exc:
+        assert str(exc.message).startswith(f"{path}: ")
+
+
+def tomli_w_dumps(settings: dict) -> bytes:
+    """A TOML document of top-level keys (JSON scalars and arrays are TOML; tables last)."""
+    plain = [f"{k} = {json.dumps(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "".join(f"{json.dumps(z)} = {json.dumps(n)}\n" for z, n in v.items())
+              for k, v in settings.items() if isinstance(v, dict)]
+    return ("\n".join(plain) + "\n" + "\n".join(tables)).encode()
 
 
 def test_fault_log_with_an_unknown_source():
