@@ -44,7 +44,12 @@ class ChunkCodec:
     key: 32-byte master key for an encrypted snapshot, or None.
     The codec may be shared by threads; each thread gets its own scratch
     buffers. Close it (or use it as a context manager) to wipe the derived
-    keys at once rather than at garbage collection.
+    keys at once rather than at garbage collection. The C codec keeps only
+    keys derived from key, never key itself.
+
+    Raises ValueError for a key that is not 32 bytes, and InternalError
+    (from rs_codec_create, EINVAL) for sizes outside those rules: check
+    user input first with manifest.check_chunk_size / check_page_size.
     """
 
     def __init__(self, chunk_size: int, page_size: int = 4096, key: Optional[bytes] = None):
@@ -111,7 +116,11 @@ class ChunkCodec:
         return s
 
     def encode(self, raw) -> EncodedChunk:
-        """Encode raw (a buffer of whole pages, at most chunk_size bytes)."""
+        """Encode raw (a buffer of whole pages, at most chunk_size bytes; a
+        short last chunk's missing slots count as zero) into its stored
+        form (csrc/chunk.h): zero bitmap, lz4 when it saves bytes, AES-GCM
+        with a key. Returns a new EncodedChunk; raw is only read. Raises
+        InternalError for a length that is not whole pages or too long."""
         out, out_len, bitmap, id_, flags = self._scratch()
         src = ffi.from_buffer(raw)
         check(

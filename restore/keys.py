@@ -41,7 +41,9 @@ def _parse(text: bytes, where: str) -> bytes:
 
 
 def key_from_file(path: str | os.PathLike) -> bytes:
-    """Read a key from a file (hex, base64 or 32 raw bytes)."""
+    """Read a key from a file (hex, base64 or 32 raw bytes); returns the
+    32 key bytes. Raises KeyProviderError naming the file when it is
+    missing, a directory, unreadable, or holds no 32-byte key."""
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -57,7 +59,9 @@ def key_from_file(path: str | os.PathLike) -> bytes:
 
 
 def key_from_env(name: str) -> bytes:
-    """Read a key from environment variable name (hex or base64)."""
+    """Read a key from environment variable name (hex or base64); returns
+    the 32 key bytes. Raises KeyProviderError naming the variable when it
+    is unset or holds no 32-byte key."""
     value = os.environ.get(name)
     if value is None:
         raise KeyProviderError(f"environment variable {name} is not set")
@@ -102,7 +106,8 @@ class EnvKeyProvider:
 
 def key_provider(key_file: Optional[str | os.PathLike] = None,
                  key_env: Optional[str] = None) -> Optional[KeyProvider]:
-    """The provider named by at most one of key_file / key_env, or None."""
+    """The provider named by at most one of key_file / key_env, or None.
+    Nothing is read yet. Raises KeyProviderError when both are given."""
     if key_file is not None and key_env is not None:
         raise KeyProviderError("give the key either as a file or as an environment variable, not both")
     if key_file is not None:
@@ -113,13 +118,17 @@ def key_provider(key_file: Optional[str | os.PathLike] = None,
 
 
 def load_key(key_file: Optional[str | os.PathLike] = None, key_env: Optional[str] = None) -> Optional[bytes]:
-    """The key named by at most one of key_file / key_env, or None."""
+    """The key (32 bytes) named by at most one of key_file / key_env, or
+    None when neither is given. Raises KeyProviderError (both given, or the
+    key cannot be read)."""
     provider = key_provider(key_file, key_env)
     return provider.key() if provider is not None else None
 
 
 def generate_key_file(path: str | os.PathLike) -> Path:
-    """Write a new random key, as hex, to a new file of mode 0600."""
+    """Write a new random 32-byte key, as 64 hex digits and a newline, to a
+    new file of mode 0600; returns its path. Raises KeyProviderError when
+    the file exists (a key is never overwritten) or cannot be created."""
     p = Path(path)
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

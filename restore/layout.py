@@ -35,8 +35,11 @@ NO_PAGE = -1  # padding between the hot and the cold chunks
 
 def packed_order(page_map: np.ndarray, plan_pages: np.ndarray, slots: int) -> tuple[np.ndarray, int]:
     """The stored order of the pages: (page index per stored slot, NO_PAGE
-    for padding; the number of hot chunks). plan_pages: page indices in
-    first-touch order (repeats and zero pages are skipped)."""
+    for padding; the number of hot chunks). page_map: the source's
+    PAGE_MAP_DTYPE map (zero pages are left out). plan_pages: page indices
+    in first-touch order (repeats and zero pages are skipped). slots: pages
+    per chunk. Hot pages fill whole chunks from slot 0; cold pages follow
+    in page order from the next chunk boundary."""
     nonzero = page_map["chunk"] != ZERO_PAGE
     _, first = np.unique(plan_pages, return_index=True)
     hot = plan_pages[np.sort(first)]
@@ -78,6 +81,13 @@ def optimize_snapshot(
     warm_l2: an L2Cluster that gets every chunk of the new version in every
     zone. Returns the new version, its plan and how many chunks the plan's
     pages lie in, before and after. The source version is not changed.
+
+    The new version is written with snap's codec (the same key) to snap's
+    store; the whole memory (memory_size bytes) is held in this process
+    while it works. Raises InputError for a missing or empty plan or
+    offsets outside the snapshot, PlanError for a damaged stored plan,
+    SnapshotExists when the version is taken, and what reading the source
+    raises (ChunkError, StoreError).
     """
     m = snap.manifest
     info = None

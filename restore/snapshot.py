@@ -64,12 +64,18 @@ Progress = Callable[[int], None]  # called with bytes of memory just covered
 
 
 def chunk_key(chunk_id: str) -> str:
+    """The store key of a chunk object: ``chunks/<id>`` (id: 64 lowercase
+    hex digits, the SHA-256 of the stored bytes)."""
     return f"chunks/{chunk_id}"
 
 
 def load_page_map(store: DurableStore, manifest: Manifest) -> np.ndarray:
     """The manifest's page map (PAGE_MAP_DTYPE per page, checked against
-    its id), or the identity layout's when it has none."""
+    its id), or the identity layout's when it has none.
+
+    Returns a new array the caller owns. Raises ManifestError when the map
+    object is missing, its SHA-256 is not its id, or it does not fit the
+    manifest; StoreError when the store fails."""
     ref = manifest.page_map
     if ref is None:
         return identity_page_map(manifest)
@@ -91,6 +97,9 @@ def _no_progress(_: int) -> None:
 
 @dataclass(frozen=True)
 class SnapshotRef:
+    """One snapshot version found in a store (list_snapshots): its state
+    and when its manifest (ACTIVE) or claim (PENDING) was last modified."""
+
     name: str
     version: str
     state: str  # "ACTIVE" or "PENDING"
@@ -103,7 +112,9 @@ def _version_order(v: str) -> tuple:
 
 def list_snapshots(store: DurableStore, name: Optional[str] = None) -> list[SnapshotRef]:
     """Every snapshot version in the store (of one name if given), sorted by
-    name and version (numeric versions in numeric order)."""
+    name and version (numeric versions in numeric order). A version with
+    both a manifest and a claim is listed once, as ACTIVE. Raises
+    StoreError when the store fails."""
     found: dict[tuple[str, str], SnapshotRef] = {}
     prefix = f"snapshots/{name}/" if name else "snapshots/"
     for info in store.list(prefix):
@@ -128,7 +139,14 @@ def _resolve_version(store: DurableStore, name: str, version: Optional[str]) -> 
 
 
 def load_manifest(store: DurableStore, name: str, version: Optional[str] = None) -> Manifest:
-    """The manifest of name/version (the newest ACTIVE version by default)."""
+    """The manifest of name/version (the newest ACTIVE version by default).
+
+    Raises InvalidName for a bad name or version, SnapshotNotFound when
+    there is no such snapshot, SnapshotPending when the version is still
+    being created (or its creation died), ManifestError (or its subclass
+    UnsupportedManifestVersion) when the manifest cannot be used, and
+    StoreError when the store fails. Does not check an encrypted
+    manifest's MAC: that needs the key (Snapshot does it)."""
     version = _resolve_version(store, name, version)
     key = manifest_key(name, version)
     data = store.get(key)
@@ -157,7 +175,8 @@ def pending_info(store: DurableStore, name: str, version: str) -> Optional[dict]
 
 def remove_snapshot(store: DurableStore, name: str, version: str) -> None:
     """Delete a version's manifest and pending marker (not its chunks, which
-    other snapshots may share)."""
+    other snapshots may share). Raises SnapshotNotFound when neither
+    exists, InvalidName for a bad name or version."""
     check_name(name)
     check_name(version, "snapshot version")
     keys = [manifest_key(name, version), pending_key(name, version)]
@@ -261,7 +280,14 @@ def create_snapshot(
     uploads: objects in flight to the store. progress(n) is called as each
     chunk of n bytes of memory is encoded. warm_l2: an L2Cluster that gets
     every chunk of the snapshot in every zone (SnapStart's "optimize" step).
-    Returns the written manifest.
+    chunk_size, page_size: bytes. Returns the written manifest.
+
+    Raises InvalidName, ChunkSizeError or InputError for bad arguments,
+    MemoryFileError when the memory file is missing, unreadable, empty, not
+    a multiple of page_size, or shrinks while it is read, SnapshotExists
+    when the version exists or is claimed, and StoreError when the store
+    fails. On any failure the version's claim is removed; chunk objects
+    already uploaded stay (they are content-addressed and may be shared).
     """
     check_name(name)
     check_page_size(page_size)
@@ -299,7 +325,12 @@ def write_version(
     """Claim a version, store the chunks of the stored_size bytes that
     read(offset, view) gives, then the page map (None: identity layout;
     else PAGE_MAP_DTYPE per page of memory_size) and last the manifest. The
-    claim is dropped whatever happens: nothing partial is ever ACTIVE."""
+    claim is dropped whatever happens: nothing partial is ever ACTIVE.
+
+    read fills view (a buffer of at most one chunk) with the bytes at
+    offset; sizes in bytes. The codec is borrowed, not closed. Raises
+    SnapshotExists when the version is taken, and whatever read or the
+    store raise."""
     version = _claim_version(store, name, version)
     try:
         chunks, uploaded = _store_chunks(
@@ -419,6 +450,10 @@ def _store_chunks(
 
 @dataclass(frozen=True)
 class BadChunk:
+    """A chunk that Snapshot.verify could not fetch or decode: its index,
+    the file offset of its first page, its object id (None for an all-zero
+    chunk) and the reason, one line."""
+
     index: int
     offset: int  # bytes: file offset of the chunk's first page
     chunk_id: Optional[str]
@@ -428,8 +463,17 @@ class BadChunk:
 class Snapshot:
     """An ACTIVE snapshot opened for reading.
 
-    l1: an optional local cache; chunks are read from it first and verified
-    chunks fetched from the store are written to it.
+    store: where its chunks are. manifest: its parsed manifest. key: the
+    32-byte key of an encrypted snapshot (ignored for a plain one). l1: an
+    optional local cache; chunks are read from it first and verified chunks
+    fetched from the store are written to it.
+
+    Opening an encrypted snapshot checks the key and the manifest's MAC
+    before any chunk is read: raises MissingKey without a key, WrongKey
+    when the key check value differs, ManifestError when the MAC is missing
+    or wrong. The Snapshot owns a ChunkCodec (holding derived keys in C):
+    close() it, or use it as a context manager. The store and l1 are
+    borrowed.
     """
 
     def __init__(
@@ -475,9 +519,13 @@ class Snapshot:
         key: Optional[bytes] = None,
         l1: Optional[L1Cache] = None,
     ) -> "Snapshot":
+        """Load name/version's manifest (the newest ACTIVE version by
+        default) and open it; raises what load_manifest and Snapshot()
+        raise."""
         return cls(store, load_manifest(store, name, version), key, l1)
 
     def close(self) -> None:
+        """Free the codec and wipe its derived keys (idempotent)."""
         self.codec.close()
 
     def __enter__(self) -> "Snapshot":
@@ -488,6 +536,7 @@ class Snapshot:
 
     @property
     def label(self) -> str:
+        """NAME/VERSION, for messages."""
         return f"{self.manifest.name}/{self.manifest.version}"
 
     def page_map(self) -> np.ndarray:
@@ -505,10 +554,14 @@ class Snapshot:
         return int(pages.min()) * self.manifest.page_size if len(pages) else 0
 
     def context(self, index: int) -> str:
+        """Names chunk index in error messages: snapshot, chunk, offset."""
         return f"snapshot {self.label} chunk {index} at offset {self.chunk_offset(index):#x}"
 
     def fetch(self, index: int, use_l1: bool = True) -> bytes:
-        """Stored bytes of chunk index: from L1 when present, else the store."""
+        """Stored bytes of chunk index: from L1 when present (verified
+        there), else the store (not verified here: read_chunk does that).
+        b"" for an all-zero chunk. Raises ChunkMissing when the store lacks
+        the object, StoreError when it fails."""
         entry = self.manifest.chunks[index]
         if entry.id is None:
             return b""
@@ -523,7 +576,12 @@ class Snapshot:
 
     def read_chunk(self, index: int, out=None, use_l1: bool = True):
         """Decoded slots of chunk index (chunk_size bytes), verified in C.
-        Bytes fetched from the store are written to L1 once verified."""
+        Bytes fetched from the store are written to L1 once verified.
+
+        out: a writable buffer of chunk_size bytes to decode into (None: a
+        new bytearray); returned. Raises ChunkMissing, ChunkHashMismatch,
+        ChunkMalformed or WrongKey (forged or wrongly keyed ciphertext),
+        each naming the chunk, and StoreError."""
         entry = self.manifest.chunks[index]
         data = self.fetch(index, use_l1)
         out = self.codec.decode(data, entry.id, entry.flags, entry.zero, out, self.context(index))

@@ -46,13 +46,20 @@ class PlanError(ManifestError):
 
 
 def plan_pointer_key(name: str, version: str) -> str:
+    """The store key of a version's plan pointer:
+    ``snapshots/<name>/<version>/plan.json``."""
     return f"snapshots/{name}/{version}/plan.json"
 
 
 def build_plan(logs: Sequence[np.ndarray], min_share: float = DEFAULT_MIN_SHARE) -> np.ndarray:
     """Merge fault logs (LOG_DTYPE, each in first-touch order) into a plan:
     uint64 file offsets touched in at least min_share of the logs, ordered
-    by median first-touch rank (ties by offset)."""
+    by median first-touch rank (ties by offset).
+
+    A page is kept when it appears in at least ceil(min_share * n) of the n
+    non-empty logs; a log's rank of a page is its position in the log
+    sorted by t_ns. Returns a new array (empty when every log is). Raises
+    InputError when min_share is not within (0, 1]."""
     if not 0 < min_share <= 1:
         raise InputError(f"min_share {min_share} is not within (0, 1]")
     logs = [np.sort(log, order="t_ns", kind="stable") for log in logs if len(log)]
@@ -84,7 +91,14 @@ class PlanInfo:
 
 def save_plan(store: DurableStore, manifest: Manifest, plan: np.ndarray, built_from: Sequence[str],
               min_share: float) -> PlanInfo:
-    """Store plan as a new object and point the snapshot version at it."""
+    """Store plan as a new object and point the snapshot version at it.
+
+    plan: file offsets in bytes (multiples of the page size, below
+    memory_size), in order. built_from: the session ids it was merged from;
+    min_share: the threshold used (both recorded in the pointer). The plan
+    object is plans/<sha256 of its .npy bytes>, written once; the pointer
+    is overwritten. Raises PlanError for offsets outside the snapshot,
+    StoreError when the store fails."""
     plan = np.ascontiguousarray(plan, dtype=np.uint64)
     _check_offsets(plan, manifest, "new plan")
     buf = io.BytesIO()
@@ -109,7 +123,11 @@ def save_plan(store: DurableStore, manifest: Manifest, plan: np.ndarray, built_f
 
 
 def plan_info(store: DurableStore, manifest: Manifest) -> Optional[PlanInfo]:
-    """The pointer of the snapshot's current plan, checked; None if none."""
+    """The pointer of the snapshot's current plan, checked; None if none.
+
+    Raises PlanError when the pointer is damaged or names another snapshot
+    (name, version, memory, chunk or page size), StoreError when the store
+    fails."""
     key = plan_pointer_key(manifest.name, manifest.version)
     data = store.get(key)
     if data is None:
@@ -136,7 +154,11 @@ def plan_info(store: DurableStore, manifest: Manifest) -> Optional[PlanInfo]:
 
 
 def load_plan(store: DurableStore, manifest: Manifest) -> Optional[np.ndarray]:
-    """The snapshot's current plan (uint64 file offsets), or None."""
+    """The snapshot's current plan (uint64 file offsets, bytes), or None.
+
+    Raises PlanError when the pointer or the plan object is missing,
+    damaged, not its id's bytes, or does not fit the snapshot; StoreError
+    when the store fails."""
     info = plan_info(store, manifest)
     if info is None:
         return None
@@ -159,14 +181,19 @@ def _check_offsets(plan: np.ndarray, manifest: Manifest, where: str) -> None:
 
 
 def session_ids(store: DurableStore, manifest: Manifest) -> list[str]:
-    """Saved sessions of the snapshot version, oldest first."""
+    """Ids of the saved sessions (fault logs) of the snapshot version,
+    oldest first (ids sort in start order)."""
     prefix = sessions_prefix(manifest.name, manifest.version)
     return sorted(i.key[len(prefix):-len(".npy")] for i in store.list(prefix) if i.key.endswith(".npy"))
 
 
 def rebuild_plan(store: DurableStore, manifest: Manifest, sessions: int = 5,
                  min_share: float = DEFAULT_MIN_SHARE) -> PlanInfo:
-    """Build a plan from the last `sessions` fault logs and make it current."""
+    """Build a plan from the last `sessions` fault logs and make it current.
+
+    Returns the new pointer's PlanInfo. Raises InputError when the version
+    has no saved sessions (or min_share is out of range), InputError naming
+    the log when a fault log is damaged, StoreError when the store fails."""
     ids = session_ids(store, manifest)[-sessions:]
     if not ids:
         raise InputError(f"snapshot {manifest.name}/{manifest.version} has no recorded sessions to build a plan from")

@@ -63,6 +63,8 @@ class S3Options:
     allow_http: Optional[bool] = None
 
     def retry_config(self) -> dict:
+        """obstore's RetryConfig: retries bounded by the deadline, backoff
+        from 50 ms doubling to at most 2 s (obstore adds jitter)."""
         return {
             "max_retries": 1000,  # bounded by the deadline, not by a count
             "retry_timeout": timedelta(seconds=self.deadline),
@@ -70,6 +72,7 @@ class S3Options:
         }
 
     def client_options(self) -> dict:
+        """obstore's ClientConfig: the timeouts, and plain HTTP when allowed."""
         opts = {
             "connect_timeout": timedelta(seconds=self.connect_timeout),
             "timeout": timedelta(seconds=self.timeout),
@@ -82,6 +85,9 @@ class S3Options:
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """One object listed by DurableStore.list: its key (relative to the
+    store's prefix), size and modification time."""
+
     key: str
     size: int  # bytes
     last_modified: datetime
@@ -101,6 +107,12 @@ class DurableStore:
 
     Every method raises StoreError naming the URL and key when the store
     fails; a missing object is reported by returning None or False.
+
+    url: see the module text. s3: options for network stores (timeouts and
+    retries apply to s3://, gs:// and az://; None: the defaults). Raises
+    UnknownStoreScheme for a scheme it cannot open, StoreError for a local
+    directory it cannot use or a store obstore refuses to configure.
+    Thread-safe (one obstore store, shared by all threads).
     """
 
     def __init__(self, url: str, s3: Optional[S3Options] = None):
@@ -145,6 +157,7 @@ class DurableStore:
         return self.put(key, data, create_only=True)
 
     def exists(self, key: str) -> bool:
+        """True if the object exists (a HEAD request on network stores)."""
         try:
             obstore.head(self._store, key)
             return True

@@ -36,7 +36,8 @@ DEAD_TIMEOUT = 5.0  # seconds before a failed node is tried again
 
 
 def parse_zone(spec: str) -> tuple[str, list[tuple[str, int]]]:
-    """'az1=host:port,host:port' → ('az1', [(host, port), ...])."""
+    """'az1=host:port,host:port' → ('az1', [(host, port), ...]). Raises
+    InputError naming the spec or node when it is malformed."""
     zone, sep, nodes = spec.partition("=")
     if not sep or not zone or not nodes:
         raise InputError(f"L2 zone {spec!r} is not NAME=HOST:PORT[,HOST:PORT...]")
@@ -51,6 +52,8 @@ def parse_zone(spec: str) -> tuple[str, list[tuple[str, int]]]:
 
 @dataclass
 class L2Counters:
+    """What an L2Cluster did since it was made (all zones together)."""
+
     hits: int = 0
     misses: int = 0
     errors: int = 0  # timeouts, refused connections, dead nodes
@@ -59,7 +62,16 @@ class L2Counters:
 
 
 class L2Cluster:
-    """The L2 clusters of every zone; reads go to the local (first) zone."""
+    """The L2 clusters of every zone; reads go to the local (first) zone.
+
+    zones: (zone name, [(host, port), ...]) pairs, the local zone first.
+    connect_timeout, timeout (per operation) and dead_timeout (before a
+    failed node is tried again) are seconds. Thread-safe: each zone's
+    client keeps a pool of up to 16 connections per node. No method raises
+    for a node's failure: errors are counted (counters) and read as
+    misses. close() closes the connections. Raises InputError for an
+    empty zone list.
+    """
 
     def __init__(
         self,
@@ -100,6 +112,7 @@ class L2Cluster:
 
     @property
     def local_zone(self) -> str:
+        """The name of the zone reads go to."""
         return self.zones[0][0]
 
     def _count(self, field: str, n: int = 1) -> None:
@@ -107,7 +120,8 @@ class L2Cluster:
             setattr(self.counters, field, getattr(self.counters, field) + n)
 
     def get(self, chunk_id: str) -> Optional[bytes]:
-        """The stored bytes from the local zone, or None (miss or error)."""
+        """The stored bytes of chunk_id from the local zone, or None (miss or
+        error). Not verified here: the caller checks them (rs_engine_supply)."""
         _, client = self._clients[0]
         try:
             value = client.get(chunk_id)
@@ -146,5 +160,6 @@ class L2Cluster:
             log.debug("L2 delete %s: %s", chunk_id, exc)
 
     def close(self) -> None:
+        """Close every zone's connections."""
         for _, client in self._clients:
             client.close()
