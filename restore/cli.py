@@ -579,14 +579,6 @@ def _wait_for_socket(path: str, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def _echo_guest(label: str, trace, result, bad: int) -> None:
-    import numpy as np
-
-    click.echo(f"{label}: guest read {len(trace)} pages in {fmt_ns(result.ns.sum())} "
-               f"(per touch p50 {fmt_ns(np.median(result.ns))}, p99 {fmt_ns(np.percentile(result.ns, 99))}); "
-               + ("every page matches the snapshot" if bad == 0 else f"{bad} PAGES DIFFER FROM THE SNAPSHOT"))
-
-
 @cli.command("try")
 @click.argument("spec", metavar="NAME[:VERSION]")
 @click.option("--pages", type=click.IntRange(min=1), default=4096, show_default=True, help="Pages the guest touches.")
@@ -629,30 +621,34 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_pla
         n_pages = m.memory_size // m.page_size
         starts = rng.choice(max(1, n_pages - run_pages), size=max(1, pages // run_pages), replace=False)
         trace = (starts[:, None] + np.arange(run_pages)).reshape(-1)[:pages].astype(np.uint64) * m.page_size
+
+        def run_guest(path: str):
+            with Guest(path, memory_size=m.memory_size, page_size=m.page_size, hugetlb=m.page_size > 4096) as guest:
+                return guest.run(reads(trace), timeout=600)
+
         if socket_path is not None:
             _wait_for_socket(socket_path)
-            with Guest(socket_path, memory_size=m.memory_size, page_size=m.page_size, hugetlb=m.page_size > 4096) as guest:
-                result = guest.run(reads(trace), timeout=600)
-            expected = snap.read_pages(trace).view("<u8").sum(axis=1, dtype=np.uint64)
-            bad = int((result.sums != expected).sum())
-            _echo_guest(snap.label, trace, result, bad)
-            click.echo(f"{'served by:':<19}{socket_path} (its log and metrics have the session's figures)")
-            sys.exit(1 if bad else 0)
-        with tempfile.TemporaryDirectory(prefix="restore-try-") as tmp:
-            server = Server(
-                snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs), fault_around=fault_around or DEFAULT_FAULT_AROUND,
-                use_plan=not no_plan,
-            ).start()
-            try:
-                with Guest(server.socket_path, memory_size=m.memory_size, page_size=m.page_size, hugetlb=m.page_size > 4096) as guest:
-                    result = guest.run(reads(trace), timeout=600)
-            finally:
-                server.stop()
+            result = run_guest(socket_path)
+        else:
+            with tempfile.TemporaryDirectory(prefix="restore-try-") as tmp:
+                server = Server(
+                    snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs),
+                    fault_around=fault_around or DEFAULT_FAULT_AROUND, use_plan=not no_plan,
+                ).start()
+                try:
+                    result = run_guest(server.socket_path)
+                finally:
+                    server.stop()
         expected = snap.read_pages(trace).view("<u8").sum(axis=1, dtype=np.uint64)
+    bad = int((result.sums != expected).sum())
+    click.echo(f"{snap.label}: guest read {len(trace)} pages in {fmt_ns(result.ns.sum())} "
+               f"(per touch p50 {fmt_ns(np.median(result.ns))}, p99 {fmt_ns(np.percentile(result.ns, 99))}); "
+               + ("every page matches the snapshot" if bad == 0 else f"{bad} PAGES DIFFER FROM THE SNAPSHOT"))
+    if socket_path is not None:
+        click.echo(f"{'served by:':<19}{socket_path} (its log and metrics have the session's figures)")
+        sys.exit(1 if bad else 0)
     summary = server.summaries[0]
     st = summary.stats
-    bad = int((result.sums != expected).sum())
-    _echo_guest(snap.label, trace, result, bad)
     click.echo(f"{'faults:':<19}{st.faults}; first touches by source: "
                + ", ".join(f"{k} {v}" for k, v in st.first_touches.items() if v))
     click.echo(f"{'pages installed:':<19}{st.pages_installed} ({human(st.bytes_installed)})")

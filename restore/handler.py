@@ -93,8 +93,8 @@ def listen_socket(path: str, owner: Optional[tuple[int, int]] = None) -> socket.
     except OSError as exc:
         sock.close()
         os.unlink(path)
-        raise InputError(f"socket path {path} cannot be given to uid {owner[0] if owner else '?'}: "
-                         f"{exc.strerror}") from None
+        whom = f" to uid {owner[0]}" if owner is not None else ""
+        raise InputError(f"socket path {path} cannot be given mode 0600{whom}: {exc.strerror}") from None
     sock.listen(64)
     return sock
 
