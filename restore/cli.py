@@ -183,6 +183,9 @@ def open_store(store_url: Optional[str], s3_endpoint: Optional[str], s3_region: 
     return DurableStore(store_url or default_store_url(), S3Options(endpoint=s3_endpoint, region=s3_region))
 
 
+CACHE_HELP = "L1 chunk cache directory (env RESTORE_CACHE_DIR; default $XDG_CACHE_HOME/restore, else ~/.cache/restore)."
+
+
 def default_cache_dir() -> str:
     env = os.environ.get("RESTORE_CACHE_DIR")
     if env:
@@ -396,7 +399,7 @@ def snapshot_verify(name, version, key_file, key_env, store_url, s3_endpoint, s3
 @click.argument("name")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--version", "version", default=None, help="Version (default: newest ACTIVE).")
-@click.option("--cache-dir", default=None, help="L1 chunk cache (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
+@click.option("--cache", "--cache-dir", "cache_dir", default=None, help=CACHE_HELP)
 @click.option("--no-cache", is_flag=True, help="Read only from the store.")
 @key_options
 @store_options
@@ -435,7 +438,7 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @config_option
 @click.option("--snapshot", "spec", required=True, metavar="NAME[:VERSION]", help="Snapshot to serve (default: newest version).")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Unix socket to listen on (mode 0600).")
-@click.option("--cache", "cache_dir", default=None, help="L1 chunk cache directory (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
+@click.option("--cache", "cache_dir", default=None, help=CACHE_HELP)
 @click.option("--cache-budget", type=SIZE, default=None, metavar="SIZE",
               help="L1 size budget, e.g. 20G; least recently used chunks are evicted past it (default: 8 GiB).")
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
@@ -584,7 +587,7 @@ def _wait_for_socket(path: str, timeout: float = 10.0) -> None:
 @click.option("--pages", type=click.IntRange(min=1), default=4096, show_default=True, help="Pages the guest touches.")
 @click.option("--run", "run_pages", type=click.IntRange(min=1), default=4, show_default=True, help="Pages per run of adjacent touches.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache", "cache_dir", default=None, help="L1 chunk cache directory (env RESTORE_CACHE_DIR; default ~/.cache/restore).")
+@click.option("--cache", "cache_dir", default=None, help=CACHE_HELP)
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
 @click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
 @click.option("--no-plan", is_flag=True, help="Do not prefetch the snapshot's working-set plan.")

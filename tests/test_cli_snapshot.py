@@ -49,6 +49,11 @@ def test_create_ls_inspect_verify_export(tmp_path, run_cli, image):
 
     run_cli("snapshot", "export", "fn", "copy.img", "--store", store, check=True)
     assert (tmp_path / "copy.img").read_bytes() == image.read_bytes()
+    # The L1 directory is --cache, as on serve and try (--cache-dir still works).
+    for flag, cache in (("--cache", "l1-a"), ("--cache-dir", "l1-b")):
+        run_cli("snapshot", "export", "fn", f"{cache}.img", "--store", store, flag, str(tmp_path / cache), check=True)
+        assert (tmp_path / f"{cache}.img").read_bytes() == image.read_bytes()
+        assert len(list((tmp_path / cache).glob("*/*"))) == 4  # the four chunks, cached
 
 
 def test_store_from_environment_and_plain_path(tmp_path, run_cli, image):
