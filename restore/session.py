@@ -219,7 +219,10 @@ class RestoreSession:
         self.page_size = page_size
         self.persist_log = persist_log
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # close() runs once
+        # Held to read the engine's counters and to free the engine: a
+        # counters() call waits only for that, not for close()'s joins.
+        self._engine_lock = threading.Lock()
         self.log_key: Optional[str] = None
 
         chunk, off = page_tables(snapshot, page_size)
@@ -309,7 +312,7 @@ class RestoreSession:
         engine (faults, pages_installed, chunks_l1, ..., each only grows),
         and "first_touches.<source>" per SOURCES. After close(), their
         final values."""
-        with self._lock:
+        with self._engine_lock:
             return dict(self._final_counters) if self._closed else self._read_counters()
 
     def _read_counters(self) -> dict[str, int]:
@@ -381,10 +384,11 @@ class RestoreSession:
             final = self.stats(records)
             self._prefetched = self.prefetched_offsets()
             self._records = records
-            self._final_counters = self._read_counters()
-            self._closed = True
-            lib.rs_engine_destroy(self._engine)
-            self._engine = None
+            with self._engine_lock:
+                self._final_counters = self._read_counters()
+                self._closed = True
+                lib.rs_engine_destroy(self._engine)
+                self._engine = None
         if self.persist_log:
             self.log_key = self._save_log(records)
         return final

@@ -256,3 +256,29 @@ def test_l1_disk_full(tmp_path, snap, trace, image):
     TALLY["injected"]["l1 disk full"] += 1
     assert died is None
     assert summary.stats.chunks_fetched == sum(1 for c in snap.manifest.chunks if c.id)
+
+
+def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, snap, s3_proxy, trace):
+    """A metrics scrape (Server.counters) while a session's close() waits for
+    a fetch stuck on a stalled S3 answers at once, and counters only grow."""
+    s3_proxy.set("stall")
+    with Server(snap, tmp_path / "s.sock", l1=L1Cache(tmp_path / "l1"), fetchers=1, persist_logs=False) as server:
+        with Guest(server.socket_path, memory_size=SIZE) as g:
+            g.start(reads(trace[:5]))
+            deadline = time.monotonic() + 10
+            while server.counters().get("faults", 0) < 1:
+                assert time.monotonic() < deadline, "the guest never faulted"
+                time.sleep(0.01)
+            before = server.counters()
+            g.kill()  # the session ends while its one fetcher is stuck in a GET
+        slowest, seen_closing = 0.0, 0
+        while server.active():
+            t = time.monotonic()
+            now = server.counters()
+            slowest = max(slowest, time.monotonic() - t)
+            seen_closing += 1
+            assert all(now.get(k, 0) >= v for k, v in before.items() if k != "sessions_active"), (before, now)
+            time.sleep(0.01)
+        s3_proxy.clear()
+    assert seen_closing > 10 and slowest < 0.5, (seen_closing, slowest)
+    assert server.counters()["sessions_ended"] == 1
