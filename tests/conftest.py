@@ -22,6 +22,21 @@ def store(tmp_path) -> DurableStore:
 
 
 @pytest.fixture
+def cli_snapshot(tmp_path, run_cli):
+    """make(size, seed): a sample image of size bytes snapshotted as "fn" by
+    the real `restore snapshot create`; returns (image path, store URL)."""
+
+    def make(size: int, seed: int) -> tuple[Path, str]:
+        img = tmp_path / "mem.img"
+        write_sample_image(img, size, seed=seed)
+        store = f"file://{tmp_path}/store"
+        run_cli("snapshot", "create", str(img), "--name", "fn", "--store", store, check=True)
+        return img, store
+
+    return make
+
+
+@pytest.fixture
 def key() -> bytes:
     return bytes(range(32))
 

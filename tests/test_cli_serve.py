@@ -14,19 +14,14 @@ import time
 import numpy as np
 import pytest
 
-from restore.sample import write_sample_image
 from restore.testing import Guest, expected_sums, reads
 
 SIZE = 4 << 20
 
 
 @pytest.fixture
-def made(tmp_path, run_cli):
-    img = tmp_path / "mem.img"
-    write_sample_image(img, SIZE, seed=8)
-    store = f"file://{tmp_path}/store"
-    run_cli("snapshot", "create", str(img), "--name", "fn", "--store", store, check=True)
-    return img, store
+def made(cli_snapshot):
+    return cli_snapshot(SIZE, seed=8)
 
 
 def _serve(tmp_path, store, *extra):

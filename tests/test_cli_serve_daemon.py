@@ -23,20 +23,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from restore.sample import write_sample_image
 from restore.testing import Guest, expected_sums, reads
 
 SIZE = 16 << 20
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def made(tmp_path, run_cli):
-    img = tmp_path / "mem.img"
-    write_sample_image(img, SIZE, seed=11)
-    store = f"file://{tmp_path}/store"
-    run_cli("snapshot", "create", str(img), "--name", "fn", "--store", store, check=True)
-    return img, store
+def made(cli_snapshot):
+    return cli_snapshot(SIZE, seed=11)
 
 
 class Daemon:

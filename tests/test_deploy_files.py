@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from restore.sample import write_sample_image
 from restore.testing import Guest, expected_sums, reads
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,11 +48,8 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_supervise_from_a_config_file(tmp_path, run_cli):
-    img = tmp_path / "mem.img"
-    write_sample_image(img, 8 << 20, seed=4)
-    store = f"file://{tmp_path}/store"
-    run_cli("snapshot", "create", str(img), "--name", "fn", "--store", store, check=True)
+def test_supervise_from_a_config_file(tmp_path, cli_snapshot):
+    img, store = cli_snapshot(8 << 20, seed=4)
     sock = tmp_path / "fn.sock"
     config = tmp_path / "fn.toml"
     config.write_text(f'snapshot = "fn"\nsocket = "{sock}"\nstore = "{store}"\nsupervise = true\n'
