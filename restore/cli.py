@@ -762,14 +762,15 @@ def session() -> None:
     """Fault logs of past restore sessions."""
 
 
-def _session_logs(store: DurableStore, spec: str) -> tuple[str, str, list[str]]:
+def _session_logs(store: DurableStore, spec: str):
+    """(manifest, sorted keys of its saved fault logs) of NAME[:VERSION]."""
     from .session import sessions_prefix
     from .snapshot import load_manifest
 
     name, version = split_snapshot(spec)
     m = load_manifest(store, name, version)
     keys = sorted(i.key for i in store.list(sessions_prefix(m.name, m.version)) if i.key.endswith(".npy"))
-    return m.name, m.version, keys
+    return m, keys
 
 
 @session.command("ls")
@@ -778,7 +779,8 @@ def _session_logs(store: DurableStore, spec: str) -> tuple[str, str, list[str]]:
 def session_ls(spec, store_url, s3_endpoint, s3_region):
     """List the saved fault logs of a snapshot version."""
     store = open_store(store_url, s3_endpoint, s3_region)
-    name, version, keys = _session_logs(store, spec)
+    m, keys = _session_logs(store, spec)
+    name, version = m.name, m.version
     if not keys:
         click.echo(f"no sessions of {name}/{version}")
     for k in keys:
@@ -839,7 +841,8 @@ def session_show(spec, session_id, head, store_url, s3_endpoint, s3_region):
     from .session import SOURCES
 
     store = open_store(store_url, s3_endpoint, s3_region)
-    name, version, keys = _session_logs(store, spec)
+    m, keys = _session_logs(store, spec)
+    name, version = m.name, m.version
     sid, recs = _load_session(store, name, version, keys, session_id)
     click.echo(f"{'session:':<19}{sid} of {name}/{version}")
     for label, value in _session_rows(recs):
@@ -862,7 +865,8 @@ def session_compare(spec, first, second, store_url, s3_endpoint, s3_region):
     if (first is None) != (second is None):
         raise click.UsageError("give two session ids, or none for the two newest")
     store = open_store(store_url, s3_endpoint, s3_region)
-    name, version, keys = _session_logs(store, spec)
+    m, keys = _session_logs(store, spec)
+    name, version = m.name, m.version
     a_id, a = _load_session(store, name, version, keys, first, newest=2)
     b_id, b = _load_session(store, name, version, keys, second, newest=1)
     a_rows, b_rows = dict(_session_rows(a)), dict(_session_rows(b))
@@ -891,13 +895,13 @@ def session_plot(spec, session_id, out, size, store_url, s3_endpoint, s3_region)
     time. Pages a fault-around installed and the guest touched unseen are
     not in the log, so are not drawn."""
     from .plot import plot_session
-    from .snapshot import load_manifest
 
     store = open_store(store_url, s3_endpoint, s3_region)
-    name, version, keys = _session_logs(store, spec)
+    m, keys = _session_logs(store, spec)
+    name, version = m.name, m.version
     sid, recs = _load_session(store, name, version, keys, session_id)
     plot_session(recs, out, title=f"{name}/{version} session {sid}",
-                 page_size=load_manifest(store, name, version).page_size, width_px=size[0], height_px=size[1])
+                 page_size=m.page_size, width_px=size[0], height_px=size[1])
     click.echo(f"wrote {out}")
 
 
