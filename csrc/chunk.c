@@ -116,6 +116,11 @@ size_t rs_codec_bitmap_bytes(const rs_codec *codec)
     return codec->bitmap_bytes;
 }
 
+size_t rs_codec_page_size(const rs_codec *codec)
+{
+    return codec->page_size;
+}
+
 int rs_codec_key_check(const rs_codec *codec, uint8_t *out16)
 {
     if (!codec->has_key)

@@ -78,6 +78,9 @@ size_t rs_codec_stored_bound(const rs_codec *codec);
 /* Bytes in one zero bitmap: chunk_size / page_size / 8, at least 1. */
 size_t rs_codec_bitmap_bytes(const rs_codec *codec);
 
+/* Bytes per slot: the page size the codec was created with. */
+size_t rs_codec_page_size(const rs_codec *codec);
+
 /* 16-byte key check value, HMAC-SHA256(master, "restore/v1/key-check")[0:16],
  * kept in the manifest so a wrong key is named before any chunk is read.
  * -ENOKEY when the codec has no key. */

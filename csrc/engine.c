@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -20,6 +21,7 @@
 #include "chunk.h"
 #include "faultlog.h"
 #include "fetchq.h"
+#include "hostcache.h"
 #include "l1.h"
 #include "uffd.h"
 #include "engine.h"
@@ -52,7 +54,9 @@ struct plist {
 
 struct chunk {
     _Atomic int state;  /* enum chunk_state */
-    uint8_t source;     /* RS_SRC_L1, _L2 or _DURABLE once READY */
+    uint8_t source;     /* RS_SRC_L1, _L2, _DURABLE or _HOST once READY */
+    uint8_t mapped;     /* data is the host cache's mapping: never freed */
+    uint8_t host_claimed; /* this engine holds the chunk's host fill lock */
     uint8_t *data;      /* decoded chunk (chunk_size bytes) once READY */
     _Atomic uint32_t ref;  /* REF_* */
     _Atomic uint32_t left; /* its pages in the regions not yet settled */
@@ -68,6 +72,7 @@ struct counters {
     _Atomic uint64_t first_touches[RS_N_SOURCES];
     _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
     _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
+    _Atomic uint64_t chunks_host, host_fills, host_waits, host_errors, poll_ns, poll_hits;
 };
 
 struct rs_engine {
@@ -76,11 +81,15 @@ struct rs_engine {
     rs_engine_region *regions;
     size_t n_regions;
     uint64_t n_pages;             /* guest pages in the memory file */
-    uint32_t *page_chunk;         /* per page: chunk or NO_CHUNK */
-    uint32_t *page_off;           /* per page: offset in the decoded chunk */
-    uint8_t *ids;                 /* n_chunks * RS_ID_BYTES */
-    uint32_t *lens, *flags;       /* stored bytes, RS_CHUNK_* */
-    uint8_t *zero;                /* n_chunks * bm_bytes zero bitmaps */
+    /* The tables below are borrowed from the caller (rs_engine_create). */
+    const uint32_t *page_chunk;   /* per page: chunk or NO_CHUNK (NULL: the
+                                     identity layout, see chunk_of) */
+    const uint32_t *page_off;     /* per page: offset in the decoded chunk */
+    uint64_t slots;               /* pages per chunk (identity layout) */
+    rs_hostcache *host;           /* the version's host cache, or NULL */
+    const uint8_t *ids;           /* n_chunks * RS_ID_BYTES */
+    const uint32_t *lens, *flags; /* stored bytes, RS_CHUNK_* */
+    const uint8_t *zero;          /* n_chunks * bm_bytes zero bitmaps */
     size_t bm_bytes;
     char *l1_dir;                 /* NULL: no L1 */
     struct chunk *chunks;
@@ -141,6 +150,8 @@ struct rs_engine {
     pthread_t *l1_threads;
     uint32_t n_l1_started;
     int service_started, stopped;
+    _Atomic int stop_now;         /* rs_engine_stop was called: the service
+                                     thread's poll loop checks it */
     uint64_t t0_ns;
     struct counters st;
     _Atomic int guest_gone;
@@ -235,6 +246,25 @@ static int in_region(const rs_engine *e, int r, uint64_t p)
     return off >= g->offset && off - g->offset < g->size;
 }
 
+/* Chunk of guest page p (NO_CHUNK: an all-zero page), and the page's byte
+ * offset in the decoded chunk. Without page tables the layout is the
+ * identity: slot p % slots of chunk p / slots, zero when its bit is set. */
+static uint32_t chunk_of(const rs_engine *e, uint64_t p)
+{
+    uint64_t c, s;
+
+    if (e->page_chunk)
+        return e->page_chunk[p];
+    c = p / e->slots;
+    s = p % e->slots;
+    return (e->zero[c * e->bm_bytes + s / 8] >> (s % 8) & 1) ? NO_CHUNK : (uint32_t)c;
+}
+
+static uint64_t off_of(const rs_engine *e, uint64_t p)
+{
+    return e->page_off ? e->page_off[p] : (p % e->slots) * e->cfg.page_size;
+}
+
 static void wake_service(rs_engine *e)
 {
     uint64_t one = 1;
@@ -301,7 +331,7 @@ static void log_planned(rs_engine *e, uint64_t lo, uint64_t upto, uint64_t skip)
         return;
     for (uint64_t q = lo; q < upto; q++)
         if (q != skip && bit_test(e->planned, q))
-            log_record(e, q, e->page_chunk[q], RS_SRC_PREFETCHED, t, 0);
+            log_record(e, q, chunk_of(e, q), RS_SRC_PREFETCHED, t, 0);
 }
 
 static uint8_t *chunk_alloc(rs_engine *e)
@@ -351,6 +381,8 @@ static void chunk_try_free(rs_engine *e, uint32_t c)
 {
     uint32_t v = REF_RETIRED;
 
+    if (e->chunks[c].mapped)
+        return; /* the host cache's bytes: nothing of ours to free */
     if (atomic_load(&e->chunks[c].state) == C_READY &&
         atomic_compare_exchange_strong(&e->chunks[c].ref, &v, REF_RETIRED | REF_FREED)) {
         chunk_free(e, e->chunks[c].data);
@@ -368,7 +400,7 @@ static void chunk_release(rs_engine *e, uint32_t c)
  * its chunk, the chunk's decoded copy is no longer needed. */
 static void settle_page(rs_engine *e, uint64_t q)
 {
-    uint32_t c = e->page_chunk[q];
+    uint32_t c = chunk_of(e, q);
 
     if (c == NO_CHUNK || bit_set(e->settled, q))
         return;
@@ -396,7 +428,7 @@ static int ioctl_result(rs_engine *e, int rc)
  * pages) in region r? */
 static int candidate(rs_engine *e, int r, uint32_t c, uint64_t q)
 {
-    return q < e->n_pages && in_region(e, r, q) && e->page_chunk[q] == c &&
+    return q < e->n_pages && in_region(e, r, q) && chunk_of(e, q) == c &&
            !bit_test(e->present, q) && !bit_test(e->removed, q);
 }
 
@@ -564,10 +596,10 @@ static void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint64_t *lo
         uint64_t w1 = w0 + e->cfg.fault_around;
 
         while (*lo > w0 && candidate(e, r, c, *lo - 1) &&
-               e->page_off[*lo - 1] + ps == e->page_off[*lo])
+               off_of(e, *lo - 1) + ps == off_of(e, *lo))
             (*lo)--;
         while (*hi < w1 && candidate(e, r, c, *hi) &&
-               e->page_off[*hi] == e->page_off[*hi - 1] + ps)
+               off_of(e, *hi) == off_of(e, *hi - 1) + ps)
             (*hi)++;
     }
 }
@@ -578,13 +610,41 @@ static int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
     int rc;
 
     run_around(e, r, c, p, &lo, &hi);
-    rc = fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
+    rc = fill_run(e, r, e->chunks[c].data + off_of(e, lo), lo, hi, &upto);
     if (rc == -EAGAIN && upto > p)
         rc = 0; /* the faulting page made it; the rest may fault later */
     else if (rc == 0 && upto <= p)
         rc = -EAGAIN; /* continue mode: another thread is writing it */
     log_planned(e, lo, upto, p);
     return rc;
+}
+
+/* Under e->lock, chunk c ABSENT: when the host cache holds it, make it
+ * READY with the host cache's bytes (nothing to read or decode) and return
+ * 1; else 0. */
+static int adopt_host(rs_engine *e, uint32_t c)
+{
+    struct chunk *ch = &e->chunks[c];
+
+    if (!e->host || !rs_hostcache_present(e->host, c))
+        return 0;
+    ch->data = (uint8_t *)rs_hostcache_chunk(e->host, c);
+    ch->mapped = 1;
+    ch->source = RS_SRC_HOST;
+    atomic_store(&ch->ref, 0);
+    atomic_store_explicit(&ch->state, C_READY, memory_order_release);
+    atomic_fetch_add(&e->st.chunks_host, 1);
+    return 1;
+}
+
+/* Where requests for absent chunks go first: the local threads (host
+ * cache, L1) when there are any, else the fetchers. */
+static rs_fetchq *first_queue(rs_engine *e, int *state)
+{
+    int local = e->l1_dir != NULL || e->host != NULL;
+
+    *state = local ? C_QUEUED_L1 : C_QUEUED_REMOTE;
+    return local ? e->l1q : e->remoteq;
 }
 
 /* Serve a fault on guest page p (region r) that arrived at t_ns.
@@ -598,10 +658,10 @@ static int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
     if (bit_test(e->removed, p)) {
         rc = install_zero(e, r, p, 0, NULL, NULL);
         if (rc == 0)
-            log_touch(e, p, e->page_chunk[p], RS_SRC_REMOVED, t_ns);
+            log_touch(e, p, chunk_of(e, p), RS_SRC_REMOVED, t_ns);
         return rc;
     }
-    c = e->page_chunk[p];
+    c = chunk_of(e, p);
     if (c == NO_CHUNK) {
         uint64_t lo, upto;
 
@@ -644,12 +704,17 @@ static int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
             pthread_mutex_unlock(&e->lock);
             continue;
         }
+        if (state == C_ABSENT && adopt_host(e, c)) {
+            pthread_mutex_unlock(&e->lock);
+            continue;
+        }
         rc = plist_push(&e->chunks[c].parked, p, t_ns);
         if (rc == 0 && state == C_ABSENT) {
-            int to_l1 = e->l1_dir != NULL;
+            int queued;
+            rs_fetchq *q = first_queue(e, &queued);
 
-            atomic_store(&e->chunks[c].state, to_l1 ? C_QUEUED_L1 : C_QUEUED_REMOTE);
-            rc = rs_fetchq_push(to_l1 ? e->l1q : e->remoteq, c, 1);
+            atomic_store(&e->chunks[c].state, queued);
+            rc = rs_fetchq_push(q, c, 1);
         }
         pthread_mutex_unlock(&e->lock);
         if (rc < 0)
@@ -708,14 +773,14 @@ static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
                 i++;
                 continue;
             }
-            if (!candidate(e, r, c, q) || e->page_off[q] != e->page_off[q - 1] + ps)
+            if (!candidate(e, r, c, q) || off_of(e, q) != off_of(e, q - 1) + ps)
                 break;
             run_around(e, r, c, q, &lo2, &hi2);
             hi = hi2;
             i++;
         }
         in_prefetch = 1;
-        (void)fill_run(e, r, e->chunks[c].data + e->page_off[lo], lo, hi, &upto);
+        (void)fill_run(e, r, e->chunks[c].data + off_of(e, lo), lo, hi, &upto);
         in_prefetch = 0;
         log_planned(e, lo, upto, UINT64_MAX);
         pthread_rwlock_unlock(&e->install);
@@ -760,7 +825,8 @@ static void *prefetch_main(void *arg)
             break;
         }
         state = atomic_load(&e->chunks[c].state);
-        if (state == C_READY) {
+        if (state == C_READY || (state == C_ABSENT && adopt_host(e, c))) {
+            atomic_fetch_add(&e->st.prefetch_chunks, 1);
             pthread_mutex_unlock(&e->lock);
             prefetch_install(e, c, k);
             continue;
@@ -770,10 +836,11 @@ static void *prefetch_main(void *arg)
              * fault got there first): count it in flight all the same;
              * settle_chunk installs the planned pages either way. */
             if (state == C_ABSENT) {
-                int to_l1 = e->l1_dir != NULL;
+                int queued;
+                rs_fetchq *q = first_queue(e, &queued);
 
-                atomic_store(&e->chunks[c].state, to_l1 ? C_QUEUED_L1 : C_QUEUED_REMOTE);
-                if (rs_fetchq_push(to_l1 ? e->l1q : e->remoteq, c, 0) < 0)
+                atomic_store(&e->chunks[c].state, queued);
+                if (rs_fetchq_push(q, c, 0) < 0)
                     note_error(e, -ENOSPC);
             }
             e->prefetch_asked[c] = 1;
@@ -788,8 +855,9 @@ static void *prefetch_main(void *arg)
     return NULL;
 }
 
-/* Publish a decoded chunk (or its failure) and serve its parked faults. */
-static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
+/* Publish a decoded chunk (or its failure) and serve its parked faults.
+ * mapped: data is the host cache's mapping (not a buffer of the pool). */
+static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src, int mapped)
 {
     struct chunk *ch = &e->chunks[c];
     struct plist waiting;
@@ -798,6 +866,7 @@ static void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src)
 
     pthread_mutex_lock(&e->lock);
     ch->data = data;
+    ch->mapped = (uint8_t)mapped;
     ch->source = (uint8_t)src;
     if (data) /* held until the planned pages are in too */
         atomic_fetch_add(&ch->ref, 1);
@@ -886,7 +955,7 @@ static void handle_remove(rs_engine *e, uint64_t start, uint64_t end)
 static int serve_minor(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
 {
     const uint64_t ps = e->cfg.page_size, dst = addr_of(e, r, p);
-    uint32_t c = e->page_chunk[p];
+    uint32_t c = chunk_of(e, p);
     int rc;
 
     if (bit_test(e->removed, p)) {
@@ -936,10 +1005,11 @@ static void handle_fault(rs_engine *e, const rs_uffd_event *ev)
     }
 }
 
+/* Read and handle the uffd's pending events; returns how many, or -errno. */
 static int drain_events(rs_engine *e)
 {
     rs_uffd_event ev[EVENT_BATCH];
-    int n;
+    int n, total = 0;
 
     /* Read again only after a full batch: after a short one the queue is
      * empty, and going straight back to poll() keeps the thread's work
@@ -962,8 +1032,60 @@ static int drain_events(rs_engine *e)
                 break;
             }
         }
+        total += n;
     } while (n == EVENT_BATCH);
-    return n < 0 ? n : 0;
+    return n < 0 ? n : total;
+}
+
+/* Handle the uffd's events with the install lock held for writing. */
+static int handle_events(rs_engine *e)
+{
+    int rc;
+
+    pthread_rwlock_wrlock(&e->install);
+    rc = drain_events(e);
+    pthread_rwlock_unlock(&e->install);
+    if (rc < 0 && rc != -EAGAIN) {
+        note_error(e, rc);
+        atomic_store(&e->guest_gone, 1);
+    }
+    return rc;
+}
+
+/* After serving a fault, keep looking at the uffd for poll_us (restarted
+ * by every event found) instead of sleeping: a guest that faults again
+ * soon finds this thread awake, with no wake-up to wait for and no hop to
+ * another CPU. The look is a poll() with no timeout (no install lock
+ * taken); between looks the CPU is offered to whoever else is runnable on
+ * it (the guest itself, when they share one). Nothing is spent once the
+ * guest stops faulting for poll_us. */
+static void poll_busy(rs_engine *e)
+{
+    const uint64_t window = (uint64_t)e->cfg.poll_us * 1000;
+    struct pollfd pfd = { .fd = e->uffd, .events = POLLIN };
+    uint64_t t = now_ns(), end = t + window, idle = 0;
+
+    while (t < end && !atomic_load_explicit(&e->stop_now, memory_order_relaxed) &&
+           !atomic_load(&e->guest_gone) && !atomic_load(&e->n_deferred)) {
+        uint64_t t1;
+
+        if (poll(&pfd, 1, 0) > 0) {
+            int n = pfd.revents & POLLIN ? handle_events(e) : 0;
+
+            if (pfd.revents & (POLLERR | POLLHUP))
+                atomic_store(&e->guest_gone, 1);
+            if (n > 0)
+                atomic_fetch_add(&e->st.poll_hits, (uint64_t)n);
+            t = now_ns();
+            end = t + window;
+            continue;
+        }
+        sched_yield();
+        t1 = now_ns();
+        idle += t1 - t;
+        t = t1;
+    }
+    atomic_fetch_add(&e->st.poll_ns, idle);
 }
 
 static void finish(rs_engine *e)
@@ -1017,26 +1139,14 @@ static void *service_main(void *arg)
         }
         if (pfd[0].revents & (POLLERR | POLLHUP))
             atomic_store(&e->guest_gone, 1);
-        if (pfd[0].revents & POLLIN) {
-            int rc;
-
-            pthread_rwlock_wrlock(&e->install);
-            rc = drain_events(e);
-            pthread_rwlock_unlock(&e->install);
-
-            if (rc < 0 && rc != -EAGAIN) {
-                note_error(e, rc);
-                atomic_store(&e->guest_gone, 1);
-            }
-        }
+        if ((pfd[0].revents & POLLIN) && handle_events(e) > 0 && e->cfg.poll_us)
+            poll_busy(e);
         retry_deferred(e);
     }
     finish(e);
     return NULL;
 }
 
-/* Read chunk c from L1 into buf (stored_bound bytes), decode it and settle
- * it. On a miss or a bad copy, pass the request on to the fetchers. */
 /* Verify and decode stored bytes of chunk c into a new buffer (*out),
  * timed into decode_ns. */
 static int decode_chunk(rs_engine *e, uint32_t c, const uint8_t *stored, size_t len, uint8_t **out)
@@ -1056,7 +1166,54 @@ static int decode_chunk(rs_engine *e, uint32_t c, const uint8_t *stored, size_t 
     return rc;
 }
 
-static void l1_load(rs_engine *e, uint32_t c, uint8_t *buf, size_t bound)
+/* Chunk c was verified and decoded into data (a pool buffer), its bytes
+ * from tier src. When this engine is the chunk's host cache filler, write
+ * it there and serve it from the host cache's mapping (the buffer goes
+ * back to the pool); else serve it from the buffer. */
+static void publish(rs_engine *e, uint32_t c, uint8_t *data, int src)
+{
+    struct chunk *ch = &e->chunks[c];
+
+    if (ch->host_claimed) {
+        int rc = rs_hostcache_fill(e->host, c, data, e->zero + (size_t)c * e->bm_bytes,
+                                   rs_codec_page_size(e->codec));
+
+        ch->host_claimed = 0;
+        if (rc == 0) {
+            atomic_fetch_add(&e->st.host_fills, 1);
+            chunk_free(e, data);
+            settle_chunk(e, c, (uint8_t *)rs_hostcache_chunk(e->host, c), src, 1);
+            return;
+        }
+        atomic_fetch_add(&e->st.host_errors, 1);
+    }
+    settle_chunk(e, c, data, src, 0);
+}
+
+/* Become chunk c's host cache filler; 1 when the host cache has it (it is
+ * settled from there), 0 otherwise (claimed, or the host cache failed:
+ * the chunk is loaded as without one). */
+static int host_load(rs_engine *e, uint32_t c)
+{
+    int waited, rc = rs_hostcache_claim(e->host, c, &waited);
+
+    if (waited)
+        atomic_fetch_add(&e->st.host_waits, 1);
+    if (rc == 1) {
+        atomic_fetch_add(&e->st.chunks_host, 1);
+        settle_chunk(e, c, (uint8_t *)rs_hostcache_chunk(e->host, c), RS_SRC_HOST, 1);
+        return 1;
+    }
+    if (rc == 0)
+        e->chunks[c].host_claimed = 1;
+    else
+        atomic_fetch_add(&e->st.host_errors, 1);
+    return 0;
+}
+
+/* Read chunk c from L1 into buf (bound bytes), decode and publish it;
+ * 0 when done, -1 on a miss or a bad copy. */
+static int l1_load(rs_engine *e, uint32_t c, uint8_t *buf, size_t bound)
 {
     uint64_t t0 = now_ns();
     int64_t n = rs_l1_read(e->l1_dir, e->ids + (size_t)c * RS_ID_BYTES, buf, bound);
@@ -1068,8 +1225,8 @@ static void l1_load(rs_engine *e, uint32_t c, uint8_t *buf, size_t bound)
 
         if (rc == 0) {
             atomic_fetch_add(&e->st.chunks_l1, 1);
-            settle_chunk(e, c, data, RS_SRC_L1);
-            return;
+            publish(e, c, data, RS_SRC_L1);
+            return 0;
         }
         atomic_fetch_add(&e->st.l1_bad, 1);
     } else if (n == -ENOENT) {
@@ -1077,25 +1234,31 @@ static void l1_load(rs_engine *e, uint32_t c, uint8_t *buf, size_t bound)
     } else {
         atomic_fetch_add(&e->st.l1_bad, 1);
     }
-    /* A miss or a bad copy: the fetchers ask the next tiers. */
-    atomic_store(&e->chunks[c].state, C_QUEUED_REMOTE);
-    if (rs_fetchq_push(e->remoteq, c, 1) == -ENOSPC)
-        note_error(e, -ENOSPC);
+    return -1;
 }
 
-static void *l1_main(void *arg)
+/* A local thread: host cache, then L1, then the fetchers ask the next
+ * tiers (the host fill lock, if taken, stays held until they answer). */
+static void *local_main(void *arg)
 {
     rs_engine *e = arg;
     size_t bound = rs_codec_stored_bound(e->codec);
-    uint8_t *buf = malloc(bound);
+    uint8_t *buf = e->l1_dir ? malloc(bound) : NULL;
     uint32_t c;
 
-    if (!buf) {
+    if (e->l1_dir && !buf) {
         note_error(e, -ENOMEM);
         return NULL;
     }
-    while (rs_fetchq_pop(e->l1q, &c, NULL, -1) == 1)
-        l1_load(e, c, buf, bound);
+    while (rs_fetchq_pop(e->l1q, &c, NULL, -1) == 1) {
+        if (e->host && host_load(e, c))
+            continue;
+        if (e->l1_dir && l1_load(e, c, buf, bound) == 0)
+            continue;
+        atomic_store(&e->chunks[c].state, C_QUEUED_REMOTE);
+        if (rs_fetchq_push(e->remoteq, c, 1) == -ENOSPC)
+            note_error(e, -ENOSPC);
+    }
     free(buf);
     return NULL;
 }
@@ -1104,12 +1267,6 @@ static void *l1_main(void *arg)
 static void free_tables(rs_engine *e)
 {
     free(e->regions);
-    free(e->page_chunk);
-    free(e->page_off);
-    free(e->ids);
-    free(e->lens);
-    free(e->flags);
-    free(e->zero);
     free(e->chunks);
     free((void *)e->present);
     free((void *)e->removed);
@@ -1170,7 +1327,7 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
      * chunk (a page listed twice counts once). */
     for (size_t i = 0; i < n; i++) {
         uint64_t p = pages[i];
-        uint32_t c = e->page_chunk[p];
+        uint32_t c = chunk_of(e, p);
 
         if (bit_set(e->planned, p))
             continue;
@@ -1194,7 +1351,7 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
     memset((void *)e->planned, 0, (e->n_pages + 63) / 64 * sizeof(uint64_t));
     for (size_t i = 0; i < n; i++) {
         uint64_t p = pages[i];
-        uint32_t c = e->page_chunk[p];
+        uint32_t c = chunk_of(e, p);
 
         if (bit_set(e->planned, p) || c == NO_CHUNK)
             continue;
@@ -1207,6 +1364,54 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
     e->prefetch_max = inflight;
     free(count);
     return 0;
+}
+
+/* Each chunk's non-zero pages inside the regions (counted once each): its
+ * decoded copy is freed when all of them are settled. With page tables,
+ * a walk of the regions' pages; for the identity layout, a count of the
+ * zero bitmaps' clear bits per chunk: setup stays proportional to the
+ * chunk table, not to guest memory. */
+static void count_left(rs_engine *e)
+{
+    for (size_t i = 0; i < e->n_regions; i++) {
+        uint64_t p0 = e->regions[i].offset / e->cfg.page_size;
+        uint64_t p1 = p0 + e->regions[i].size / e->cfg.page_size;
+
+        /* Regions may overlap in the file: count what earlier ones did not. */
+        for (size_t j = 0; j < i && p0 < p1; j++) {
+            uint64_t q0 = e->regions[j].offset / e->cfg.page_size;
+            uint64_t q1 = q0 + e->regions[j].size / e->cfg.page_size;
+
+            if (q0 <= p0 && p0 < q1)
+                p0 = q1 < p1 ? q1 : p1;
+            if (q0 < p1 && p1 <= q1)
+                p1 = q0 > p0 ? q0 : p0;
+        }
+        if (e->page_chunk) {
+            for (uint64_t p = p0; p < p1; p++)
+                if (e->page_chunk[p] != NO_CHUNK && !bit_set(e->settled, p))
+                    atomic_fetch_add(&e->chunks[e->page_chunk[p]].left, 1);
+            continue;
+        }
+        for (uint64_t p = p0; p < p1;) {
+            uint64_t c = p / e->slots, end = (c + 1) * e->slots < p1 ? (c + 1) * e->slots : p1;
+            uint32_t n = 0;
+
+            if (p % e->slots == 0 && end - p == e->slots && e->slots % 8 == 0) {
+                const uint8_t *z = e->zero + c * e->bm_bytes;
+
+                for (uint64_t b = 0; b < e->slots / 8; b++)
+                    n += 8 - (uint32_t)__builtin_popcount(z[b]);
+            } else {
+                for (uint64_t q = p; q < end; q++)
+                    n += chunk_of(e, q) != NO_CHUNK;
+            }
+            atomic_fetch_add(&e->chunks[c].left, n);
+            p = end;
+        }
+    }
+    if (e->page_chunk) /* used above to count each page once */
+        memset((void *)e->settled, 0, (e->n_pages + 63) / 64 * sizeof(uint64_t));
 }
 
 int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
@@ -1244,47 +1449,42 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     e->n_regions = n_regions;
     e->bm_bytes = rs_codec_bitmap_bytes(codec);
     words = (e->n_pages + 63) / 64;
+    e->slots = cfg->chunk_size / cfg->page_size;
+    if (!page_chunk != !page_off ||
+        (!page_chunk && cfg->page_size != rs_codec_page_size(codec))) {
+        rc = -EINVAL; /* the identity layout needs slots of one guest page */
+        goto fail;
+    }
     e->regions = malloc(n_regions * sizeof(*regions));
-    e->page_chunk = malloc(e->n_pages * sizeof(uint32_t));
-    e->page_off = malloc(e->n_pages * sizeof(uint32_t));
-    e->ids = malloc((size_t)cfg->n_chunks * RS_ID_BYTES + 1);
-    e->lens = malloc((size_t)cfg->n_chunks * sizeof(uint32_t) + 1);
-    e->flags = malloc((size_t)cfg->n_chunks * sizeof(uint32_t) + 1);
-    e->zero = malloc((size_t)cfg->n_chunks * e->bm_bytes + 1);
+    e->page_chunk = page_chunk;
+    e->page_off = page_off;
+    e->ids = chunk_ids;
+    e->lens = chunk_lens;
+    e->flags = chunk_flags;
+    e->zero = chunk_zero;
     e->chunks = calloc(cfg->n_chunks + 1, sizeof(struct chunk));
     e->present = calloc(words, sizeof(uint64_t));
     e->removed = calloc(words, sizeof(uint64_t));
     e->touched = calloc(words, sizeof(uint64_t));
     e->settled = calloc(words, sizeof(uint64_t));
-    if (!e->regions || !e->page_chunk || !e->page_off || !e->ids || !e->lens ||
-        !e->flags || !e->zero || !e->chunks || !e->present || !e->removed ||
+    if (!e->regions || !e->chunks || !e->present || !e->removed ||
         !e->touched || !e->settled)
         goto fail;
     memcpy(e->regions, regions, n_regions * sizeof(*regions));
-    memcpy(e->page_chunk, page_chunk, e->n_pages * sizeof(uint32_t));
-    memcpy(e->page_off, page_off, e->n_pages * sizeof(uint32_t));
-    memcpy(e->ids, chunk_ids, (size_t)cfg->n_chunks * RS_ID_BYTES);
-    memcpy(e->lens, chunk_lens, (size_t)cfg->n_chunks * sizeof(uint32_t));
-    memcpy(e->flags, chunk_flags, (size_t)cfg->n_chunks * sizeof(uint32_t));
-    memcpy(e->zero, chunk_zero, (size_t)cfg->n_chunks * e->bm_bytes);
-    for (uint64_t p = 0; p < e->n_pages; p++) {
-        if (page_chunk[p] != NO_CHUNK &&
-            (page_chunk[p] >= cfg->n_chunks ||
-             (uint64_t)page_off[p] + cfg->page_size > cfg->chunk_size)) {
-            rc = -EINVAL;
-            goto fail;
+    if (page_chunk) {
+        for (uint64_t p = 0; p < e->n_pages; p++) {
+            if (page_chunk[p] != NO_CHUNK &&
+                (page_chunk[p] >= cfg->n_chunks ||
+                 (uint64_t)page_off[p] + cfg->page_size > cfg->chunk_size)) {
+                rc = -EINVAL;
+                goto fail;
+            }
         }
+    } else if ((e->n_pages + e->slots - 1) / e->slots > cfg->n_chunks) {
+        rc = -EINVAL; /* the identity layout needs a chunk per slots pages */
+        goto fail;
     }
-    /* Each chunk's pages inside the regions (counted once each): its
-     * decoded copy is freed when all of them are settled. */
-    for (size_t i = 0; i < n_regions; i++) {
-        uint64_t p0 = regions[i].offset / cfg->page_size;
-
-        for (uint64_t p = p0; p < p0 + regions[i].size / cfg->page_size; p++)
-            if (page_chunk[p] != NO_CHUNK && !bit_set(e->settled, p))
-                atomic_fetch_add(&e->chunks[page_chunk[p]].left, 1);
-    }
-    memset((void *)e->settled, 0, words * sizeof(uint64_t));
+    count_left(e);
     if (l1_dir && !(e->l1_dir = strdup(l1_dir)))
         goto fail;
     if (cfg->page_size != 4096 && !(e->zero_page = calloc(1, cfg->page_size)))
@@ -1330,6 +1530,13 @@ fail:
     return rc;
 }
 
+int rs_engine_set_host_cache(rs_engine *e, const char *dir, const uint8_t *version_id)
+{
+    if (e->service_started || e->host)
+        return -EINVAL;
+    return rs_hostcache_open(&e->host, dir, e->cfg.n_chunks, e->cfg.chunk_size, version_id);
+}
+
 int rs_engine_set_memfd(rs_engine *e, int memfd, int mode)
 {
     struct stat st;
@@ -1368,18 +1575,22 @@ int rs_engine_start(rs_engine *e, int uffd, int conn_fd)
     /* Our threads take no signals: Python's main thread handles them. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    if (e->l1_dir && e->cfg.l1_threads) {
+    if (!e->cfg.l1_threads) {
+        /* No local threads: requests go straight to the fetchers. */
+        free(e->l1_dir);
+        e->l1_dir = NULL;
+        rs_hostcache_close(e->host);
+        e->host = NULL;
+    }
+    if (e->l1_dir || e->host) {
         e->l1_threads = calloc(e->cfg.l1_threads, sizeof(pthread_t));
         if (!e->l1_threads)
             rc = -ENOMEM;
         for (uint32_t i = 0; !rc && i < e->cfg.l1_threads; i++) {
-            rc = -pthread_create(&e->l1_threads[i], NULL, l1_main, e);
+            rc = -pthread_create(&e->l1_threads[i], NULL, local_main, e);
             if (!rc)
                 e->n_l1_started++;
         }
-    } else {
-        free(e->l1_dir); /* no L1 threads: requests go straight to fetchers */
-        e->l1_dir = NULL;
     }
     if (!rc) {
         rc = -pthread_create(&e->service, NULL, service_main, e);
@@ -1402,6 +1613,7 @@ void rs_engine_stop(rs_engine *e)
     if (e->stopped)
         return;
     e->stopped = 1;
+    atomic_store(&e->stop_now, 1);
     if (write(e->stop_fd, &one, sizeof(one)) < 0)
         note_error(e, -errno);
     if (e->service_started)
@@ -1425,10 +1637,12 @@ void rs_engine_destroy(rs_engine *e)
         return;
     rs_engine_stop(e);
     for (uint32_t c = 0; c < e->cfg.n_chunks; c++) {
-        if (!(atomic_load(&e->chunks[c].ref) & REF_FREED))
+        if (!e->chunks[c].mapped && !(atomic_load(&e->chunks[c].ref) & REF_FREED))
             chunk_free(e, e->chunks[c].data);
         free(e->chunks[c].parked.v);
     }
+    /* Unmaps, and drops the fill locks of chunks never supplied. */
+    rs_hostcache_close(e->host);
     while (e->pool_n > 0)
         munmap(e->pool[--e->pool_n], e->cfg.chunk_size);
     pthread_mutex_destroy(&e->pool_lock);
@@ -1487,7 +1701,7 @@ int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
         return rc;
     }
     atomic_fetch_add(&e->st.chunks_fetched, 1);
-    settle_chunk(e, chunk, data, (uint8_t)source);
+    publish(e, chunk, data, source);
     return 0;
 }
 
@@ -1499,7 +1713,11 @@ int rs_engine_fail(rs_engine *e, uint32_t chunk, int err)
         return -EALREADY;
     note_error(e, err < 0 ? err : -err);
     atomic_fetch_add(&e->st.chunks_failed, 1);
-    settle_chunk(e, chunk, NULL, RS_SRC_FAILED);
+    if (e->chunks[chunk].host_claimed) {
+        e->chunks[chunk].host_claimed = 0;
+        rs_hostcache_abandon(e->host, chunk);
+    }
+    settle_chunk(e, chunk, NULL, RS_SRC_FAILED, 0);
     return 0;
 }
 
@@ -1515,6 +1733,12 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->bytes_installed = atomic_load(&e->st.bytes_installed);
     out->chunks_l1 = atomic_load(&e->st.chunks_l1);
     out->chunks_fetched = atomic_load(&e->st.chunks_fetched);
+    out->chunks_host = atomic_load(&e->st.chunks_host);
+    out->host_fills = atomic_load(&e->st.host_fills);
+    out->host_waits = atomic_load(&e->st.host_waits);
+    out->host_errors = atomic_load(&e->st.host_errors);
+    out->poll_ns = atomic_load(&e->st.poll_ns);
+    out->poll_hits = atomic_load(&e->st.poll_hits);
     out->chunks_failed = atomic_load(&e->st.chunks_failed);
     out->l1_misses = atomic_load(&e->st.l1_misses);
     out->l1_bad = atomic_load(&e->st.l1_bad);
@@ -1546,16 +1770,20 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->error = atomic_load(&e->error);
 }
 
-size_t rs_engine_prefetched(rs_engine *e, uint64_t *out, size_t words)
+size_t rs_engine_prefetched(rs_engine *e, uint64_t *out, size_t max)
 {
-    size_t n = (e->n_pages + 63) / 64;
+    size_t n = 0;
 
     if (!e->prefetched)
         return 0;
-    if (words < n)
-        n = words;
-    for (size_t i = 0; i < n; i++)
-        out[i] = atomic_load(&e->prefetched[i]);
+    for (uint64_t w = 0; w < (e->n_pages + 63) / 64 && n < max; w++) {
+        uint64_t bits = atomic_load(&e->prefetched[w]);
+
+        while (bits && n < max) {
+            out[n++] = w * 64 + (uint64_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+        }
+    }
     return n;
 }
 

@@ -5,31 +5,43 @@
  * The engine owns the chunk table, the page bitmaps and the service
  * threads of one guest. It never needs Python to resolve a fault:
  *
- *   service thread   poll(uffd, conn, wake, stop) -> read events in batches
+ *   service thread   poll(uffd, conn, wake, stop) -> read events in batches;
+ *                    after an event it keeps reading the uffd without
+ *                    sleeping for up to poll_us (the guest's next fault is
+ *                    then read at once, with no wake-up of this thread)
  *     PAGEFAULT      page -> (chunk, offset in the decoded chunk) through the
- *                    page table given at creation (the manifest's page map,
- *                    identity when it has none)
+ *                    page table given at creation (the manifest's page map;
+ *                    computed from the zero bitmaps when it has none)
  *                    zero page / removed range -> UFFDIO_ZEROPAGE
  *                    chunk READY  -> UFFDIO_COPY the page, or a fault-around
  *                                    run of not-yet-present pages of the
  *                                    chunk (one ioctl per contiguous run)
+ *                    chunk in the host cache -> READY at once, its bytes the
+ *                                    host cache's mapping (hostcache.h)
  *                    chunk FAILED -> UFFDIO_POISON (never wrong bytes)
  *                    otherwise    -> park the fault on the chunk and queue
  *                                    one high-priority request for it
  *     REMOVE         mark the range removed: later faults get zeros
- *   L1 threads       pop requests, read DIR/<hex[0:2]>/<hex>, verify and
- *                    decode (rs_chunk_decode); on a miss or a bad copy pass
- *                    the request on to the fetch queue
+ *   local threads    pop requests; with a host cache, become the chunk's
+ *                    filler (or wait for the filler of another session or
+ *                    process, then take its bytes); read DIR/<hex[0:2]>/<hex>
+ *                    from L1, verify and decode (rs_chunk_decode) and write
+ *                    the decoded chunk into the host cache; on a miss or a
+ *                    bad copy pass the request on to the fetch queue
  *   fetchers         Python threads block in rs_engine_next_request (GIL
  *                    released), fetch from L2/durable, and hand the stored
- *                    bytes back through rs_engine_supply (verified in C)
+ *                    bytes back through rs_engine_supply (verified and
+ *                    decoded in C, then written into the host cache)
  *
  * Whoever makes a chunk READY (or FAILED) serves the faults parked on it.
- * Installs that meet -EAGAIN (a REMOVE in flight) are handed to the service
- * thread, which retries them after draining events. Every first touch of a
- * guest page is appended to the fault log; a planned page the prefetch
- * installed is logged when it is installed (source prefetched), since a
- * touch of a present page makes no event.
+ * A chunk in the host cache is installed from the shared mapping (the page
+ * cache of the host cache's data file) and never decoded again; without
+ * one, a decoded copy lives in a buffer of the session's pool until every
+ * page of it is in. Installs that meet -EAGAIN (a REMOVE in flight) are
+ * handed to the service thread, which retries them after draining events.
+ * Every first touch of a guest page is appended to the fault log; a
+ * planned page the prefetch installed is logged when it is installed
+ * (source prefetched), since a touch of a present page makes no event.
  *
  * The *_ns counters add up thread time per phase (several threads can
  * spend it at once): they say where a restore's CPU went.
@@ -51,17 +63,28 @@ typedef struct rs_engine_config {
     uint32_t fault_around;  /* pages installed per fault at most (>= 1) */
     uint32_t l1_threads;    /* C threads reading L1 (0: no L1) */
     uint32_t log_capacity;  /* fault log records (0: one per guest page) */
+    uint32_t poll_us;       /* after an event, keep reading the uffd for up
+                               to this long before sleeping in poll(), us
+                               (0: sleep at once) */
 } rs_engine_config;
 
 typedef struct rs_engine_stats {
     uint64_t faults;              /* page-fault events handled */
     uint64_t minor_faults;        /* of which minor (memfd page not mapped) */
     uint64_t memfd_written;       /* pages written into the memfd (continue mode) */
-    uint64_t first_touches[8];    /* first touches by RS_SRC_* */
+    uint64_t first_touches[16];   /* first touches by RS_SRC_* */
     uint64_t pages_installed;     /* guest pages installed, fault-around incl. */
     uint64_t bytes_installed;     /* bytes installed by copy or zeropage */
     uint64_t chunks_l1;           /* chunks decoded from L1 */
     uint64_t chunks_fetched;      /* chunks supplied by fetchers */
+    uint64_t chunks_host;         /* chunks taken from the host cache as
+                                     they were (no read, no decode) */
+    uint64_t host_fills;          /* chunks this session decoded into the
+                                     host cache */
+    uint64_t host_waits;          /* chunks another session or process was
+                                     filling: waited for, then taken */
+    uint64_t host_errors;         /* host cache writes that failed (the
+                                     chunk was served from memory) */
     uint64_t chunks_failed;       /* chunks given up on (pages poisoned) */
     uint64_t chunks_released;     /* decoded copies freed: all their pages in */
     uint64_t chunks_reloaded;     /* released chunks loaded again for a fault */
@@ -73,7 +96,8 @@ typedef struct rs_engine_stats {
     uint64_t deferred;            /* installs retried after -EAGAIN */
     uint64_t poisoned;            /* pages poisoned */
     uint64_t log_dropped;         /* fault records lost to a full log */
-    uint64_t prefetch_chunks;     /* chunks the plan asked for */
+    uint64_t prefetch_chunks;     /* plan chunks the prefetch installed from
+                                     or asked for (all but failed ones) */
     uint64_t prefetch_pages;      /* pages installed by the prefetch */
     uint64_t faults_planned;      /* first touches of planned pages that still
                                      faulted (their chunk was not there yet) */
@@ -82,6 +106,9 @@ typedef struct rs_engine_stats {
     uint64_t decode_ns;           /* time spent verifying and decoding chunks */
     uint64_t install_ns;          /* time spent in install ioctls (all) */
     uint64_t prefetch_install_ns; /* of which the prefetch's */
+    uint64_t poll_ns;             /* service thread time spent reading an
+                                     empty uffd between faults (poll_us) */
+    uint64_t poll_hits;           /* events found while doing so */
     uint32_t parked_now;          /* faults waiting on chunks right now */
     int32_t guest_gone;           /* 1 once the guest's memory is gone */
     int32_t error;                /* -errno of the first unexpected failure */
@@ -92,12 +119,17 @@ typedef struct rs_engine_stats {
 /* Create a session engine.
  * page_chunk, page_off: one entry per guest page of the memory file
  *   (memory_size / page_size): the chunk holding the page (0xFFFFFFFF for
- *   an all-zero page) and the page's byte offset inside the decoded chunk.
+ *   an all-zero page) and the page's byte offset inside the decoded chunk;
+ *   both NULL for the identity layout with pages of the codec's page size
+ *   (page p in slot p % slots of chunk p / slots, all-zero when its bit is
+ *   set in the chunk's zero bitmap): nothing per page to build or hold.
  * chunk_ids (n_chunks * 32 bytes), chunk_lens (stored bytes), chunk_flags,
  *   chunk_zero (n_chunks * bitmap bytes of the codec): the manifest's chunk
  *   table, as rs_chunk_decode takes it.
  * l1_dir: the L1 cache directory, or NULL.
- * Everything is copied; the codec must outlive the engine. */
+ * The tables (page_chunk, page_off, chunk_*) are borrowed, not copied: they
+ * are per snapshot version, shared by its sessions, and must outlive the
+ * engine, as must the codec. Regions and l1_dir are copied. */
 int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
                      const rs_codec *codec,
                      const rs_engine_region *regions, size_t n_regions,
@@ -134,6 +166,13 @@ enum { RS_MEMFD_COPY = 0, RS_MEMFD_CONTINUE = 1 };
  * regions or the mode is unknown. */
 int rs_engine_set_memfd(rs_engine *e, int memfd, int mode);
 
+/* Serve from, and fill, the host cache of this snapshot version in dir
+ * (hostcache.h; version_id: 32 bytes), before rs_engine_start. Chunks it
+ * holds are installed from its mapping; chunks it lacks are decoded into
+ * it once, by whichever session gets there first. Returns
+ * rs_hostcache_open's result. */
+int rs_engine_set_host_cache(rs_engine *e, const char *dir, const uint8_t *version_id);
+
 /* Start serving: uffd is the guest's userfaultfd (API done, regions
  * registered, O_NONBLOCK), conn_fd the guest's connection (EOF or hangup
  * = the guest went away) or -1. The caller keeps owning both fds and
@@ -163,10 +202,10 @@ int rs_engine_fail(rs_engine *e, uint32_t chunk, int err);
 
 void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out);
 
-/* Copy the bitmap of pages the prefetch installed (bit p of word p/64,
- * fault-around runs included) into out, at most words words; returns the
- * words copied (0 without a plan). */
-size_t rs_engine_prefetched(rs_engine *e, uint64_t *out, size_t words);
+/* Copy the guest page indices the prefetch installed (fault-around runs
+ * included), ascending, into out, at most max of them; returns how many
+ * were copied (0 without a plan). stats.prefetch_pages is enough room. */
+size_t rs_engine_prefetched(rs_engine *e, uint64_t *out, size_t max);
 
 /* Copy up to max fault records (append order) to out; returns the count. */
 size_t rs_engine_log_read(rs_engine *e, rs_fault_record *out, size_t max);

@@ -26,7 +26,9 @@ enum {
     RS_SRC_FAILED = 5,     /* the chunk could not be had: poisoned */
     RS_SRC_L2 = 6,         /* from a chunk the memcached L2 supplied */
     RS_SRC_DURABLE = 7,    /* from a chunk the durable store supplied */
-    RS_N_SOURCES = 8
+    RS_SRC_HOST = 8,       /* from the host cache: decoded by an earlier
+                              session or another process on this host */
+    RS_N_SOURCES = 9
 };
 
 typedef struct rs_fault_record {

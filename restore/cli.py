@@ -183,6 +183,30 @@ def open_store(store_url: Optional[str], s3_endpoint: Optional[str], s3_region: 
     return DurableStore(store_url or default_store_url(), S3Options(endpoint=s3_endpoint, region=s3_region))
 
 
+HOST_CACHE_HELP = ("Host cache of decoded chunks, shared by every server on the host (default: host/ in the "
+                   "cache directory).")
+
+
+def host_cache_options(f):
+    """--host-cache DIR, --host-cache-budget SIZE, --no-host-cache."""
+    f = click.option("--no-host-cache", is_flag=True,
+                     help="Decode chunks for each session alone; nothing decoded is kept on disk.")(f)
+    f = click.option("--host-cache-budget", type=SIZE, default=None, metavar="SIZE",
+                     help="Host cache size budget, e.g. 32G; least recently used versions no session uses are "
+                          "evicted past it (default: 16 GiB).")(f)
+    return click.option("--host-cache", "host_cache_dir", default=None, metavar="DIR", help=HOST_CACHE_HELP)(f)
+
+
+def open_host_cache(host_cache_dir, budget, no_host_cache, cache_dir):
+    """The HostCache the flags ask for, or None."""
+    from .tiers.host import HostCache
+
+    if no_host_cache:
+        return None
+    root = host_cache_dir or os.path.join(cache_dir or default_cache_dir(), "host")
+    return HostCache(root, **({"budget_bytes": budget} if budget else {}))
+
+
 CACHE_HELP = "L1 chunk cache directory (env RESTORE_CACHE_DIR; default $XDG_CACHE_HOME/restore, else ~/.cache/restore)."
 
 
@@ -442,7 +466,11 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @click.option("--cache-budget", type=SIZE, default=None, metavar="SIZE",
               help="L1 size budget, e.g. 20G; least recently used chunks are evicted past it (default: 8 GiB).")
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
+@host_cache_options
 @click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
+@click.option("--poll-us", type=click.IntRange(min=0, max=1_000_000), default=None, metavar="US",
+              help="After serving a fault, keep looking for the next one this long before sleeping "
+                   "(0: sleep at once; default: 50).")
 @click.option("--record-fault-around", type=click.IntRange(min=1), default=None, metavar="N",
               help="Fault-around of sessions without a plan (1: record the exact working set, "
                    "for `snapshot optimize`; default: --fault-around).")
@@ -478,7 +506,8 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, record_fault_around, memfd_install,
+def serve(spec, socket_path, cache_dir, cache_budget, no_cache, host_cache_dir, host_cache_budget, no_host_cache,
+          fault_around, poll_us, record_fault_around, memfd_install,
           allow_uids, socket_owner, fetchers, prefetch_inflight, drain_timeout, verbose, log_format, metrics_addr, no_plan,
           rebuild_plan_after, plan_sessions, audit_every, supervise, worker_listen_fd, worker_report_fd, l2_specs,
           key_file, key_env, store_url, s3_endpoint, s3_region):
@@ -495,7 +524,7 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, re
 
     from . import logs
     from .handler import Server
-    from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, DEFAULT_PREFETCH_INFLIGHT
+    from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, DEFAULT_POLL_US, DEFAULT_PREFETCH_INFLIGHT
     from .snapshot import Snapshot
     from .supervisor import PeerReports
 
@@ -542,6 +571,8 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, fault_around, re
         on_fetch=metrics.observe_fetch if metrics else None,
         listener=socket.socket(fileno=worker_listen_fd) if worker_listen_fd is not None else None,
         on_peer=PeerReports(worker_report_fd) if worker_report_fd is not None else None,
+        host_cache=open_host_cache(host_cache_dir, host_cache_budget, no_host_cache, cache_dir),
+        poll_us=DEFAULT_POLL_US if poll_us is None else poll_us,
     )
     if metrics is not None:
         metrics.attach(server)
@@ -589,6 +620,7 @@ def _wait_for_socket(path: str, timeout: float = 10.0) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache", "cache_dir", default=None, help=CACHE_HELP)
 @click.option("--no-cache", is_flag=True, help="Do not use an L1 cache.")
+@host_cache_options
 @click.option("--fault-around", type=click.IntRange(min=1), default=None, help="Pages installed per fault at most.")
 @click.option("--no-plan", is_flag=True, help="Do not prefetch the snapshot's working-set plan.")
 @click.option("--socket", "socket_path", default=None, type=click.Path(dir_okay=False, path_type=str),
@@ -597,8 +629,8 @@ def _wait_for_socket(path: str, timeout: float = 10.0) -> None:
 @l2_option
 @key_options
 @store_options
-def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_plan, socket_path, l2_specs, key_file,
-         key_env, store_url, s3_endpoint, s3_region):
+def try_(spec, pages, run_pages, seed, cache_dir, no_cache, host_cache_dir, host_cache_budget, no_host_cache,
+         fault_around, no_plan, socket_path, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Restore a snapshot into a test guest and show how the session went.
 
     Starts a handler for the snapshot on a private socket (or uses the
@@ -637,6 +669,7 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_pla
                 server = Server(
                     snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs),
                     fault_around=fault_around or DEFAULT_FAULT_AROUND, use_plan=not no_plan,
+                    host_cache=open_host_cache(host_cache_dir, host_cache_budget, no_host_cache, cache_dir),
                 ).start()
                 try:
                     result = run_guest(server.socket_path)
@@ -661,7 +694,9 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, fault_around, no_pla
                    f"{useful} of them read by the guest, {wasted} not")
         click.echo(f"{'demand faults:':<19}{st.faults_planned} on planned pages whose chunk was not in yet, "
                    f"{st.faults_unplanned} on pages not in the plan")
-    click.echo(f"{'chunks:':<19}{st.chunks_l1} from L1, {st.chunks_fetched} fetched, {st.chunks_failed} failed")
+    click.echo(f"{'chunks:':<19}{st.chunks_host} from the host cache, {st.chunks_l1} from L1, "
+               f"{st.chunks_fetched} fetched, {st.chunks_failed} failed"
+               + (f"; {st.host_fills} decoded into the host cache" if st.host_fills else ""))
     for tier, t in st.tiers.items():
         if t["requests"]:
             click.echo(f"{tier + ':':<19}{t['hits']} hits of {t['requests']} requests, p50 {t['p50_ms']:.2f} ms, "
@@ -926,7 +961,7 @@ def bench(args):
 
     Runs `python -m bench.compare` from the source tree this package was
     installed from (pip install -e .): every strategy, workload and tier
-    condition, interleaved, with medians, ratios to resident and a plot."""
+    condition, interleaved, with medians, ratios to mmap-warm (else resident), spreads and a plot."""
     import runpy
     from pathlib import Path
 

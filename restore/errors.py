@@ -91,6 +91,11 @@ class StoreError(RestoreError):
     """The object store failed (I/O, permissions, network)."""
 
 
+class HostCacheError(RestoreError):
+    """The host cache's files cannot be opened or written (a full or
+    read-only disk, permissions, files of another boot in use)."""
+
+
 class InternalError(RestoreError):
     """A C call failed in a way valid arguments cannot cause."""
 

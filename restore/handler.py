@@ -40,6 +40,7 @@ from .protocol import HandshakeError, accept_handshake, peer_credentials
 from .session import (
     DEFAULT_FAULT_AROUND,
     DEFAULT_FETCHERS,
+    DEFAULT_POLL_US,
     DEFAULT_PREFETCH_INFLIGHT,
     SERVICE_BUCKETS_NS,
     RestoreSession,
@@ -48,6 +49,7 @@ from .session import (
     prefetch_usage,
 )
 from .snapshot import Snapshot
+from .tiers.host import HostCache
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
 from .workingset import load_plan, rebuild_plan
@@ -108,15 +110,14 @@ class SessionSummary:
     stats: SessionStats
     log_key: Optional[str]
     errors: list[str]
-    prefetched_bitmap: bytes  # pages the prefetch installed, one bit each (np.packbits, little)
+    prefetched_pages: np.ndarray  # guest page indices the prefetch installed (uint32, ascending)
     page_size: int
     audit: Optional[tuple[int, int]] = None  # an audit session: (useful, wasted) pages of the plan
 
     @property
     def prefetched(self) -> np.ndarray:
         """File offsets the prefetch installed (RestoreSession.prefetched_offsets)."""
-        bits = np.unpackbits(np.frombuffer(self.prefetched_bitmap, dtype=np.uint8), bitorder="little")
-        return np.flatnonzero(bits).astype(np.uint64) * np.uint64(self.page_size)
+        return self.prefetched_pages.astype(np.uint64) * np.uint64(self.page_size)
 
 
 class Server:
@@ -149,6 +150,11 @@ class Server:
     (useful) and never touched (wasted). A replaying session cannot tell:
     a touch of a page the prefetch installed raises no userfaultfd event.
     Audits cost the audited guest its prefetch; None: no audits.
+
+    host_cache: the host's cache of decoded chunks (restore.tiers.host),
+    shared with every other server on the host; past its budget, versions
+    no session uses are evicted when a session ends. None: each session
+    decodes what it needs for itself. poll_us: see RestoreSession.
     """
 
     def __init__(
@@ -176,8 +182,12 @@ class Server:
         audit_every: Optional[int] = None,
         socket_owner: Optional[tuple[int, int]] = None,
         listener: Optional[socket.socket] = None,
+        host_cache: Optional[HostCache] = None,
+        poll_us: int = DEFAULT_POLL_US,
     ):
         self.snapshot = snapshot
+        self.host_cache = host_cache
+        self.poll_us = poll_us
         self.socket_path = os.fspath(socket_path)
         self.l1 = l1
         self.l2 = l2
@@ -349,6 +359,8 @@ class Server:
                 memfd=hs.memfd,
                 memfd_install=self.memfd_install,
                 on_fetch=self.on_fetch,
+                host_cache=self.host_cache,
+                poll_us=self.poll_us,
             )
         except RestoreError as exc:
             hs.close()
@@ -385,12 +397,14 @@ class Server:
             log.info("%s: audit of the plan: %d of its pages used, %d never touched", session.label, *audit,
                      extra={"event": "plan_audit", "session": session.session_id, "useful": audit[0],
                             "wasted": audit[1]})
-        # Kept as a bitmap: a server holds its last SUMMARIES_KEPT summaries.
-        pages = np.zeros(m.memory_size // session.page_size, dtype=bool)
-        pages[session.prefetched_offsets() // np.uint64(session.page_size)] = True
+        # Kept as page indices: a server holds its last SUMMARIES_KEPT
+        # summaries, each in proportion to what its prefetch did (not to
+        # the guest's memory).
+        pages = (session.prefetched_offsets() // np.uint64(session.page_size)).astype(np.uint32)
         summary = SessionSummary(session.session_id, pid, stats, session.log_key, session.errors,
-                                 np.packbits(pages, bitorder="little").tobytes(), session.page_size, audit)
+                                 pages, session.page_size, audit)
         self._maybe_rebuild_plan(session.log_key is not None)
+        self._evict_host_cache()
         self.summaries.append(summary)
         log.info(
             "guest pid %d: %s ended: %d faults, %d pages installed, p50 %.1f us, log %s",
@@ -404,11 +418,27 @@ class Server:
                    "snapshot": self.snapshot.label, "faults": stats.faults,
                    "pages_installed": stats.pages_installed, "first_touches": stats.first_touches,
                    "prefetch_pages": stats.prefetch_pages, "service_p50_ns": stats.service_p50_ns,
+                   "chunks": {"host": stats.chunks_host, "l1": stats.chunks_l1, "fetched": stats.chunks_fetched,
+                              "host_fills": stats.host_fills, "host_waits": stats.host_waits},
                    "service_p99_ns": stats.service_p99_ns, "errors": len(summary.errors),
                    "log_key": summary.log_key},
         )
         if self.on_session_end:
             self.on_session_end(summary)
+
+    def _evict_host_cache(self) -> None:
+        """Versions no session uses are evicted past the host cache's budget
+        when a session ends (a version in use never is)."""
+        if self.host_cache is None:
+            return
+        try:
+            freed = self.host_cache.evict_if_over()
+        except OSError as exc:
+            log.error("host cache %s: eviction failed: %s", self.host_cache.root, exc)
+            return
+        if freed:
+            log.info("host cache %s: evicted %d MiB of unused versions", self.host_cache.root, freed >> 20,
+                     extra={"event": "host_cache_evicted", "bytes": freed})
 
     def _maybe_rebuild_plan(self, recorded: bool) -> None:
         """Every rebuild_plan_after recorded sessions, rebuild the plan from

@@ -8,7 +8,7 @@ per running guest and nothing on any fault path. Fetch latencies are
 observed as they happen, from the fetcher threads (Server ``on_fetch``).
 
 Metric                                      type       labels
-restore_first_touches_total                 counter    source (zero, l1, l2, durable, prefetched, removed, failed)
+restore_first_touches_total                 counter    source (zero, l1, l2, durable, host, prefetched, removed, failed)
 restore_faults_total                        counter    kind (all, minor, planned, unplanned)
 restore_fault_service_seconds               histogram  demand faults of ended sessions
 restore_pages_installed_total               counter
@@ -16,7 +16,9 @@ restore_bytes_installed_total               counter
 restore_fetch_seconds                       histogram  tier (l2, durable), outcome (hit, miss, bad, error)
 restore_fetch_errors_total                  counter    tier, kind (error, bad)
 restore_fetch_bytes_total                   counter    tier
-restore_chunks_total                        counter    outcome (l1, fetched, failed, released, reloaded)
+restore_chunks_total                        counter    outcome (host, l1, fetched, failed, released, reloaded)
+restore_host_cache_chunks_total             counter    event (filled, waited, error)
+restore_service_poll_seconds_total          counter    service thread time looking for the next fault awake
 restore_l1_lookups_total                    counter    result (hit, miss, bad)
 restore_l1_hit_ratio                        gauge      L1 hits / lookups, all sessions
 restore_l1_size_bytes                       gauge      bytes in the L1 directory (this process's estimate, rescanned every minute)
@@ -107,11 +109,19 @@ class _ServerCollector:
         yield counter("restore_pages_installed", "Guest pages installed (fault-around and prefetch included)",
                       c.get("pages_installed", 0))
         yield counter("restore_bytes_installed", "Bytes installed by copy or zeropage", c.get("bytes_installed", 0))
-        yield labelled("restore_chunks", "Chunks by outcome: decoded from L1, fetched from L2/durable, given up "
-                       "(pages poisoned), decoded copy released, released and loaded again", "outcome",
-                       {"l1": c.get("chunks_l1", 0), "fetched": c.get("chunks_fetched", 0),
+        yield labelled("restore_chunks", "Chunks by outcome: taken from the host cache as they were, decoded from "
+                       "L1, fetched from L2/durable, given up (pages poisoned), decoded copy released, released "
+                       "and loaded again", "outcome",
+                       {"host": c.get("chunks_host", 0), "l1": c.get("chunks_l1", 0),
+                        "fetched": c.get("chunks_fetched", 0),
                         "failed": c.get("chunks_failed", 0), "released": c.get("chunks_released", 0),
                         "reloaded": c.get("chunks_reloaded", 0)})
+        yield labelled("restore_host_cache_chunks", "Host cache: chunks decoded into it, chunks another session "
+                       "or process was filling (waited for), writes that failed", "event",
+                       {"filled": c.get("host_fills", 0), "waited": c.get("host_waits", 0),
+                        "error": c.get("host_errors", 0)})
+        yield CounterMetricFamily("restore_service_poll_seconds", "Service thread time spent looking for the next "
+                                  "fault without sleeping (--poll-us)", value=c.get("poll_ns", 0) / 1e9)
         hits, misses, bad = c.get("chunks_l1", 0), c.get("l1_misses", 0), c.get("l1_bad", 0)
         yield labelled("restore_l1_lookups", "L1 lookups of chunks: found and verified, not there, failed "
                        "verification", "result", {"hit": hits, "miss": misses, "bad": bad})

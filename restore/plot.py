@@ -60,10 +60,11 @@ SOURCE_COLOURS: dict[str, str] = {
     "prefetched": "#009E73",
     "removed": "#56B4E9",
     "failed": "#000000",
+    "host": "#F0E442",
 }
 # Colours of the series of a chart (bars, lines), in order.
 SERIES_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
-                  "#999999", "#882255")
+                  "#999999", "#882255", "#44AA99", "#AA4499")
 DEMAND_EDGE = "#000000"  # outline of a demand fault's marker
 CURVE = "#404040"  # a running total
 SEQUENTIAL = "viridis"  # colour map of an order (plan rank, fetch order)

@@ -12,6 +12,7 @@ in order) is saved beside the snapshot as
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -26,8 +27,8 @@ import numpy as np
 from ._native import ffi, lib
 from .errors import InputError, check
 from .fetcher import Fetchers
-from .manifest import ZERO_PAGE
 from .snapshot import Snapshot
+from .tiers.host import HostCache
 
 log = logging.getLogger("restore.session")
 
@@ -42,11 +43,12 @@ LOG_DTYPE = np.dtype(
 )
 # RS_SRC_* by index. "fetched" (a network tier, which one not recorded) is
 # found only in logs written before l2 and durable were told apart.
-SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed", "l2", "durable")
+SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed", "l2", "durable", "host")
 DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault_around)
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
 DEFAULT_PREFETCH_INFLIGHT = 8  # plan chunks requested at once
+DEFAULT_POLL_US = 50  # us the service thread keeps reading after a fault; bench/test_bench_fault.py
 # Upper bounds (ns) of the buckets SessionStats.service_hist counts demand
 # faults in; a last bucket takes the rest. From a fault-around install of
 # a decoded chunk (a few us) to a slow durable fetch (seconds).
@@ -75,6 +77,10 @@ class SessionStats:
     bytes_installed: int
     chunks_l1: int
     chunks_fetched: int
+    chunks_host: int  # chunks taken from the host cache as they were: no read, no decode
+    host_fills: int  # chunks this session decoded into the host cache
+    host_waits: int  # chunks another session or process was filling: waited for, then taken
+    host_errors: int  # host cache failures (the chunk was served from memory instead)
     chunks_failed: int
     chunks_released: int  # decoded copies freed once every page of theirs was in
     chunks_reloaded: int  # released chunks loaded again for a late fault
@@ -105,6 +111,8 @@ class SessionStats:
     decode_ns: int  # verifying and decoding chunks
     install_ns: int  # install ioctls (demand and prefetch)
     prefetch_install_ns: int  # of which the prefetch's
+    poll_ns: int  # service thread time spent looking for the next fault without sleeping (poll_us)
+    poll_hits: int  # events it found that way
 
 
 def check_memfd_install(value: str) -> str:
@@ -132,37 +140,6 @@ def sessions_prefix(name: str, version: str) -> str:
     return f"snapshots/{name}/{version}/sessions/"
 
 
-def page_tables(snapshot: Snapshot, page_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per guest page of page_size bytes: (chunk or ZERO_PAGE, byte offset in
-    the decoded chunk), from the snapshot's page map (identity if none)."""
-    m = snapshot.manifest
-    pm = snapshot.page_map()
-    if page_size == m.page_size:
-        chunk = pm["chunk"].copy()
-        off = (pm["slot"].astype(np.uint64) * m.page_size).astype(np.uint32)
-        return chunk, off
-    if page_size < m.page_size or page_size % m.page_size or m.memory_size % page_size:
-        raise InputError(
-            f"guest page size {page_size} does not fit snapshot {snapshot.label} "
-            f"(page size {m.page_size}, memory {m.memory_size} bytes)"
-        )
-    if m.page_map is not None:
-        raise InputError(
-            f"snapshot {snapshot.label} has a page map: it can only serve guests with "
-            f"{m.page_size}-byte pages, not {page_size}"
-        )
-    # Identity layout, huge guest pages: each lies inside one chunk
-    # (chunk_size >= page_size), its small pages in order, zeros included.
-    n = m.memory_size // page_size
-    start = np.arange(n, dtype=np.uint64) * page_size
-    chunk = (start // m.chunk_size).astype(np.uint32)
-    off = (start % m.chunk_size).astype(np.uint32)
-    all_zero = (pm["chunk"] == ZERO_PAGE).reshape(n, page_size // m.page_size).all(axis=1)
-    chunk[all_zero] = ZERO_PAGE
-    off[all_zero] = 0
-    return chunk, off
-
-
 class RestoreSession:
     """Serve one guest from a snapshot.
 
@@ -183,7 +160,14 @@ class RestoreSession:
     default: measured faster here, see bench/test_bench_prefetch.py) or
     "continue" (write the bytes into the memfd, map them with
     UFFDIO_CONTINUE). on_fetch: told of every request to a network tier
-    (see restore.fetcher.Fetchers), e.g. for metrics.
+    (see restore.fetcher.Fetchers), e.g. for metrics. host_cache: the
+    host's cache of decoded chunks (restore.tiers.host.HostCache), read and
+    filled by the engine; None: chunks are decoded for this session alone.
+    When the version's host cache cannot be opened (its files belong to a
+    crashed host and other sessions still hold them), the session runs
+    without it and says so in the log. poll_us: after serving a fault, the
+    service thread keeps looking for the next one this long (us) before it
+    sleeps (0: never).
     """
 
     def __init__(
@@ -206,11 +190,16 @@ class RestoreSession:
         memfd: int = -1,
         memfd_install: str = "copy",
         on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
+        host_cache: Optional[HostCache] = None,
+        poll_us: int = DEFAULT_POLL_US,
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
         if fetchers < 1:
             raise InputError(f"fetchers must be at least 1, got {fetchers}")
+        if not 0 <= poll_us <= 1_000_000:
+            raise InputError(f"poll_us must be 0 to 1000000 us, got {poll_us}")
+        local = l1 is not None or host_cache is not None
         check_memfd_install(memfd_install)
         m = snapshot.manifest
         self.snapshot = snapshot
@@ -225,7 +214,8 @@ class RestoreSession:
         self._engine_lock = threading.Lock()
         self.log_key: Optional[str] = None
 
-        chunk, off = page_tables(snapshot, page_size)
+        tables = snapshot.page_tables(page_size)
+        chunks = snapshot.chunk_table()
         cfg = ffi.new(
             "rs_engine_config *",
             {
@@ -234,15 +224,22 @@ class RestoreSession:
                 "page_size": page_size,
                 "n_chunks": len(m.chunks),
                 "fault_around": fault_around,
-                "l1_threads": l1_threads if l1 is not None else 0,
+                "l1_threads": max(1, l1_threads) if local else 0,
                 "log_capacity": 0,
+                "poll_us": poll_us,
             },
         )
         regs = ffi.new("rs_engine_region[]", [{"base": r.base, "size": r.size, "offset": r.offset} for r in regions])
-        ids = b"".join(bytes.fromhex(c.id) if c.id else bytes(32) for c in m.chunks)
-        lens = np.array([c.stored_len for c in m.chunks], dtype=np.uint32)
-        flags = np.array([c.flags for c in m.chunks], dtype=np.uint32)
-        zero = b"".join(c.zero for c in m.chunks)
+        # The engine borrows the version's tables (shared by its sessions):
+        # these views keep them alive as long as the engine.
+        self._borrowed = (
+            ffi.from_buffer("uint32_t[]", tables[0]) if tables else ffi.NULL,
+            ffi.from_buffer("uint32_t[]", tables[1]) if tables else ffi.NULL,
+            ffi.from_buffer("uint8_t[]", chunks.ids),
+            ffi.from_buffer("uint32_t[]", chunks.lens),
+            ffi.from_buffer("uint32_t[]", chunks.flags),
+            ffi.from_buffer("uint8_t[]", chunks.zero),
+        )
         out = ffi.new("rs_engine **")
         check(
             lib.rs_engine_create(
@@ -251,12 +248,7 @@ class RestoreSession:
                 snapshot.codec._handle(),
                 regs,
                 len(regions),
-                ffi.from_buffer("uint32_t[]", chunk),
-                ffi.from_buffer("uint32_t[]", off),
-                ids,
-                ffi.from_buffer("uint32_t[]", lens),
-                ffi.from_buffer("uint32_t[]", flags),
-                zero,
+                *self._borrowed,
                 os.fsencode(str(l1.root)) if l1 is not None else ffi.NULL,
             ),
             "rs_engine_create",
@@ -273,6 +265,8 @@ class RestoreSession:
                     "rs_engine_set_plan",
                     self.label,
                 )
+            if host_cache is not None:
+                self._open_host_cache(host_cache)
             if memfd >= 0:
                 check(lib.rs_engine_set_memfd(self._engine, memfd, MEMFD_INSTALLS[memfd_install]),
                       "rs_engine_set_memfd", self.label)
@@ -282,6 +276,19 @@ class RestoreSession:
             raise
         self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
                                  on_fetch=on_fetch)
+
+    def _open_host_cache(self, host_cache: HostCache) -> None:
+        for _ in range(3):  # a version evicted between mkdir and open is made again
+            path, vid = host_cache.open_version(self.snapshot.manifest)
+            rc = lib.rs_engine_set_host_cache(self._engine, os.fsencode(str(path)), vid)
+            if rc != -errno.ENOENT:
+                break
+        if rc == -errno.EBUSY:
+            log.warning("%s: host cache %s holds bytes of another boot or geometry and is in use by other "
+                        "sessions: serving without it", self.label, path)
+        elif rc < 0:
+            log.warning("%s: host cache %s cannot be used (%s): serving without it", self.label, path,
+                        os.strerror(-rc))
 
     # -- running ----------------------------------------------------------
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -364,12 +371,11 @@ class RestoreSession:
         installed, fault-around runs included; readable after close()."""
         if self._closed:
             return self._prefetched
-        words = (self.snapshot.manifest.memory_size // self.page_size + 63) // 64
-        bm = np.zeros(words, dtype=np.uint64)
-        n = lib.rs_engine_prefetched(self._handle(), ffi.cast("uint64_t *", ffi.from_buffer(bm)), words)
-        bits = np.unpackbits(bm[:n].view(np.uint8), bitorder="little")
-        return np.flatnonzero(bits).astype(np.uint64) * np.uint64(self.page_size)
-
+        st = ffi.new("rs_engine_stats *")
+        lib.rs_engine_get_stats(self._handle(), st)
+        pages = np.zeros(int(st.prefetch_pages), dtype=np.uint64)
+        n = lib.rs_engine_prefetched(self._handle(), ffi.cast("uint64_t *", ffi.from_buffer(pages)), len(pages))
+        return pages[:n] * np.uint64(self.page_size)
 
     # -- ending -------------------------------------------------------------
     def close(self) -> Optional[SessionStats]:

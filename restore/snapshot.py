@@ -460,6 +460,18 @@ class BadChunk:
     reason: str
 
 
+@dataclass(frozen=True)
+class ChunkTable:
+    """A manifest's chunk table as the engine takes it: ids (32 bytes per
+    chunk, zeros for an all-zero chunk), stored lengths (bytes), RS_CHUNK_*
+    flags, and the zero bitmaps back to back."""
+
+    ids: bytes
+    lens: np.ndarray
+    flags: np.ndarray
+    zero: bytes
+
+
 class Snapshot:
     """An ACTIVE snapshot opened for reading.
 
@@ -509,6 +521,9 @@ class Snapshot:
                 raise ManifestError(f"manifest {where} fails authentication: it was altered or forged "
                                     "after it was written with this snapshot's key")
         self._page_map: Optional[np.ndarray] = None
+        self._chunk_table: Optional[ChunkTable] = None
+        self._table_lock = threading.Lock()
+        self._page_tables: dict[int, Optional[tuple[np.ndarray, np.ndarray]]] = {}
 
     @classmethod
     def open(
@@ -545,6 +560,61 @@ class Snapshot:
         if self._page_map is None:
             self._page_map = load_page_map(self.store, self.manifest)
         return self._page_map
+
+    def chunk_table(self) -> "ChunkTable":
+        """The manifest's chunk table in the engine's form (csrc/engine.h
+        rs_engine_create), built once and shared by every session."""
+        with self._table_lock:
+            if self._chunk_table is None:
+                m = self.manifest
+                self._chunk_table = ChunkTable(
+                    ids=b"".join(bytes.fromhex(c.id) if c.id else bytes(32) for c in m.chunks),
+                    lens=np.array([c.stored_len for c in m.chunks], dtype=np.uint32),
+                    flags=np.array([c.flags for c in m.chunks], dtype=np.uint32),
+                    zero=b"".join(c.zero for c in m.chunks),
+                )
+            return self._chunk_table
+
+    def page_tables(self, page_size: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """Per guest page of page_size bytes: (chunk or ZERO_PAGE, byte offset
+        in the decoded chunk), from the page map; None for the identity
+        layout with the snapshot's own page size, which the engine computes
+        from the zero bitmaps (nothing per page to build or hold). Built
+        once per page size and shared by every session. Raises InputError
+        when page_size cannot be served from this snapshot."""
+        with self._table_lock:
+            if page_size not in self._page_tables:
+                self._page_tables[page_size] = self._build_page_tables(page_size)
+            return self._page_tables[page_size]
+
+    def _build_page_tables(self, page_size: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        m = self.manifest
+        if page_size == m.page_size:
+            if m.page_map is None:
+                return None
+            pm = self.page_map()
+            return pm["chunk"].copy(), (pm["slot"].astype(np.uint64) * m.page_size).astype(np.uint32)
+        if page_size < m.page_size or page_size % m.page_size or m.memory_size % page_size:
+            raise InputError(
+                f"guest page size {page_size} does not fit snapshot {self.label} "
+                f"(page size {m.page_size}, memory {m.memory_size} bytes)"
+            )
+        if m.page_map is not None:
+            raise InputError(
+                f"snapshot {self.label} has a page map: it can only serve guests with "
+                f"{m.page_size}-byte pages, not {page_size}"
+            )
+        # Identity layout, huge guest pages: each lies inside one chunk
+        # (chunk_size >= page_size), its small pages in order, zeros included.
+        pm = self.page_map()
+        n = m.memory_size // page_size
+        start = np.arange(n, dtype=np.uint64) * page_size
+        chunk = (start // m.chunk_size).astype(np.uint32)
+        off = (start % m.chunk_size).astype(np.uint32)
+        all_zero = (pm["chunk"] == ZERO_PAGE).reshape(n, page_size // m.page_size).all(axis=1)
+        chunk[all_zero] = ZERO_PAGE
+        off[all_zero] = 0
+        return chunk, off
 
     def chunk_offset(self, index: int) -> int:
         """File offset (bytes) of the first page held by chunk index."""

@@ -98,10 +98,15 @@ def test_try_checks_every_page(tmp_path, made, run_cli):
     _, store = made
     first = run_cli("try", "fn", "--pages", "300", "--store", store, check=True).stdout
     assert re.match(r"fn/1: guest read 300 pages in [\d.]+ (ns|us|ms) .*; every page matches the snapshot\n", first), first
-    assert re.search(r"chunks:\s+0 from L1, [1-9]\d* fetched, 0 failed", first), first
+    fetched = re.search(r"chunks:\s+0 from the host cache, 0 from L1, ([1-9]\d*) fetched, 0 failed; "
+                        r"(\d+) decoded into the host cache", first)
+    assert fetched and fetched[1] == fetched[2], first
     again = run_cli("try", "fn", "--pages", "300", "--store", store, check=True).stdout
-    assert re.search(r"chunks:\s+[1-9]\d* from L1, 0 fetched, 0 failed", again), again
+    assert re.search(rf"chunks:\s+{fetched[1]} from the host cache, 0 from L1, 0 fetched, 0 failed\n", again), again
     assert "fault log:         snapshots/fn/1/sessions/" in again
+    # Without the host cache, the chunks are decoded again, from L1.
+    alone = run_cli("try", "fn", "--pages", "300", "--no-host-cache", "--store", store, check=True).stdout
+    assert re.search(rf"chunks:\s+0 from the host cache, {fetched[1]} from L1, 0 fetched, 0 failed\n", alone), alone
 
 
 def test_plan_build_and_show(tmp_path, made, run_cli):

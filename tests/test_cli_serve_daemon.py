@@ -145,17 +145,22 @@ def test_serve_from_a_config_file_with_metrics(tmp_path, made, run_cli):
             n for s, n in first["first_touches"].items() if s != "prefetched")
         assert value(after1, "restore_fault_service_seconds_sum") > 0 and demand > 0
         assert value(after1, "restore_l1_size_bytes") > 0
+        # Session 1 decoded what it fetched into the host cache.
+        assert value(after1, "restore_host_cache_chunks_total", event="filled") == first["chunks"]["host_fills"] > 0
+        assert first["chunks"]["host"] == 0
 
         run_cli("plan", "build", "fn", "--sessions", "1", "--store", store, check=True)
 
-        # 2: the plan is replayed; the chunks are in L1 now.
+        # 2: the plan is replayed; its chunks are in the host cache now, as
+        # session 1 decoded them: nothing is read from L1 or decoded again.
         second = restore_once()
         after2 = scrape(url)
         assert second["prefetch_pages"] > 0
         assert value(after2, "restore_prefetch_pages_total") == second["prefetch_pages"]
         assert value(after2, "restore_first_touches_total", source="prefetched") > 0
-        assert value(after2, "restore_l1_lookups_total", result="hit") > 0
-        assert 0 < value(after2, "restore_l1_hit_ratio") < 1
+        assert value(after2, "restore_chunks_total", outcome="host") == second["chunks"]["host"] > 0
+        assert second["chunks"]["l1"] == second["chunks"]["fetched"] == second["chunks"]["host_fills"] == 0
+        assert value(after2, "restore_l1_lookups_total", result="hit") == 0
         assert value(after2, "restore_prefetch_useful_pages_total") == 0
 
         # 3: every second session with a plan is an audit: no prefetch, the plan scored.

@@ -32,15 +32,15 @@ def _engine(codec, raw_chunks):
     chunk = (pages // (C // P)).astype(np.uint32)
     off = ((pages % (C // P)) * P).astype(np.uint32)
     out = ffi.new("rs_engine **")
-    rc = lib.rs_engine_create(
-        out, cfg, codec._handle(), regs, 1, ffi.from_buffer("uint32_t[]", chunk), ffi.from_buffer("uint32_t[]", off),
-        b"".join(bytes.fromhex(e.id) for e in enc),
-        ffi.from_buffer("uint32_t[]", np.array([len(e.data) for e in enc], dtype=np.uint32)),
-        ffi.from_buffer("uint32_t[]", np.array([e.flags for e in enc], dtype=np.uint32)),
-        b"".join(e.zero_bitmap for e in enc), ffi.NULL,
-    )
+    # The engine borrows its tables: they live as long as it does.
+    tables = (ffi.from_buffer("uint32_t[]", chunk), ffi.from_buffer("uint32_t[]", off),
+              ffi.from_buffer("uint8_t[]", b"".join(bytes.fromhex(e.id) for e in enc)),
+              ffi.from_buffer("uint32_t[]", np.array([len(e.data) for e in enc], dtype=np.uint32)),
+              ffi.from_buffer("uint32_t[]", np.array([e.flags for e in enc], dtype=np.uint32)),
+              ffi.from_buffer("uint8_t[]", b"".join(e.zero_bitmap for e in enc)))
+    rc = lib.rs_engine_create(out, cfg, codec._handle(), regs, 1, *tables, ffi.NULL)
     assert rc == 0
-    return out[0], enc
+    return out[0], enc, tables
 
 
 def test_create_start_supply_stop_destroy_stays_flat():
@@ -51,7 +51,7 @@ def test_create_start_supply_stop_destroy_stays_flat():
     req = ffi.new("uint32_t *")
 
     def cycle():
-        eng, enc = _engine(codec, raw)
+        eng, enc, _tables = _engine(codec, raw)
         assert lib.rs_engine_start(eng, uffd, -1) == 0
         assert lib.rs_engine_next_request(eng, req, 0) == 0  # nothing asked for
         # Supplying a chunk nobody asked for is refused; failing one is not.
