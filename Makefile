@@ -12,7 +12,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RESTORE := $(VENV)/bin/restore
-DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind memcached iproute2 curl
+DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind memcached iproute2 curl libsqlite3-0
 DEMO_DIR ?= demo-data
 
 .PHONY: soak demo test bench deps install clean

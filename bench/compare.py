@@ -22,6 +22,14 @@ the end of its invocation):
                handshake (shared memory, MISSING|MINOR), filled by UFFDIO_COPY
   uffd-replay-ws-memfd-cont  the same, filled by writing the memfd and
                mapping with UFFDIO_CONTINUE (--memfd-install continue)
+  uffd-replay-l1  uffd-replay without a host cache: every chunk verified
+               and decoded from the (warm) compressed L1 for this restore
+  uffd-replay-hc-empty  uffd-replay with a new, empty host cache (L1 warm):
+               the first restore of a version on a host, decoding into it
+Cache state: every uffd strategy but the last two runs with the host cache
+warm (every chunk of the version decoded into it before the rounds:
+restore.tiers.host.HostCache.fill) and L1 warm; mmap-warm reads the memory
+file with its pages in the page cache, mmap-cold after evicting them.
 Tier conditions: warm L1 (every chunk in the local cache); and, with
 --slow-tiers, cold L1 with L2 warm, and cold L1 and L2 with only the
 durable tier (S3), both behind bench/netdelay's delays (0.5 ms / 20 ms RTT),
@@ -29,12 +37,16 @@ for the uffd strategies (resident stays the floor). Each workload is
 recorded once (an uffd-lazy run of invocation A whose fault log becomes the
 plan) and measured on a different invocation B that shares most of A's
 working set. minivm (a KVM guest) is one more workload: resident, uffd-lazy
-and uffd-replay, time from restore start to its answer.
+and uffd-replay, time from restore start to its answer. sqlite
+(bench/realistic.py; --no-realistic skips it) is another: SQLite answering a
+mix of queries against a database in the guest's memory, in place; resident,
+mmap-cold, mmap-warm, uffd-lazy and uffd-replay.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -52,14 +64,16 @@ from restore.session import RestoreSession, prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
+from restore.tiers.host import HostCache
 from restore.tiers.l1 import L1Cache
 from restore.layout import optimize_snapshot
 from restore.workingset import load_plan, rebuild_plan
 
 P = 4096
 STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws",
-              "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont"]
-UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws", "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont"]
+              "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont", "uffd-replay-l1", "uffd-replay-hc-empty"]
+UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws", "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont",
+        "uffd-replay-l1", "uffd-replay-hc-empty"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,11 @@ class Bench:
         self._l1 = L1Cache(work / "l1")
         if warm_l1:
             self.snap.fill_l1(self._l1)
+        # Warm host cache for warm-L1 runs (filled before the rounds); cold
+        # runs get a new, empty one per restore, like their L1.
+        self._host = HostCache(work / "host")
+        if warm_l1:
+            self._host.fill(self.snap)
         self._n = 0
         self.detail: list[dict] = []  # per served restore: _detail()
         self.snap_ws: Snapshot | None = None  # the working-set-first version, after record()
@@ -127,6 +146,17 @@ class Bench:
             return self._l1
         self._n += 1
         return L1Cache(self.work / f"cold-l1-{self._n}")
+
+    @property
+    def host(self) -> HostCache:
+        """The warm host cache, or a new empty one for every restore (cold L1)."""
+        if self.warm_l1:
+            return self._host
+        return self.empty_host()
+
+    def empty_host(self) -> HostCache:
+        self._n += 1
+        return HostCache(self.work / f"cold-host-{self._n}")
 
     def sock(self) -> str:
         self._n += 1
@@ -148,9 +178,12 @@ class Bench:
         self.check(res, offsets)
         return res.total_ns / 1e6
 
-    def served(self, offsets, use_plan: bool, snap: Snapshot | None = None, memfd: str | None = None) -> float:
+    def served(self, offsets, use_plan: bool, snap: Snapshot | None = None, memfd: str | None = None,
+               host: str = "warm") -> float:
+        """host: "warm" (self.host), "none" or "empty" (a new host cache)."""
+        hc = {"warm": lambda: self.host, "none": lambda: None, "empty": self.empty_host}[host]()
         with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
-                    memfd_install=memfd or "copy", **self.server_kw) as server:
+                    memfd_install=memfd or "copy", host_cache=hc, **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
@@ -172,6 +205,7 @@ class Bench:
                                   chunk_size=m.chunk_size)
             session = RestoreSession(self.snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
                                      l1=self.l1, persist_log=False, plan=plan, l2=self.server_kw.get("l2"),
+                                     host_cache=self.host,
                                      fetchers=self.server_kw.get("fetchers", 4),
                                      prefetch_inflight=self.server_kw.get("prefetch_inflight", 8))
             while not session.prefetch_done():
@@ -202,6 +236,7 @@ class Bench:
         self.snap_ws = Snapshot.open(self.store, "bench", opt.manifest.version)
         if self.warm_l1:
             self.snap_ws.fill_l1(self._l1)
+            self._host.fill(self.snap_ws)
         return pages
 
     def close(self) -> None:
@@ -222,6 +257,10 @@ class Bench:
             return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd="copy")
         if strategy == "uffd-replay-ws-memfd-cont":
             return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd="continue")
+        if strategy == "uffd-replay-l1":
+            return self.served(offsets, use_plan=True, host="none")
+        if strategy == "uffd-replay-hc-empty":
+            return self.served(offsets, use_plan=True, host="empty")
         return self.reap(offsets)
 
 
@@ -230,9 +269,11 @@ def _detail(summary, offsets) -> dict:
     phase, and the prefetch's useful and wasted pages for this trace."""
     st = summary.stats
     useful, wasted = prefetch_usage(summary.prefetched, np.unique(offsets))
-    return {"l2_bytes": st.tiers["l2"]["bytes"], "durable_bytes": st.tiers["durable"]["bytes"], "faults": st.faults, "chunks": st.chunks_l1 + st.chunks_fetched, "l1_read_ms": st.l1_read_ns / 1e6,
-            "decode_ms": st.decode_ns / 1e6, "install_ms": st.install_ns / 1e6, "prefetched": st.prefetch_pages,
-            "useful": useful, "wasted": wasted, "late": st.faults_planned, "unplanned": st.faults_unplanned}
+    return {"l2_bytes": st.tiers["l2"]["bytes"], "durable_bytes": st.tiers["durable"]["bytes"], "faults": st.faults,
+            "chunks": st.chunks_l1 + st.chunks_fetched, "chunks_host": st.chunks_host, "l1_read_ms": st.l1_read_ns / 1e6,
+            "decode_ms": st.decode_ns / 1e6, "install_ms": st.install_ns / 1e6, "poll_ms": st.poll_ns / 1e6,
+            "prefetched": st.prefetch_pages, "useful": useful, "wasted": wasted, "late": st.faults_planned,
+            "unplanned": st.faults_unplanned}
 
 
 def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -250,22 +291,25 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
     snap = Snapshot.open(store, "vm")
     l1 = L1Cache(work / "vml1")
     snap.fill_l1(l1)
+    host = HostCache(work / "vmhost")
+    host.fill(snap)
     n = iter(range(10**6))
 
-    def serve(use_plan, request, persist=False, s=snap, memfd=None, **kw):
+    def serve(use_plan, request, persist=False, s=snap, memfd=None, hc=host, **kw):
         with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist,
-                    memfd_install=memfd or "copy", **kw) as server:
+                    memfd_install=memfd or "copy", host_cache=hc, **kw) as server:
             return driver.restore(b, server.socket_path, state, [request], memfd=memfd is not None)[0].ns / 1e6
 
     serve(False, 11, persist=True, fault_around=1)  # record invocation A, every touched page
     rebuild_plan(store, snap.manifest, sessions=1)
     ws = Snapshot.open(store, "vm", optimize_snapshot(snap).manifest.version)
     ws.fill_l1(l1)
+    host.fill(ws)
     out = {}
     for label, request in [("another request", 4242), ("the recorded request", 11)]:
         rows = out[f"minivm (KVM guest, 256 MiB): {label}"] = {
             "resident": [], "uffd-lazy": [], "uffd-replay": [], "uffd-replay-ws": [], "uffd-replay-ws-memfd": [],
-            "uffd-replay-ws-memfd-cont": []}
+            "uffd-replay-ws-memfd-cont": [], "uffd-replay-l1": []}
         for _ in range(rounds):
             rows["resident"].append(driver.resident(b, image, state, [request])[0].ns / 1e6)
             rows["uffd-lazy"].append(serve(False, request))
@@ -273,6 +317,7 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
             rows["uffd-replay-ws"].append(serve(True, request, s=ws))
             rows["uffd-replay-ws-memfd"].append(serve(True, request, s=ws, memfd="copy"))
             rows["uffd-replay-ws-memfd-cont"].append(serve(True, request, s=ws, memfd="continue"))
+            rows["uffd-replay-l1"].append(serve(True, request, hc=None))
     snap.close()
     ws.close()
     return out
@@ -332,7 +377,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=_positive, default=5)
     ap.add_argument("--size-mib", type=_positive, default=512)
     ap.add_argument("--out", default="compare.png", help="PNG plot to write")
+    ap.add_argument("--json", default=None, help="write every round's figures (and the breakdowns) here as JSON")
     ap.add_argument("--no-minivm", action="store_true")
+    ap.add_argument("--no-realistic", action="store_true", help="skip the SQLite workload (bench/realistic.py)")
+    ap.add_argument("--realistic-size-mib", type=_positive, default=256,
+                    help="memory of the SQLite workload's guest")
+    ap.add_argument("--only", choices=["synthetic", "realistic", "minivm"],
+                    help="run only these workloads (synthetic: heap/scatter/scan and --slow-tiers)")
     ap.add_argument("--slow-tiers", action="store_true",
                     help="also run the first workload with a cold L1 behind delayed L2 / S3 (needs root)")
     ap.add_argument("--slow-size-mib", type=_positive, default=64, help="memory of the slow-tier runs")
@@ -342,8 +393,8 @@ def main(argv=None) -> int:
     results: dict[str, dict[str, list[float]]] = {}
     details: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="restore-compare-") as tmp:
-        bench = Bench(Path(tmp), args.size_mib << 20)
-        for w in workloads(bench.size):
+        bench = Bench(Path(tmp), args.size_mib << 20) if args.only in (None, "synthetic") else None
+        for w in workloads(bench.size) if bench else []:
             pages = bench.record(w)
             print(f"{w.name}: plan of {pages} pages from the recorded invocation", file=sys.stderr)
             rows = {s: [] for s in STRATEGIES}
@@ -354,8 +405,9 @@ def main(argv=None) -> int:
                     if s in details[w.name]:
                         details[w.name][s].append(bench.detail[-1])
             results[w.name] = rows
-        bench.close()
-        if args.slow_tiers:
+        if bench:
+            bench.close()
+        if args.slow_tiers and args.only in (None, "synthetic"):
             slow = Path(tmp) / "slow"
             slow.mkdir()
             img = slow / "mem.img"
@@ -363,40 +415,71 @@ def main(argv=None) -> int:
             w = workloads(args.slow_size_mib << 20)[0]
             results.update(slow_tier_rows(slow, img, args.slow_size_mib << 20, w, max(1, args.rounds // 2),
                                           args.inflight, details))
-        if not args.no_minivm:
+        if not args.no_realistic and args.only in (None, "realistic"):
+            from bench.realistic import realistic_rows
+
+            results.update(realistic_rows(Path(tmp) / "sqlite", args.rounds, args.realistic_size_mib,
+                                          log=lambda line: print(line, file=sys.stderr),
+                                          host_cache=HostCache(Path(tmp) / "sqlite-host")))
+        if not args.no_minivm and args.only in (None, "minivm"):
             results.update(minivm_rows(Path(tmp), args.rounds))
 
-    print(f"\nrestore-to-done, median of interleaved rounds ({args.rounds}; slow tiers {max(1, args.rounds // 2)}); "
-          "ratio to resident")
-    width = max([44] + [len(n) + 1 for n in results])
-    print(f"{'workload':<{width}}" + "".join(f"{s:>26}" for s in STRATEGIES))
-    for name, rows in results.items():
-        base = float(np.median(rows["resident"]))
-        cells = []
-        for s in STRATEGIES:
-            if s in rows and rows[s]:
-                med = float(np.median(rows[s]))
-                cells.append(f"{med:9.2f} ms {med / base:6.2f}x")
-            else:
-                cells.append("-")
-        print(f"{name:<{width}}" + "".join(f"{c:>26}" for c in cells))
-    if details:
-        print("\nwhere the time goes (medians; thread time per phase, summed over the engine's threads; "
-              "bytes fetched from the network tiers)")
-        print(f"{'workload':<{width}}{'strategy':>26}{'faults':>7}{'chunks':>7}{'L1 read':>9}{'decode':>9}"
-              f"{'install':>9}{'from L2':>10}{'durable':>10}{'prefetched':>11}{'useful':>7}{'wasted':>7}{'late':>5}"
-              f"{'unplanned':>10}")
-        for name, by in details.items():
-            for strat, ds in by.items():
-                med = {k: float(np.median([d[k] for d in ds])) for k in ds[0]}
-                print(f"{name.split(':')[0]:<{width}}{strat:>26}{med['faults']:7.0f}{med['chunks']:7.0f}"
-                      f"{med['l1_read_ms']:7.1f}ms{med['decode_ms']:7.1f}ms{med['install_ms']:7.1f}ms"
-                      f"{med['l2_bytes'] / 2**20:7.1f}MiB{med['durable_bytes'] / 2**20:7.1f}MiB"
-                      f"{med['prefetched']:11.0f}{med['useful']:7.0f}{med['wasted']:7.0f}{med['late']:5.0f}"
-                      f"{med['unplanned']:10.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "details": details}, indent=1))
+    report(results, details, args.rounds)
     _plot(results, args.out)
     print(f"\nplot: {args.out}")
     return 0
+
+
+def _baseline(rows: dict) -> str:
+    """What a row's ratios are to: mmap-warm (Firecracker's File backend with
+    a hot page cache) where the row has it, else resident."""
+    return "mmap-warm" if rows.get("mmap-warm") else "resident"
+
+
+def report(results: dict, details: dict, rounds: int) -> None:
+    """The comparison table (median ms and ratio to the row's baseline), the
+    spread table (min-max ms over rounds) and where the time goes."""
+    print(f"\nrestore-to-done, median of {rounds} interleaved rounds (slow tiers {max(1, rounds // 2)}); ratio to "
+          "mmap-warm where the row has it, else to resident (marked r)")
+    width = max([44] + [len(n) + 1 for n in results])
+    cols = [s for s in STRATEGIES if any(rows.get(s) for rows in results.values())]
+    print(f"{'workload':<{width}}" + "".join(f"{s:>26}" for s in cols))
+    for name, rows in results.items():
+        base_name = _baseline(rows)
+        base = float(np.median(rows[base_name]))
+        mark = "r" if base_name == "resident" else "x"
+        cells = []
+        for s in cols:
+            if rows.get(s):
+                med = float(np.median(rows[s]))
+                cells.append(f"{med:9.2f} ms {med / base:6.2f}{mark}")
+            else:
+                cells.append("-")
+        print(f"{name:<{width}}" + "".join(f"{c:>26}" for c in cells))
+    print("\nspread: min-max ms over the rounds")
+    print(f"{'workload':<{width}}" + "".join(f"{s:>26}" for s in cols))
+    for name, rows in results.items():
+        print(f"{name:<{width}}" + "".join(
+            f"{f'{min(rows[s]):.2f}-{max(rows[s]):.2f}':>26}" if rows.get(s) else f"{'-':>26}" for s in cols))
+    if details:
+        print("\nwhere the time goes (medians; thread time per phase, summed over the engine's threads; "
+              "bytes fetched from the network tiers)")
+        print(f"{'workload':<{width}}{'strategy':>26}{'faults':>7}{'host':>6}{'chunks':>7}{'L1 read':>9}{'decode':>9}"
+              f"{'install':>9}{'poll':>8}{'from L2':>10}{'durable':>10}{'prefetched':>11}{'useful':>7}{'wasted':>7}"
+              f"{'late':>5}{'unplanned':>10}")
+        for name, by in details.items():
+            for strat, ds in by.items():
+                if not ds:
+                    continue
+                med = {k: float(np.median([d[k] for d in ds])) for k in ds[0]}
+                print(f"{name.split(':')[0]:<{width}}{strat:>26}{med['faults']:7.0f}{med['chunks_host']:6.0f}"
+                      f"{med['chunks']:7.0f}{med['l1_read_ms']:7.1f}ms{med['decode_ms']:7.1f}ms"
+                      f"{med['install_ms']:7.1f}ms{med['poll_ms']:6.1f}ms"
+                      f"{med['l2_bytes'] / 2**20:7.1f}MiB{med['durable_bytes'] / 2**20:7.1f}MiB"
+                      f"{med['prefetched']:11.0f}{med['useful']:7.0f}{med['wasted']:7.0f}{med['late']:5.0f}"
+                      f"{med['unplanned']:10.0f}")
 
 
 def _plot(results, out) -> None:
