@@ -26,6 +26,7 @@
 #include "uffd.h"
 #include "engine.h"
 #include "private/deadline.h"
+#include "private/zmem.h"
 
 #define NO_CHUNK 0xFFFFFFFFu
 #define EVENT_BATCH 64
@@ -581,19 +582,19 @@ static int install_poison(rs_engine *e, int r, uint64_t p)
     return ioctl_result(e, rc);
 }
 
-/* Serve a fault on guest page p (region r) whose chunk c is READY. */
-/* The fault-around run for page p of chunk c in region r: [*lo, *hi), the
- * not-yet-present pages around p within its aligned window of fault_around
+/* The run around page p of chunk c in region r: [*lo, *hi), the
+ * not-yet-present pages around p within its aligned window of `window`
  * pages that are contiguous in the chunk. */
-static void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint64_t *lo, uint64_t *hi)
+static void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t *lo,
+                       uint64_t *hi)
 {
     const uint64_t ps = e->cfg.page_size;
 
     *lo = p;
     *hi = p + 1;
-    if (e->cfg.fault_around > 1) {
-        uint64_t w0 = p - p % e->cfg.fault_around;
-        uint64_t w1 = w0 + e->cfg.fault_around;
+    if (window > 1) {
+        uint64_t w0 = p - p % window;
+        uint64_t w1 = w0 + window;
 
         while (*lo > w0 && candidate(e, r, c, *lo - 1) &&
                off_of(e, *lo - 1) + ps == off_of(e, *lo))
@@ -609,7 +610,7 @@ static int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
     uint64_t lo, hi, upto;
     int rc;
 
-    run_around(e, r, c, p, &lo, &hi);
+    run_around(e, r, c, p, e->cfg.fault_around, &lo, &hi);
     rc = fill_run(e, r, e->chunks[c].data + off_of(e, lo), lo, hi, &upto);
     if (rc == -EAGAIN && upto > p)
         rc = 0; /* the faulting page made it; the rest may fault later */
@@ -742,9 +743,10 @@ static void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns)
 
 /* Install the planned pages of ready chunk c (plan chunk k) that are not
  * present or removed, taking the install lock for reading per run. Each
- * planned page brings its fault-around run, as its demand fault did when
- * the plan was recorded (the log holds the faulting pages; the guest
- * touched their neighbours without faulting), and the runs of neighbouring
+ * planned page brings its run of prefetch_around pages, as its demand
+ * fault did when the plan was recorded with that fault-around (the log
+ * holds the faulting pages; the guest touched their neighbours without
+ * faulting; 1 for a plan recorded page by page), and the runs of neighbouring
  * planned pages are coalesced while they stay contiguous in the chunk and
  * in one region: one UFFDIO_COPY per run, up to a whole chunk. Best
  * effort: a run that meets -EAGAIN (a REMOVE in flight) is cut short; its
@@ -765,7 +767,7 @@ static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
         /* The install lock is taken per run, so a demand fault waits for
          * at most one run (a chunk's worth), never for the whole plan. */
         pthread_rwlock_rdlock(&e->install);
-        run_around(e, r, c, p, &lo, &hi);
+        run_around(e, r, c, p, e->cfg.prefetch_around, &lo, &hi);
         while (i < end && e->plan_pages[i] <= hi) {
             uint64_t q = e->plan_pages[i];
 
@@ -775,7 +777,7 @@ static void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
             }
             if (!candidate(e, r, c, q) || off_of(e, q) != off_of(e, q - 1) + ps)
                 break;
-            run_around(e, r, c, q, &lo2, &hi2);
+            run_around(e, r, c, q, e->cfg.prefetch_around, &lo2, &hi2);
             hi = hi2;
             i++;
         }
@@ -1266,14 +1268,16 @@ static void *local_main(void *arg)
 /* Free what rs_engine_create allocated besides the struct and its fds. */
 static void free_tables(rs_engine *e)
 {
+    size_t bm = (e->n_pages + 63) / 64 * sizeof(uint64_t);
+
     free(e->regions);
-    free(e->chunks);
-    free((void *)e->present);
-    free((void *)e->removed);
-    free((void *)e->touched);
-    free((void *)e->settled);
-    free((void *)e->claimed);
-    free((void *)e->written);
+    rs_zfree(e->chunks, (e->cfg.n_chunks + 1) * sizeof(struct chunk));
+    rs_zfree((void *)e->present, bm);
+    rs_zfree((void *)e->removed, bm);
+    rs_zfree((void *)e->touched, bm);
+    rs_zfree((void *)e->settled, bm);
+    rs_zfree((void *)e->claimed, bm);
+    rs_zfree((void *)e->written, bm);
     free(e->l1_dir);
     free(e->zero_page);
     rs_fetchq_destroy(e->l1q);
@@ -1284,9 +1288,9 @@ static void free_tables(rs_engine *e)
     free(e->plan_start);
     free(e->chunk_plan);
     free(e->plan_zero);
-    free((void *)e->planned);
-    free((void *)e->prefetched);
-    free(e->prefetch_asked);
+    rs_zfree((void *)e->planned, bm);
+    rs_zfree((void *)e->prefetched, bm);
+    rs_zfree(e->prefetch_asked, e->cfg.n_chunks + 1);
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -1307,14 +1311,14 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
     for (size_t i = 0; i < n; i++)
         if (pages[i] >= e->n_pages)
             return -EINVAL;
-    e->planned = calloc((e->n_pages + 63) / 64, sizeof(uint64_t));
-    e->prefetched = calloc((e->n_pages + 63) / 64, sizeof(uint64_t));
+    e->planned = rs_zalloc((e->n_pages + 63) / 64 * sizeof(uint64_t));
+    e->prefetched = rs_zalloc((e->n_pages + 63) / 64 * sizeof(uint64_t));
     e->chunk_plan = malloc((nc + 1) * sizeof(int32_t));
     e->plan_chunks = malloc((nc + 1) * sizeof(uint32_t));
     e->plan_start = calloc(nc + 2, sizeof(uint64_t));
     e->plan_pages = malloc((n + 1) * sizeof(uint64_t));
     e->plan_zero = malloc((n + 1) * sizeof(uint64_t));
-    e->prefetch_asked = calloc(nc + 1, 1);
+    e->prefetch_asked = rs_zalloc(nc + 1);
     count = calloc(nc + 1, sizeof(uint64_t));
     if (!e->planned || !e->prefetched || !e->chunk_plan || !e->plan_chunks || !e->plan_start ||
         !e->plan_pages || !e->plan_zero || !e->prefetch_asked || !count) {
@@ -1348,7 +1352,8 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
         count[k] = e->plan_start[k]; /* next free slot of plan chunk k */
     }
     e->plan_start[e->n_plan_chunks] = pos;
-    memset((void *)e->planned, 0, (e->n_pages + 63) / 64 * sizeof(uint64_t));
+    for (size_t i = 0; i < n; i++) /* again from nothing: only the plan's bits */
+        bit_clear(e->planned, pages[i]);
     for (size_t i = 0; i < n; i++) {
         uint64_t p = pages[i];
         uint32_t c = chunk_of(e, p);
@@ -1443,6 +1448,8 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     if (!e)
         return -ENOMEM;
     e->cfg = *cfg;
+    if (!e->cfg.prefetch_around)
+        e->cfg.prefetch_around = e->cfg.fault_around;
     e->codec = codec;
     e->uffd = e->conn_fd = e->wake_fd = e->stop_fd = e->memfd = -1;
     e->n_pages = cfg->memory_size / cfg->page_size;
@@ -1462,11 +1469,11 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     e->lens = chunk_lens;
     e->flags = chunk_flags;
     e->zero = chunk_zero;
-    e->chunks = calloc(cfg->n_chunks + 1, sizeof(struct chunk));
-    e->present = calloc(words, sizeof(uint64_t));
-    e->removed = calloc(words, sizeof(uint64_t));
-    e->touched = calloc(words, sizeof(uint64_t));
-    e->settled = calloc(words, sizeof(uint64_t));
+    e->chunks = rs_zalloc((cfg->n_chunks + 1) * sizeof(struct chunk));
+    e->present = rs_zalloc(words * sizeof(uint64_t));
+    e->removed = rs_zalloc(words * sizeof(uint64_t));
+    e->touched = rs_zalloc(words * sizeof(uint64_t));
+    e->settled = rs_zalloc(words * sizeof(uint64_t));
     if (!e->regions || !e->chunks || !e->present || !e->removed ||
         !e->touched || !e->settled)
         goto fail;
@@ -1552,8 +1559,8 @@ int rs_engine_set_memfd(rs_engine *e, int memfd, int mode)
         if ((uint64_t)st.st_size < e->regions[i].offset + e->regions[i].size)
             return -EINVAL;
     if (mode == RS_MEMFD_CONTINUE) {
-        e->claimed = calloc(words, sizeof(uint64_t));
-        e->written = calloc(words, sizeof(uint64_t));
+        e->claimed = rs_zalloc(words * sizeof(uint64_t));
+        e->written = rs_zalloc(words * sizeof(uint64_t));
         if (!e->claimed || !e->written)
             return -ENOMEM; /* freed with the engine */
         e->memfd_continue = 1;

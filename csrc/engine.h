@@ -63,6 +63,9 @@ typedef struct rs_engine_config {
     uint32_t fault_around;  /* pages installed per fault at most (>= 1) */
     uint32_t l1_threads;    /* C threads reading L1 (0: no L1) */
     uint32_t log_capacity;  /* fault log records (0: one per guest page) */
+    uint32_t prefetch_around; /* pages the prefetch installs around each
+                               planned page: the fault-around the plan was
+                               recorded with (0: fault_around) */
     uint32_t poll_us;       /* after an event, keep reading the uffd for up
                                to this long before sleeping in poll(), us
                                (0: sleep at once) */

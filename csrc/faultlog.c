@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "faultlog.h"
+#include "private/zmem.h"
 
 _Static_assert(sizeof(rs_fault_record) == 32, "numpy dtype in restore/session.py");
 
@@ -25,8 +26,9 @@ int rs_faultlog_create(rs_faultlog **out, size_t capacity)
     if (!l)
         return -ENOMEM;
     l->capacity = capacity;
-    l->recs = calloc(capacity ? capacity : 1, sizeof(*l->recs));
-    l->ready = calloc(capacity ? capacity : 1, sizeof(*l->ready));
+    /* Sized for the worst case (a record per guest page), paid for as used. */
+    l->recs = rs_zalloc(capacity * sizeof(*l->recs));
+    l->ready = rs_zalloc(capacity * sizeof(*l->ready));
     if (!l->recs || !l->ready) {
         rs_faultlog_destroy(l);
         return -ENOMEM;
@@ -41,8 +43,8 @@ void rs_faultlog_destroy(rs_faultlog *log)
 {
     if (!log)
         return;
-    free(log->recs);
-    free((void *)log->ready);
+    rs_zfree(log->recs, log->capacity * sizeof(*log->recs));
+    rs_zfree((void *)log->ready, log->capacity * sizeof(*log->ready));
     free(log);
 }
 

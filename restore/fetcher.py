@@ -36,6 +36,7 @@ from .snapshot import chunk_key
 from .tiers.durable import DurableStore
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
+from .threads import spawn
 
 log = logging.getLogger("restore.fetcher")
 
@@ -101,17 +102,35 @@ class Fetchers:
         self._l1_warned = False
         self.tiers = {"l2": TierStats(), "durable": TierStats()}
         self.errors: list[str] = []  # one line per chunk given up
-        self._threads = [
-            threading.Thread(target=self._run, name=f"restore-fetch-{i}", daemon=True) for i in range(threads)
-        ]
-        for t in self._threads:
-            t.start()
+        # One thread at first; the rest start with the first request that
+        # reaches the network tiers: a session served from the host cache or
+        # L1 never needs them. Threads are started without waiting for them
+        # to run (threading.Thread.start waits, which costs the guest's first
+        # fault up to a millisecond on a busy host); each sets its event when
+        # it ends, for join().
+        self._wanted = threads
+        self._ended: list[threading.Event] = []
+        self._start_one()
 
     def join(self, timeout: float = 30.0) -> None:
         """Wait for the threads; call after the engine has been stopped."""
         deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            ended = list(self._ended)
+        for e in ended:
+            e.wait(max(0.0, deadline - time.monotonic()))
+
+    def _start_one(self) -> None:
+        with self._lock:
+            self._ended.append(spawn(self._run))
+
+    def _grow(self) -> None:
+        """Start the rest of the pool (once): the network tiers are in use."""
+        with self._lock:
+            more = self._wanted - len(self._ended)
+            self._wanted = len(self._ended)  # nobody else grows it
+        for _ in range(more):
+            self._start_one()
 
     def tier_summary(self) -> dict:
         with self._lock:
@@ -138,6 +157,8 @@ class Fetchers:
             if rc < 0:  # -ESHUTDOWN: the engine stopped
                 return
             if rc == 1:
+                if len(self._ended) < self._wanted:
+                    self._grow()
                 self._serve(chunk[0])
 
     def _supply(self, index: int, data: bytes, source: int) -> int:

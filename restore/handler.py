@@ -49,6 +49,7 @@ from .session import (
     prefetch_usage,
 )
 from .snapshot import Snapshot
+from .threads import spawn
 from .tiers.host import HostCache
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
@@ -222,7 +223,7 @@ class Server:
         self._drain_deadline = float("inf")
         self._lock = threading.Lock()
         self._active: dict[int, tuple[RestoreSession, int]] = {}  # id -> (session, peer pid)
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Event] = []  # one per guest thread, set when it ends
         self.on_peer = on_peer
         self._owns_listener = listener is None
         self._listener = listen_socket(self.socket_path, socket_owner) if listener is None else listener
@@ -251,10 +252,10 @@ class Server:
                     break
                 raise
             conn.settimeout(None)
-            t = threading.Thread(target=self._guest, args=(conn,), name="restore-guest", daemon=True)
+            # Not threading.Thread: its start() waits for the thread to run,
+            # and this guest's first fault waits for all of that.
             with self._lock:
-                self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
+                self._threads = [x for x in self._threads if not x.is_set()] + [spawn(self._guest, conn)]
 
     def active(self) -> int:
         """Guests being served now."""
@@ -361,6 +362,8 @@ class Server:
                 on_fetch=self.on_fetch,
                 host_cache=self.host_cache,
                 poll_us=self.poll_us,
+                # The plan came from sessions recorded with this fault-around.
+                prefetch_around=self.record_fault_around,
             )
         except RestoreError as exc:
             hs.close()
@@ -523,8 +526,8 @@ class Server:
         if wait:
             with self._lock:
                 threads = list(self._threads)
-            for t in threads:
-                t.join()
+            for ended in threads:
+                ended.wait()
 
     def __enter__(self) -> "Server":
         return self.start()

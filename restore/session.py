@@ -167,7 +167,9 @@ class RestoreSession:
     crashed host and other sessions still hold them), the session runs
     without it and says so in the log. poll_us: after serving a fault, the
     service thread keeps looking for the next one this long (us) before it
-    sleeps (0: never).
+    sleeps (0: never). prefetch_around: pages the prefetch installs around
+    each planned page, the fault-around the plan's sessions were recorded
+    with (1: they logged every page; None: fault_around).
     """
 
     def __init__(
@@ -192,11 +194,14 @@ class RestoreSession:
         on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
         host_cache: Optional[HostCache] = None,
         poll_us: int = DEFAULT_POLL_US,
+        prefetch_around: Optional[int] = None,
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
         if fetchers < 1:
             raise InputError(f"fetchers must be at least 1, got {fetchers}")
+        if prefetch_around is not None and prefetch_around < 1:
+            raise InputError(f"prefetch_around must be at least 1 page, got {prefetch_around}")
         if not 0 <= poll_us <= 1_000_000:
             raise InputError(f"poll_us must be 0 to 1000000 us, got {poll_us}")
         local = l1 is not None or host_cache is not None
@@ -227,6 +232,7 @@ class RestoreSession:
                 "l1_threads": max(1, l1_threads) if local else 0,
                 "log_capacity": 0,
                 "poll_us": poll_us,
+                "prefetch_around": prefetch_around or 0,
             },
         )
         regs = ffi.new("rs_engine_region[]", [{"base": r.base, "size": r.size, "offset": r.offset} for r in regions])

@@ -105,6 +105,7 @@ class HostCache:
         self.root = Path(os.path.abspath(root))
         self.budget_bytes = budget_bytes
         self._lock = threading.Lock()
+        self._ids: dict[int, tuple["Manifest", bytes]] = {}  # id(manifest) -> (manifest, version id)
         try:
             for d in (self.root, self.root / LAYOUT):
                 os.makedirs(d, mode=0o700, exist_ok=True)
@@ -115,7 +116,11 @@ class HostCache:
     def open_version(self, manifest: "Manifest") -> tuple[Path, bytes]:
         """(directory, version id) of manifest's version, made if missing and
         marked as just used (its LRU time)."""
-        vid = version_id(manifest)
+        with self._lock:  # a version id is a pass over the chunk table: once per manifest
+            known = self._ids.get(id(manifest))
+            if known is None or known[0] is not manifest:
+                known = self._ids[id(manifest)] = (manifest, version_id(manifest))
+        vid = known[1]
         path = self.root / LAYOUT / vid.hex()
         try:
             os.mkdir(path, 0o700)
