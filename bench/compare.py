@@ -60,7 +60,7 @@ import numpy as np
 from restore.handler import Server
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
-from restore.session import RestoreSession, prefetch_usage
+from restore.session import DEFAULT_FAULT_AROUND, DEFAULT_POLL_US, RestoreSession, prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
@@ -182,8 +182,10 @@ class Bench:
                host: str = "warm") -> float:
         """host: "warm" (self.host), "none" or "empty" (a new host cache)."""
         hc = {"warm": lambda: self.host, "none": lambda: None, "empty": self.empty_host}[host]()
+        # record_fault_around=1: the plan was recorded page by page (record()).
         with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
-                    memfd_install=memfd or "copy", host_cache=hc, **self.server_kw) as server:
+                    memfd_install=memfd or "copy", host_cache=hc, record_fault_around=1,
+                    **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
@@ -205,9 +207,11 @@ class Bench:
                                   chunk_size=m.chunk_size)
             session = RestoreSession(self.snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
                                      l1=self.l1, persist_log=False, plan=plan, l2=self.server_kw.get("l2"),
-                                     host_cache=self.host,
+                                     host_cache=self.host, prefetch_around=1,
                                      fetchers=self.server_kw.get("fetchers", 4),
-                                     prefetch_inflight=self.server_kw.get("prefetch_inflight", 8))
+                                     prefetch_inflight=self.server_kw.get("prefetch_inflight", 8),
+                                     fault_around=self.server_kw.get("fault_around", DEFAULT_FAULT_AROUND),
+                                     poll_us=self.server_kw.get("poll_us", DEFAULT_POLL_US))
             while not session.prefetch_done():
                 time.sleep(0.0002)
             conn.sendall(b"g")
@@ -266,9 +270,10 @@ class Bench:
 
 def _detail(summary, offsets) -> dict:
     """Where a served restore's work went: faults, chunks, thread time per
-    phase, and the prefetch's useful and wasted pages for this trace."""
+    phase, and the prefetch's useful and wasted pages for this trace (-1
+    when the trace is not known: real code chose the pages)."""
     st = summary.stats
-    useful, wasted = prefetch_usage(summary.prefetched, np.unique(offsets))
+    useful, wasted = prefetch_usage(summary.prefetched, np.unique(offsets)) if offsets is not None else (-1, -1)
     return {"l2_bytes": st.tiers["l2"]["bytes"], "durable_bytes": st.tiers["durable"]["bytes"], "faults": st.faults,
             "chunks": st.chunks_l1 + st.chunks_fetched, "chunks_host": st.chunks_host, "l1_read_ms": st.l1_read_ns / 1e6,
             "decode_ms": st.decode_ns / 1e6, "install_ms": st.install_ns / 1e6, "poll_ms": st.poll_ns / 1e6,
@@ -296,6 +301,7 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
     n = iter(range(10**6))
 
     def serve(use_plan, request, persist=False, s=snap, memfd=None, hc=host, **kw):
+        kw.setdefault("record_fault_around", 1)  # the plan is recorded page by page
         with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist,
                     memfd_install=memfd or "copy", host_cache=hc, **kw) as server:
             return driver.restore(b, server.socket_path, state, [request], memfd=memfd is not None)[0].ns / 1e6
@@ -377,6 +383,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=_positive, default=5)
     ap.add_argument("--size-mib", type=_positive, default=512)
     ap.add_argument("--out", default="compare.png", help="PNG plot to write")
+    ap.add_argument("--fault-around", type=_positive, default=DEFAULT_FAULT_AROUND,
+                    help="pages installed per demand fault at most (synthetic and SQLite workloads)")
+    ap.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US,
+                    help="the service thread's polling after a fault, us (synthetic and SQLite workloads)")
+    ap.add_argument("--strategies", default=None, metavar="A,B,...",
+                    help="run only these strategies (resident and mmap-warm are always wise to keep)")
     ap.add_argument("--json", default=None, help="write every round's figures (and the breakdowns) here as JSON")
     ap.add_argument("--no-minivm", action="store_true")
     ap.add_argument("--no-realistic", action="store_true", help="skip the SQLite workload (bench/realistic.py)")
@@ -393,14 +405,16 @@ def main(argv=None) -> int:
     results: dict[str, dict[str, list[float]]] = {}
     details: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="restore-compare-") as tmp:
-        bench = Bench(Path(tmp), args.size_mib << 20) if args.only in (None, "synthetic") else None
+        kw = {"fault_around": args.fault_around, "poll_us": args.poll_us}
+        chosen = [s for s in STRATEGIES if not args.strategies or s in args.strategies.split(",")]
+        bench = Bench(Path(tmp), args.size_mib << 20, **kw) if args.only in (None, "synthetic") else None
         for w in workloads(bench.size) if bench else []:
             pages = bench.record(w)
             print(f"{w.name}: plan of {pages} pages from the recorded invocation", file=sys.stderr)
-            rows = {s: [] for s in STRATEGIES}
+            rows = {s: [] for s in chosen}
             details[w.name] = {s: [] for s in UFFD if s != "uffd-reap"}
             for _ in range(args.rounds):  # interleaved: one of each per round
-                for s in STRATEGIES:
+                for s in chosen:
                     rows[s].append(bench.run(s, w.measured))
                     if s in details[w.name]:
                         details[w.name][s].append(bench.detail[-1])
@@ -418,9 +432,14 @@ def main(argv=None) -> int:
         if not args.no_realistic and args.only in (None, "realistic"):
             from bench.realistic import realistic_rows
 
+            sql = {}
             results.update(realistic_rows(Path(tmp) / "sqlite", args.rounds, args.realistic_size_mib,
                                           log=lambda line: print(line, file=sys.stderr),
-                                          host_cache=HostCache(Path(tmp) / "sqlite-host")))
+                                          strategies=chosen, host_cache=HostCache(Path(tmp) / "sqlite-host"),
+                                          on_served=lambda s, summary: sql.setdefault(s, []).append(
+                                              _detail(summary, None)),
+                                          **kw))
+            details["sqlite"] = sql
         if not args.no_minivm and args.only in (None, "minivm"):
             results.update(minivm_rows(Path(tmp), args.rounds))
 

@@ -7,8 +7,11 @@ one fault per touch (fault-around 1), served by:
   bare/one-cpu   the bare C handler (one UFFDIO_COPY per fault, from memory)
                  with guest and handler on one CPU: the floor
   bare/free      the same, placed by the scheduler
+  bare/split     the same, handler on one CPU and guest on the other: every
+                 fault wakes a thread on the other CPU
   engine/free/N  restore's engine from a warm host cache, guest and handler
                  placed by the scheduler, with poll_us = N
+  engine/split/N the same, handler and guest on different CPUs
 Rounds are interleaved (one of each per round). Per configuration: the
 median over rounds of the guest's per-touch p50, with the rounds' min-max,
 and the service thread's polling CPU time per restore (engine). Raw
@@ -43,26 +46,34 @@ TOUCHES = 15000
 
 
 @contextmanager
-def placement(where: str):
-    """Threads and children started inside inherit this thread's CPU set."""
+def placement(where: str, role: str = "both"):
+    """Threads and children started inside inherit this thread's CPU set:
+    one-cpu puts everything on the first CPU; split puts the handler
+    (role "handler") on the first and the guest (role "guest") on the
+    second; free leaves them to the scheduler."""
     old = os.sched_getaffinity(0)
-    if where == "one-cpu":
-        os.sched_setaffinity(0, {min(old)})
+    cpus = sorted(old)
+    if where == "one-cpu" or (where == "split" and role == "handler"):
+        os.sched_setaffinity(0, {cpus[0]})
+    elif where == "split":
+        os.sched_setaffinity(0, {cpus[-1]})
     try:
         yield
     finally:
         os.sched_setaffinity(0, old)
 
 
-def bare_once(data: bytes, trace, path: Path):
+def bare_once(data: bytes, trace, path: Path, where: str):
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lsock.bind(str(path))
     lsock.listen(1)
     with BareHandler(data) as bare, Guest(str(path), memory_size=SIZE) as g:
-        g.start(reads(trace))
+        with placement(where, "guest"):
+            g.start(reads(trace))
         conn, _ = lsock.accept()
         hs = accept_handshake(conn, memory_size=SIZE, snapshot_page_size=P, chunk_size=CHUNK)
-        bare.serve(hs.uffd, [(r.base, r.size, r.offset) for r in hs.regions], hs.page_size)
+        with placement(where, "handler"):
+            bare.serve(hs.uffd, [(r.base, r.size, r.offset) for r in hs.regions], hs.page_size)
         res = g.wait(60)
         bare.stop()
         hs.close()
@@ -72,11 +83,17 @@ def bare_once(data: bytes, trace, path: Path):
     return res, None
 
 
-def engine_once(snap, host, trace, path: Path, poll_us: int):
-    with Server(snap, path, host_cache=host, fault_around=1, persist_logs=False, use_plan=False,
-                poll_us=poll_us) as server:
+def engine_once(snap, host, trace, path: Path, poll_us: int, where: str):
+    with placement(where, "handler"):  # the accept thread, and so the session's threads
+        server = Server(snap, path, host_cache=host, fault_around=1, persist_logs=False, use_plan=False,
+                        poll_us=poll_us).start()
+    try:
         with Guest(server.socket_path, memory_size=SIZE) as g:
-            res = g.run(reads(trace), timeout=60)
+            with placement(where, "guest"):
+                g.start(reads(trace))
+            res = g.wait(60)
+    finally:
+        server.stop()
     return res, server.summaries[-1].stats
 
 
@@ -99,16 +116,18 @@ def main(argv=None) -> int:
         trace = np.random.default_rng(1).permutation(nonzero)[:TOUCHES] * P
         host = HostCache(d / "host")
         with Snapshot.open(store, "bench") as snap:
-            engine_once(snap, host, trace, d / "warm.sock", 0)  # fill the host cache
-            configs = [("bare/one-cpu", None), ("bare/free", None)] + [(f"engine/free/{n}", n) for n in polls]
+            engine_once(snap, host, trace, d / "warm.sock", 0, "free")  # fill the host cache
+            configs = ([("bare/one-cpu", None), ("bare/free", None), ("bare/split", None)]
+                       + [(f"engine/free/{n}", n) for n in polls] + [(f"engine/split/{n}", n) for n in polls])
             raw = {name: [] for name, _ in configs}
             for r in range(args.rounds):
                 for name, poll in configs:
-                    with placement("one-cpu" if name == "bare/one-cpu" else "free"):
+                    where = name.split("/")[1]
+                    with placement("one-cpu" if where == "one-cpu" else "free"):
                         if poll is None:
-                            res, st = bare_once(data, trace, d / "bare.sock")
+                            res, st = bare_once(data, trace, d / "bare.sock", where)
                         else:
-                            res, st = engine_once(snap, host, trace, d / "e.sock", poll)
+                            res, st = engine_once(snap, host, trace, d / "e.sock", poll, where)
                     if not (res.sums == pages[(trace // P).astype(np.int64)].view("<u8").sum(axis=1,
                                                                                           dtype=np.uint64)).all():
                         raise RuntimeError(f"{name}: the guest read wrong bytes")

@@ -339,7 +339,8 @@ def check_answers(got: list, want: list, what: str) -> None:
 
 def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Optional[float] = None,
                    requests: int = 400, make_server: Callable[..., Server] = Server,
-                   log: Callable[[str], None] = lambda s: None, **server_kw) -> dict[str, dict[str, list[float]]]:
+                   log: Callable[[str], None] = lambda s: None, strategies: Optional[list[str]] = None,
+                   on_served: Optional[Callable[[str, object], None]] = None, **server_kw) -> dict[str, dict[str, list[float]]]:
     """The SQLite workload: one row of restore-to-done times (ms) per
     strategy, `rounds` interleaved runs each, of guests answering mix B
     after mix A was recorded. make_server(snapshot, socket_path, **kw) makes
@@ -370,14 +371,18 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
     def guest(backing: str, mix: str, **kw):
         return run_guest(backing, size, info.db_offset, info.db_length, files[mix], **kw)
 
-    def served(mix: str, use_plan: bool, **kw):
-        opts = {"l1": l1, "persist_logs": False, **server_kw, "use_plan": use_plan, **kw}
+    def served(mix: str, use_plan: bool, strategy: str = "", **kw):
+        # record_fault_around=1: the plan is recorded page by page (below).
+        opts = {"l1": l1, "persist_logs": False, "record_fault_around": 1, **server_kw, "use_plan": use_plan, **kw}
         with make_server(snap, work / f"q{next(n_sock)}.sock", **opts) as server:
             try:
-                return guest("uffd", mix, socket_path=server.socket_path)
+                res = guest("uffd", mix, socket_path=server.socket_path)
             except GuestFailure as exc:  # say why the handler refused it, if it did
                 refused = list(getattr(server, "refused", []))
                 raise GuestFailure(f"{exc}{'; ' + refused[-1] if refused else ''}") from None
+        if on_served and strategy:
+            on_served(strategy, server.summaries[-1])
+        return res
 
     def local(backing: str, mix: str):
         if backing == "mmap-cold":
@@ -405,16 +410,18 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
             "resident": lambda: local("resident", "B"),
             "mmap-cold": lambda: local("mmap-cold", "B"),
             "mmap-warm": lambda: local("mmap-warm", "B"),
-            "uffd-lazy": lambda: served("B", False),
-            "uffd-replay": lambda: served("B", True),
-            "uffd-replay-l1": lambda: served("B", True, host_cache=None),
-            "uffd-replay-hc-empty": lambda: served("B", True, host_cache=HostCache(work / f"host-{next(n_sock)}")),
+            "uffd-lazy": lambda: served("B", False, "uffd-lazy"),
+            "uffd-replay": lambda: served("B", True, "uffd-replay"),
+            "uffd-replay-l1": lambda: served("B", True, "uffd-replay-l1", host_cache=None),
+            "uffd-replay-hc-empty": lambda: served("B", True, "uffd-replay-hc-empty",
+                                                   host_cache=HostCache(work / f"host-{next(n_sock)}")),
         }
         if server_kw.get("host_cache") is not None:
             server_kw["host_cache"].fill(snap)  # warm: every chunk decoded before the rounds
-        rows: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+        chosen = [s for s in STRATEGIES if strategies is None or s in strategies]
+        rows: dict[str, list[float]] = {s: [] for s in chosen}
         for _ in range(rounds):  # interleaved: one of each per round
-            for s in STRATEGIES:
+            for s in chosen:
                 res = run[s]()
                 check_answers(res.answers, want["B"], f"{s}, mix B")
                 rows[s].append(res.ms)
