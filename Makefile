@@ -2,8 +2,9 @@
 #   make demo   build, make a 256 MiB sample memory image, snapshot it into the
 #               default store (RESTORE_STORE, else ~/.local/share/restore/store),
 #               inspect and verify it, then restore it lazily into a guest
-#               process (recording), build a plan, and restore it again with
-#               the plan replayed as a prefetch
+#               process (recording; its chunks are decoded into the host
+#               cache), build a plan, and restore it again with the plan
+#               replayed as a prefetch, every chunk from the host cache
 #   make test   build with -Werror and run the test suite
 # Both install what they need: Debian packages (apt-get, when missing),
 # a virtual environment in .venv, and the package with its test extras.
@@ -49,7 +50,7 @@ demo: install
 	$(RESTORE) try demo --pages 8192 --no-plan
 	@echo "--- build a working-set plan from what the guest touched ---"
 	$(RESTORE) plan build demo --sessions 1
-	@echo "--- restore again, replaying the plan as a prefetch: most faults never happen ---"
+	@echo "--- restore again, replaying the plan as a prefetch: most faults never happen, and every chunk comes from the host cache the first restore filled (nothing decoded again) ---"
 	$(RESTORE) try demo --pages 8192
 	@echo "--- the two sessions side by side ---"
 	$(RESTORE) session compare demo

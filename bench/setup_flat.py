@@ -11,7 +11,9 @@ then serves, interleaved over the rounds:
   first fault   a guest that maps its memory, hands it over and reads one
                 page: its restore-to-done is handshake -> first fault served
   memory        a guest that reads 2 000 pages and then waits (its session
-                running): the server's RSS then, less its RSS with no guest
+                running): the server's resident memory then, less with no
+                guest; its own (RssAnon) and page-cache pages it maps
+                (RssFile: the host cache's, shared by every session)
 Figures: medians over rounds with their min-max; raw rounds in --json.
 """
 
@@ -44,11 +46,14 @@ def _size(text: str) -> int:
     return int(text[:-1]) << units[text[-1].upper()]
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int, field: str = "RssAnon") -> int:
+    """Bytes of a process's resident memory: RssAnon is its own (heap,
+    stacks, tables); RssFile counts page-cache pages it maps, e.g. the host
+    cache's, which belong to the page cache and every session shares."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
 class Serve:
@@ -78,8 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",")]
-    raw: dict[str, dict[str, list]] = {s: {"first_fault_ms": [], "rss_above_idle": [], "idle_rss": []}
-                                       for s in sizes}
+    raw: dict[str, dict[str, list]] = {s: {"first_fault_ms": [], "rss_above_idle": [], "idle_rss": [],
+                                           "file_rss_above_idle": []} for s in sizes}
     with tempfile.TemporaryDirectory(prefix="restore-setup-") as tmp:
         work = Path(tmp)
         data = work / "data.img"
@@ -109,8 +114,8 @@ def main(argv=None) -> int:
                     with Guest(str(srv.sock), memory_size=_size(s)) as g:
                         res = g.run(reads(touched[:1]), timeout=600)
                     raw[s]["first_fault_ms"].append(res.total_ns / 1e6)
-                    time.sleep(0.2)  # the session's end is logged and freed
-                    idle = _rss(srv.proc.pid)
+                    time.sleep(0.5)  # the session's end is logged and its memory freed
+                    idle, idle_file = _rss(srv.proc.pid), _rss(srv.proc.pid, "RssFile")
                     g = Guest(str(srv.sock), memory_size=_size(s))
                     try:
                         g.start(np.concatenate([reads(touched), wait()]))
@@ -119,11 +124,13 @@ def main(argv=None) -> int:
                             if time.monotonic() > deadline:
                                 raise RuntimeError(f"{s}: the guest did not read its pages")
                             time.sleep(0.01)
-                        running = _rss(srv.proc.pid)
+                        running, running_file = _rss(srv.proc.pid), _rss(srv.proc.pid, "RssFile")
                     finally:
                         g.close()
+                    time.sleep(0.5)  # the next guest finds no teardown under way
                     raw[s]["idle_rss"].append(idle)
                     raw[s]["rss_above_idle"].append(running - idle)
+                    raw[s]["file_rss_above_idle"].append(running_file - idle_file)
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         finally:
             for srv in servers.values():
@@ -137,11 +144,12 @@ def main(argv=None) -> int:
     print(f"\nthe same {TOUCHED} pages from guests of growing memory (data in the first 64 MiB); "
           f"median [min-max] of {args.rounds} interleaved rounds")
     print(f"{'guest memory':<14}{'handshake -> first fault ms':>32}{f'/ {sizes[0]}':>10}"
-          f"{'serve RSS above idle MB':>30}{'idle RSS MB':>22}")
+          f"{'anon RSS above idle MB':>28}{'file RSS above idle MB':>28}{'idle anon RSS MB':>20}")
     for s in sizes:
         ff = float(np.median(raw[s]["first_fault_ms"]))
         print(f"{s:<14}{cell(raw[s]['first_fault_ms'], 1, '{:.2f}'):>32}{ff / base:9.2f}x"
-              f"{cell(raw[s]['rss_above_idle'], 1e6, '{:.1f}'):>30}{cell(raw[s]['idle_rss'], 1e6, '{:.0f}'):>22}")
+              f"{cell(raw[s]['rss_above_idle'], 1e6, '{:.1f}'):>28}"
+              f"{cell(raw[s]['file_rss_above_idle'], 1e6, '{:.1f}'):>28}{cell(raw[s]['idle_rss'], 1e6, '{:.0f}'):>20}")
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
     return 0

@@ -336,7 +336,10 @@ def run_guest(backing: str, size: int, db_offset: int, db_length: int, requests_
     if socket_path is not None:
         cmd += ["--socket", os.fspath(socket_path)]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        # One OpenBLAS thread, should numpy come in: more would spin on the
+        # CPUs being measured (restore.testing.Guest does the same).
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+        proc = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise GuestFailure(f"the {backing} SQLite guest did not finish within {timeout} s (killed)") from None
     if proc.returncode != 0:

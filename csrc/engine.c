@@ -60,7 +60,6 @@ struct chunk {
     uint8_t host_claimed; /* this engine holds the chunk's host fill lock */
     uint8_t *data;      /* decoded chunk (chunk_size bytes) once READY */
     _Atomic uint32_t ref;  /* REF_* */
-    _Atomic uint32_t left; /* its pages in the regions not yet settled */
     struct plist parked;
 };
 
@@ -94,6 +93,10 @@ struct rs_engine {
     size_t bm_bytes;
     char *l1_dir;                 /* NULL: no L1 */
     struct chunk *chunks;
+    _Atomic uint32_t *left;       /* per chunk: its pages in the regions not
+                                     yet settled (apart from chunks: counted
+                                     at creation, it is the only per-chunk
+                                     state every session writes whole) */
     _Atomic uint64_t *present;    /* page installed (by anyone) */
     _Atomic uint64_t *removed;    /* page removed: zeros from now on */
     _Atomic uint64_t *touched;    /* page's first touch logged */
@@ -405,7 +408,7 @@ static void settle_page(rs_engine *e, uint64_t q)
 
     if (c == NO_CHUNK || bit_set(e->settled, q))
         return;
-    if (atomic_fetch_sub(&e->chunks[c].left, 1) == 1) {
+    if (atomic_fetch_sub(&e->left[c], 1) == 1) {
         uint32_t old = atomic_fetch_or(&e->chunks[c].ref, REF_RETIRED);
 
         if (!(old & REF_USERS))
@@ -1272,6 +1275,7 @@ static void free_tables(rs_engine *e)
 
     free(e->regions);
     rs_zfree(e->chunks, (e->cfg.n_chunks + 1) * sizeof(struct chunk));
+    rs_zfree((void *)e->left, (e->cfg.n_chunks + 1) * sizeof(uint32_t));
     rs_zfree((void *)e->present, bm);
     rs_zfree((void *)e->removed, bm);
     rs_zfree((void *)e->touched, bm);
@@ -1371,6 +1375,15 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
     return 0;
 }
 
+/* Set bits of w (no popcnt instruction assumed: the build is generic x86-64). */
+static uint32_t popcount64(uint64_t w)
+{
+    w -= (w >> 1) & 0x5555555555555555ull;
+    w = (w & 0x3333333333333333ull) + ((w >> 2) & 0x3333333333333333ull);
+    w = (w + (w >> 4)) & 0x0f0f0f0f0f0f0f0full;
+    return (uint32_t)((w * 0x0101010101010101ull) >> 56);
+}
+
 /* Each chunk's non-zero pages inside the regions (counted once each): its
  * decoded copy is freed when all of them are settled. With page tables,
  * a walk of the regions' pages; for the identity layout, a count of the
@@ -1395,23 +1408,29 @@ static void count_left(rs_engine *e)
         if (e->page_chunk) {
             for (uint64_t p = p0; p < p1; p++)
                 if (e->page_chunk[p] != NO_CHUNK && !bit_set(e->settled, p))
-                    atomic_fetch_add(&e->chunks[e->page_chunk[p]].left, 1);
+                    atomic_fetch_add(&e->left[e->page_chunk[p]], 1);
             continue;
         }
         for (uint64_t p = p0; p < p1;) {
             uint64_t c = p / e->slots, end = (c + 1) * e->slots < p1 ? (c + 1) * e->slots : p1;
             uint32_t n = 0;
 
-            if (p % e->slots == 0 && end - p == e->slots && e->slots % 8 == 0) {
+            if (p % e->slots == 0 && end - p == e->slots && e->slots % 64 == 0) {
                 const uint8_t *z = e->zero + c * e->bm_bytes;
 
-                for (uint64_t b = 0; b < e->slots / 8; b++)
-                    n += 8 - (uint32_t)__builtin_popcount(z[b]);
+                for (uint64_t b = 0; b < e->slots / 64; b++) {
+                    uint64_t w;
+
+                    memcpy(&w, z + b * 8, 8);
+                    n += 64 - popcount64(w);
+                }
             } else {
                 for (uint64_t q = p; q < end; q++)
                     n += chunk_of(e, q) != NO_CHUNK;
             }
-            atomic_fetch_add(&e->chunks[c].left, n);
+            /* No other thread yet: no locked add needed (one per chunk). */
+            atomic_store_explicit(&e->left[c], atomic_load_explicit(&e->left[c], memory_order_relaxed) + n,
+                                  memory_order_relaxed);
             p = end;
         }
     }
@@ -1470,11 +1489,12 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     e->flags = chunk_flags;
     e->zero = chunk_zero;
     e->chunks = rs_zalloc((cfg->n_chunks + 1) * sizeof(struct chunk));
+    e->left = rs_zalloc((cfg->n_chunks + 1) * sizeof(uint32_t));
     e->present = rs_zalloc(words * sizeof(uint64_t));
     e->removed = rs_zalloc(words * sizeof(uint64_t));
     e->touched = rs_zalloc(words * sizeof(uint64_t));
     e->settled = rs_zalloc(words * sizeof(uint64_t));
-    if (!e->regions || !e->chunks || !e->present || !e->removed ||
+    if (!e->regions || !e->chunks || !e->left || !e->present || !e->removed ||
         !e->touched || !e->settled)
         goto fail;
     memcpy(e->regions, regions, n_regions * sizeof(*regions));

@@ -13,6 +13,7 @@ from bench.minivm import driver
 from restore.handler import Server
 from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.durable import DurableStore
+from restore.tiers.host import HostCache
 from restore.tiers.l1 import L1Cache
 
 pytestmark = pytest.mark.skipif(not driver.kvm_available(), reason="/dev/kvm is not available")
@@ -78,6 +79,24 @@ def test_balloon_remove_reads_zeros_never_snapshot_bytes(vm, memfd):
         assert vm["reference"][BALLOON] == 0  # the same in a VM that never left memory
         st = _wait_sessions(server, 1)[0].stats
         assert st.removes >= 1 and st.first_touches["removed"] > 0
+    finally:
+        server.stop()
+
+
+@MEMORY
+def test_vm_from_a_cold_then_a_warm_host_cache(vm, memfd, tmp_path):
+    """The first restore decodes into the host cache, the second takes every
+    chunk from it (nothing decoded): both answer like the reference."""
+    host = HostCache(tmp_path / "host")
+    server = _server(vm, f"host{memfd}", memfd_install=memfd or "copy", host_cache=host, use_plan=False)
+    try:
+        for _ in range(2):
+            got = driver.restore(vm["build"], server.socket_path, vm["state"], REQUESTS, memfd=bool(memfd))
+            assert {a.request: a.value for a in got} == {r: vm["reference"][r] for r in REQUESTS}
+        cold, warm = (s.stats for s in _wait_sessions(server, 2))
+        assert cold.host_fills == cold.chunks_l1 + cold.chunks_fetched > 0 and cold.chunks_host == 0
+        assert warm.chunks_host == cold.host_fills and warm.chunks_l1 + warm.chunks_fetched == 0
+        assert warm.first_touches["host"] > 0 and warm.first_touches["failed"] == 0
     finally:
         server.stop()
 
