@@ -3,13 +3,16 @@
  * rs_fault_record from faultlog.h.)
  *
  * The engine owns the chunk table, the page bitmaps and the service
- * threads of one guest. It never needs Python to resolve a fault:
+ * threads of one guest. It never needs Python to resolve a fault (the file
+ * of each part is in brackets; csrc/private/engine_int.h has their state):
  *
- *   service thread   poll(uffd, conn, wake, stop) -> read events in batches;
+ *   service thread   [service.c]
+ *                    poll(uffd, conn, wake, stop) -> read events in batches;
  *                    after an event it keeps reading the uffd without
  *                    sleeping for up to poll_us (the guest's next fault is
  *                    then read at once, with no wake-up of this thread)
- *     PAGEFAULT      page -> (chunk, offset in the decoded chunk) through the
+ *     PAGEFAULT      [engine.c, install.c]
+ *                    page -> (chunk, offset in the decoded chunk) through the
  *                    page table given at creation (the manifest's page map;
  *                    computed from the zero bitmaps when it has none)
  *                    zero page / removed range -> UFFDIO_ZEROPAGE
@@ -22,7 +25,8 @@
  *                    otherwise    -> park the fault on the chunk and queue
  *                                    one high-priority request for it
  *     REMOVE         mark the range removed: later faults get zeros
- *   local threads    pop requests; with a host cache, become the chunk's
+ *   local threads    [local.c, hostcache.c, l1.c]
+ *                    pop requests; with a host cache, become the chunk's
  *                    filler (or wait for the filler of another session or
  *                    process, then take its bytes); read DIR/<hex[0:2]>/<hex>
  *                    from L1, verify and decode (rs_chunk_decode) and write
@@ -32,12 +36,16 @@
  *                    released), fetch from L2/durable, and hand the stored
  *                    bytes back through rs_engine_supply (verified and
  *                    decoded in C, then written into the host cache)
+ *   prefetch thread  [prefetch.c] with a plan: installs its all-zero pages,
+ *                    then walks its chunks in order, asking for each at low
+ *                    priority (at most inflight at a time); whoever settles
+ *                    a planned chunk installs its planned pages
  *
  * Whoever makes a chunk READY (or FAILED) serves the faults parked on it.
  * A chunk in the host cache is installed from the shared mapping (the page
  * cache of the host cache's data file) and never decoded again; without
  * one, a decoded copy lives in a buffer of the session's pool until every
- * page of it is in. Installs that meet -EAGAIN (a REMOVE in flight) are
+ * page of it is in [pool.c]. Installs that meet -EAGAIN (a REMOVE in flight) are
  * handed to the service thread, which retries them after draining events.
  * Every first touch of a guest page is appended to the fault log; a
  * planned page the prefetch installed is logged when it is installed

@@ -1,0 +1,343 @@
+/* engine_int.h -- the engine's state, shared by its files (not the cdef).
+ *
+ * One restore session (engine.h) is served by several files, one per
+ * concern, each with its own part of struct rs_engine:
+ *
+ *   engine.c    lifecycle (create, start, stop, destroy), the chunk state
+ *               machine (a fault parks on a chunk, whoever settles the chunk
+ *               serves what is parked), supply and fail from the fetchers,
+ *               the fault log and the stats
+ *   service.c   struct rs_service: the service thread reading the uffd's
+ *               events (faults, REMOVE), polling between faults, and the
+ *               installs it retries after -EAGAIN
+ *   install.c   struct rs_memfd: putting pages in the guest (UFFDIO_COPY,
+ *               ZEROPAGE, POISON, CONTINUE after writing the memfd), runs
+ *               and fault-around
+ *   prefetch.c  struct rs_plan: the working-set plan and its thread
+ *   pool.c      struct rs_pool: buffers of decoded chunks, the references
+ *               readers hold on them, the per-chunk page counts that free
+ *               a buffer once its pages are in
+ *   local.c     struct rs_local: the local threads (host cache, then L1,
+ *               then the fetch queue) and decoding
+ *   hostcache.c the host cache's files (hostcache.h)
+ *   l1.c        reading an L1 file (l1.h)
+ */
+#ifndef RS_PRIVATE_ENGINE_INT_H
+#define RS_PRIVATE_ENGINE_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "../chunk.h"
+#include "../faultlog.h"
+#include "../fetchq.h"
+#include "../hostcache.h"
+#include "../uffd.h"
+#include "../engine.h"
+
+#define NO_CHUNK 0xFFFFFFFFu
+#define EVENT_BATCH 64
+
+enum chunk_state { C_ABSENT, C_QUEUED_L1, C_QUEUED_REMOTE, C_READY, C_FAILED };
+
+struct parked {
+    uint64_t page;  /* guest page index */
+    uint64_t t_ns;  /* arrival, CLOCK_MONOTONIC */
+};
+
+struct plist {
+    struct parked *v;
+    size_t n, cap;
+};
+
+/* A decoded chunk is kept only while some of its guest pages may still
+ * need it: once every one of its pages in the guest's regions is present
+ * or removed, the copy is freed (it would take memory the size of the
+ * guest, and a freed buffer is reused warm by the next decode). Readers of
+ * data hold a reference (chunk_acquire); the last one out frees it. A
+ * chunk served from the host cache's mapping is never freed. */
+#define REF_USERS 0x3FFFFFFFu  /* readers holding the data */
+#define REF_RETIRED 0x40000000u /* every page settled: free when unused */
+#define REF_FREED 0x80000000u   /* data freed: load the chunk again to use it */
+#define POOL_MAX 16             /* decoded-chunk buffers kept for reuse */
+
+struct chunk {
+    _Atomic int state;  /* enum chunk_state */
+    uint8_t source;     /* RS_SRC_L1, _L2, _DURABLE or _HOST once READY */
+    uint8_t mapped;     /* data is the host cache's mapping: never freed */
+    uint8_t host_claimed; /* this engine holds the chunk's host fill lock */
+    uint8_t *data;      /* decoded chunk (chunk_size bytes) once READY */
+    _Atomic uint32_t ref;  /* REF_* */
+    struct plist parked;
+};
+
+/* Counters, one per rs_engine_stats field that threads bump. */
+struct counters {
+    _Atomic uint64_t faults, pages_installed, bytes_installed, chunks_l1,
+        chunks_fetched, chunks_failed, l1_misses, l1_bad, supply_rejected,
+        removes, eexist, deferred, poisoned, chunks_released, chunks_reloaded, minor_faults,
+        memfd_written;
+    _Atomic uint64_t first_touches[RS_N_SOURCES];
+    _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
+    _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
+    _Atomic uint64_t chunks_host, host_fills, host_waits, host_errors, poll_ns, poll_hits;
+};
+
+/* pool.c: buffers for decoded chunks, mmap'ed so that a session's memory
+ * goes back to the system when it ends (malloc keeps freed 512 KiB blocks
+ * in its arenas), a few kept for reuse, warm, within the session. */
+struct rs_pool {
+    pthread_mutex_t lock;
+    uint8_t *bufs[POOL_MAX];
+    int n;
+};
+
+/* prefetch.c: the working-set plan (rs_engine_set_plan). */
+struct rs_plan {
+    uint32_t *chunks;             /* chunks, in first-planned order */
+    uint32_t n_chunks;
+    uint64_t *pages;              /* planned pages grouped by plan chunk,
+                                     ascending within a chunk */
+    uint64_t *start;              /* plan chunk k: pages[start[k]..start[k+1]) */
+    int32_t *of_chunk;            /* chunk -> plan chunk index, or -1 */
+    uint64_t *zero;               /* planned all-zero pages, ascending */
+    uint64_t n_zero;
+    _Atomic uint64_t *planned;    /* bitmap: page is in the plan */
+    _Atomic uint64_t *prefetched; /* bitmap: page installed by the prefetch */
+    uint32_t max;                 /* chunk requests in flight at most */
+    uint32_t inflight;            /* under e->lock */
+    uint8_t *asked;               /* per chunk: requested by the prefetch,
+                                     not yet settled (under e->lock) */
+    pthread_cond_t cv;            /* inflight went down */
+    pthread_t thread;
+    int started;
+    int issued;                   /* walked the whole plan (under e->lock) */
+};
+
+/* service.c: the thread that reads the guest's uffd. */
+struct rs_service {
+    int uffd;                     /* the guest's, borrowed */
+    int conn_fd;                  /* the guest's connection, borrowed, or -1 */
+    int wake_fd, stop_fd;         /* eventfds: look again / stop */
+    pthread_t thread;
+    int started;
+    _Atomic int stop_now;         /* rs_engine_stop was called: polling stops */
+    struct plist deferred;        /* installs that met -EAGAIN (under e->lock) */
+    _Atomic size_t n_deferred;    /* deferred.n, readable without the lock */
+};
+
+/* install.c: a guest whose memory is a memfd (rs_engine_set_memfd). */
+struct rs_memfd {
+    int fd;                       /* the guest memory's memfd, or -1 */
+    int cont;                     /* fill it by pwrite + UFFDIO_CONTINUE */
+    _Atomic uint64_t *claimed;    /* continue mode: page being written into
+                                     the memfd by someone */
+    _Atomic uint64_t *written;    /* continue mode: ... and its bytes are in */
+};
+
+/* local.c: the threads that look in the host cache and L1. */
+struct rs_local {
+    char *l1_dir;                 /* NULL: no L1 */
+    rs_fetchq *q;                 /* requests for them */
+    pthread_t *threads;
+    uint32_t n_started;
+};
+
+struct rs_engine {
+    rs_engine_config cfg;
+    const rs_codec *codec;
+    rs_engine_region *regions;
+    size_t n_regions;
+    uint64_t n_pages;             /* guest pages in the memory file */
+    /* The tables below are borrowed from the caller (rs_engine_create). */
+    const uint32_t *page_chunk;   /* per page: chunk or NO_CHUNK (NULL: the
+                                     identity layout, see chunk_of) */
+    const uint32_t *page_off;     /* per page: offset in the decoded chunk */
+    const uint8_t *ids;           /* n_chunks * RS_ID_BYTES */
+    const uint32_t *lens, *flags; /* stored bytes, RS_CHUNK_* */
+    const uint8_t *zero;          /* n_chunks * bm_bytes zero bitmaps */
+    size_t bm_bytes;
+    uint64_t slots;               /* pages per chunk (identity layout) */
+    rs_hostcache *host;           /* the version's host cache, or NULL */
+    struct chunk *chunks;
+    _Atomic uint32_t *left;       /* per chunk: its pages in the regions not
+                                     yet settled (apart from chunks: counted
+                                     at creation, it is the only per-chunk
+                                     state every session writes whole) */
+    _Atomic uint64_t *present;    /* page installed (by anyone) */
+    _Atomic uint64_t *removed;    /* page removed: zeros from now on */
+    _Atomic uint64_t *touched;    /* page's first touch logged */
+    _Atomic uint64_t *settled;    /* page present or removed at least once */
+    uint8_t *zero_page;           /* page_size zeros, for huge pages */
+
+    pthread_mutex_t lock;         /* chunk states, parked lists, deferred, done,
+                                     prefetch in-flight count */
+    pthread_rwlock_t install;     /* held for writing by the service thread
+                                     while it reads and handles events, for
+                                     reading by every other installer: no
+                                     install lands between a REMOVE's read
+                                     and its bookkeeping */
+    struct rs_plan plan;
+    struct rs_pool pool;
+    struct rs_service svc;
+    struct rs_memfd memfd;
+    struct rs_local local;
+    rs_fetchq *remoteq;           /* requests for the fetchers */
+    rs_faultlog *log;
+    pthread_cond_t done_cv;
+    int done;                     /* the service thread ended (under lock) */
+    int stopping;                 /* rs_engine_stop is joining (under lock) */
+    int stopped;
+    uint64_t t0_ns;               /* session start, CLOCK_MONOTONIC */
+    struct counters st;
+    _Atomic int guest_gone;
+    _Atomic int error;
+};
+
+/* ---- small helpers every file uses ---- */
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void note_error(rs_engine *e, int rc)
+{
+    int none = 0;
+
+    atomic_compare_exchange_strong(&e->error, &none, rc);
+}
+
+static inline int bit_test(_Atomic uint64_t *bm, uint64_t i)
+{
+    return (atomic_load_explicit(&bm[i / 64], memory_order_acquire) >> (i % 64)) & 1;
+}
+
+/* Set bit i; returns its old value. */
+static inline int bit_set(_Atomic uint64_t *bm, uint64_t i)
+{
+    uint64_t m = 1ull << (i % 64);
+
+    return (atomic_fetch_or_explicit(&bm[i / 64], m, memory_order_acq_rel) & m) != 0;
+}
+
+static inline void bit_clear(_Atomic uint64_t *bm, uint64_t i)
+{
+    atomic_fetch_and_explicit(&bm[i / 64], ~(1ull << (i % 64)), memory_order_acq_rel);
+}
+
+/* Guest page of a host address, and the index of its region (-1: none). */
+static inline int page_of(const rs_engine *e, uint64_t addr, uint64_t *page)
+{
+    for (size_t i = 0; i < e->n_regions; i++) {
+        const rs_engine_region *r = &e->regions[i];
+
+        if (addr >= r->base && addr - r->base < r->size) {
+            *page = (r->offset + (addr - r->base)) / e->cfg.page_size;
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+/* Host address of guest page p in region r (the caller knows p is in r). */
+static inline uint64_t addr_of(const rs_engine *e, int r, uint64_t p)
+{
+    const rs_engine_region *g = &e->regions[r];
+
+    return g->base + (p * e->cfg.page_size - g->offset);
+}
+
+static inline int in_region(const rs_engine *e, int r, uint64_t p)
+{
+    const rs_engine_region *g = &e->regions[r];
+    uint64_t off = p * e->cfg.page_size;
+
+    return off >= g->offset && off - g->offset < g->size;
+}
+
+static inline int region_of_page(const rs_engine *e, uint64_t p)
+{
+    for (size_t i = 0; i < e->n_regions; i++)
+        if (in_region(e, (int)i, p))
+            return (int)i;
+    return -1;
+}
+
+/* Chunk of guest page p (NO_CHUNK: an all-zero page), and the page's byte
+ * offset in the decoded chunk. Without page tables the layout is the
+ * identity: slot p % slots of chunk p / slots, zero when its bit is set. */
+static inline uint32_t chunk_of(const rs_engine *e, uint64_t p)
+{
+    uint64_t c, s;
+
+    if (e->page_chunk)
+        return e->page_chunk[p];
+    c = p / e->slots;
+    s = p % e->slots;
+    return (e->zero[c * e->bm_bytes + s / 8] >> (s % 8) & 1) ? NO_CHUNK : (uint32_t)c;
+}
+
+static inline uint64_t off_of(const rs_engine *e, uint64_t p)
+{
+    return e->page_off ? e->page_off[p] : (p % e->slots) * e->cfg.page_size;
+}
+
+/* ---- engine.c ---- */
+int plist_push(struct plist *l, uint64_t page, uint64_t t_ns);
+struct plist plist_take(struct plist *l);
+int log_record(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns, uint64_t svc);
+void log_touch(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns);
+void log_planned(rs_engine *e, uint64_t lo, uint64_t upto, uint64_t skip);
+int adopt_host(rs_engine *e, uint32_t c);
+rs_fetchq *first_queue(rs_engine *e, int *state);
+int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns);
+void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns);
+void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src, int mapped);
+void engine_finish(rs_engine *e);
+
+/* ---- service.c ---- */
+void wake_service(rs_engine *e);
+void push_deferred(rs_engine *e, uint64_t page, uint64_t t_ns);
+void defer(rs_engine *e, uint64_t page, uint64_t t_ns);
+void *service_main(void *arg);
+
+/* ---- install.c ---- */
+int ioctl_result(rs_engine *e, int rc);
+int candidate(rs_engine *e, int r, uint32_t c, uint64_t q);
+int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo, uint64_t hi, uint64_t *upto,
+             int prefetch);
+int install_zero(rs_engine *e, int r, uint64_t p, int around, uint64_t *lo_out, uint64_t *upto_out,
+                 int prefetch);
+int install_poison(rs_engine *e, int r, uint64_t p);
+void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t *lo,
+                uint64_t *hi);
+int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c);
+void punch(rs_engine *e, uint64_t off, uint64_t len);
+
+/* ---- prefetch.c ---- */
+void prefetch_install(rs_engine *e, uint32_t c, uint32_t k);
+void *prefetch_main(void *arg);
+void prefetch_free(rs_engine *e);
+
+/* ---- pool.c ---- */
+uint8_t *chunk_alloc(rs_engine *e);
+void chunk_free(rs_engine *e, uint8_t *p);
+void pool_drain(rs_engine *e);
+int chunk_acquire(rs_engine *e, uint32_t c);
+void chunk_release(rs_engine *e, uint32_t c);
+void settle_page(rs_engine *e, uint64_t q);
+void count_left(rs_engine *e);
+
+/* ---- local.c ---- */
+int decode_chunk(rs_engine *e, uint32_t c, const uint8_t *stored, size_t len, uint8_t **out);
+void publish(rs_engine *e, uint32_t c, uint8_t *data, int src);
+void *local_main(void *arg);
+
+#endif
