@@ -182,10 +182,12 @@ class Bench:
                host: str = "warm") -> float:
         """host: "warm" (self.host), "none" or "empty" (a new host cache)."""
         hc = {"warm": lambda: self.host, "none": lambda: None, "empty": self.empty_host}[host]()
-        # record_fault_around=1: the plan was recorded page by page (record()).
+        # The plan was recorded page by page (record()): a replaying server
+        # says so, so that its prefetch installs page by page too. (Not a
+        # lazy one: there record_fault_around is its own fault-around.)
+        plan_kw = {"record_fault_around": 1} if use_plan else {}
         with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
-                    memfd_install=memfd or "copy", host_cache=hc, record_fault_around=1,
-                    **self.server_kw) as server:
+                    memfd_install=memfd or "copy", host_cache=hc, **plan_kw, **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
@@ -301,7 +303,8 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
     n = iter(range(10**6))
 
     def serve(use_plan, request, persist=False, s=snap, memfd=None, hc=host, **kw):
-        kw.setdefault("record_fault_around", 1)  # the plan is recorded page by page
+        if use_plan:
+            kw.setdefault("record_fault_around", 1)  # the plan is recorded page by page
         with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist,
                     memfd_install=memfd or "copy", host_cache=hc, **kw) as server:
             return driver.restore(b, server.socket_path, state, [request], memfd=memfd is not None)[0].ns / 1e6

@@ -372,8 +372,11 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
         return run_guest(backing, size, info.db_offset, info.db_length, files[mix], **kw)
 
     def served(mix: str, use_plan: bool, strategy: str = "", **kw):
-        # record_fault_around=1: the plan is recorded page by page (below).
-        opts = {"l1": l1, "persist_logs": False, "record_fault_around": 1, **server_kw, "use_plan": use_plan, **kw}
+        # The plan is recorded page by page (below): a replaying server says so,
+        # for its prefetch to install page by page too (a lazy one would take
+        # it as its own fault-around).
+        plan_kw = {"record_fault_around": 1} if use_plan else {}
+        opts = {"l1": l1, "persist_logs": False, **plan_kw, **server_kw, "use_plan": use_plan, **kw}
         with make_server(snap, work / f"q{next(n_sock)}.sock", **opts) as server:
             try:
                 res = guest("uffd", mix, socket_path=server.socket_path)

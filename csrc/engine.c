@@ -125,7 +125,7 @@ int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
     int rc, state;
 
     if (bit_test(e->removed, p)) {
-        rc = install_zero(e, r, p, 0, NULL, NULL, 0);
+        rc = install_zero(e, r, p, 1, NULL, NULL, 0);
         if (rc == 0)
             log_touch(e, p, chunk_of(e, p), RS_SRC_REMOVED, t_ns);
         return rc;
@@ -134,7 +134,7 @@ int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
     if (c == NO_CHUNK) {
         uint64_t lo, upto;
 
-        rc = install_zero(e, r, p, 1, &lo, &upto, 0);
+        rc = install_zero(e, r, p, e->cfg.fault_around, &lo, &upto, 0);
         if (rc == 0) {
             log_planned(e, lo, upto, p);
             log_touch(e, p, NO_CHUNK, RS_SRC_ZERO, t_ns);

@@ -136,10 +136,10 @@ int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo, uint64_t hi, 
 
 /* Serve a fault on zero page p (all zero, or removed) with zeros: one
  * UFFDIO_ZEROPAGE over the run of not-yet-present zero pages around it
- * within the fault-around window. hugetlbfs has no UFFDIO_ZEROPAGE: huge
+ * within its aligned window of `window` pages (1: the page alone). hugetlbfs has no UFFDIO_ZEROPAGE: huge
  * pages are copied from a zero page, one at a time. */
-int install_zero(rs_engine *e, int r, uint64_t p, int around, uint64_t *lo_out, uint64_t *upto_out,
-                 int prefetch)
+int install_zero(rs_engine *e, int r, uint64_t p, uint32_t window, uint64_t *lo_out,
+                 uint64_t *upto_out, int prefetch)
 {
     uint64_t lo = p, hi = p + 1, upto;
     int rc;
@@ -148,8 +148,8 @@ int install_zero(rs_engine *e, int r, uint64_t p, int around, uint64_t *lo_out, 
         rc = fill_run(e, r, e->zero_page, p, p + 1, &upto, prefetch);
         goto out;
     }
-    if (around && e->cfg.fault_around > 1) {
-        uint64_t w0 = p - p % e->cfg.fault_around, w1 = w0 + e->cfg.fault_around;
+    if (window > 1) {
+        uint64_t w0 = p - p % window, w1 = w0 + window;
 
         while (lo > w0 && candidate(e, r, NO_CHUNK, lo - 1))
             lo--;

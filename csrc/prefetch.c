@@ -59,8 +59,8 @@ void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
     chunk_release(e, c);
 }
 
-/* Install the plan's all-zero pages, each with its zero fault-around run
- * (one UFFDIO_ZEROPAGE per run), as their demand faults did. */
+/* Install the plan's all-zero pages, each with its run of prefetch_around
+ * zero pages (one UFFDIO_ZEROPAGE per run), as their demand faults did. */
 static void prefetch_zero(rs_engine *e)
 {
     pthread_rwlock_rdlock(&e->install);
@@ -70,7 +70,7 @@ static void prefetch_zero(rs_engine *e)
 
         if (r < 0 || !candidate(e, r, NO_CHUNK, p))
             continue;
-        rc = install_zero(e, r, p, 1, &lo, &upto, 1);
+        rc = install_zero(e, r, p, e->cfg.prefetch_around, &lo, &upto, 1);
         if (rc == 0)
             log_planned(e, lo, upto, UINT64_MAX);
     }

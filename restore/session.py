@@ -48,7 +48,7 @@ DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
 DEFAULT_PREFETCH_INFLIGHT = 8  # plan chunks requested at once
-DEFAULT_POLL_US = 50  # us the service thread keeps reading after a fault; bench/test_bench_fault.py
+DEFAULT_POLL_US = 50  # us the service thread keeps looking after a fault; chosen with bench/fault_poll.py
 # Upper bounds (ns) of the buckets SessionStats.service_hist counts demand
 # faults in; a last bucket takes the rest. From a fault-around install of
 # a decoded chunk (a few us) to a slow durable fetch (seconds).
@@ -284,8 +284,15 @@ class RestoreSession:
                                  on_fetch=on_fetch)
 
     def _open_host_cache(self, host_cache: HostCache) -> None:
+        """Serve from and fill the host cache; a host cache that cannot be
+        used costs speed, never the restore: log it and go on without."""
         for _ in range(3):  # a version evicted between mkdir and open is made again
-            path, vid = host_cache.open_version(self.snapshot.manifest)
+            try:
+                path, vid = host_cache.open_version(self.snapshot.manifest)
+            except OSError as exc:
+                log.warning("%s: host cache %s cannot be used (%s): serving without it", self.label,
+                            host_cache.root, exc.strerror or exc)
+                return
             rc = lib.rs_engine_set_host_cache(self._engine, os.fsencode(str(path)), vid)
             if rc != -errno.ENOENT:
                 break

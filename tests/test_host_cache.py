@@ -7,7 +7,6 @@ version a session uses."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -15,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from restore.errors import InputError
 from restore.handler import Server
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, expected_sums, reads, remove
+from restore.testing import Guest, expected_sums, reads, remove, wait
 from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache, version_id
 from restore.tiers.l1 import L1Cache
@@ -346,7 +344,7 @@ def test_budget_is_kept_and_eviction_waits_for_running_sessions(tmp_path, snap, 
         try:
             ga = Guest(a.socket_path, memory_size=SIZE)
             # Reads all of its memory, then waits for a go-ahead that never comes.
-            ga.start(np.concatenate([reads(every), _wait_step()]))
+            ga.start(np.concatenate([reads(every), wait()]))
             deadline = time.monotonic() + 60
             while a.counters().get("pages_installed", 0) < len(every):
                 assert time.monotonic() < deadline
@@ -367,11 +365,6 @@ def test_budget_is_kept_and_eviction_waits_for_running_sessions(tmp_path, snap, 
         finally:
             a.stop()
             b.stop()
-
-
-def _wait_step():
-    from restore.testing import wait
-    return wait()
 
 
 def test_encrypted_snapshot_plaintext_lands_only_in_the_private_host_cache(tmp_path, image, key):
@@ -421,3 +414,17 @@ def test_version_id_names_the_decoded_bytes(snap, tmp_path, image):
     create_snapshot(snap.store, other, "o", chunk_size=CHUNK)
     with Snapshot.open(snap.store, "o") as o:
         assert version_id(o.manifest) != version_id(snap.manifest)
+
+
+def test_a_host_cache_that_cannot_be_used_costs_speed_not_the_restore(serve, snap, host, image, caplog):
+    """The version's directory is a file (say, a damaged host cache): the
+    session serves without the host cache, byte-exact, and says why."""
+    (host.root / "v1" / version_id(snap.manifest).hex()).write_bytes(b"not a directory")
+    server = serve(use_plan=False)
+    offs = _trace(image, n=40)
+    with caplog.at_level("WARNING", logger="restore.session"):
+        with Guest(server.socket_path, memory_size=SIZE) as g:
+            assert (g.run(reads(offs), timeout=60).sums == expected_sums(image, offs)).all()
+        st = _wait_sessions(server, 1)[0].stats
+    assert st.chunks_host == st.host_fills == 0 and _decodes(st) > 0
+    assert re.search(r"host cache .* cannot be used \(Not a directory\): serving without it", caplog.text), caplog.text

@@ -313,8 +313,8 @@ int ioctl_result(rs_engine *e, int rc);
 int candidate(rs_engine *e, int r, uint32_t c, uint64_t q);
 int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo, uint64_t hi, uint64_t *upto,
              int prefetch);
-int install_zero(rs_engine *e, int r, uint64_t p, int around, uint64_t *lo_out, uint64_t *upto_out,
-                 int prefetch);
+int install_zero(rs_engine *e, int r, uint64_t p, uint32_t window, uint64_t *lo_out,
+                 uint64_t *upto_out, int prefetch);
 int install_poison(rs_engine *e, int r, uint64_t p);
 void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t *lo,
                 uint64_t *hi);
