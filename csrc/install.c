@@ -202,6 +202,37 @@ void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, ui
     }
 }
 
+/* The rest of page p's fault-around window, past where the run [lo, hi)
+ * around p stopped (a page present already, a zero page, a page of another
+ * chunk): every missing page of chunk c in the aligned window goes in, as
+ * runs contiguous in the chunk. After a prefetch installed the planned
+ * pages, this is what brings in their unplanned neighbours when the guest
+ * touches one. Best effort: pages of a run that fails fault later. */
+static void fill_window_rest(rs_engine *e, int r, uint32_t c, uint64_t p, uint64_t lo, uint64_t hi)
+{
+    const uint64_t ps = e->cfg.page_size, w0 = p - p % e->cfg.fault_around;
+    const uint64_t w1 = w0 + e->cfg.fault_around;
+    uint64_t q = w0;
+
+    while (q < w1) {
+        uint64_t a, upto;
+
+        if (q >= lo && q < hi) {
+            q = hi;
+            continue;
+        }
+        if (!candidate(e, r, c, q)) {
+            q++;
+            continue;
+        }
+        a = q++;
+        while (q < w1 && q != lo && candidate(e, r, c, q) && off_of(e, q) == off_of(e, q - 1) + ps)
+            q++;
+        (void)fill_run(e, r, e->chunks[c].data + off_of(e, a), a, q, &upto, 0);
+        log_planned(e, a, upto, UINT64_MAX);
+    }
+}
+
 int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
 {
     uint64_t lo, hi, upto;
@@ -214,6 +245,8 @@ int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
     else if (rc == 0 && upto <= p)
         rc = -EAGAIN; /* continue mode: another thread is writing it */
     log_planned(e, lo, upto, p);
+    if (rc == 0 && e->cfg.fault_around > 1)
+        fill_window_rest(e, r, c, p, lo, hi);
     return rc;
 }
 
