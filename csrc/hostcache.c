@@ -295,11 +295,18 @@ int rs_hostcache_fill(rs_hostcache *h, uint32_t c, const uint8_t *decoded,
     }
     /* A filler killed mid-way may have left bytes here; zero slots must
      * read as zeros. Nobody reads an absent chunk, so this changes nothing
-     * a session uses. */
-    if (fallocate(h->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)base,
-                  (off_t)h->chunk_size) < 0) {
-        rc = -errno;
-        goto out;
+     * a session uses. A range that is all hole, the common case, needs no
+     * punch (a punch is a journal transaction on most filesystems). */
+    {
+        off_t next = lseek(h->data_fd, (off_t)base, SEEK_DATA);
+
+        if ((next >= 0 && (uint64_t)next < base + h->chunk_size) || (next < 0 && errno != ENXIO)) {
+            if (fallocate(h->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)base,
+                          (off_t)h->chunk_size) < 0) {
+                rc = -errno;
+                goto out;
+            }
+        }
     }
     for (uint64_t s = 0; s < slots;) {
         uint64_t e;

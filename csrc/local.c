@@ -30,27 +30,29 @@ int decode_chunk(rs_engine *e, uint32_t c, const uint8_t *stored, size_t len, ui
 }
 
 /* Chunk c was verified and decoded into data (a pool buffer), its bytes
- * from tier src. When this engine is the chunk's host cache filler, write
- * it there and serve it from the host cache's mapping (the buffer goes
- * back to the pool); else serve it from the buffer. */
+ * from tier src: serve it from the buffer, and when this engine is the
+ * chunk's host cache filler, write it there too (later sessions, here and
+ * in other processes, install it from the host cache's mapping). */
 void publish(rs_engine *e, uint32_t c, uint8_t *data, int src)
 {
     struct chunk *ch = &e->chunks[c];
+    int rc;
 
-    if (ch->host_claimed) {
-        int rc = rs_hostcache_fill(e->host, c, data, e->zero + (size_t)c * e->bm_bytes,
-                                   rs_codec_page_size(e->codec));
-
-        ch->host_claimed = 0;
-        if (rc == 0) {
-            atomic_fetch_add(&e->st.host_fills, 1);
-            chunk_free(e, data);
-            settle_chunk(e, c, (uint8_t *)rs_hostcache_chunk(e->host, c), src, 1);
-            return;
-        }
-        atomic_fetch_add(&e->st.host_errors, 1);
+    if (!ch->host_claimed) {
+        settle_chunk(e, c, data, src, 0);
+        return;
     }
+    /* The faults waiting on the chunk come first: serve them (and the
+     * plan's pages) from the buffer, then write it into the host cache for
+     * everyone else. The reference keeps the buffer while it is written,
+     * should every page of the chunk be in by then. */
+    (void)chunk_acquire(e, c); /* a new chunk: never freed yet */
     settle_chunk(e, c, data, src, 0);
+    rc = rs_hostcache_fill(e->host, c, data, e->zero + (size_t)c * e->bm_bytes,
+                           rs_codec_page_size(e->codec));
+    ch->host_claimed = 0;
+    atomic_fetch_add(rc == 0 ? &e->st.host_fills : &e->st.host_errors, 1);
+    chunk_release(e, c);
 }
 
 /* Become chunk c's host cache filler; 1 when the host cache has it (it is
