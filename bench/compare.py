@@ -278,7 +278,8 @@ def _detail(summary, offsets) -> dict:
     useful, wasted = prefetch_usage(summary.prefetched, np.unique(offsets)) if offsets is not None else (-1, -1)
     return {"l2_bytes": st.tiers["l2"]["bytes"], "durable_bytes": st.tiers["durable"]["bytes"], "faults": st.faults,
             "chunks": st.chunks_l1 + st.chunks_fetched, "chunks_host": st.chunks_host, "l1_read_ms": st.l1_read_ns / 1e6,
-            "decode_ms": st.decode_ns / 1e6, "install_ms": st.install_ns / 1e6, "poll_ms": st.poll_ns / 1e6,
+            "decode_ms": st.decode_ns / 1e6, "fill_ms": st.host_fill_ns / 1e6, "install_ms": st.install_ns / 1e6,
+            "poll_ms": st.poll_ns / 1e6,
             "prefetched": st.prefetch_pages, "useful": useful, "wasted": wasted, "late": st.faults_planned,
             "unplanned": st.faults_unplanned}
 
@@ -489,7 +490,7 @@ def report(results: dict, details: dict, rounds: int) -> None:
         print("\nwhere the time goes (medians; thread time per phase, summed over the engine's threads; "
               "bytes fetched from the network tiers)")
         print(f"{'workload':<{width}}{'strategy':>26}{'faults':>7}{'host':>6}{'chunks':>7}{'L1 read':>9}{'decode':>9}"
-              f"{'install':>9}{'poll':>8}{'from L2':>10}{'durable':>10}{'prefetched':>11}{'useful':>7}{'wasted':>7}"
+              f"{'fill':>9}{'install':>9}{'poll':>8}{'from L2':>10}{'durable':>10}{'prefetched':>11}{'useful':>7}{'wasted':>7}"
               f"{'late':>5}{'unplanned':>10}")
         for name, by in details.items():
             for strat, ds in by.items():
@@ -497,7 +498,7 @@ def report(results: dict, details: dict, rounds: int) -> None:
                     continue
                 med = {k: float(np.median([d[k] for d in ds])) for k in ds[0]}
                 print(f"{name.split(':')[0]:<{width}}{strat:>26}{med['faults']:7.0f}{med['chunks_host']:6.0f}"
-                      f"{med['chunks']:7.0f}{med['l1_read_ms']:7.1f}ms{med['decode_ms']:7.1f}ms"
+                      f"{med['chunks']:7.0f}{med['l1_read_ms']:7.1f}ms{med['decode_ms']:7.1f}ms{med['fill_ms']:7.1f}ms"
                       f"{med['install_ms']:7.1f}ms{med['poll_ms']:6.1f}ms"
                       f"{med['l2_bytes'] / 2**20:7.1f}MiB{med['durable_bytes'] / 2**20:7.1f}MiB"
                       f"{med['prefetched']:11.0f}{med['useful']:7.0f}{med['wasted']:7.0f}{med['late']:5.0f}"

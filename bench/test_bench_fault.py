@@ -19,18 +19,15 @@ in one run.
 
 from __future__ import annotations
 
-import os
-import socket
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 
+from bench.fault_poll import bare_once
+from bench.fault_poll import placement as placement_of
 from restore.handler import Server
-from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import BareHandler, Guest, reads
+from restore.testing import Guest, reads
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 
@@ -59,40 +56,10 @@ def world(tmp_path_factory):
     snap.close()
 
 
-def _bare_once(world, path):
-    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    lsock.bind(str(path))
-    lsock.listen(1)
-    with BareHandler(world["data"]) as bare, Guest(str(path), memory_size=SIZE) as g:
-        g.start(reads(world["trace"]))
-        conn, _ = lsock.accept()
-        hs = accept_handshake(conn, memory_size=SIZE, snapshot_page_size=P, chunk_size=CHUNK)
-        bare.serve(hs.uffd, [(r.base, r.size, r.offset) for r in hs.regions], hs.page_size)
-        res = g.wait(60)
-        bare.stop()
-        hs.close()
-        conn.close()
-    lsock.close()
-    path.unlink()
-    return res
-
-
 def _engine_once(world, path, fault_around, trace):
     with Server(world["snap"], path, l1=world["l1"], fault_around=fault_around, persist_logs=False) as server:
         with Guest(server.socket_path, memory_size=SIZE) as g:
             return g.run(reads(trace), timeout=60)
-
-
-@contextmanager
-def _placement(placement):
-    """Threads and children started inside inherit this thread's CPU set."""
-    old = os.sched_getaffinity(0)
-    if placement == "one-cpu":
-        os.sched_setaffinity(0, {min(old)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, old)
 
 
 @pytest.mark.parametrize("placement", ["one-cpu", "free"])
@@ -102,9 +69,9 @@ def test_bench_fault_roundtrip(benchmark, world, handler, placement):
     path = world["dir"] / f"{handler}.sock"
 
     def once():
-        with _placement(placement):
+        with placement_of(placement):
             if handler == "bare":
-                res = _bare_once(world, path)
+                res, _ = bare_once(world["data"], world["trace"], path, placement)
             else:
                 res = _engine_once(world, path, 1, world["trace"])
         p50s.append(float(np.median(res.ns)))

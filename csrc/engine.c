@@ -593,6 +593,7 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->host_fills = atomic_load(&e->st.host_fills);
     out->host_waits = atomic_load(&e->st.host_waits);
     out->host_errors = atomic_load(&e->st.host_errors);
+    out->host_fill_ns = atomic_load(&e->st.host_fill_ns);
     out->poll_ns = atomic_load(&e->st.poll_ns);
     out->poll_hits = atomic_load(&e->st.poll_hits);
     out->chunks_failed = atomic_load(&e->st.chunks_failed);

@@ -117,6 +117,8 @@ typedef struct rs_engine_stats {
     uint64_t decode_ns;           /* time spent verifying and decoding chunks */
     uint64_t install_ns;          /* time spent in install ioctls (all) */
     uint64_t prefetch_install_ns; /* of which the prefetch's */
+    uint64_t host_fill_ns;        /* time spent writing decoded chunks into
+                                     the host cache */
     uint64_t poll_ns;             /* service thread CPU time spent reading an
                                      empty uffd between faults (poll_us) */
     uint64_t poll_hits;           /* events found while doing so */

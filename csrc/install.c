@@ -202,16 +202,16 @@ void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, ui
     }
 }
 
-/* The rest of page p's fault-around window, past where the run [lo, hi)
- * around p stopped (a page present already, a zero page, a page of another
+/* The rest of page p's aligned window of `window` pages (fault-around),
+ * past where the run [lo, hi) around p stopped (a page present already, a zero page, a page of another
  * chunk): every missing page of chunk c in the aligned window goes in, as
  * runs contiguous in the chunk. After a prefetch installed the planned
  * pages, this is what brings in their unplanned neighbours when the guest
  * touches one. Best effort: pages of a run that fails fault later. */
-static void fill_window_rest(rs_engine *e, int r, uint32_t c, uint64_t p, uint64_t lo, uint64_t hi)
+void fill_window_rest(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t lo,
+                      uint64_t hi, int prefetch)
 {
-    const uint64_t ps = e->cfg.page_size, w0 = p - p % e->cfg.fault_around;
-    const uint64_t w1 = w0 + e->cfg.fault_around;
+    const uint64_t ps = e->cfg.page_size, w0 = p - p % window, w1 = w0 + window;
     uint64_t q = w0;
 
     while (q < w1) {
@@ -228,7 +228,7 @@ static void fill_window_rest(rs_engine *e, int r, uint32_t c, uint64_t p, uint64
         a = q++;
         while (q < w1 && q != lo && candidate(e, r, c, q) && off_of(e, q) == off_of(e, q - 1) + ps)
             q++;
-        (void)fill_run(e, r, e->chunks[c].data + off_of(e, a), a, q, &upto, 0);
+        (void)fill_run(e, r, e->chunks[c].data + off_of(e, a), a, q, &upto, prefetch);
         log_planned(e, a, upto, UINT64_MAX);
     }
 }
@@ -246,7 +246,7 @@ int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c)
         rc = -EAGAIN; /* continue mode: another thread is writing it */
     log_planned(e, lo, upto, p);
     if (rc == 0 && e->cfg.fault_around > 1)
-        fill_window_rest(e, r, c, p, lo, hi);
+        fill_window_rest(e, r, c, p, e->cfg.fault_around, lo, hi, 0);
     return rc;
 }
 

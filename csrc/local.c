@@ -36,6 +36,7 @@ int decode_chunk(rs_engine *e, uint32_t c, const uint8_t *stored, size_t len, ui
 void publish(rs_engine *e, uint32_t c, uint8_t *data, int src)
 {
     struct chunk *ch = &e->chunks[c];
+    uint64_t t0;
     int rc;
 
     if (!ch->host_claimed) {
@@ -48,8 +49,10 @@ void publish(rs_engine *e, uint32_t c, uint8_t *data, int src)
      * should every page of the chunk be in by then. */
     (void)chunk_acquire(e, c); /* a new chunk: never freed yet */
     settle_chunk(e, c, data, src, 0);
+    t0 = now_ns();
     rc = rs_hostcache_fill(e->host, c, data, e->zero + (size_t)c * e->bm_bytes,
                            rs_codec_page_size(e->codec));
+    atomic_fetch_add(&e->st.host_fill_ns, now_ns() - t0);
     ch->host_claimed = 0;
     atomic_fetch_add(rc == 0 ? &e->st.host_fills : &e->st.host_errors, 1);
     chunk_release(e, c);

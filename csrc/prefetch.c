@@ -30,7 +30,7 @@ void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
     if (!chunk_acquire(e, c))
         return; /* every page of the chunk is in already */
     while (i < end) {
-        uint64_t p = e->plan.pages[i++], lo, hi, lo2, hi2, upto;
+        uint64_t first = i, p = e->plan.pages[i++], lo, hi, lo2, hi2, upto, w = UINT64_MAX;
         int r = region_of_page(e, p);
 
         if (r < 0 || !candidate(e, r, c, p))
@@ -54,6 +54,16 @@ void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
         }
         (void)fill_run(e, r, e->chunks[c].data + off_of(e, lo), lo, hi, &upto, 1);
         log_planned(e, lo, upto, UINT64_MAX);
+        /* And the rest of each planned page's window, as its recorded
+         * fault brought in (install_from_chunk). */
+        for (uint64_t j = first; j < i && e->cfg.prefetch_around > 1; j++) {
+            uint64_t q = e->plan.pages[j];
+
+            if (q - q % e->cfg.prefetch_around != w) {
+                w = q - q % e->cfg.prefetch_around;
+                fill_window_rest(e, r, c, q, e->cfg.prefetch_around, lo, hi, 1);
+            }
+        }
         pthread_rwlock_unlock(&e->install);
     }
     chunk_release(e, c);

@@ -111,7 +111,8 @@ class SessionStats:
     decode_ns: int  # verifying and decoding chunks
     install_ns: int  # install ioctls (demand and prefetch)
     prefetch_install_ns: int  # of which the prefetch's
-    poll_ns: int  # service thread time spent looking for the next fault without sleeping (poll_us)
+    host_fill_ns: int  # writing decoded chunks into the host cache
+    poll_ns: int  # service thread CPU time spent looking for the next fault without sleeping (poll_us)
     poll_hits: int  # events it found that way
 
 

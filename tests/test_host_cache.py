@@ -120,13 +120,19 @@ def test_cold_then_warm_host_cache_is_byte_exact_and_decodes_nothing(serve, snap
     assert warm.host_errors == cold.host_errors == 0
 
 
-def test_zero_slots_stay_holes_and_files_are_private(serve, snap, host, image):
+def _fill(serve, snap, host, image):
+    """One restore through a new server, filling the host cache: (server,
+    the offsets read, the version's host cache directory)."""
     server = serve(use_plan=False)
     offs = _trace(image)
     with Guest(server.socket_path, memory_size=SIZE) as g:
-        g.run(reads(offs), timeout=60)
+        assert (g.run(reads(offs), timeout=60).sums == expected_sums(image, offs)).all()
     _wait_sessions(server, 1)
-    path, _ = host.open_version(snap.manifest)
+    return server, offs, host.open_version(snap.manifest)[0]
+
+
+def test_zero_slots_stay_holes_and_files_are_private(serve, snap, host, image):
+    _, _, path = _fill(serve, snap, host, image)
     data = path / "data"
     present = _present(path)
     zero_slots = sum(bin(b).count("1") for i in present for b in snap.manifest.chunks[i].zero)
@@ -307,12 +313,7 @@ def test_kill_9_mid_fill_then_restart_serves_no_torn_bytes(serve, snap, host, im
 
 @pytest.mark.parametrize("damage", ["another boot", "short data file", "garbage header"])
 def test_damaged_host_cache_after_an_unclean_stop_is_never_served(serve, snap, host, image, damage):
-    server = serve(use_plan=False)
-    offs = _trace(image)
-    with Guest(server.socket_path, memory_size=SIZE) as g:
-        g.run(reads(offs), timeout=60)
-    _wait_sessions(server, 1)
-    path, _ = host.open_version(snap.manifest)
+    server, offs, path = _fill(serve, snap, host, image)
     filled = len(_present(path))
     # Wrong bytes everywhere, with every chunk still marked present ...
     with open(path / "data", "r+b") as f:

@@ -83,7 +83,7 @@ struct counters {
     _Atomic uint64_t first_touches[RS_N_SOURCES];
     _Atomic uint64_t prefetch_chunks, prefetch_pages, faults_planned, faults_unplanned;
     _Atomic uint64_t l1_read_ns, decode_ns, demand_install_ns, prefetch_install_ns;
-    _Atomic uint64_t chunks_host, host_fills, host_waits, host_errors, poll_ns, poll_hits;
+    _Atomic uint64_t chunks_host, host_fills, host_waits, host_errors, host_fill_ns, poll_ns, poll_hits;
 };
 
 /* pool.c: buffers for decoded chunks, mmap'ed so that a session's memory
@@ -318,6 +318,8 @@ int install_zero(rs_engine *e, int r, uint64_t p, uint32_t window, uint64_t *lo_
 int install_poison(rs_engine *e, int r, uint64_t p);
 void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t *lo,
                 uint64_t *hi);
+void fill_window_rest(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t lo,
+                      uint64_t hi, int prefetch);
 int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c);
 void punch(rs_engine *e, uint64_t off, uint64_t len);
 
