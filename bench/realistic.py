@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,6 +388,15 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
             on_served(strategy, server.summaries[-1])
         return res
 
+    def served_empty():
+        """Replay with a new, empty host cache, removed afterwards (a host
+        fills a version once: its dirty pages must not pile up)."""
+        host = HostCache(work / f"host-{next(n_sock)}")
+        try:
+            return served("B", True, "uffd-replay-hc-empty", host_cache=host)
+        finally:
+            shutil.rmtree(host.root)
+
     def local(backing: str, mix: str):
         if backing == "mmap-cold":
             fd = os.open(image, os.O_RDONLY)
@@ -416,8 +426,7 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
             "uffd-lazy": lambda: served("B", False, "uffd-lazy"),
             "uffd-replay": lambda: served("B", True, "uffd-replay"),
             "uffd-replay-l1": lambda: served("B", True, "uffd-replay-l1", host_cache=None),
-            "uffd-replay-hc-empty": lambda: served("B", True, "uffd-replay-hc-empty",
-                                                   host_cache=HostCache(work / f"host-{next(n_sock)}")),
+            "uffd-replay-hc-empty": lambda: served_empty(),
         }
         if server_kw.get("host_cache") is not None:
             server_kw["host_cache"].fill(snap)  # warm: every chunk decoded before the rounds
