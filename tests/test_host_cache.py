@@ -231,7 +231,8 @@ def _lock_waiters(path: Path) -> int:
 def test_two_server_processes_wait_for_one_filler(tmp_path, snap, host, image):
     """Two `restore serve` processes want the same chunk while a third
     party holds its fill lock: both wait, then take its bytes; neither
-    decodes it."""
+    decodes it. Then they fill the rest of the version at once: each chunk
+    is decoded by one of them."""
     path, _ = host.open_version(snap.manifest)
     c = 5
     held = _HeldFill(path, snap, c)
@@ -260,12 +261,25 @@ def test_two_server_processes_wait_for_one_filler(tmp_path, snap, host, image):
         for g in guests:
             assert g.wait(30).sums[0] == expected_sums(image, [page])[0]
             g.close()
+        # Then both fill the rest of the version at once, from a cold host
+        # cache, for guests that want the same pages.
+        offs = _trace(image)
+        guests = [Guest(str(sock), memory_size=SIZE).start(reads(offs)) for _, sock in daemons]
+        for g in guests:
+            assert (g.wait(60).sums == expected_sums(image, offs)).all()
+            g.close()
+        ends = []
         for proc, _ in daemons:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
-            end = [json.loads(x) for x in err.splitlines() if '"session_end"' in x][0]
-            assert end["chunks"]["host_waits"] == 1 and end["chunks"]["host"] == 1
-            assert end["chunks"]["host_fills"] == 0 and end["first_touches"]["host"] == 1
+            ends.append([json.loads(x) for x in err.splitlines() if '"session_end"' in x])
+        for first, _ in ends:
+            assert first["chunks"]["host_waits"] == 1 and first["chunks"]["host"] == 1
+            assert first["chunks"]["host_fills"] == 0 and first["first_touches"]["host"] == 1
+        # Every chunk was decoded by one of the two processes, none by both.
+        fills = sum(second["chunks"]["host_fills"] for _, second in ends)
+        decodes = sum(second["chunks"]["l1"] + second["chunks"]["fetched"] for _, second in ends)
+        assert fills == decodes == len(_present(path)) - 1  # the held chunk was ours
     finally:
         held.close()
         for proc, _ in daemons:
