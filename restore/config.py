@@ -112,11 +112,26 @@ def load(path: str, command: click.Command, ctx: click.Context) -> dict[str, Any
         if key.replace("-", "_") == "l2":
             value = _l2_specs(path, value)
         _check_type(path, key, param, value)
+        if any("\0" in text for text in _strings(value)):
+            raise click.BadParameter(f"{path}: {key} contains a NUL character")
         try:
             out[param.name] = param.type_cast_value(ctx, value)
         except click.BadParameter as exc:
             raise click.BadParameter(f"{path}: {key}: {exc.message}") from None
     return out
+
+
+def _strings(value: Any):
+    """Every string in a TOML value (arrays and tables walked)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
 
 
 def config_option(f):

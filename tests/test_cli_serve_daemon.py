@@ -251,6 +251,7 @@ def test_l2_as_a_table_of_zones(tmp_path, made, run_cli):
         ('snapshot = "fn"\nallow_uid = [-1]\n', "serve.toml: allow_uid: -1 is not in the range x>=0"),
         ('snapshot = "fn"\nsocket = ["a"]\n', "serve.toml: socket must be a path, got ['a']"),
         ('snapshot = "fn"\nsocket = 5\n', "serve.toml: socket must be a path, got 5"),
+        ('snapshot = "fn"\nsocket = "a\\u0000b"\n', "serve.toml: socket contains a NUL character"),
         ('snapshot = 1.5\n', "serve.toml: snapshot must be a string, got 1.5"),
         ('snapshot = "fn"\nfetchers = 2.5\n', "serve.toml: fetchers must be an integer, got 2.5"),
         ('snapshot = "fn"\ncache_budget = "lots"\n', "serve.toml: cache_budget: 'lots' is not a size"),
