@@ -225,15 +225,6 @@ int rs_hostcache_present(const rs_hostcache *h, uint32_t c)
            atomic_load_explicit(&h->state[c], memory_order_acquire) == RS_HOST_PRESENT;
 }
 
-uint32_t rs_hostcache_count(const rs_hostcache *h)
-{
-    uint32_t n = 0;
-
-    for (uint32_t c = 0; c < h->n_chunks; c++)
-        n += atomic_load_explicit(&h->state[c], memory_order_relaxed) == RS_HOST_PRESENT;
-    return n;
-}
-
 const uint8_t *rs_hostcache_chunk(const rs_hostcache *h, uint32_t c)
 {
     return h->data + (size_t)c * h->chunk_size;

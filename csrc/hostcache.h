@@ -54,9 +54,6 @@ void rs_hostcache_close(rs_hostcache *h);
 /* 1 when chunk c's decoded bytes are in (acquire). */
 int rs_hostcache_present(const rs_hostcache *h, uint32_t c);
 
-/* Chunks present now (a scan of the state bytes; for reports). */
-uint32_t rs_hostcache_count(const rs_hostcache *h);
-
 /* Read-only view of chunk c's decoded bytes (chunk_size bytes), valid
  * until rs_hostcache_close; only meaningful once c is present. */
 const uint8_t *rs_hostcache_chunk(const rs_hostcache *h, uint32_t c);

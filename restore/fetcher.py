@@ -108,7 +108,7 @@ class Fetchers:
         # to run (threading.Thread.start waits, which costs the guest's first
         # fault up to a millisecond on a busy host); each sets its event when
         # it ends, for join().
-        self._wanted = threads
+        self._more = threads - 1  # to start with the first network request
         self._ended: list[threading.Event] = []
         self._start_one()
 
@@ -127,8 +127,7 @@ class Fetchers:
     def _grow(self) -> None:
         """Start the rest of the pool (once): the network tiers are in use."""
         with self._lock:
-            more = self._wanted - len(self._ended)
-            self._wanted = len(self._ended)  # nobody else grows it
+            more, self._more = self._more, 0
         for _ in range(more):
             self._start_one()
 
@@ -157,7 +156,7 @@ class Fetchers:
             if rc < 0:  # -ESHUTDOWN: the engine stopped
                 return
             if rc == 1:
-                if len(self._ended) < self._wanted:
+                if self._more:
                     self._grow()
                 self._serve(chunk[0])
 

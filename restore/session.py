@@ -230,7 +230,7 @@ class RestoreSession:
                 "page_size": page_size,
                 "n_chunks": len(m.chunks),
                 "fault_around": fault_around,
-                "l1_threads": max(1, l1_threads) if local else 0,
+                "l1_threads": l1_threads if local else 0,
                 "log_capacity": 0,
                 "poll_us": poll_us,
                 "prefetch_around": prefetch_around or 0,

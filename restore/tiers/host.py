@@ -53,7 +53,8 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 from ..errors import HostCacheError, InputError
 
@@ -185,6 +186,20 @@ class HostCache:
     def versions(self) -> list[HostVersion]:
         """Every version in the cache, least recently used first."""
         out = []
+        for path, size, last in self._scan():
+            with _unused(path) as unused:
+                in_use = not unused
+            out.append(HostVersion(path, size, last, in_use, _snapshot_of(path)))
+        return out
+
+    def usage(self) -> int:
+        """Bytes allocated on disk by every version (a scan)."""
+        return sum(size for _, size, _ in self._scan())
+
+    def _scan(self) -> list[tuple[Path, int, int]]:
+        """(directory, allocated bytes, last used ns) of every version, least
+        recently used first."""
+        out = []
         try:
             entries = list(os.scandir(self.root / LAYOUT))
         except FileNotFoundError:
@@ -197,12 +212,8 @@ class HostCache:
                 size = sum(_allocated(Path(d.path) / f) for f in ("data", "state"))
             except FileNotFoundError:
                 continue  # evicted meanwhile
-            out.append(HostVersion(Path(d.path), size, last, _in_use(Path(d.path)), _snapshot_of(Path(d.path))))
-        return sorted(out, key=lambda v: v.last_used)
-
-    def usage(self) -> int:
-        """Bytes allocated on disk by every version (a scan)."""
-        return sum(v.bytes for v in self.versions())
+            out.append((Path(d.path), size, last))
+        return sorted(out, key=lambda v: v[2])
 
     def evict(self, target_bytes: int | None = None) -> int:
         """Remove least recently used versions no session uses until usage is
@@ -219,14 +230,14 @@ class HostCache:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._remove_leftovers()
-            versions = self.versions()
-            remaining = sum(v.bytes for v in versions)
-            for v in versions:
+            versions = self._scan()
+            remaining = sum(size for _, size, _ in versions)
+            for path, size, _ in versions:
                 if remaining <= target_bytes:
                     break
-                if self._remove_unused(v.path):
-                    freed += v.bytes
-                    remaining -= v.bytes
+                if self._remove_unused(path):
+                    freed += size
+                    remaining -= size
         finally:
             os.close(lock)
         return freed
@@ -238,23 +249,13 @@ class HostCache:
 
     def _remove_unused(self, path: Path) -> bool:
         """Remove a version's directory if no session holds it."""
-        try:
-            fd = os.open(path / "state", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = None  # never opened by a session: nothing can hold it
-        try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return False
+        with _unused(path) as unused:
+            if not unused:
+                return False
             # Renamed while held: an opener that races us finds its file
             # gone from the path and opens a new version directory.
             dead = self.root / f"{_EVICT_PREFIX}{secrets.token_hex(8)}"
             os.rename(path, dead)
-        finally:
-            if fd is not None:
-                os.close(fd)
         shutil.rmtree(dead, ignore_errors=True)
         return True
 
@@ -271,18 +272,25 @@ def _allocated(path: Path) -> int:
         return 0
 
 
-def _in_use(path: Path) -> bool:
+@contextmanager
+def _unused(path: Path) -> Iterator[bool]:
+    """True, holding LOCK_EX on the version's state file for the block, when
+    no session uses the version (one that no session ever opened has no
+    state file: nothing can hold it); False when a session holds it."""
     try:
         fd = os.open(path / "state", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        yield True
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
-    return False
 
 
 def _snapshot_of(path: Path) -> str:
