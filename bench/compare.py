@@ -40,7 +40,12 @@ working set. minivm (a KVM guest) is one more workload: resident, uffd-lazy
 and uffd-replay, time from restore start to its answer. sqlite
 (bench/realistic.py; --no-realistic skips it) is another: SQLite answering a
 mix of queries against a database in the guest's memory, in place; resident,
-mmap-cold, mmap-warm, uffd-lazy and uffd-replay.
+mmap-cold, mmap-warm, uffd-lazy and uffd-replay. firecracker
+(bench/firecracker/rows.py; KVM needed, --no-firecracker skips it) restores a
+real Firecracker's Full snapshot: its File backend page cache cold and warm
+(the mmap-cold and mmap-warm columns) against the Uffd backend on a `restore
+serve` process, lazy and replaying, timed from PUT /snapshot/load to the
+guest's first answer and to the end of its invocation.
 """
 
 from __future__ import annotations
@@ -403,7 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-realistic", action="store_true", help="skip the SQLite workload (bench/realistic.py)")
     ap.add_argument("--realistic-size-mib", type=_positive, default=256,
                     help="memory of the SQLite workload's guest")
-    ap.add_argument("--only", choices=["synthetic", "realistic", "minivm"],
+    ap.add_argument("--no-firecracker", action="store_true", help="skip the real Firecracker rows")
+    ap.add_argument("--only", choices=["synthetic", "realistic", "minivm", "firecracker"],
                     help="run only these workloads (synthetic: heap/scatter/scan and --slow-tiers)")
     ap.add_argument("--slow-tiers", action="store_true",
                     help="also run the first workload with a cold L1 behind delayed L2 / S3 (needs root)")
@@ -451,6 +457,11 @@ def main(argv=None) -> int:
             details["sqlite"] = sql
         if not args.no_minivm and args.only in (None, "minivm"):
             results.update(minivm_rows(Path(tmp), args.rounds))
+        if not args.no_firecracker and args.only in (None, "firecracker"):
+            from bench.firecracker.rows import firecracker_rows
+
+            results.update(firecracker_rows(Path(tmp) / "firecracker", args.rounds,
+                                            log=lambda line: print(line, file=sys.stderr)))
 
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "details": details}, indent=1))
@@ -511,19 +522,19 @@ def report(results: dict, details: dict, rounds: int) -> None:
 
 
 def _plot(results, out) -> None:
-    """Bars of restore-to-done / resident (medians) per workload and strategy."""
+    """Bars of restore-to-done / the row's baseline (medians) per workload and strategy."""
     import textwrap
 
     from restore.plot import plot_grouped_bars
 
     groups = {}
     for name, rows in results.items():
-        label = name.split(":")[0] + (":" + name.split(":")[1] if name.startswith("minivm") else "")
-        base = float(np.median(rows["resident"]))
+        label = name.split(":")[0] + (":" + name.split(":")[1] if name.startswith(("minivm", "firecracker")) else "")
+        base = float(np.median(rows[_baseline(rows)]))
         groups[textwrap.fill(label.replace(" (relay delay)", ""), 18)] = {
             s: float(np.median(rows[s])) / base for s in STRATEGIES if rows.get(s)}
     plot_grouped_bars(groups, out, series=STRATEGIES, title="restore strategies (lower is better)",
-                      ylabel="restore-to-done / resident", baseline=1.0, log=True,
+                      ylabel="restore-to-done / baseline (mmap-warm, else resident)", baseline=1.0, log=True,
                       width_px=max(1200, 176 * len(results)), height_px=700)
 
 

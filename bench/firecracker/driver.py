@@ -229,6 +229,8 @@ class VM:
             conn.request(method, path, payload, {"Content-Type": "application/json", "Accept": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:  # e.g. Firecracker killed during the call
+            raise FirecrackerError(f"{method} {path}: no answer from Firecracker ({exc!r})") from None
         finally:
             conn.close()
         if resp.status >= 300:

@@ -1,0 +1,230 @@
+"""A real Firecracker (1.12.1, from the pinned wheel `make firecracker`
+fetches) restores its microVM through `restore serve`: boot our freestanding
+guest, pause, Full snapshot, `restore snapshot create`, then
+`PUT /snapshot/load` with the Uffd backend on a running `restore serve`.
+Every answer of the restored guest must equal the answer of the VM that made
+the snapshot (its memory never left), and so must its hash over all of its
+state. Skipped only where /dev/kvm is absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.firecracker import driver
+from bench.minivm.driver import kvm_available
+from daemon import Daemon
+
+pytestmark = pytest.mark.skipif(not kvm_available(), reason="/dev/kvm is not available")
+
+MEM_MIB = 64
+REQUESTS = [42, 7, 99, 123456, 0xDEADBEE]
+JAIL_UID = 123
+
+
+@pytest.fixture(scope="module")
+def fc(tmp_path_factory):
+    b = driver.binaries()  # fetched by make test; a failure to fetch is an error, not a skip
+    assert driver.version(b.firecracker) == "1.12.1"
+    return {"bin": b, "guest": driver.build_guest(tmp_path_factory.mktemp("fcguest"))}
+
+
+def _snapshot(fc, d: Path, name: str, *, huge_pages=None, chunk_size=None) -> dict:
+    """Boot the guest, ask the reference answers, take a Full snapshot and
+    turn its memory file into a restore snapshot (the CLI, as a user does)."""
+    state, mem = d / f"{name}.state", d / f"{name}.mem"
+    with driver.VM(fc["bin"].firecracker, d / f"{name}-boot") as vm:
+        vm.boot(fc["guest"], MEM_MIB, huge_pages=huge_pages)
+        reference = {a.request: a.value for a in vm.ask(REQUESTS)}
+        total = vm.state_sum()
+        vm.snapshot(state, mem)
+    assert len(set(reference.values())) == len(REQUESTS) and 0xDEADBEEF not in reference.values()
+    store = f"file://{d}/store"
+    cmd = [sys.executable, "-m", "restore", "snapshot", "create", str(mem), "--name", name, "--store", store]
+    if chunk_size:
+        cmd += ["--chunk-size", chunk_size]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return {"state": state, "mem": mem, "store": store, "name": name, "reference": reference, "sum": total}
+
+
+@pytest.fixture(scope="module")
+def made(fc, tmp_path_factory):
+    return _snapshot(fc, tmp_path_factory.mktemp("fcsnap"), "fn")
+
+
+def _check(vm: driver.VM, made: dict) -> None:
+    got = vm.ask(REQUESTS)
+    assert {a.request: a.value for a in got} == made["reference"]
+    assert vm.state_sum() == made["sum"]
+
+
+def _serve(tmp_path: Path, made: dict, sock: Path, *extra: str) -> Daemon:
+    d = Daemon(tmp_path, "--snapshot", made["name"], "--socket", str(sock), "--store", made["store"],
+               "--cache", str(tmp_path / "cache"), "--log-format", "json", "-v", *extra)
+    d.event("serving")
+    return d
+
+
+def test_a_firecracker_snapshot_restored_through_restore_serve_then_replayed(tmp_path, fc, made):
+    sock = tmp_path / "fn.sock"
+    d = _serve(tmp_path, made, sock)
+    try:
+        with driver.VM(fc["bin"].firecracker, tmp_path / "vm1") as vm:
+            vm.load(made["state"], "Uffd", sock)
+            start = d.event("session_start")
+            assert start["pid"] == vm.pid and not start["plan"]
+            _check(vm, made)
+        first = d.event("session_end")
+        assert first["faults"] > 0 and first["errors"] == 0 and first["log_key"]
+
+        subprocess.run([sys.executable, "-m", "restore", "plan", "build", made["name"], "--sessions", "1",
+                        "--store", made["store"]], check=True, capture_output=True)
+        with driver.VM(fc["bin"].firecracker, tmp_path / "vm2") as vm:
+            vm.load(made["state"], "Uffd", sock)
+            assert d.event("session_start")["plan"]
+            _check(vm, made)
+        second = d.event("session_end")
+        assert second["prefetch_pages"] > 0 and second["errors"] == 0
+        # The first session decoded its chunks into the host cache; the
+        # second takes every chunk from there.
+        assert second["chunks"]["host"] > 0 and second["chunks"]["fetched"] == 0
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def test_two_vms_on_one_server_at_once(tmp_path, fc, made):
+    sock = tmp_path / "fn.sock"
+    d = _serve(tmp_path, made, sock)
+    try:
+        with driver.VM(fc["bin"].firecracker, tmp_path / "a") as a, \
+                driver.VM(fc["bin"].firecracker, tmp_path / "b") as b:
+            a.load(made["state"], "Uffd", sock)
+            b.load(made["state"], "Uffd", sock)
+            pids = {d.event("session_start")["pid"], d.event("session_start")["pid"]}
+            assert pids == {a.pid, b.pid}
+            # Both sessions are live: requests go to both before either answers.
+            a.send(REQUESTS)
+            b.send(REQUESTS)
+            for vm in (a, b):
+                assert {x.request: x.value for x in vm.answers(len(REQUESTS))} == made["reference"]
+            for vm in (a, b):
+                assert vm.state_sum() == made["sum"]
+        ends = [d.event("session_end"), d.event("session_end")]
+        assert {e["pid"] for e in ends} == {a.pid, b.pid} and all(e["errors"] == 0 for e in ends)
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+@pytest.fixture
+def huge_pages():
+    """Reserve 2 MiB pages for a booting VM and two restored ones; give back
+    what was there before."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    before = int(path.read_text())
+    want = before + 3 * MEM_MIB // 2
+    path.write_text(f"{want}\n")
+    if int(path.read_text()) < want:
+        path.write_text(f"{before}\n")
+        pytest.fail(f"could not reserve {want} huge pages (memory too fragmented?)")
+    yield
+    path.write_text(f"{before}\n")
+
+
+@pytest.mark.parametrize("chunk_size", [None, "2M"], ids=["default-512K-chunks", "2M-chunks"])
+def test_huge_page_vm(tmp_path, fc, huge_pages, chunk_size):
+    """huge_pages "2M": Firecracker backs guest memory with hugetlbfs and
+    sends 2 MiB page sizes; each 2 MiB fault is served whole, assembled from
+    the chunks that cover it when they are smaller."""
+    made = _snapshot(fc, tmp_path, "huge", huge_pages="2M", chunk_size=chunk_size)
+    sock = tmp_path / "huge.sock"
+    d = _serve(tmp_path, made, sock)
+    try:
+        with driver.VM(fc["bin"].firecracker, tmp_path / "vm") as vm:
+            vm.load(made["state"], "Uffd", sock)
+            assert d.event("session_start")["pid"] == vm.pid
+            _check(vm, made)
+        end = d.event("session_end")
+        assert end["faults"] > 0 and end["errors"] == 0
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+@pytest.fixture
+def jail_base():
+    base = Path(tempfile.mkdtemp(prefix="restore-jails-"))  # a path uid JAIL_UID can reach
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_jailer_with_its_own_uid_and_chroot(tmp_path, fc, made, jail_base):
+    """Firecracker jailed as uid JAIL_UID in a chroot; the server runs
+    outside, its socket inside the jail, given to that uid and allowing it."""
+    if fc["bin"].jailer is None:
+        pytest.fail("no jailer next to the Firecracker under test (set RESTORE_JAILER)")
+    jail = driver.Jail(fc["bin"].jailer, JAIL_UID, JAIL_UID, jail_base)
+    with driver.VM(fc["bin"].firecracker, None, vm_id="fn1", jail=jail) as vm:
+        sock = vm.host_path("/run/fn.sock")
+        sock.parent.mkdir(exist_ok=True)
+        d = _serve(tmp_path, made, sock, "--socket-owner", f"{JAIL_UID}:{JAIL_UID}", "--allow-uid", str(JAIL_UID))
+        try:
+            state = vm.place(made["state"], "fn.state")
+            vm.load(state, "Uffd", "/run/fn.sock")
+            assert d.event("session_start")["pid"] == vm.pid
+            assert Path(f"/proc/{vm.pid}/status").read_text().count(f"\t{JAIL_UID}\t") >= 1  # really that uid
+            _check(vm, made)
+            vm.kill()
+            assert d.event("session_end")["errors"] == 0
+            assert d.stop() == 0
+        finally:
+            d.kill()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wait_for(cond, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_serve_killed_mid_restore_takes_the_vmm_with_it_and_the_next_is_served(tmp_path, fc, made):
+    """The worker of `restore serve --supervise` is killed while a restored
+    VM still has most of its memory to fault in: the VMM is killed, never
+    left hanging, and a new worker serves the next VMM."""
+    sock = tmp_path / "fn.sock"
+    sup = subprocess.Popen([sys.executable, "-m", "restore", "serve", "--supervise", "--snapshot", made["name"],
+                            "--socket", str(sock), "--store", made["store"], "--cache", str(tmp_path / "cache")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: sock.exists() and _children(sup.pid), "the supervisor did not start its worker")
+        worker = _children(sup.pid)[0]
+        with driver.VM(fc["bin"].firecracker, tmp_path / "vm1") as vm:
+            vm.load(made["state"], "Uffd", sock)
+            assert vm.ask(REQUESTS[:1])[0].value == made["reference"][REQUESTS[0]]  # served, mid-restore
+            os.kill(worker, signal.SIGKILL)
+            assert vm.wait(60) == -signal.SIGKILL
+            vmm = vm.pid
+        _wait_for(lambda: _children(sup.pid) and _children(sup.pid)[0] != worker, "no new worker")
+        with driver.VM(fc["bin"].firecracker, tmp_path / "vm2") as vm:
+            vm.load(made["state"], "Uffd", sock)
+            _check(vm, made)
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        out, err = sup.communicate(timeout=60)
+    assert sup.returncode == 0, err
+    assert f"worker pid {worker} killed by signal 9; killed the VMMs it was serving ({vmm})" in err, err
