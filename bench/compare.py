@@ -409,6 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--realistic-size-mib", type=_positive, default=256,
                     help="memory of the SQLite workload's guest")
     ap.add_argument("--no-firecracker", action="store_true", help="skip the real Firecracker rows")
+    ap.add_argument("--firecracker-mem-mib", type=_positive, default=256, help="memory of the Firecracker guest")
     ap.add_argument("--only", choices=["synthetic", "realistic", "minivm", "firecracker"],
                     help="run only these workloads (synthetic: heap/scatter/scan and --slow-tiers)")
     ap.add_argument("--slow-tiers", action="store_true",
@@ -460,7 +461,7 @@ def main(argv=None) -> int:
         if not args.no_firecracker and args.only in (None, "firecracker"):
             from bench.firecracker.rows import firecracker_rows
 
-            results.update(firecracker_rows(Path(tmp) / "firecracker", args.rounds,
+            results.update(firecracker_rows(Path(tmp) / "firecracker", args.rounds, args.firecracker_mem_mib,
                                             log=lambda line: print(line, file=sys.stderr)))
 
     if args.json:

@@ -153,13 +153,16 @@ def test_restore_bench_runs_the_comparison(tmp_path, run_cli):
     the breakdown and writes the plot; bad arguments exit 2 with the reason."""
     out = tmp_path / "compare.png"
     res = run_cli("bench", "--rounds", "1", "--size-mib", "8", "--no-minivm", "--realistic-size-mib", "16",
-                  "--out", str(out), "--json", str(tmp_path / "raw.json"), check=True).stdout
+                  "--firecracker-mem-mib", "16", "--out", str(out), "--json", str(tmp_path / "raw.json"),
+                  check=True).stdout
     assert "restore-to-done, median of 1 interleaved rounds" in res
     table = res.split("where the time goes")[0]
     for strategy in ("resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay"):
         assert strategy in table
     assert re.search(r"heap-5%\s+uffd-replay\s+\d+\s+\d+", res), res
     assert re.search(r"sqlite: \d+ queries", table), table
+    if os.path.exists("/dev/kvm"):  # a real Firecracker: its File backend against restore serve
+        assert re.search(r"firecracker 1\.12\.1 \(16 MiB\), another invocation: first answer\s+-\s+[\d.]+ ms", table), table
     raw = json.loads((tmp_path / "raw.json").read_text())
     assert len(raw["results"]["heap-5%: runs of 3 pages, 80% shared"]["uffd-replay-hc-empty"]) == 1
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
