@@ -1,6 +1,8 @@
 """The page-fault handler server: Firecracker's UFFD protocol over a Unix socket.
 
-``Server`` listens on a Unix stream socket (mode 0600). Each connection is
+``Server`` listens on a Unix stream socket (mode 0600), or on several
+(``Listen``: one per jail, each with its own owner, mode and allowed uids;
+a connection is checked against the socket it came on). Each connection is
 one guest: the handshake (restore/protocol.py) brings the guest's regions
 and its userfaultfd; a RestoreSession then serves the guest's faults from
 the snapshot until the guest goes away (the connection closes, or the
