@@ -563,7 +563,6 @@ def serve(spec, socket_path, listens, cache_dir, cache_budget, no_cache, host_ca
     seconds to finish (their fault logs are saved), then the server exits."""
     import logging
     import signal
-    import socket
     import threading
 
     from . import logs
