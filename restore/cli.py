@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from ._version import __version__
-from .config import config_option
+from .config import LISTEN_SYNTAX, config_option, parse_listen, parse_mode
 from .errors import RestoreError
 from .keys import generate_key_file, load_key
 from .tiers.durable import DurableStore, S3Options, default_store_url
@@ -56,6 +56,41 @@ class OwnerParam(click.ParamType):
 
 
 OWNER = OwnerParam()
+
+
+class ModeParam(click.ParamType):
+    """A socket mode: octal digits giving nothing to others (0600, 0660)."""
+
+    name = "mode"
+    textual = True  # a config file gives it as a string ("0660"), never as a number
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value and not value & ~0o770:
+            return value  # converted already (a config file's value)
+        if not isinstance(value, str):
+            self.fail(f"{value!r} is not a string of octal digits such as \"0660\"", param, ctx)
+        try:
+            return parse_mode(value.strip())
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class ListenParam(click.ParamType):
+    """PATH[,owner=UID[:GID]][,mode=OCTAL][,allow=UID[+UID...]] → a Listen."""
+
+    name = "listen"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value  # a Listen, from a config file's [[listen]] table
+        try:
+            return parse_listen(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+MODE = ModeParam()
+LISTEN = ListenParam()
 
 _PIXELS_RE = re.compile(r"(\d+)x(\d+)", re.IGNORECASE)
 
@@ -461,7 +496,13 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @cli.command("serve")
 @config_option
 @click.option("--snapshot", "spec", required=True, metavar="NAME[:VERSION]", help="Snapshot to serve (default: newest version).")
-@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Unix socket to listen on (mode 0600).")
+@click.option("--socket", "socket_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Unix socket to listen on (mode 0600); its owner and allowed uids are --socket-owner and "
+                   "--allow-uid. Give it, --listen, or both.")
+@click.option("--listen", "listens", multiple=True, type=LISTEN, metavar=LISTEN_SYNTAX,
+              help="One more socket, with its own owner (default: the server's user), mode (default 0600; "
+                   "never more than 0770) and allowed uids joined with + (default: the server's own uid); "
+                   "repeatable, e.g. one per jail. The path may not hold a comma.")
 @click.option("--cache", "cache_dir", default=None, help=CACHE_HELP)
 @click.option("--cache-budget", type=SIZE, default=None, metavar="SIZE",
               help="L1 size budget, e.g. 20G; least recently used chunks are evicted past it (default: 8 GiB).")
@@ -481,6 +522,8 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @click.option("--socket-owner", type=OWNER, default=None, metavar="UID[:GID]",
               help="Give the socket to this uid (and gid), so VMMs running as it (a jailer's --uid) can connect; "
                    "allow it with --allow-uid too.")
+@click.option("--socket-mode", type=MODE, default=None, metavar="OCTAL",
+              help="Mode of --socket: 0600 (the default) or e.g. 0660 to let its group connect; never more than 0770.")
 @click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest (fetch concurrency).")
 @click.option("--prefetch-inflight", type=click.IntRange(min=1), default=None, metavar="N",
               help="Plan chunks the prefetch asks for at once (default: 8; more for slow tiers).")
@@ -501,25 +544,25 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
 @click.option("--supervise", is_flag=True,
               help="Run the server as a worker under a supervisor that, if the worker dies, kills the VMMs it "
                    "was serving (their guests would hang) and starts a new worker on the same socket.")
-@click.option("--worker-listen-fd", type=int, default=None, hidden=True)
+@click.option("--worker-listen-fd", type=int, multiple=True, hidden=True)
 @click.option("--worker-report-fd", type=int, default=None, hidden=True)
 @l2_option
 @key_options
 @store_options
-def serve(spec, socket_path, cache_dir, cache_budget, no_cache, host_cache_dir, host_cache_budget, no_host_cache,
+def serve(spec, socket_path, listens, cache_dir, cache_budget, no_cache, host_cache_dir, host_cache_budget, no_host_cache,
           fault_around, poll_us, record_fault_around, memfd_install,
-          allow_uids, socket_owner, fetchers, prefetch_inflight, drain_timeout, verbose, log_format, metrics_addr, no_plan,
+          allow_uids, socket_owner, socket_mode, fetchers, prefetch_inflight, drain_timeout, verbose, log_format, metrics_addr, no_plan,
           rebuild_plan_after, plan_sessions, audit_every, supervise, worker_listen_fd, worker_report_fd, l2_specs,
           key_file, key_env, store_url, s3_endpoint, s3_region):
     """Serve a snapshot's memory to guests over Firecracker's UFFD protocol.
 
-    Each connection on SOCKET is one guest (one JSON list of regions plus its
-    userfaultfd). Settings come from flags and/or a TOML file (--config).
+    Each connection on SOCKET (or on any --listen socket) is one guest (one
+    JSON list of regions plus its userfaultfd), served if its uid is allowed
+    on the socket it came on. Settings come from flags and/or a TOML file (--config).
     SIGTERM or Ctrl-C: no new guests; running guests get --drain-timeout
     seconds to finish (their fault logs are saved), then the server exits."""
     import logging
     import signal
-    import socket
     import threading
 
     from . import logs
@@ -530,10 +573,12 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, host_cache_dir, 
 
     logs.configure(log_format, verbose)
     log = logging.getLogger("restore.serve")
-    if supervise and worker_listen_fd is None:
+    sockets = _serve_listens(socket_path, socket_owner, socket_mode, allow_uids, listens)
+    if supervise and not worker_listen_fd:
         from .supervisor import supervise as run_supervisor
 
-        sys.exit(run_supervisor([a for a in _ARGV if a != "--supervise"], socket_path, socket_owner))
+        sys.exit(run_supervisor([a for a in _ARGV if a != "--supervise"], sockets))
+    listeners = _worker_listeners(worker_listen_fd, sockets) if worker_listen_fd else None
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)
     l1 = None
@@ -553,13 +598,12 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, host_cache_dir, 
         signal.signal(sig, lambda *_: stop.set())
     server = Server(
         snap,
-        socket_path,
+        sockets,
         l1=l1,
         l2=open_l2(l2_specs),
         fault_around=fault_around or DEFAULT_FAULT_AROUND,
         record_fault_around=record_fault_around,
         memfd_install=memfd_install,
-        allowed_uids=allow_uids or None,
         fetchers=fetchers or DEFAULT_FETCHERS,
         prefetch_inflight=prefetch_inflight or DEFAULT_PREFETCH_INFLIGHT,
         drain_timeout=drain_timeout,
@@ -567,18 +611,15 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, host_cache_dir, 
         rebuild_plan_after=rebuild_plan_after,
         plan_sessions=plan_sessions,
         audit_every=audit_every,
-        socket_owner=socket_owner,
         on_fetch=metrics.observe_fetch if metrics else None,
-        listener=socket.socket(fileno=worker_listen_fd) if worker_listen_fd is not None else None,
+        listener=listeners,
         on_peer=PeerReports(worker_report_fd) if worker_report_fd is not None else None,
         host_cache=open_host_cache(host_cache_dir, host_cache_budget, no_host_cache, cache_dir),
         poll_us=DEFAULT_POLL_US if poll_us is None else poll_us,
     )
     if metrics is not None:
         metrics.attach(server)
-    server.start()
-    log.info("serving %s on %s", snap.label, socket_path,
-             extra={"event": "serving", "snapshot": snap.label, "socket": socket_path})
+    server.start()  # logs "serving ... on ..." once per socket
     while not stop.wait(0.5):
         pass
     log.info("stopping: no new guests; %d running get %.0f s to finish", server.active(), drain_timeout,
@@ -592,6 +633,47 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, host_cache_dir, 
              counts.get("sessions_refused", 0),
              extra={"event": "stopped", "sessions": counts.get("sessions_ended", 0),
                     "refused": counts.get("sessions_refused", 0)})
+
+
+def _serve_listens(socket_path, socket_owner, socket_mode, allow_uids, listens) -> list:
+    """serve's sockets: --socket (with --socket-owner, --socket-mode and
+    --allow-uid) first, then each --listen; a path given twice, or no socket
+    at all, is a usage error."""
+    from .handler import Listen, check_listens
+
+    out = []
+    if socket_path is not None:
+        try:
+            out.append(Listen(socket_path, socket_owner, 0o600 if socket_mode is None else socket_mode,
+                              frozenset(allow_uids) if allow_uids else None))
+        except RestoreError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--socket'") from None
+    else:
+        for given, name in ((socket_owner, "--socket-owner"), (socket_mode, "--socket-mode"),
+                            (allow_uids, "--allow-uid")):
+            if given:
+                raise click.UsageError(f"{name} is a setting of --socket, and no --socket is given "
+                                       "(a --listen socket takes owner=, mode= and allow=)")
+    out += listens
+    if not out:
+        raise click.UsageError("give a socket to listen on: --socket PATH and/or --listen PATH[,...]")
+    try:
+        return check_listens(out)
+    except RestoreError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--listen'") from None
+
+
+def _worker_listeners(fds, sockets) -> list:
+    """The listening sockets a supervisor handed its worker, one per socket
+    in order; each must be bound at its socket's path."""
+    import socket
+
+    listeners = [socket.socket(fileno=fd) for fd in fds]
+    names = [s.getsockname() for s in listeners]
+    if names != [lst.path for lst in sockets]:
+        raise RestoreError(f"the supervisor's sockets ({', '.join(map(str, names))}) are not this worker's "
+                           f"({', '.join(lst.path for lst in sockets)})")
+    return listeners
 
 
 def _wait_for_socket(path: str, timeout: float = 10.0) -> None:

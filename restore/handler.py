@@ -1,6 +1,8 @@
 """The page-fault handler server: Firecracker's UFFD protocol over a Unix socket.
 
-``Server`` listens on a Unix stream socket (mode 0600). Each connection is
+``Server`` listens on a Unix stream socket (mode 0600), or on several
+(``Listen``: one per jail, each with its own owner, mode and allowed uids;
+a connection is checked against the socket it came on). Each connection is
 one guest: the handshake (restore/protocol.py) brings the guest's regions
 and its userfaultfd; a RestoreSession then serves the guest's faults from
 the snapshot until the guest goes away (the connection closes, or the
@@ -24,14 +26,16 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import socket
 import stat
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -56,18 +60,90 @@ from .tiers.l2 import L2Cluster
 from .workingset import load_plan, rebuild_plan
 
 log = logging.getLogger("restore.handler")
+# The server's start-up lines ("serving ... on ..."), one per socket: the
+# logger `restore serve` shows at INFO even without --verbose.
+start_log = logging.getLogger("restore.serve")
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connected peer has to send its handshake
 WAIT_SLICE = 0.2  # seconds between looks at the stop flag
 SUMMARIES_KEPT = 256  # Server.summaries and Server.refused: the most recent
 
 
-def listen_socket(path: str, owner: Optional[tuple[int, int]] = None) -> socket.socket:
-    """Bind and listen on a Unix socket at path, mode 0600 (replacing a
-    stale socket a dead server left; refusing a path in use or not a
-    socket). owner: (uid, gid) to give the socket to before it listens, so
-    VMMs running as that uid can connect (gid -1: unchanged); None: this
-    process's."""
+MAX_ID = 0xFFFFFFFE  # the largest uid or gid (0xFFFFFFFF is -1: "unchanged")
+MODE_BITS = 0o770  # socket modes may give owner and group access, never others
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One listening socket of a Server: its path, the (uid, gid) it is
+    given to (None: this process's; gid -1: unchanged), its mode, and the
+    uids whose VMMs are served on it (SO_PEERCRED; None: this process's
+    own). A server with one Listen per jail serves many jails, each VMM
+    only on its own jail's socket."""
+
+    path: str
+    owner: Optional[tuple[int, int]] = None
+    mode: int = 0o600
+    allowed_uids: Optional[frozenset[int]] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", os.fspath(self.path))
+        if not self.path or "\0" in self.path:
+            raise InputError(f"socket path {self.path!r} is empty or has a NUL character")
+        if self.owner is not None:
+            uid, gid = self.owner
+            if not 0 <= uid <= MAX_ID or not (gid == -1 or 0 <= gid <= MAX_ID):
+                raise InputError(f"socket {self.path}: owner {uid}:{gid} is not a uid and gid in 0..{MAX_ID}")
+            object.__setattr__(self, "owner", (int(uid), int(gid)))
+        if not isinstance(self.mode, int) or isinstance(self.mode, bool) or self.mode & ~MODE_BITS or self.mode < 0:
+            raise InputError(f"socket {self.path}: mode {self.mode:#o} gives access to others than its owner and "
+                             f"group (allowed bits: {MODE_BITS:04o})" if isinstance(self.mode, int)
+                             else f"socket {self.path}: mode {self.mode!r} is not a number")
+        if self.allowed_uids is not None:
+            uids = frozenset(self.allowed_uids)
+            if not uids:
+                raise InputError(f"socket {self.path}: its allowed uids are empty: no VMM could ever be served")
+            bad = [u for u in uids if not 0 <= u <= MAX_ID]
+            if bad:
+                raise InputError(f"socket {self.path}: allowed uid {bad[0]} is not in 0..{MAX_ID}")
+            object.__setattr__(self, "allowed_uids", uids)
+
+    @property
+    def allowed(self) -> frozenset[int]:
+        """The uids served on this socket."""
+        return self.allowed_uids if self.allowed_uids is not None else frozenset({os.getuid()})
+
+    def describe(self) -> str:
+        """"owner U:G, mode 0600, allows U, ...", as the start-up log says."""
+        if self.owner is None:
+            owner = f"{os.getuid()}:{os.getgid()}"
+        else:
+            owner = f"{self.owner[0]}" + (f":{self.owner[1]}" if self.owner[1] != -1 else "")
+        return f"owner {owner}, mode {self.mode:04o}, allows {', '.join(map(str, sorted(self.allowed)))}"
+
+
+def check_listens(listens: Iterable[Listen]) -> list[Listen]:
+    """listens as a list, refusing none and a path given twice."""
+    out = list(listens)
+    if not out:
+        raise InputError("no socket to listen on")
+    seen: dict[str, str] = {}
+    for lst in out:
+        key = os.path.normpath(os.path.abspath(lst.path))
+        if key in seen:
+            raise InputError(f"socket path {lst.path} is given twice")
+        seen[key] = lst.path
+    return out
+
+
+def listen_socket(path: str, owner: Optional[tuple[int, int]] = None, mode: int = 0o600) -> socket.socket:
+    """Bind and listen on a Unix socket at path, with mode (default 0600;
+    see Listen) (replacing a stale socket a dead server left; refusing a
+    path in use or not a socket). owner: (uid, gid) to give the socket to
+    before it listens, so VMMs running as that uid can connect (gid -1:
+    unchanged); None: this process's."""
+    if mode & ~MODE_BITS or mode < 0:
+        raise InputError(f"socket path {path}: mode {mode:#o} gives access to others than its owner and group")
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise InputError(f"socket path {path} exists and is not a socket")
@@ -81,7 +157,7 @@ def listen_socket(path: str, owner: Optional[tuple[int, int]] = None) -> socket.
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)  # the socket is created 0600
+    old = os.umask(0o177)  # the socket is created 0600, then given its mode
     try:
         sock.bind(path)
     except OSError as exc:
@@ -90,14 +166,14 @@ def listen_socket(path: str, owner: Optional[tuple[int, int]] = None) -> socket.
     finally:
         os.umask(old)
     try:
-        os.chmod(path, 0o600)
         if owner is not None:
             os.chown(path, *owner)
+        os.chmod(path, mode)
     except OSError as exc:
         sock.close()
         os.unlink(path)
         whom = f" to uid {owner[0]}" if owner is not None else ""
-        raise InputError(f"socket path {path} cannot be given mode 0600{whom}: {exc.strerror}") from None
+        raise InputError(f"socket path {path} cannot be given mode {mode:04o}{whom}: {exc.strerror}") from None
     sock.listen(64)
     return sock
 
@@ -145,6 +221,13 @@ class Server:
     already listening socket (a supervisor's) to accept on instead of
     binding socket_path; it is left bound when the server stops.
 
+    Several sockets: socket_path may be a list of Listen, one per socket
+    (e.g. one per jail, each with its own owner, mode and allowed uids);
+    each connection is checked against the allowed uids of the socket it
+    came on. allowed_uids and socket_owner then must be None, and listener
+    (when given) is a list of listening sockets, one per Listen in order.
+    socket_path (the attribute) is the first socket's path.
+
     audit_every: every Nth session that would replay a plan runs without
     it instead, recording every first touch (fault-around 1), and the plan
     is scored against what that guest touched: its pages the guest used
@@ -161,7 +244,7 @@ class Server:
     def __init__(
         self,
         snapshot: Snapshot,
-        socket_path: str | os.PathLike,
+        socket_path: str | os.PathLike | Sequence[Listen],
         *,
         l1: Optional[L1Cache] = None,
         l2: Optional[L2Cluster] = None,
@@ -182,22 +265,30 @@ class Server:
         on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
         audit_every: Optional[int] = None,
         socket_owner: Optional[tuple[int, int]] = None,
-        listener: Optional[socket.socket] = None,
+        listener: Optional[socket.socket | Sequence[socket.socket]] = None,
         host_cache: Optional[HostCache] = None,
         poll_us: int = DEFAULT_POLL_US,
     ):
         self.snapshot = snapshot
         self.host_cache = host_cache
         self.poll_us = poll_us
-        self.socket_path = os.fspath(socket_path)
+        if isinstance(socket_path, (str, os.PathLike)):
+            if allowed_uids is not None and not frozenset(allowed_uids):
+                raise InputError("allowed_uids is empty: no VMM could ever be served")
+            listens = [Listen(os.fspath(socket_path), socket_owner,
+                              allowed_uids=frozenset(allowed_uids) if allowed_uids is not None else None)]
+        else:
+            if allowed_uids is not None or socket_owner is not None:
+                raise InputError("allowed_uids and socket_owner are per socket: give them in each Listen")
+            listens = check_listens(socket_path)
+        self.listens: list[Listen] = listens
+        self.socket_path = listens[0].path
         self.l1 = l1
         self.l2 = l2
         self.fault_around = fault_around
         self.record_fault_around = record_fault_around
         self.memfd_install = check_memfd_install(memfd_install)
-        self.allowed_uids = frozenset(allowed_uids) if allowed_uids is not None else frozenset({os.getuid()})
-        if not self.allowed_uids:
-            raise InputError("allowed_uids is empty: no VMM could ever be served")
+        self.allowed_uids = listens[0].allowed  # the first socket's
         self.fetchers = fetchers
         self.drain_timeout = drain_timeout
         self.persist_logs = persist_logs
@@ -226,9 +317,24 @@ class Server:
         self._threads: list[threading.Event] = []  # one per guest thread, set when it ends
         self.on_peer = on_peer
         self._owns_listener = listener is None
-        self._listener = listen_socket(self.socket_path, socket_owner) if listener is None else listener
-        if listener is not None:
-            listener.settimeout(WAIT_SLICE)  # accept() wakes to see stop()
+        if listener is None:
+            self._listeners: list[socket.socket] = []
+            try:
+                for lst in listens:
+                    self._listeners.append(listen_socket(lst.path, lst.owner, lst.mode))
+            except BaseException:
+                for sock, lst in zip(self._listeners, listens):
+                    sock.close()
+                    _unlink(lst.path)
+                raise
+        else:
+            self._listeners = [listener] if isinstance(listener, socket.socket) else list(listener)
+            if len(self._listeners) != len(listens):
+                raise InputError(f"{len(self._listeners)} listening sockets given for {len(listens)} socket paths")
+        for sock in self._listeners:
+            sock.setblocking(False)  # accepted when select() says so; a vanished peer is no hang
+        # The socket each connection came on, until its guest is checked.
+        self._came_on: "weakref.WeakKeyDictionary[socket.socket, Listen]" = weakref.WeakKeyDictionary()
         self._accept_thread: Optional[threading.Thread] = None
 
     # -- socket -------------------------------------------------------------
@@ -240,22 +346,44 @@ class Server:
         return self
 
     def serve_forever(self) -> None:
-        """Accept guests until stop(); each gets its own thread."""
-        log.info("serving %s on %s", self.snapshot.label, self.socket_path)
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    break
-                raise
-            conn.settimeout(None)
-            # Not threading.Thread: its start() waits for the thread to run,
-            # and this guest's first fault waits for all of that.
-            with self._lock:
-                self._threads = [x for x in self._threads if not x.is_set()] + [spawn(self._guest, conn)]
+        """Accept guests on every socket until stop(); each gets its own thread."""
+        for lst in self.listens:
+            start_log.info("serving %s on %s (%s)", self.snapshot.label, lst.path, lst.describe(),
+                     extra={"event": "serving", "snapshot": self.snapshot.label, "socket": lst.path,
+                            "owner": list(lst.owner) if lst.owner is not None else None,
+                            "mode": f"{lst.mode:04o}", "allowed_uids": sorted(lst.allowed)})
+        with selectors.DefaultSelector() as sel:
+            for sock, lst in zip(self._listeners, self.listens):
+                sel.register(sock, selectors.EVENT_READ, lst)
+            while not self._stopping.is_set():
+                try:
+                    ready = sel.select(WAIT_SLICE)  # wakes to see stop()
+                except (OSError, ValueError):
+                    if self._stopping.is_set():
+                        break
+                    raise
+                for key, _ in ready:
+                    if self._stopping.is_set():
+                        break
+                    try:
+                        conn, _ = key.fileobj.accept()
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                        continue  # the peer went away before we took it
+                    except OSError:
+                        if self._stopping.is_set():
+                            break
+                        raise
+                    conn.setblocking(True)
+                    self._came_on[conn] = key.data
+                    # Not threading.Thread: its start() waits for the thread to
+                    # run, and this guest's first fault waits for all of that.
+                    with self._lock:
+                        self._threads = [x for x in self._threads if not x.is_set()] + [spawn(self._guest, conn)]
+
+    def _allowed_on(self, conn: socket.socket) -> tuple[frozenset[int], str]:
+        """The uids allowed on the socket conn came on, and its path."""
+        lst = self._came_on.pop(conn, None) or self.listens[0]
+        return lst.allowed, lst.path
 
     def active(self) -> int:
         """Guests being served now."""
@@ -310,10 +438,11 @@ class Server:
             self._refuse(conn, 0, str(exc))
             return
         pid = peer.pid
-        if peer.uid not in self.allowed_uids:
+        allowed, on = self._allowed_on(conn)
+        if peer.uid not in allowed:
             # Not one of our VMMs: hang up, read nothing from it, kill nothing.
-            self._refuse(conn, pid, f"peer uid {peer.uid} is not allowed (allowed: "
-                         f"{', '.join(map(str, sorted(self.allowed_uids)))})", kill=False)
+            self._refuse(conn, pid, f"peer uid {peer.uid} is not allowed on {on} (allowed: "
+                         f"{', '.join(map(str, sorted(allowed)))})", kill=False)
             return
         try:
             hs = accept_handshake(
@@ -508,21 +637,12 @@ class Server:
         then kill them; wait for every session to end (when wait)."""
         self._drain_deadline = time.monotonic() + self.drain_timeout
         self._stopping.set()
-        if self._owns_listener:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
-            except OSError:
-                pass
         if self._accept_thread is not None:
-            self._accept_thread.join()
-        try:
-            self._listener.close()
-        finally:
+            self._accept_thread.join()  # it sees the stop flag within WAIT_SLICE
+        for sock, lst in zip(self._listeners, self.listens):
+            sock.close()
             if self._owns_listener:
-                try:
-                    os.unlink(self.socket_path)
-                except FileNotFoundError:
-                    pass
+                _unlink(lst.path)
         if wait:
             with self._lock:
                 threads = list(self._threads)
@@ -534,3 +654,10 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

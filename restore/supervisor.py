@@ -3,12 +3,13 @@ worker.
 
 A VMM keeps its own copy of its userfaultfd. If the handler serving it
 dies, nothing answers its page faults and the guest hangs at its next
-first touch, forever. The supervisor owns the listening socket and runs
-the real server as a worker child (`restore serve` with the same options),
+first touch, forever. The supervisor owns the listening sockets (every one
+of them: a server may listen on one socket per jail) and runs the real
+server as a worker child (`restore serve` with the same options),
 which reports every peer it takes on (pid from SO_PEERCRED) and every peer
 it is done with. When the worker dies of anything but a clean exit, the
 supervisor kills the VMMs the worker was serving and starts a new worker
-on the same socket, so new guests are served again at once.
+on the same sockets, so new guests are served again at once on each.
 
 Why kill rather than resume: the dead worker's state went with it: which
 pages it had installed, and above all which ranges the guest's balloon
@@ -29,10 +30,10 @@ import subprocess
 import sys
 import time
 from collections import deque
-from typing import Optional
+from typing import Sequence
 
 from .errors import RestoreError
-from .handler import listen_socket
+from .handler import Listen, check_listens, listen_socket
 
 log = logging.getLogger("restore.supervisor")
 
@@ -40,11 +41,25 @@ RESTARTS = 5  # worker restarts allowed within RESTART_WINDOW seconds
 RESTART_WINDOW = 60.0
 
 
-def supervise(worker_args: list[str], socket_path: str, socket_owner: Optional[tuple[int, int]] = None) -> int:
-    """Run `restore <worker_args>` as a worker on socket_path until SIGTERM
-    or SIGINT; returns the exit status. worker_args: the serve command
-    line without --supervise; socket_owner: see listen_socket."""
-    listener = listen_socket(socket_path, socket_owner)
+def supervise(worker_args: list[str], listens: Sequence[Listen]) -> int:
+    """Run `restore <worker_args>` as a worker on the sockets listens (see
+    restore.handler.Listen: path, owner, mode; the worker checks the
+    allowed uids) until SIGTERM or SIGINT; returns the exit status.
+    worker_args: the serve command line without --supervise; the worker
+    gets one --worker-listen-fd per socket, in the order of listens (the
+    order its own command line gives them)."""
+    listens = check_listens(listens)
+    listeners = []
+    try:
+        for lst in listens:
+            listeners.append(listen_socket(lst.path, lst.owner, lst.mode))
+    except BaseException:
+        for sock, lst in zip(listeners, listens):
+            sock.close()
+            _unlink(lst.path)
+        raise
+    paths = ", ".join(lst.path for lst in listens)
+    fds = [sock.fileno() for sock in listeners]
     reports_r, reports_w = os.pipe()
     stopping = False
     worker = None
@@ -62,11 +77,12 @@ def supervise(worker_args: list[str], socket_path: str, socket_owner: Optional[t
     try:
         while True:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "restore", *worker_args, "--worker-listen-fd", str(listener.fileno()),
+                [sys.executable, "-m", "restore", *worker_args,
+                 *(arg for fd in fds for arg in ("--worker-listen-fd", str(fd))),
                  "--worker-report-fd", str(reports_w)],
-                pass_fds=(listener.fileno(), reports_w),
+                pass_fds=(*fds, reports_w),
             )
-            log.warning("supervisor: worker pid %d serving on %s", worker.pid, socket_path)
+            log.warning("supervisor: worker pid %d serving on %s", worker.pid, paths)
             peers = _follow(worker, reports_r)
             rc = worker.returncode
             if stopping:
@@ -91,12 +107,17 @@ def supervise(worker_args: list[str], socket_path: str, socket_owner: Optional[t
     finally:
         os.close(reports_r)
         os.close(reports_w)
-        listener.close()
-        try:
-            os.unlink(socket_path)
-        except FileNotFoundError:
-            pass
+        for sock, lst in zip(listeners, listens):
+            sock.close()
+            _unlink(lst.path)
     return status
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _follow(worker: subprocess.Popen, reports: int) -> set[int]:

@@ -169,7 +169,9 @@ class Guest:
     UFFD_FEATURE_EVENT_REMOVE off, as a VMM without a balloon may: a dropped
     range then faults again without the handler being told. memfd=True backs
     the memory with a memfd (shared, registered MISSING|MINOR) and sends it
-    after the uffd, as memfd-backed Firecracker builds do. A Guest runs one
+    after the uffd, as memfd-backed Firecracker builds do. user=(uid, gid)
+    runs the child as that uid and gid, as a jailer runs a VMM (needs root;
+    see _become). A Guest runs one
     trace: start(ops) then wait(), or run(ops). Use it as a context manager: leaving kills the child if it
     still runs and removes its files.
     """
@@ -185,6 +187,7 @@ class Guest:
         image: Optional[Union[str, os.PathLike]] = None,
         remove_events: bool = True,
         memfd: bool = False,
+        user: Optional[tuple[int, int]] = None,
     ):
         if (regions is None) == (memory_size is None):
             raise InputError("give a Guest either regions or memory_size")
@@ -200,6 +203,7 @@ class Guest:
         self.hugetlb = bool(hugetlb)
         self.remove_events = bool(remove_events)
         self.memfd = bool(memfd)
+        self.user = (int(user[0]), int(user[1])) if user is not None else None
         self._proc: Optional[subprocess.Popen] = None
         self._dir: Optional[Path] = None
         self._ops: Optional[np.ndarray] = None
@@ -237,6 +241,11 @@ class Guest:
         # and they spin for a while before they sleep, taking the CPUs the
         # guest and its handler are measured on.
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+        extra = {}
+        if self.user is not None:
+            for path in [self._dir, *self._dir.iterdir()]:
+                os.chown(path, *self.user)
+            extra["preexec_fn"] = lambda: _become(*self.user)
         with open(self._dir / "output", "wb") as out:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "restore.testing", str(self._dir)],
@@ -245,6 +254,7 @@ class Guest:
                 stderr=out,
                 cwd=self._dir,
                 env=env,
+                **extra,
             )
         return self
 
@@ -320,6 +330,46 @@ class Guest:
             return GuestError(message, errno=int(code))
         lines = (self._dir / "output").read_text(errors="replace").strip().splitlines()
         return GuestError(f"guest exited with status {rc}: {lines[-1] if lines else 'no output'}")
+
+
+_CAP_DAC_READ_SEARCH = 2
+_CAP_SYS_PTRACE = 19
+
+
+def _become(uid: int, gid: int) -> None:
+    """In a Guest's child before exec (as root): become uid and gid, with no
+    supplementary groups, keeping two capabilities across exec as ambient
+    ones: CAP_SYS_PTRACE, because the guest creates its userfaultfd without
+    UFFD_USER_MODE_ONLY, which an unprivileged uid may only do with it
+    (vm.unprivileged_userfaultfd=0); and CAP_DAC_READ_SEARCH, to reach the
+    Python interpreter and this package wherever they are. Neither lets it
+    connect to a socket it has no write permission on."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def ok(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    ok(libc.prctl(8, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    caps = (1 << _CAP_DAC_READ_SEARCH) | (1 << _CAP_SYS_PTRACE)
+    data = (Data * 2)(Data(caps, caps, caps), Data(0, 0, 0))
+    ok(libc.capset(ctypes.byref(Header(0x20080522, 0)), data), "capset")  # _LINUX_CAPABILITY_VERSION_3
+    for cap in (_CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE):
+        ok(libc.prctl(47, 2, cap, 0, 0), "prctl(PR_CAP_AMBIENT_RAISE)")
 
 
 class BareHandler:

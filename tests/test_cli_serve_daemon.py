@@ -260,6 +260,27 @@ def test_l2_as_a_table_of_zones(tmp_path, made, run_cli):
         ('snapshot = "fn"\nfault_around = 2\nfault-around = 3\n', "serve.toml: 'fault-around' is given twice"),
         ('snapshot = "fn"\nconfig = "other.toml"\n', "serve.toml: unknown setting 'config'"),
         ('snapshot = "fn"\nworker_listen_fd = 3\n', "serve.toml: unknown setting 'worker_listen_fd'"),
+        ('snapshot = "fn"\nlisten = "a.sock"\n', "serve.toml: listen must be an array of tables ([[listen]]), "
+                                                  "got 'a.sock'"),
+        ('[[listen]]\nowner = "1"\n', "serve.toml: listen[1]: path must be the socket's path, a non-empty "
+                                       "string, got None"),
+        ('[[listen]]\npath = "a"\nallow = [1]\n', "serve.toml: listen[1]: unknown key 'allow' (known: path, "
+                                                   "owner, mode, allow_uids)"),
+        ('[[listen]]\npath = "a"\n[[listen]]\npath = "b"\nmode = "0604"\n',
+         "serve.toml: listen[2]: mode: mode 0604 gives access to others than the socket's owner and group"),
+        ('[[listen]]\npath = "a"\nmode = 432\n', "serve.toml: listen[1]: mode must be a string of octal digits "
+                                                  "such as \"0660\", got 432"),
+        ('[[listen]]\npath = "a"\nowner = "x:1"\n', "serve.toml: listen[1]: owner: owner uid 'x' is not a number"),
+        ('[[listen]]\npath = "a"\nowner = -3\n', "serve.toml: listen[1]: owner: owner uid '-3' is not a number"),
+        ('[[listen]]\npath = "a"\nallow_uids = []\n', "serve.toml: listen[1]: allow_uids is empty: no VMM could "
+                                                       "ever be served"),
+        ('[[listen]]\npath = "a"\nallow_uids = [1, "2"]\n', "serve.toml: listen[1]: allow_uids must be an array "
+                                                             "of uids, got [1, '2']"),
+        ('[[listen]]\npath = "a"\nallow_uids = [4294967295]\n', "serve.toml: listen[1]: allow_uids: 4294967295 "
+                                                                 "is not a uid in 0..4294967294"),
+        ('[[listen]]\npath = "a\\u0000"\n', "serve.toml: listen contains a NUL character"),
+        ('snapshot = "fn"\nsocket_mode = 384\n', "serve.toml: socket_mode must be a mode, got 384"),
+        ('snapshot = "fn"\nsocket_mode = "0666"\n', "serve.toml: socket_mode: mode 0666 gives access to others"),
         ('snapshot = "fn\n', "serve.toml: not valid TOML: "),
         ('[serve\n', "serve.toml: not valid TOML: "),
         (b'snapshot = "\xff"\n', "serve.toml: not valid TOML: "),

@@ -79,3 +79,23 @@ def test_supervise_from_a_config_file(tmp_path, cli_snapshot):
     assert proc.returncode == 0, err
     assert "stopped after 1 sessions, 0 refused" in err
     assert not os.path.exists(sock)
+
+
+def test_the_commented_listen_example_is_valid(tmp_path):
+    """deploy/serve.toml's commented [[listen]] tables, uncommented, are
+    valid settings: two sockets, each with its owner, mode and allow-list."""
+    import click
+
+    from restore import config
+    from restore.cli import serve
+
+    lines = (DEPLOY / "serve.toml").read_text().splitlines()
+    start = lines.index("# [[listen]]")
+    text = "\n".join(lines[:start] + [x[2:] if x.startswith("# ") else "" for x in lines[start:]]) + "\n"
+    (tmp_path / "serve.toml").write_text(text)
+    listens = config.load(str(tmp_path / "serve.toml"), serve, click.Context(serve))["listens"]
+    assert [(x.owner, x.mode, x.allowed_uids) for x in listens] == [
+        ((10001, 10001), 0o600, frozenset({10001})), ((10002, 10002), 0o600, frozenset({10002}))]
+    r = subprocess.run([str(RESTORE), "serve", "--config", str(tmp_path / "serve.toml"), "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -205,7 +205,8 @@ def test_serve_config_bytes(tmp_path_factory, data):
 
 @EXAMPLES
 @given(st.dictionaries(st.sampled_from(["snapshot", "socket", "fault_around", "allow_uid", "no_cache", "l2",
-                                        "metrics", "log_format", "cache_budget", "socket_owner", "bogus"]),
+                                        "metrics", "log_format", "cache_budget", "socket_owner", "socket_mode",
+                                        "listen", "bogus"]),
                        st.one_of(st.integers(-5, 5), st.text(max_size=8), st.booleans(), st.floats(allow_nan=False),
                                  st.lists(st.integers(-2, 3), max_size=2), st.lists(st.text(max_size=5), max_size=2),
                                  st.dictionaries(st.text(max_size=4), st.lists(st.text(max_size=6), max_size=2),
@@ -218,6 +219,26 @@ def test_serve_config_values(tmp_path_factory, settings):
         config.load(str(path), serve, click.Context(serve))
     except click.BadParameter as exc:
         assert str(exc.message).startswith(f"{path}: ")
+
+
+@EXAMPLES
+@given(st.lists(st.dictionaries(st.sampled_from(["path", "owner", "mode", "allow_uids", "allow"]),
+                                st.one_of(st.integers(-2, 5), st.text(max_size=8), st.booleans(),
+                                          st.sampled_from(["0600", "0660", "0770", "0666", "1:2", "4294967295"]),
+                                          st.lists(st.integers(-2, 5), max_size=2)),
+                                max_size=4), max_size=3))
+def test_serve_config_listen_tables(tmp_path_factory, tables):
+    """[[listen]] tables: a Listen per table, or one error naming the file."""
+    path = tmp_path_factory.mktemp("config") / "serve.toml"
+    path.write_bytes("".join("[[listen]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items())
+                             for t in tables).encode())
+    try:
+        settings = config.load(str(path), serve, click.Context(serve))
+    except click.BadParameter as exc:
+        assert str(exc.message).startswith(f"{path}: ") and "\n" not in str(exc.message)
+        return
+    for lst in settings.get("listens", []):
+        assert lst.path and not lst.mode & ~0o770 and (lst.allowed_uids is None or lst.allowed_uids)
 
 
 def tomli_w_dumps(settings: dict) -> bytes:

@@ -568,7 +568,7 @@ def test_a_peer_with_another_uid_is_refused_and_not_killed(snap, image):
                           timeout=30)
     assert proc.returncode == 0 and proc.stdout == "True\n", proc.stderr  # hung up on, alive to the end
     assert len(server.refused) == 1
-    assert server.refused[0].endswith(f"peer uid 65534 is not allowed (allowed: {os.getuid()})")
+    assert server.refused[0].endswith(f"peer uid 65534 is not allowed on {server.socket_path} (allowed: {os.getuid()})")
     try:
         # The server's own uid is still served.
         with Guest(server.socket_path, memory_size=SIZE) as g:
@@ -586,7 +586,8 @@ def test_allowed_uids_exclude_even_our_own(serve, image):
         while not server.refused:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert server.refused[0].endswith(f"peer uid {os.getuid()} is not allowed (allowed: 12345)")
+        assert server.refused[0].endswith(
+            f"peer uid {os.getuid()} is not allowed on {server.socket_path} (allowed: 12345)")
         assert g.pid and os.waitpid(g.pid, os.WNOHANG) == (0, 0)  # not killed by the server
     from restore.errors import InputError
 
