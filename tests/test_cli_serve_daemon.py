@@ -5,16 +5,12 @@ during a restore letting it finish."""
 from __future__ import annotations
 
 import json
-import os
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon import Daemon
 from restore.testing import Guest, expected_sums, reads
 
 SIZE = 16 << 20
@@ -31,56 +28,6 @@ SIZE = 16 << 20
 @pytest.fixture
 def made(cli_snapshot):
     return cli_snapshot(SIZE, seed=11)
-
-
-class Daemon:
-    """`restore serve` in a child process; its stderr JSON lines read as they come."""
-
-    def __init__(self, tmp_path: Path, *args: str):
-        env = dict(os.environ, NO_COLOR="1")
-        env.pop("RESTORE_STORE", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "restore", "serve", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-        self.lines: list[str] = []
-        self.records: list[dict] = []
-        self._next: dict[str, int] = {}
-        self._q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self._q.put(line)
-        self._q.put(None)
-
-    def event(self, name: str, timeout: float = 30.0) -> dict:
-        """The next JSON log record whose event is name (after the last one
-        returned for name)."""
-        deadline = time.monotonic() + timeout
-        start = self._next.get(name, 0)
-        while True:
-            for i in range(start, len(self.records)):
-                if self.records[i].get("event") == name:
-                    self._next[name] = i + 1
-                    return self.records[i]
-            start = len(self.records)
-            line = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
-            assert line is not None, f"serve exited {self.proc.wait()} before {name!r}:\n" + "".join(self.lines)
-            self.lines.append(line)
-            rec = json.loads(line)  # every line is one JSON object
-            assert {"ts", "level", "logger", "msg"} <= rec.keys(), rec
-            self.records.append(rec)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        while (line := self._q.get(timeout=10)) is not None:
-            self.lines.append(line)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from restore.testing import Guest, GuestError, expected_sums, reads, wait
-from test_cli_serve_daemon import Daemon
+from daemon import Daemon
 
 SIZE = 8 << 20
 P = 4096
