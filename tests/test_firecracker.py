@@ -191,6 +191,41 @@ def test_the_jailer_with_its_own_uid_and_chroot(tmp_path, fc, made, jail_base):
             d.kill()
 
 
+def test_one_server_many_jails(tmp_path, fc, made, jail_base):
+    """Two Firecrackers, each jailed with its own uid and chroot; one
+    `restore serve` listens on a socket inside each jail, given to that
+    jail's uid and allowing only it."""
+    if fc["bin"].jailer is None:
+        pytest.fail("no jailer next to the Firecracker under test (set RESTORE_JAILER)")
+    uids = (JAIL_UID, JAIL_UID + 1)
+    vms = [driver.VM(fc["bin"].firecracker, None, vm_id=f"fn{u}", jail=driver.Jail(fc["bin"].jailer, u, u, jail_base))
+           for u in uids]
+    try:
+        listen = []
+        for vm, u in zip(vms, uids):
+            sock = vm.host_path("/run/fn.sock")
+            sock.parent.mkdir(exist_ok=True)
+            listen += ["--listen", f"{sock},owner={u}:{u},allow={u}"]
+        d = Daemon(tmp_path, "--snapshot", made["name"], *listen, "--store", made["store"],
+                   "--cache", str(tmp_path / "cache"), "--log-format", "json", "-v")
+        try:
+            assert {d.event("serving")["socket"], d.event("serving")["socket"]} == {
+                str(vm.host_path("/run/fn.sock")) for vm in vms}
+            for vm in vms:
+                vm.load(vm.place(made["state"], "fn.state"), "Uffd", "/run/fn.sock")
+            assert {d.event("session_start")["pid"], d.event("session_start")["pid"]} == {vm.pid for vm in vms}
+            for vm in vms:
+                _check(vm, made)
+                vm.kill()
+            assert [d.event("session_end")["errors"], d.event("session_end")["errors"]] == [0, 0]
+            assert d.stop() == 0
+        finally:
+            d.kill()
+    finally:
+        for vm in vms:
+            vm.close()
+
+
 def _children(pid: int) -> list[int]:
     return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
