@@ -576,6 +576,9 @@ def serve(spec, socket_path, cache_dir, cache_budget, no_cache, host_cache_dir, 
     )
     if metrics is not None:
         metrics.attach(server)
+    # Server.serve_forever logs "serving ... on ..." as well (restore.handler,
+    # shown with -v): this line, with its event, is the one kept.
+    logging.getLogger("restore.handler").addFilter(lambda r: r.msg != "serving %s on %s")
     server.start()
     log.info("serving %s on %s", snap.label, socket_path,
              extra={"event": "serving", "snapshot": snap.label, "socket": socket_path})

@@ -56,7 +56,7 @@ def test_serve_a_guest_then_sigterm(tmp_path, made, run_cli):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "serving fn/1 on" in err and "stopped after 1 sessions, 0 refused" in err
+    assert err.count("serving fn/1 on") == 1 and "stopped after 1 sessions, 0 refused" in err, err
     assert re.search(r"restore: guest pid \d+: session \S+ of fn/1 ended: \d+ faults", err), err
     assert not sock.exists()
 
