@@ -746,3 +746,23 @@ def test_a_fault_outside_the_regions_without_uffdio_poison_kills_the_vmm(serve, 
                        rf"regions its handshake described\) and this kernel has no UFFDIO_POISON")
     assert bool(cause.search(caplog.text)) == (not poison), caplog.text
     assert st.vmm_killed == (0 if poison else 1)
+
+
+def test_a_session_that_ends_in_error_kills_its_running_vmm(serve, image, caplog, monkeypatch):
+    """A session that ends while its VMM runs (here: the server's wait
+    breaks) leaves the VMM without its handler: it is killed through its
+    pidfd, and the log says why."""
+    from restore.session import RestoreSession
+
+    def broken(self, timeout=None):
+        raise RuntimeError("the wait broke")
+
+    monkeypatch.setattr(RestoreSession, "wait", broken)
+    server = serve()
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        g.start(reads(np.arange(0, SIZE, P, dtype=np.uint64)))
+        with pytest.raises(GuestError, match="SIGKILL"):
+            g.wait(30)
+        pid = g.pid
+    assert re.search(rf"killed guest pid {pid}: session \S+ of vm/1 ended \(stopped\) while its VMM was running",
+                     caplog.text), caplog.text
