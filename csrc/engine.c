@@ -301,7 +301,7 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     if (!e->cfg.prefetch_around)
         e->cfg.prefetch_around = e->cfg.fault_around;
     e->codec = codec;
-    e->svc.uffd = e->svc.conn_fd = e->svc.wake_fd = e->svc.stop_fd = e->memfd.fd = -1;
+    e->svc.uffd = e->svc.conn_fd = e->svc.pid_fd = e->svc.wake_fd = e->svc.stop_fd = e->memfd.fd = -1;
     e->n_pages = cfg->memory_size / cfg->page_size;
     e->n_regions = n_regions;
     e->bm_bytes = rs_codec_bitmap_bytes(codec);
@@ -420,6 +420,14 @@ int rs_engine_set_memfd(rs_engine *e, int memfd, int mode)
     return 0;
 }
 
+int rs_engine_set_vmm(rs_engine *e, int pidfd)
+{
+    if (e->svc.started || pidfd < 0)
+        return -EINVAL;
+    e->svc.pid_fd = pidfd;
+    return 0;
+}
+
 int rs_engine_start(rs_engine *e, int uffd, int conn_fd)
 {
     sigset_t all, old;
@@ -471,6 +479,11 @@ void rs_engine_stop(rs_engine *e)
     if (e->stopped)
         return;
     e->stopped = 1;
+    {
+        int none = RS_END_RUNNING;
+
+        atomic_compare_exchange_strong(&e->end_reason, &none, RS_END_STOPPED);
+    }
     atomic_store(&e->svc.stop_now, 1);
     if (write(e->svc.stop_fd, &one, sizeof(one)) < 0)
         note_error(e, -errno);
@@ -625,6 +638,15 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->parked_now = parked;
     out->guest_gone = atomic_load(&e->guest_gone);
     out->error = atomic_load(&e->error);
+    out->conn_closed = (uint32_t)atomic_load(&e->svc.conn_closed);
+    out->end_reason = atomic_load(&e->end_reason);
+    if (atomic_load_explicit(&e->kill.state, memory_order_acquire) == 2) {
+        out->kill_addr = e->kill.addr;
+        out->kill_chunk = e->kill.chunk;
+        out->kill_error = e->kill.error;
+        out->kill_result = e->kill.result;
+        out->vmm_killed = e->kill.result == 0;
+    }
 }
 
 size_t rs_engine_log_read(rs_engine *e, rs_fault_record *out, size_t max)

@@ -7,7 +7,8 @@
  * of each part is in brackets; csrc/private/engine_int.h has their state):
  *
  *   service thread   [service.c]
- *                    poll(uffd, conn, wake, stop) -> read events in batches;
+ *                    poll(uffd, conn, pidfd, wake, stop) -> read events in
+                    batches;
  *                    after an event it keeps reading the uffd without
  *                    sleeping for up to poll_us (the guest's next fault is
  *                    then read at once, with no wake-up of this thread)
@@ -21,7 +22,9 @@
  *                                    chunk (one ioctl per contiguous run)
  *                    chunk in the host cache -> READY at once, its bytes the
  *                                    host cache's mapping (hostcache.h)
- *                    chunk FAILED -> UFFDIO_POISON (never wrong bytes)
+ *                    chunk FAILED -> UFFDIO_POISON (never wrong bytes);
+ *                                    a kernel without it: the VMM is
+ *                                    killed through its pidfd
  *                    otherwise    -> park the fault on the chunk and queue
  *                                    one high-priority request for it
  *     REMOVE         mark the range removed: later faults get zeros
@@ -77,7 +80,25 @@ typedef struct rs_engine_config {
     uint32_t poll_us;       /* after an event, keep reading the uffd for up
                                to this long before sleeping in poll(), us
                                (0: sleep at once) */
+    uint32_t no_poison;     /* 1: the kernel has no UFFDIO_POISON (before
+                               Linux 6.6): a page that cannot be served is
+                               never poisoned, its VMM is killed instead
+                               (rs_engine_set_vmm) */
 } rs_engine_config;
+
+/* Why a session ended (rs_engine_stats.end_reason). */
+enum {
+    RS_END_RUNNING = 0,     /* it has not */
+    RS_END_STOPPED = 1,     /* rs_engine_stop */
+    RS_END_VMM_EXITED = 2,  /* the VMM's pidfd turned readable */
+    RS_END_CONN_CLOSED = 3, /* the connection closed, and no pidfd tracks
+                               the VMM */
+    RS_END_MEMORY_GONE = 4, /* the guest's address space is gone (ESRCH,
+                               or the uffd hung up) */
+    RS_END_ERROR = 5,       /* reading the uffd or polling failed (error) */
+    RS_END_UNSERVABLE = 6   /* a page could be neither served nor poisoned,
+                               and the VMM could not be killed from here */
+};
 
 typedef struct rs_engine_stats {
     uint64_t faults;              /* page-fault events handled */
@@ -127,6 +148,19 @@ typedef struct rs_engine_stats {
     int32_t error;                /* -errno of the first unexpected failure */
     uint32_t prefetch_done;       /* 1 once the prefetch has asked for every
                                      planned chunk and all of them settled */
+    uint32_t conn_closed;         /* 1 once the connection closed while the
+                                     session went on (a pidfd tracks the VMM) */
+    int32_t end_reason;           /* RS_END_* */
+    uint32_t vmm_killed;          /* 1: the engine killed the VMM (a page it
+                                     could neither serve nor poison) */
+    int32_t kill_error;           /* -errno of why the page could not be
+                                     poisoned (-EOPNOTSUPP: no UFFDIO_POISON
+                                     here), 0 if no page was unservable */
+    int32_t kill_result;          /* 0, or -errno of pidfd_send_signal
+                                     (-EBADF: no pidfd to kill with) */
+    uint32_t kill_chunk;          /* the unservable page's chunk
+                                     (0xFFFFFFFF: outside the regions) */
+    uint64_t kill_addr;           /* its host address in the VMM */
 } rs_engine_stats;
 
 /* Create a session engine.
@@ -186,9 +220,18 @@ int rs_engine_set_memfd(rs_engine *e, int memfd, int mode);
  * rs_hostcache_open's result. */
 int rs_engine_set_host_cache(rs_engine *e, const char *dir, const uint8_t *version_id);
 
+/* Track the VMM by pidfd (a pidfd of the peer process, borrowed: the
+ * caller closes it after rs_engine_stop), before rs_engine_start. The
+ * service thread polls it: readable = the VMM exited, the session ends.
+ * With a pidfd, the connection's end no longer ends the session (Firecracker
+ * before v1.12 closes it right after the handshake): it is counted
+ * (stats.conn_closed) and no longer polled. A page that can be neither
+ * served nor poisoned kills the VMM with pidfd_send_signal(SIGKILL). */
+int rs_engine_set_vmm(rs_engine *e, int pidfd);
+
 /* Start serving: uffd is the guest's userfaultfd (API done, regions
  * registered, O_NONBLOCK), conn_fd the guest's connection (EOF or hangup
- * = the guest went away) or -1. The caller keeps owning both fds and
+ * = the guest went away, unless a pidfd tracks the VMM) or -1. The caller keeps owning both fds and
  * closes them after rs_engine_stop. */
 int rs_engine_start(rs_engine *e, int uffd, int conn_fd);
 

@@ -414,8 +414,12 @@ int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
 
     if (err && err_len)
         err[0] = '\0';
-    if (flags & ~(RS_GUEST_HUGETLB | RS_GUEST_NO_REMOVE_EVENTS | RS_GUEST_MEMFD))
+    if (flags & ~(RS_GUEST_HUGETLB | RS_GUEST_NO_REMOVE_EVENTS | RS_GUEST_MEMFD | RS_GUEST_CLOSE_CONN))
         return say(err, err_len, EINVAL, "unknown flags %#x", flags);
+    for (size_t i = 0; (flags & RS_GUEST_CLOSE_CONN) && ops && i < n_ops; i++)
+        if (ops[i].op == RS_GUEST_WAIT)
+            return say(err, err_len, EINVAL,
+                       "op %zu: a guest that closes its connection cannot wait on it", i);
     if ((flags & RS_GUEST_HUGETLB) && (flags & RS_GUEST_MEMFD))
         return say(err, err_len, EINVAL, "a memfd-backed guest has 4 KiB pages, not hugetlb");
     rc = check_layout(regions, n_regions, page_size, flags & RS_GUEST_HUGETLB, err, err_len);
@@ -438,6 +442,12 @@ int rs_guest_run(const char *socket_path, const rs_guest_region *regions,
     if (sock < 0) {
         rc = sock;
         goto out;
+    }
+    if (flags & RS_GUEST_CLOSE_CONN) {
+        /* As Firecracker v1.10 and v1.11: the handshake sent, the
+         * connection is closed and the VM runs on. */
+        close(sock);
+        sock = -1;
     }
     run_ops(regions, n_regions, bases, page_size, ops, n_ops, sums, ns, sock);
     if (total_ns)

@@ -19,7 +19,9 @@
  *      (page_size_kib is Firecracker's deprecated field: it carries bytes,
  *      the same value as page_size), and the uffd as one SCM_RIGHTS fd. The
  *      guest keeps its own copy of the uffd and the socket open until the
- *      trace is done, as Firecracker does, and closes both at return;
+ *      trace is done, as Firecracker v1.12 does, and closes both at return
+ *      (with RS_GUEST_CLOSE_CONN it closes the socket at once, as v1.10 and
+ *      v1.11 do);
  *   4. run the ops in order (see rs_guest_op).
  *
  * A page the handler poisons makes the access raise SIGBUS, which the guest
@@ -78,7 +80,7 @@ typedef struct rs_guest_op {
  * a written page never looks like a zero page). */
 uint8_t rs_guest_pattern(uint64_t i);
 
-enum { RS_GUEST_HUGETLB = 1, RS_GUEST_NO_REMOVE_EVENTS = 2, RS_GUEST_MEMFD = 4 };
+enum { RS_GUEST_HUGETLB = 1, RS_GUEST_NO_REMOVE_EVENTS = 2, RS_GUEST_MEMFD = 4, RS_GUEST_CLOSE_CONN = 8 };
 
 /* Play the guest: map, handshake over socket_path, run ops.
  *
@@ -90,7 +92,9 @@ enum { RS_GUEST_HUGETLB = 1, RS_GUEST_NO_REMOVE_EVENTS = 2, RS_GUEST_MEMFD = 4 }
  *        the memory with one memfd, region r mapped MAP_SHARED at its file
  *        offset, registered MISSING|MINOR with UFFD_FEATURE_MINOR_SHMEM, and
  *        send the memfd as a second fd after the uffd, as memfd-backed
- *        Firecracker builds do; 4 KiB pages only).
+ *        Firecracker builds do; 4 KiB pages only), RS_GUEST_CLOSE_CONN
+ *        (close the connection right after sending the handshake and run
+ *        on, as Firecracker v1.10 and v1.11 do; no WAIT ops then).
  * ops, n_ops: the trace; every op is checked before anything is mapped.
  * sums, ns: n_ops results each (see rs_guest_op). Each is written as soon as
  *           its op is done, so a caller that shares them with a dying guest

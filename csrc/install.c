@@ -3,9 +3,11 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -15,7 +17,7 @@
 int ioctl_result(rs_engine *e, int rc)
 {
     if (rc == -ESRCH) {
-        atomic_store(&e->guest_gone, 1);
+        end_session(e, RS_END_MEMORY_GONE);
         wake_service(e);
     } else if (rc && rc != -EAGAIN) {
         note_error(e, rc);
@@ -167,16 +169,57 @@ out:
     return rc;
 }
 
-int install_poison(rs_engine *e, int r, uint64_t p)
+/* The page at addr (of chunk, NO_CHUNK: outside the regions) can be
+ * neither served nor poisoned (err: why not). The faulting thread must not
+ * be left asleep for ever, nor woken onto an empty page: the VMM is killed
+ * through its pidfd (the first such page is recorded, for the log). Without
+ * a pidfd, or if the kill fails, the session ends (RS_END_UNSERVABLE) and
+ * the caller of the engine kills the VMM as it can. Returns err. */
+static int unservable(rs_engine *e, uint64_t addr, uint32_t chunk, int err)
 {
-    uint64_t dst = addr_of(e, r, p), ps = e->cfg.page_size;
-    int rc = rs_uffd_poison(e->svc.uffd, dst, ps, 0, NULL);
+    int none = 0, rc = -EBADF;
 
+    note_error(e, err);
+    if (!atomic_compare_exchange_strong(&e->kill.state, &none, 1))
+        return err; /* killed already, or being killed */
+    e->kill.addr = addr;
+    e->kill.chunk = chunk;
+    e->kill.error = err;
+    if (e->svc.pid_fd >= 0)
+        rc = syscall(SYS_pidfd_send_signal, e->svc.pid_fd, SIGKILL, NULL, 0) < 0 ? -errno : 0;
+    e->kill.result = rc;
+    atomic_store_explicit(&e->kill.state, 2, memory_order_release);
+    if (rc) {
+        end_session(e, RS_END_UNSERVABLE);
+        wake_service(e);
+    }
+    return err;
+}
+
+/* Poison the missing page at addr (of chunk; NO_CHUNK: outside the
+ * regions) so that the faulting thread gets SIGBUS; where the kernel has
+ * no UFFDIO_POISON (cfg.no_poison, or the ioctl says EINVAL) kill the VMM
+ * instead (unservable). Returns 0 or -errno. */
+int poison_or_kill(rs_engine *e, uint64_t addr, uint32_t chunk)
+{
+    uint64_t ps = e->cfg.page_size;
+    int rc;
+
+    if (e->cfg.no_poison)
+        return unservable(e, addr, chunk, -EOPNOTSUPP);
+    rc = rs_uffd_poison(e->svc.uffd, addr, ps, 0, NULL);
     if (rc == -EEXIST)
-        rc = rs_uffd_wake(e->svc.uffd, dst, ps);
+        rc = rs_uffd_wake(e->svc.uffd, addr, ps);
     else if (rc == 0)
         atomic_fetch_add(&e->st.poisoned, 1);
+    else if (rc == -EINVAL)
+        return unservable(e, addr, chunk, rc);
     return ioctl_result(e, rc);
+}
+
+int install_poison(rs_engine *e, int r, uint64_t p)
+{
+    return poison_or_kill(e, addr_of(e, r, p), chunk_of(e, p));
 }
 
 /* The run around page p of chunk c in region r: [*lo, *hi), the

@@ -125,9 +125,7 @@ static void handle_fault(rs_engine *e, const rs_uffd_event *ev)
     if (r < 0 || p >= e->n_pages) {
         /* Memory the handshake did not describe: never guess its bytes. */
         note_error(e, -EFAULT);
-        rc = rs_uffd_poison(e->svc.uffd, addr, e->cfg.page_size, 0, NULL);
-        if (rc == 0)
-            atomic_fetch_add(&e->st.poisoned, 1);
+        (void)poison_or_kill(e, addr, NO_CHUNK);
         return;
     }
     if (ev->flags & RS_UFFD_PAGEFAULT_MINOR) {
@@ -185,7 +183,7 @@ static int handle_events(rs_engine *e)
     pthread_rwlock_unlock(&e->install);
     if (rc < 0 && rc != -EAGAIN) {
         note_error(e, rc);
-        atomic_store(&e->guest_gone, 1);
+        end_session(e, rc == -ESRCH ? RS_END_MEMORY_GONE : RS_END_ERROR);
     }
     return rc;
 }
@@ -220,7 +218,7 @@ static void poll_busy(rs_engine *e)
             handling += thread_cpu_ns() - h0;
 
             if (pfd.revents & (POLLERR | POLLHUP))
-                atomic_store(&e->guest_gone, 1);
+                end_session(e, RS_END_MEMORY_GONE);
             if (n > 0)
                 atomic_fetch_add(&e->st.poll_hits, (uint64_t)n);
             t = now_ns();
@@ -234,52 +232,75 @@ static void poll_busy(rs_engine *e)
     atomic_fetch_add(&e->st.poll_ns, thread_cpu_ns() - cpu0 - handling);
 }
 
+/* The connection's end (EOF or hang-up). Without a pidfd it is the only
+ * sign that the VMM went away: the session ends. With one, the VMM is
+ * tracked by it (Firecracker before v1.12 closes the connection right
+ * after the handshake and runs on): the end is counted and the connection
+ * no longer polled. */
+static void conn_ended(rs_engine *e, struct pollfd *conn)
+{
+    if (e->svc.pid_fd < 0) {
+        end_session(e, RS_END_CONN_CLOSED);
+        return;
+    }
+    atomic_store(&e->svc.conn_closed, 1);
+    conn->fd = -1; /* poll() skips it from now on */
+}
+
+enum { PFD_UFFD, PFD_STOP, PFD_WAKE, PFD_PID, PFD_CONN, PFD_N };
+
 void *service_main(void *arg)
 {
     rs_engine *e = arg;
-    struct pollfd pfd[4] = {
-        { .fd = e->svc.uffd, .events = POLLIN },
-        { .fd = e->svc.stop_fd, .events = POLLIN },
-        { .fd = e->svc.wake_fd, .events = POLLIN },
-        { .fd = e->svc.conn_fd, .events = POLLIN | POLLRDHUP },
+    struct pollfd pfd[PFD_N] = {
+        [PFD_UFFD] = { .fd = e->svc.uffd, .events = POLLIN },
+        [PFD_STOP] = { .fd = e->svc.stop_fd, .events = POLLIN },
+        [PFD_WAKE] = { .fd = e->svc.wake_fd, .events = POLLIN },
+        /* A negative fd is skipped by poll(). */
+        [PFD_PID] = { .fd = e->svc.pid_fd, .events = POLLIN },
+        [PFD_CONN] = { .fd = e->svc.conn_fd, .events = POLLIN | POLLRDHUP },
     };
-    nfds_t nfds = e->svc.conn_fd >= 0 ? 4 : 3;
 
     while (!atomic_load(&e->guest_gone)) {
         int n;
 
         /* Deferred installs wait for a REMOVE's remover to resume, which
          * comes with no event of ours: look again soon. */
-        n = poll(pfd, nfds, atomic_load(&e->svc.n_deferred) ? 1 : -1);
+        n = poll(pfd, PFD_N, atomic_load(&e->svc.n_deferred) ? 1 : -1);
 
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             note_error(e, -errno);
+            end_session(e, RS_END_ERROR);
             break;
         }
-        if (pfd[1].revents)
+        if (pfd[PFD_STOP].revents)
             break;
-        if (pfd[2].revents & POLLIN) {
+        if (pfd[PFD_WAKE].revents & POLLIN) {
             uint64_t v;
 
             if (read(e->svc.wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
                 note_error(e, -errno);
         }
-        if (nfds == 4 && pfd[3].revents) {
+        if (pfd[PFD_CONN].fd >= 0 && pfd[PFD_CONN].revents) {
             char buf[256];
             ssize_t got = 1;
 
-            if (!(pfd[3].revents & (POLLHUP | POLLRDHUP | POLLERR)))
+            if (!(pfd[PFD_CONN].revents & (POLLHUP | POLLRDHUP | POLLERR)))
                 got = recv(e->svc.conn_fd, buf, sizeof(buf), MSG_DONTWAIT);
-            if (got == 0 || (pfd[3].revents & (POLLHUP | POLLRDHUP | POLLERR)))
-                atomic_store(&e->guest_gone, 1);
+            if (got == 0 || (pfd[PFD_CONN].revents & (POLLHUP | POLLRDHUP | POLLERR)))
+                conn_ended(e, &pfd[PFD_CONN]);
         }
-        if (pfd[0].revents & (POLLERR | POLLHUP))
-            atomic_store(&e->guest_gone, 1);
-        if ((pfd[0].revents & POLLIN) && handle_events(e) > 0 && e->cfg.poll_us)
+        if (pfd[PFD_UFFD].revents & (POLLERR | POLLHUP))
+            end_session(e, RS_END_MEMORY_GONE);
+        if ((pfd[PFD_UFFD].revents & POLLIN) && handle_events(e) > 0 && e->cfg.poll_us)
             poll_busy(e);
         retry_deferred(e);
+        /* Last: the faults the VMM raised before it exited are served
+         * (their replies are harmless once it is gone). */
+        if (pfd[PFD_PID].revents)
+            end_session(e, RS_END_VMM_EXITED);
     }
     engine_finish(e);
     return NULL;

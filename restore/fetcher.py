@@ -102,6 +102,7 @@ class Fetchers:
         self._l1_warned = False
         self.tiers = {"l2": TierStats(), "durable": TierStats()}
         self.errors: list[str] = []  # one line per chunk given up
+        self.reasons: dict[int, str] = {}  # chunk given up -> why
         # One thread at first; the rest start with the first request that
         # reaches the network tiers: a session served from the host cache or
         # L1 never needs them. Threads are started without waiting for them
@@ -217,6 +218,7 @@ class Fetchers:
         log.error(message)
         with self._lock:
             self.errors.append(message)
+            self.reasons[index] = reason
         lib.rs_engine_fail(self._engine, index, -errno.EIO)
 
     def _write_l1(self, chunk_id: str, data: bytes) -> None:

@@ -5,28 +5,34 @@
 a connection is checked against the socket it came on). Each connection is
 one guest: the handshake (restore/protocol.py) brings the guest's regions
 and its userfaultfd; a RestoreSession then serves the guest's faults from
-the snapshot until the guest goes away (the connection closes, or the
-uffd reports its memory gone); the session's fault log is saved and the
-server goes on. A guest whose handshake is refused is told nothing (the
-protocol has no reply): the reason is logged, its connection closed, and
-its VMM killed (pid from SO_PEERCRED; kill_refused), since a VMM whose
-memory nobody serves would hang at its first fault. Other guests are not
-affected.
+the snapshot until the guest goes away; the session's fault log is saved
+and the server goes on. The VMM is tracked by a pidfd of the peer
+(SO_PEERPIDFD, else pidfd_open of its SO_PEERCRED pid): its exit ends the
+session, and a connection closed after the handshake (Firecracker v1.10
+and v1.11 close it; v1.12 keeps it open) does not. Without a pidfd (a peer
+in this process, or no pidfds here) the connection's end ends the session.
+A guest whose handshake is refused is told nothing (the protocol has no
+reply): the reason is logged, its connection closed, and its VMM killed
+(through its pidfd, else by pid; kill_refused), since a VMM whose memory
+nobody serves would hang at its first fault. So is a VMM whose session
+ends in error while it runs. Other guests are not affected.
 
 Several servers (for different snapshots) may run in one process: a
 server holds all of its state.
 
 Stopping (``stop``, or SIGTERM in ``restore serve``): no new guests are
 accepted; running guests get ``drain_timeout`` seconds to finish; a guest
-still running then is killed (its VMM, by the pid from SO_PEERCRED), since
+still running then is killed (its VMM, through its pidfd), since
 a guest left without its fault handler would hang forever.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
+import select
 import signal
 import socket
 import stat
@@ -40,13 +46,14 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError, RestoreError
-from .protocol import HandshakeError, accept_handshake, peer_credentials
+from .protocol import HandshakeError, accept_handshake, peer_credentials, peer_pidfd, peer_sent_uffd
 from .session import (
     DEFAULT_FAULT_AROUND,
     DEFAULT_FETCHERS,
     DEFAULT_POLL_US,
     DEFAULT_PREFETCH_INFLIGHT,
     SERVICE_BUCKETS_NS,
+    VMM_GONE,
     RestoreSession,
     SessionStats,
     check_memfd_install,
@@ -239,6 +246,11 @@ class Server:
     shared with every other server on the host; past its budget, versions
     no session uses are evicted when a session ends. None: each session
     decodes what it needs for itself. poll_us: see RestoreSession.
+
+    poison: whether the kernel has UFFDIO_POISON (None: asked once per
+    process); False makes the sessions behave as on a kernel without it
+    (before Linux 6.6), where a page that cannot be served kills its VMM
+    with the cause logged. See RestoreSession.
     """
 
     def __init__(
@@ -268,8 +280,10 @@ class Server:
         listener: Optional[socket.socket | Sequence[socket.socket]] = None,
         host_cache: Optional[HostCache] = None,
         poll_us: int = DEFAULT_POLL_US,
+        poison: Optional[bool] = None,
     ):
         self.snapshot = snapshot
+        self.poison = poison
         self.host_cache = host_cache
         self.poll_us = poll_us
         if isinstance(socket_path, (str, os.PathLike)):
@@ -412,14 +426,17 @@ class Server:
 
     def _guest(self, conn: socket.socket) -> None:
         pid = self._peer_pid(conn)
+        pidfd = peer_pidfd(conn, pid)  # -1: none (a peer in this process, or no pidfds)
         if self.on_peer:
             self.on_peer("start", pid)
         try:
-            self._serve_guest(conn)
+            self._serve_guest(conn, pidfd)
         except Exception as exc:  # a bug must not leave the guest hanging
             log.exception("internal error serving a guest")
-            self._refuse(conn, pid, f"internal error: {exc!r}")
+            self._refuse(conn, pid, f"internal error: {exc!r}", pidfd=pidfd)
         finally:
+            if pidfd >= 0:
+                os.close(pidfd)
             if self.on_peer:
                 self.on_peer("end", pid)
 
@@ -430,19 +447,27 @@ class Server:
         except (OSError, RestoreError):
             return 0
 
-    def _serve_guest(self, conn: socket.socket) -> None:
+    def _serve_guest(self, conn: socket.socket, pidfd: int = -1) -> None:
         m = self.snapshot.manifest
         try:
             peer = peer_credentials(conn)
         except RestoreError as exc:
-            self._refuse(conn, 0, str(exc))
+            self._refuse(conn, 0, str(exc), pidfd=pidfd)
             return
         pid = peer.pid
         allowed, on = self._allowed_on(conn)
         if peer.uid not in allowed:
-            # Not one of our VMMs: hang up, read nothing from it, kill nothing.
+            # Not one of our VMMs: nothing of the snapshot is served. Its
+            # handshake is still read (bounded) to learn whether it sent a
+            # userfaultfd: a VMM that did blocks at its first fault (during
+            # Firecracker's PUT /snapshot/load, before the VM resumes) and
+            # would hang for ever, so it is killed. Any other peer is only
+            # hung up on.
+            vmm = peer_sent_uffd(conn, timeout=HANDSHAKE_TIMEOUT)
             self._refuse(conn, pid, f"peer uid {peer.uid} is not allowed on {on} (allowed: "
-                         f"{', '.join(map(str, sorted(allowed)))})", kill=False)
+                         f"{', '.join(map(str, sorted(allowed)))})", kill=vmm, pidfd=pidfd,
+                         because="it sent a userfaultfd, and a VMM whose memory nobody serves hangs at its "
+                                 "first page fault")
             return
         try:
             hs = accept_handshake(
@@ -453,7 +478,7 @@ class Server:
                 timeout=HANDSHAKE_TIMEOUT,
             )
         except HandshakeError as exc:
-            self._refuse(conn, pid, str(exc))
+            self._refuse(conn, pid, str(exc), pidfd=pidfd)
             return
         plan = None
         if self.use_plan:
@@ -493,10 +518,12 @@ class Server:
                 poll_us=self.poll_us,
                 # The plan came from sessions recorded with this fault-around.
                 prefetch_around=self.record_fault_around,
+                pidfd=pidfd,
+                poison=self.poison,
             )
         except RestoreError as exc:
             hs.close()
-            self._refuse(conn, pid, str(exc))
+            self._refuse(conn, pid, str(exc), pidfd=pidfd)
             return
         key = id(session)
         with self._lock:
@@ -505,15 +532,24 @@ class Server:
                  ", auditing the plan" if audited is not None else "",
                  extra={"event": "session_start", "session": session.session_id, "pid": pid,
                         "snapshot": self.snapshot.label, "plan": plan is not None, "audit": audited is not None})
+        noted_conn = False  # the connection's end after the handshake was logged
+        killed = False  # by _kill, at the drain timeout
         try:
             while not session.wait(WAIT_SLICE):
+                if not noted_conn and pidfd >= 0 and session.conn_closed():
+                    noted_conn = self._note_conn_closed(pid, session)
                 if self._stopping.is_set() and self._drain_expired():
-                    self._kill(pid, session)
+                    self._kill(pid, session, pidfd)
+                    killed = True
                     break
         finally:
             stats = session.close()
             hs.close()
             conn.close()
+            if stats.conn_closed and not noted_conn:
+                self._note_conn_closed(pid, session)
+            if not killed:
+                self._kill_after_error(pid, pidfd, session, stats)
             audit = None
             if audited is not None:
                 audit = prefetch_usage(audited, session.fault_log()["offset"])
@@ -589,20 +625,19 @@ class Server:
         except RestoreError as exc:
             log.error("%s: could not rebuild its plan: %s", self.snapshot.label, exc)
 
-    def _refuse(self, conn: socket.socket, pid: int, reason: str, kill: bool = True) -> None:
-        """Refuse a guest: log why, hang up, and kill its VMM (kill_refused):
-        a VMM whose memory is registered with a userfaultfd nobody serves
-        would hang at its first fault."""
+    def _refuse(self, conn: socket.socket, pid: int, reason: str, kill: bool = True, pidfd: int = -1,
+                because: str = "it cannot run without its page-fault handler") -> None:
+        """Refuse a guest: log why, hang up, and kill its VMM (kill_refused;
+        through pidfd when there is one, else by pid): a VMM whose memory is
+        registered with a userfaultfd nobody serves would hang at its first
+        fault. because: why it is killed, for the log."""
         line = f"refused guest pid {pid}: {reason}"
-        if kill and self.kill_refused and pid > 0 and pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-                line += "; killed it, as it cannot run without its page-fault handler"
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                line += ("; COULD NOT KILL IT (no permission: run the handler as root or with CAP_KILL), "
-                         "its guest will hang at its first fault")
+        if kill and self.kill_refused and (pidfd >= 0 or (pid > 0 and pid != os.getpid())):
+            failed = self._signal_vmm(pid, pidfd)
+            if failed is None:
+                line += f"; killed it, as {because}"
+            elif failed != "gone":
+                line += f"; COULD NOT KILL IT ({failed}), its guest will hang at its first fault"
         log.error(line, extra={"event": "refused", "pid": pid, "reason": reason})
         with self._lock:
             self.refused.append(line)
@@ -616,21 +651,83 @@ class Server:
     def _drain_expired(self) -> bool:
         return time.monotonic() >= self._drain_deadline
 
-    def _kill(self, pid: int, session: RestoreSession) -> None:
+    def _kill(self, pid: int, session: RestoreSession, pidfd: int = -1) -> None:
         log.error(
             "%s: guest pid %d still running %.0f s after stop; killing it so it does not hang without its handler",
             session.label,
             pid,
             self.drain_timeout,
         )
-        if pid > 0:
-            try:
+        failed = self._signal_vmm(pid, pidfd)
+        if failed not in (None, "gone"):
+            log.error("%s: could not kill guest pid %d (%s); it will hang at its next first touch",
+                      session.label, pid, failed)
+
+    @staticmethod
+    def _signal_vmm(pid: int, pidfd: int) -> Optional[str]:
+        """SIGKILL a VMM: through its pidfd when there is one (it names that
+        very process: no pid-reuse race), else by pid. None when killed;
+        "gone" when it had exited already; else why it could not be."""
+        try:
+            if pidfd >= 0:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            elif pid > 0 and pid != os.getpid():
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                log.error("%s: could not kill guest pid %d (no permission: run the handler as root or with "
-                          "CAP_KILL); it will hang at its next first touch", session.label, pid)
+            else:
+                return "no process to kill: the peer is this process"
+        except ProcessLookupError:
+            return "gone"
+        except PermissionError:
+            return "no permission: run the handler as root or with CAP_KILL"
+        return None
+
+    @staticmethod
+    def _vmm_alive(pidfd: int) -> bool:
+        """Whether the process of pidfd still runs (a pidfd turns readable
+        when it exits)."""
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        return not p.poll(0)
+
+    def _note_conn_closed(self, pid: int, session: RestoreSession) -> bool:
+        log.info("guest pid %d: %s: connection closed after the handshake; serving until the VMM exits", pid,
+                 session.label, extra={"event": "conn_closed", "session": session.session_id, "pid": pid})
+        return True
+
+    def _kill_after_error(self, pid: int, pidfd: int, session: RestoreSession, stats: SessionStats) -> None:
+        """A session that ended while its VMM lives leaves the VMM without its
+        page-fault handler: it would hang at its next first touch. Kill it,
+        and log why: a page the engine could neither serve nor poison (the
+        engine killed the VMM itself when it had a pidfd), or a session that
+        ended in error (when the pidfd says the VMM runs on)."""
+        bad = session.unservable()
+        if bad is not None:
+            if bad.chunk is None:
+                where = "outside the regions its handshake described"
+            else:
+                where = f"chunk {bad.chunk}: {session.chunk_error(bad.chunk) or os.strerror(errno.EIO)}"
+            if bad.error == errno.EOPNOTSUPP:
+                why = "this kernel has no UFFDIO_POISON"
+            else:
+                why = f"UFFDIO_POISON failed ({os.strerror(bad.error)})"
+            failed = None if bad.killed else self._signal_vmm(pid, pidfd)
+            verb = "killed" if failed in (None, "gone") else f"COULD NOT KILL ({failed})"
+            log.error("%s guest pid %d: page at %#x could not be served (%s) and %s", verb, pid, bad.addr, where,
+                      why, extra={"event": "vmm_killed", "session": session.session_id, "pid": pid,
+                                  "cause": "unservable page", "addr": bad.addr, "chunk": bad.chunk})
+            return
+        if pidfd < 0 or stats.ended_by in VMM_GONE or not self._vmm_alive(pidfd):
+            return
+        cause = stats.ended_by
+        if stats.error:
+            cause += f": {os.strerror(-stats.error)}"
+        failed = self._signal_vmm(pid, pidfd)
+        if failed == "gone":
+            return
+        verb = "killed" if failed is None else f"COULD NOT KILL ({failed})"
+        log.error("%s guest pid %d: %s ended (%s) while its VMM was running, and the VMM cannot run without its "
+                  "page-fault handler", verb, pid, session.label, cause,
+                  extra={"event": "vmm_killed", "session": session.session_id, "pid": pid, "cause": cause})
 
     def stop(self, wait: bool = True) -> None:
         """Stop accepting; let running guests finish within drain_timeout,

@@ -73,6 +73,8 @@ __all__ = [
     "check_regions",
     "parse_regions",
     "peer_credentials",
+    "peer_pidfd",
+    "peer_sent_uffd",
     "recv_handshake",
 ]
 
@@ -190,6 +192,52 @@ def peer_credentials(conn: socket.socket) -> PeerCred:
     if pid == 0:  # what the kernel reports for a socket that never had a peer
         raise HandshakeError("cannot read the peer's credentials: the socket is not connected")
     return PeerCred(pid, uid, gid)
+
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux >= 6.5
+
+
+def peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process at the other end of conn (O_CLOEXEC, owned by
+    the caller), or -1 when there is none to have: a peer in this process
+    (it will not exit while we serve it), or no pidfds here.
+
+    SO_PEERPIDFD (Linux >= 6.5) names the very process that connected, so
+    it is race-free; before it, pidfd_open(pid) with the pid from
+    SO_PEERCRED, which names the right process unless that one exited and
+    its pid was reused in between (the VMM waits on its handshake, so it
+    has not)."""
+    if pid <= 0 or pid == os.getpid():
+        return -1
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+        fd = struct.unpack("i", raw)[0]
+        if fd >= 0:
+            return fd
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return -1
+
+
+def peer_sent_uffd(conn: socket.socket, *, timeout: float = 5.0) -> bool:
+    """Read a peer's handshake (bounded as recv_handshake is) only to learn
+    whether it sent a userfaultfd; closes whatever fds came. For a peer
+    that is refused anyway: a VMM that sent its userfaultfd would hang at
+    its first fault without a handler."""
+    try:
+        _payload, fds = recv_handshake(conn, timeout=timeout)
+    except HandshakeError:
+        return False
+    try:
+        _check_is_uffd(fds[0])
+        return True
+    except HandshakeError:
+        return False
+    finally:
+        _close_all(fds)
 
 
 # -- receiving ---------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import io
 import logging
 import os
@@ -56,6 +57,44 @@ SERVICE_BUCKETS_NS = (2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 50
                       2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000, 100_000_000,
                       250_000_000, 1_000_000_000)
 MEMFD_INSTALLS = {"copy": lib.RS_MEMFD_COPY, "continue": lib.RS_MEMFD_CONTINUE}
+# Why a session ended (RS_END_*), as SessionStats.ended_by says it.
+END_REASONS = {
+    lib.RS_END_RUNNING: "running",
+    lib.RS_END_STOPPED: "stopped",
+    lib.RS_END_VMM_EXITED: "vmm exited",
+    lib.RS_END_CONN_CLOSED: "connection closed",
+    lib.RS_END_MEMORY_GONE: "memory gone",
+    lib.RS_END_ERROR: "error",
+    lib.RS_END_UNSERVABLE: "unservable page",
+}
+# Endings that mean the VMM went away by itself.
+VMM_GONE = frozenset({"vmm exited", "connection closed", "memory gone"})
+
+
+@functools.cache
+def kernel_can_poison() -> bool:
+    """Whether this kernel has UFFDIO_POISON (Linux >= 6.6), asked once per
+    process: UFFDIO_API on a fresh userfaultfd reports the kernel's
+    features. When no userfaultfd can be made here to ask, True: a poison
+    that fails with EINVAL at run time is handled the same way."""
+    from .uffd import Feature, UffdUnavailable, probe_features
+
+    try:
+        return bool(probe_features() & Feature.POISON)
+    except UffdUnavailable:
+        return True
+
+
+@dataclass(frozen=True)
+class Unservable:
+    """The first page a session could neither serve nor poison, and what
+    was done about it."""
+
+    addr: int  # host address in the VMM
+    chunk: Optional[int]  # its chunk; None: outside the guest's regions
+    error: int  # errno: why it could not be poisoned (EOPNOTSUPP: no UFFDIO_POISON)
+    killed: bool  # the engine killed the VMM through its pidfd
+    kill_error: int  # errno of that kill when it failed (EBADF: no pidfd), else 0
 
 
 class RegionLike(Protocol):
@@ -114,6 +153,9 @@ class SessionStats:
     host_fill_ns: int  # writing decoded chunks into the host cache
     poll_ns: int  # service thread CPU time spent looking for the next fault without sleeping (poll_us)
     poll_hits: int  # events it found that way
+    conn_closed: int = 0  # 1: the connection closed and the session went on (a pidfd tracked the VMM)
+    vmm_killed: int = 0  # 1: the engine killed the VMM, a page it could neither serve nor poison
+    ended_by: str = "running"  # END_REASONS
 
 
 def check_memfd_install(value: str) -> str:
@@ -129,6 +171,7 @@ _ENGINE_COUNTERS = tuple(
     if name in {f.name for f in dataclasses.fields(SessionStats)}
     and name not in ("first_touches", "guest_gone", "prefetch_done")
 )
+_NOT_COUNTERS = ("parked_now", "error", "ended_by")
 
 
 def new_session_id() -> str:
@@ -171,6 +214,17 @@ class RestoreSession:
     sleeps (0: never). prefetch_around: pages the prefetch installs around
     each planned page, the fault-around the plan's sessions were recorded
     with (1: they logged every page; None: fault_around).
+
+    pidfd: a pidfd of the VMM (restore.protocol.peer_pidfd), owned by the
+    caller like uffd; -1: none. With one, the VMM's exit ends the session
+    and the connection's end does not (Firecracker v1.10 and v1.11 close it
+    right after the handshake); a page that can be neither served nor
+    poisoned kills the VMM through it. poison: whether the kernel has
+    UFFDIO_POISON; None: asked of the kernel once per process
+    (kernel_can_poison); False: behave as on a kernel without it (before
+    Linux 6.6), e.g. to test that path: a page that cannot be served (a
+    chunk no tier supplies, a fault outside the regions) kills the VMM
+    instead of poisoning the page, since its fault could never be answered.
     """
 
     def __init__(
@@ -196,6 +250,8 @@ class RestoreSession:
         host_cache: Optional[HostCache] = None,
         poll_us: int = DEFAULT_POLL_US,
         prefetch_around: Optional[int] = None,
+        pidfd: int = -1,
+        poison: Optional[bool] = None,
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
@@ -219,6 +275,7 @@ class RestoreSession:
         # counters() call waits only for that, not for close()'s joins.
         self._engine_lock = threading.Lock()
         self.log_key: Optional[str] = None
+        self.poison = kernel_can_poison() if poison is None else bool(poison)
 
         tables = snapshot.page_tables(page_size)
         chunks = snapshot.chunk_table()
@@ -234,6 +291,7 @@ class RestoreSession:
                 "log_capacity": 0,
                 "poll_us": poll_us,
                 "prefetch_around": prefetch_around or 0,
+                "no_poison": 0 if self.poison else 1,
             },
         )
         regs = ffi.new("rs_engine_region[]", [{"base": r.base, "size": r.size, "offset": r.offset} for r in regions])
@@ -277,6 +335,8 @@ class RestoreSession:
             if memfd >= 0:
                 check(lib.rs_engine_set_memfd(self._engine, memfd, MEMFD_INSTALLS[memfd_install]),
                       "rs_engine_set_memfd", self.label)
+            if pidfd >= 0:
+                check(lib.rs_engine_set_vmm(self._engine, pidfd), "rs_engine_set_vmm", self.label)
             check(lib.rs_engine_start(self._engine, uffd, conn_fd), "rs_engine_start", self.label)
         except BaseException:
             lib.rs_engine_destroy(self._engine)
@@ -320,6 +380,29 @@ class RestoreSession:
         """One line per chunk the fetchers gave up on (its pages poisoned)."""
         return list(self._fetchers.errors)
 
+    def unservable(self) -> Optional[Unservable]:
+        """The first page the session could neither serve nor poison, or
+        None; readable after close()."""
+        if self._closed:
+            return self._unservable
+        st = ffi.new("rs_engine_stats *")
+        lib.rs_engine_get_stats(self._handle(), st)
+        if not st.kill_error:
+            return None
+        return Unservable(int(st.kill_addr), None if st.kill_chunk == 0xFFFFFFFF else int(st.kill_chunk),
+                          -int(st.kill_error), bool(st.vmm_killed), -int(st.kill_result))
+
+    def chunk_error(self, chunk: int) -> Optional[str]:
+        """Why the fetchers gave up on chunk, or None."""
+        return self._fetchers.reasons.get(chunk)
+
+    def conn_closed(self) -> bool:
+        """True once the connection closed while the session went on
+        (cheap: for polling)."""
+        st = ffi.new("rs_engine_stats *")
+        lib.rs_engine_get_stats(self._handle(), st)
+        return bool(st.conn_closed)
+
     def prefetch_done(self) -> bool:
         """True once the plan's chunks have all been asked for and settled
         (cheap: for polling)."""
@@ -339,7 +422,7 @@ class RestoreSession:
     def _read_counters(self) -> dict[str, int]:
         st = ffi.new("rs_engine_stats *")
         lib.rs_engine_get_stats(self._engine, st)
-        out = {name: int(getattr(st, name)) for name in _ENGINE_COUNTERS if name not in ("parked_now", "error")}
+        out = {name: int(getattr(st, name)) for name in _ENGINE_COUNTERS if name not in _NOT_COUNTERS}
         out.update((f"first_touches.{name}", int(st.first_touches[i])) for i, name in enumerate(SOURCES))
         return out
 
@@ -372,6 +455,7 @@ class RestoreSession:
             first_touches={name: int(st.first_touches[i]) for i, name in enumerate(SOURCES)},
             guest_gone=bool(st.guest_gone),
             prefetch_done=bool(st.prefetch_done),
+            ended_by=END_REASONS.get(st.end_reason, str(st.end_reason)),
             service_p50_ns=p50,
             service_p99_ns=p99,
             service_max_ns=mx,
@@ -403,6 +487,7 @@ class RestoreSession:
             records = self.fault_log()
             final = self.stats(records)
             self._prefetched = self.prefetched_offsets()
+            self._unservable = self.unservable()
             self._records = records
             with self._engine_lock:
                 self._final_counters = self._read_counters()

@@ -171,7 +171,10 @@ class Guest:
     the memory with a memfd (shared, registered MISSING|MINOR) and sends it
     after the uffd, as memfd-backed Firecracker builds do. user=(uid, gid)
     runs the child as that uid and gid, as a jailer runs a VMM (needs root;
-    see _become). A Guest runs one
+    see _become).
+    close_conn=True closes the connection right after sending the handshake
+    and runs on, as Firecracker v1.10 and v1.11 do (no wait() steps then);
+    by default it stays open until the trace is done, as in v1.12. A Guest runs one
     trace: start(ops) then wait(), or run(ops). Use it as a context manager: leaving kills the child if it
     still runs and removes its files.
     """
@@ -188,6 +191,7 @@ class Guest:
         remove_events: bool = True,
         memfd: bool = False,
         user: Optional[tuple[int, int]] = None,
+        close_conn: bool = False,
     ):
         if (regions is None) == (memory_size is None):
             raise InputError("give a Guest either regions or memory_size")
@@ -204,6 +208,7 @@ class Guest:
         self.remove_events = bool(remove_events)
         self.memfd = bool(memfd)
         self.user = (int(user[0]), int(user[1])) if user is not None else None
+        self.close_conn = bool(close_conn)
         self._proc: Optional[subprocess.Popen] = None
         self._dir: Optional[Path] = None
         self._ops: Optional[np.ndarray] = None
@@ -232,6 +237,7 @@ class Guest:
                     "hugetlb": self.hugetlb,
                     "remove_events": self.remove_events,
                     "memfd": self.memfd,
+                    "close_conn": self.close_conn,
                     "backing": self.backing,
                     "image": self.image,
                 }
@@ -508,7 +514,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.fsencode(cfg["socket_path"]), regions, len(cfg["regions"]), cfg["page_size"],
             (lib.RS_GUEST_HUGETLB if cfg["hugetlb"] else 0)
             | (0 if cfg.get("remove_events", True) else lib.RS_GUEST_NO_REMOVE_EVENTS)
-            | (lib.RS_GUEST_MEMFD if cfg.get("memfd") else 0),
+            | (lib.RS_GUEST_MEMFD if cfg.get("memfd") else 0)
+            | (lib.RS_GUEST_CLOSE_CONN if cfg.get("close_conn") else 0),
             c_ops, n, c_sums, c_ns, total, err, len(err),
         )
     else:

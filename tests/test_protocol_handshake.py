@@ -578,3 +578,44 @@ def test_random_valid_layouts_pass_and_overlaps_are_caught(page):
         lo, hi = min(i, j), max(i, j)
         with pytest.raises(HandshakeError, match=rf"^region {hi} overlaps region {lo} in {what}: "):
             check_regions(moved, **geo)
+
+
+@pytest.mark.parametrize("peerpidfd", [True, False])
+def test_peer_pidfd_names_the_connecting_process(tmp_path, monkeypatch, peerpidfd):
+    """A pidfd of the peer: from SO_PEERPIDFD, or (where that option is
+    unknown) from pidfd_open of the SO_PEERCRED pid; none for a peer in
+    this very process."""
+    import subprocess
+    import sys
+
+    from restore import protocol
+
+    if not peerpidfd:
+        monkeypatch.setattr(protocol, "SO_PEERPIDFD", 0x7FFF)  # an option no kernel knows
+    path = str(tmp_path / "p.sock")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(1)
+    child = subprocess.Popen([sys.executable, "-c", "import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
+                              "s.connect(sys.argv[1]); time.sleep(60)", path])
+    try:
+        conn, _ = lst.accept()
+        pid = protocol.peer_credentials(conn).pid
+        fd = protocol.peer_pidfd(conn, pid)
+        assert fd >= 0
+        try:
+            fdinfo = open(f"/proc/self/fdinfo/{fd}").read()
+            assert f"Pid:\t{child.pid}\n" in fdinfo, fdinfo
+        finally:
+            os.close(fd)
+        conn.close()
+        me = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        me.connect(path)
+        conn, _ = lst.accept()
+        assert protocol.peer_pidfd(conn, protocol.peer_credentials(conn).pid) == -1
+        conn.close()
+        me.close()
+    finally:
+        child.kill()
+        child.wait()
+        lst.close()

@@ -5,7 +5,9 @@ equal the snapshot's image."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -579,17 +581,189 @@ def test_a_peer_with_another_uid_is_refused_and_not_killed(snap, image):
 
 
 def test_allowed_uids_exclude_even_our_own(serve, image):
+    """A VMM refused for its uid that sent its userfaultfd would hang at its
+    first fault (Firecracker touches guest memory during the snapshot load):
+    its handshake is read, nothing is served, and it is killed."""
     server = serve(allowed_uids=[12345])
     with Guest(server.socket_path, memory_size=SIZE) as g:
         g.start(reads([0]))
-        deadline = time.monotonic() + 10
-        while not server.refused:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert server.refused[0].endswith(
-            f"peer uid {os.getuid()} is not allowed on {server.socket_path} (allowed: 12345)")
-        assert g.pid and os.waitpid(g.pid, os.WNOHANG) == (0, 0)  # not killed by the server
+        with pytest.raises(GuestError, match="SIGKILL"):
+            g.wait(30)
+        assert server.refused[0] == (
+            f"refused guest pid {g.pid}: peer uid {os.getuid()} is not allowed on {server.socket_path} (allowed: 12345); killed it, as it "
+            "sent a userfaultfd, and a VMM whose memory nobody serves hangs at its first page fault")
     from restore.errors import InputError
 
     with pytest.raises(InputError, match="allowed_uids is empty"):
         Server(server.snapshot, "/nonexistent/x.sock", allowed_uids=[])
+
+
+def test_a_vmm_of_another_uid_that_sends_its_uffd_is_killed(snap):
+    """A process of another user that sends a userfaultfd is a VMM that
+    would hang: killed through its pidfd, the log says why."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="restore-open-")
+    os.chmod(d, 0o755)
+    server = Server(snap, os.path.join(d, "s.sock")).start()
+    os.chmod(server.socket_path, 0o666)
+    client = (
+        "import os, socket, sys, time\n"
+        "from restore._native import lib\n"
+        "uffd = lib.rs_uffd_create(1, 0)\n"  # made before giving up root, as a jailer's VMM has its own
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(sys.argv[1])\n"
+        "msg = b'[{\"base_host_virt_addr\": 4096, \"size\": 4096, \"offset\": 0, \"page_size\": 4096}]'\n"
+        "socket.send_fds(s, [msg], [uffd])\n"
+        "time.sleep(60)\n"
+    )
+    vmm = subprocess.Popen([sys.executable, "-c", client, server.socket_path])
+    try:
+        assert vmm.wait(30) == -signal.SIGKILL
+        assert server.refused[0] == (
+            f"refused guest pid {vmm.pid}: peer uid 65534 is not allowed on {server.socket_path} "
+            f"(allowed: {os.getuid()}); killed it, as "
+            "it sent a userfaultfd, and a VMM whose memory nobody serves hangs at its first page fault")
+    finally:
+        vmm.kill()
+        server.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_vmm_that_closes_its_connection_is_served_until_it_exits(tmp_path, snap, image, caplog):
+    """Firecracker v1.10 and v1.11 close the socket right after the
+    handshake. The VMM is tracked by its pidfd: the session serves on after
+    the connection's end, every byte right, and ends when the VMM exits."""
+    stalled = _StalledStore(snap.store.url)
+    pages = _image_pages(image)
+    offs = (np.flatnonzero(pages.any(axis=1))[::37] * P).astype(np.uint64)
+    with Snapshot.open(stalled, "vm") as s:
+        server = Server(s, tmp_path / "c.sock", l1=None).start()
+        try:
+            with caplog.at_level(logging.INFO, logger="restore.handler"):
+                with Guest(server.socket_path, memory_size=SIZE, close_conn=True) as g:
+                    g.start(reads(offs))
+                    # Its first fault waits on the stalled store while the
+                    # connection is already closed: the session goes on.
+                    deadline = time.monotonic() + 10
+                    while server.counters().get("conn_closed", 0) == 0:
+                        assert time.monotonic() < deadline, "the session did not see the connection close"
+                        time.sleep(0.01)
+                    assert server.active() == 1 and not server.summaries
+                    stalled.release.set()
+                    res = g.wait(60)
+                assert (res.sums == expected_sums(image, offs)).all()
+                st = _wait_sessions(server, 1)[0].stats
+        finally:
+            server.stop()
+    assert st.conn_closed == 1 and st.ended_by == "vmm exited"
+    assert st.pages_installed >= len(offs)
+    assert "connection closed after the handshake; serving until the VMM exits" in caplog.text
+
+
+def test_a_peer_in_this_process_still_ends_its_session_by_closing(serve):
+    """Without a pidfd to track (the peer is this very process), the
+    connection's end ends the session, as before."""
+    import mmap
+
+    from restore._native import ffi
+    from restore.uffd import Userfaultfd
+
+    server = serve()
+    m = mmap.mmap(-1, 16 * P)
+    addr = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+    with Userfaultfd() as u:
+        u.register(addr, len(m))
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(server.socket_path)
+        msg = f'[{{"base_host_virt_addr": {addr}, "size": {len(m)}, "offset": 0, "page_size": 4096}}]'.encode()
+        socket.send_fds(c, [msg], [u.fileno()])
+        deadline = time.monotonic() + 10
+        while server.active() == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        c.close()
+        st = _wait_sessions(server, 1)[0].stats
+    m.close()
+    assert st.ended_by == "connection closed" and st.conn_closed == 0
+
+
+@pytest.mark.parametrize("poison", [True, False])
+def test_an_unfetchable_chunk_without_uffdio_poison_kills_the_vmm(serve, snap, image, caplog, poison):
+    """On a kernel without UFFDIO_POISON (masked here with poison=False) a
+    page that cannot be served is never left hanging: the VMM is killed
+    through its pidfd and the log names the cause. With it, the page is
+    poisoned and the guest gets SIGBUS."""
+    idx = _chunk_of(snap, image, 3)
+    key = chunk_key(snap.manifest.chunks[idx].id)
+    snap.store.delete(key)
+    pages = _image_pages(image)
+    p = next(p for p in range(idx * CHUNK // P, (idx + 1) * CHUNK // P) if pages[p].any())
+    server = serve(poison=poison)
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        with pytest.raises(GuestError, match="SIGBUS" if poison else "SIGKILL"):
+            g.run(reads([0, p * P]), timeout=30)
+        pid = g.pid
+    st = _wait_sessions(server, 1)[0].stats
+    cause = re.compile(rf"killed guest pid {pid}: page at 0x[0-9a-f]+ could not be served \(chunk {idx}: object "
+                       rf"{re.escape(key)} is missing from \S+\) and this kernel has no UFFDIO_POISON")
+    if poison:
+        assert st.poisoned >= 1 and st.vmm_killed == 0 and not cause.search(caplog.text)
+    else:
+        assert st.poisoned == 0 and st.vmm_killed == 1 and st.ended_by == "vmm exited"
+        assert cause.search(caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("poison", [True, False])
+def test_a_fault_outside_the_regions_without_uffdio_poison_kills_the_vmm(serve, caplog, poison):
+    """A VMM that registered more memory than its handshake described and
+    touches it: poisoned (SIGBUS) where the kernel can, else killed."""
+    server = serve(poison=poison)
+    code = (
+        "import mmap, socket, sys\n"
+        "from restore._native import ffi, lib\n"
+        "from restore.uffd import Userfaultfd\n"
+        "m = mmap.mmap(-1, 32 * 4096)\n"
+        "addr = int(ffi.cast('uintptr_t', ffi.from_buffer(m)))\n"
+        "u = Userfaultfd(); u.register(addr, len(m))\n"
+        "c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(sys.argv[1])\n"
+        "msg = f'[{{\"base_host_virt_addr\": {addr}, \"size\": 65536, \"offset\": 0, \"page_size\": 4096}}]'\n"
+        "socket.send_fds(c, [msg.encode()], [u.fileno()])\n"
+        "print(lib.rs_mem_checksum(addr, 4096), flush=True)\n"  # inside: served
+        "lib.rs_mem_checksum(addr + 65536, 4096)\n"  # registered, not described
+        "print('survived', flush=True)\n"
+    )
+    vmm = subprocess.Popen([sys.executable, "-c", code, server.socket_path], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = vmm.communicate(timeout=30)
+    finally:
+        vmm.kill()
+    assert vmm.returncode == (-signal.SIGBUS if poison else -signal.SIGKILL)
+    # The described page was served; the other one never returned.
+    assert len(out.splitlines()) == 1 and out.split()[0].isdigit(), out
+    st = _wait_sessions(server, 1)[0].stats
+    cause = re.compile(rf"killed guest pid {vmm.pid}: page at 0x[0-9a-f]+ could not be served \(outside the "
+                       rf"regions its handshake described\) and this kernel has no UFFDIO_POISON")
+    assert bool(cause.search(caplog.text)) == (not poison), caplog.text
+    assert st.vmm_killed == (0 if poison else 1)
+
+
+def test_a_session_that_ends_in_error_kills_its_running_vmm(serve, image, caplog, monkeypatch):
+    """A session that ends while its VMM runs (here: the server's wait
+    breaks) leaves the VMM without its handler: it is killed through its
+    pidfd, and the log says why."""
+    from restore.session import RestoreSession
+
+    def broken(self, timeout=None):
+        raise RuntimeError("the wait broke")
+
+    monkeypatch.setattr(RestoreSession, "wait", broken)
+    server = serve()
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        g.start(reads(np.arange(0, SIZE, P, dtype=np.uint64)))
+        with pytest.raises(GuestError, match="SIGKILL"):
+            g.wait(30)
+        pid = g.pid
+    assert re.search(rf"killed guest pid {pid}: session \S+ of vm/1 ended \(stopped\) while its VMM was running",
+                     caplog.text), caplog.text

@@ -121,12 +121,23 @@ struct rs_plan {
 struct rs_service {
     int uffd;                     /* the guest's, borrowed */
     int conn_fd;                  /* the guest's connection, borrowed, or -1 */
+    int pid_fd;                   /* the VMM's pidfd, borrowed, or -1 */
+    _Atomic int conn_closed;      /* the connection ended, the session went on */
     int wake_fd, stop_fd;         /* eventfds: look again / stop */
     pthread_t thread;
     int started;
     _Atomic int stop_now;         /* rs_engine_stop was called: polling stops */
     struct plist deferred;        /* installs that met -EAGAIN (under e->lock) */
     _Atomic size_t n_deferred;    /* deferred.n, readable without the lock */
+};
+
+/* install.c: the first page that could be neither served nor poisoned,
+ * and the kill of the VMM it led to (stats.kill_*). */
+struct rs_kill {
+    _Atomic int state;            /* 0 none; 1 being recorded; 2 recorded */
+    uint64_t addr;
+    uint32_t chunk;
+    int error, result;
 };
 
 /* install.c: a guest whose memory is a memfd (rs_engine_set_memfd). */
@@ -185,6 +196,7 @@ struct rs_engine {
     struct rs_service svc;
     struct rs_memfd memfd;
     struct rs_local local;
+    struct rs_kill kill;
     rs_fetchq *remoteq;           /* requests for the fetchers */
     rs_faultlog *log;
     pthread_cond_t done_cv;
@@ -194,6 +206,7 @@ struct rs_engine {
     uint64_t t0_ns;               /* session start, CLOCK_MONOTONIC */
     struct counters st;
     _Atomic int guest_gone;
+    _Atomic int end_reason;       /* RS_END_*: the first reason to end */
     _Atomic int error;
 };
 
@@ -212,6 +225,15 @@ static inline void note_error(rs_engine *e, int rc)
     int none = 0;
 
     atomic_compare_exchange_strong(&e->error, &none, rc);
+}
+
+/* End the session for reason (RS_END_*; the first one given is kept). */
+static inline void end_session(rs_engine *e, int reason)
+{
+    int none = RS_END_RUNNING;
+
+    atomic_compare_exchange_strong(&e->end_reason, &none, reason);
+    atomic_store(&e->guest_gone, 1);
 }
 
 static inline int bit_test(_Atomic uint64_t *bm, uint64_t i)
@@ -316,6 +338,7 @@ int fill_run(rs_engine *e, int r, const uint8_t *src, uint64_t lo, uint64_t hi, 
 int install_zero(rs_engine *e, int r, uint64_t p, uint32_t window, uint64_t *lo_out,
                  uint64_t *upto_out, int prefetch);
 int install_poison(rs_engine *e, int r, uint64_t p);
+int poison_or_kill(rs_engine *e, uint64_t addr, uint32_t chunk);
 void run_around(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t *lo,
                 uint64_t *hi);
 void fill_window_rest(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t window, uint64_t lo,
