@@ -22,6 +22,9 @@ import pytest
 from bench.firecracker import driver
 from bench.minivm.driver import kvm_available
 from daemon import Daemon
+from restore.handler import Server
+from restore.snapshot import Snapshot, chunk_key
+from restore.tiers.durable import DurableStore
 
 pytestmark = pytest.mark.skipif(not kvm_available(), reason="/dev/kvm is not available")
 
@@ -224,6 +227,68 @@ def test_one_server_many_jails(tmp_path, fc, made, jail_base):
     finally:
         for vm in vms:
             vm.close()
+
+
+def test_a_vmm_of_a_uid_not_allowed_is_killed_not_left_hanging(tmp_path, fc, made, jail_base):
+    """The socket lets the jailed uid connect, but the server does not allow
+    it: Firecracker sends its userfaultfd during PUT /snapshot/load and
+    would block in its first page fault for ever; it is killed instead, and
+    its API call fails rather than hanging."""
+    if fc["bin"].jailer is None:
+        pytest.fail("no jailer next to the Firecracker under test (set RESTORE_JAILER)")
+    jail = driver.Jail(fc["bin"].jailer, JAIL_UID, JAIL_UID, jail_base)
+    with driver.VM(fc["bin"].firecracker, None, vm_id="fn1", jail=jail) as vm:
+        sock = vm.host_path("/run/fn.sock")
+        sock.parent.mkdir(exist_ok=True)
+        d = _serve(tmp_path, made, sock, "--socket-owner", f"{JAIL_UID}:{JAIL_UID}", "--allow-uid", str(os.getuid()))
+        try:
+            with pytest.raises(driver.FirecrackerError, match="snapshot/load"):
+                vm.load(vm.place(made["state"], "fn.state"), "Uffd", "/run/fn.sock")
+            assert vm.wait(60) == -signal.SIGKILL
+            refused = d.event("refused")
+            assert refused["pid"] == vm.pid
+            assert refused["reason"] == f"peer uid {JAIL_UID} is not allowed on {sock} (allowed: {os.getuid()})"
+            assert "killed it" in refused["msg"]
+            assert d.stop() == 0
+        finally:
+            d.kill()
+
+
+@pytest.mark.parametrize("poison", [True, False], ids=["poison", "kernel-without-poison"])
+def test_a_page_no_tier_can_supply_ends_the_vmm_never_hangs_it(tmp_path, fc, made, poison, caplog):
+    """The chunk holding the guest's code is missing from the store: the
+    page is poisoned and the VM ends when the guest touches it, or, as on a
+    host before Linux 6.6 (poison=False), the VMM is killed with the cause
+    named."""
+    store = DurableStore(made["store"])
+    lost = tmp_path / "lost"
+    with Snapshot.open(store, made["name"]) as snap:
+        chunk = snap.manifest.chunks[(1 << 20) // snap.manifest.chunk_size]  # the guest is loaded at 1 MiB
+        key = chunk_key(chunk.id)
+        lost.write_bytes(store.get(key))
+        store.delete(key)
+        try:
+            ended = []
+            with Server(snap, tmp_path / "fn.sock", poison=poison, on_session_end=ended.append) as server:
+                with driver.VM(fc["bin"].firecracker, tmp_path / "vm") as vm:
+                    vm.load(made["state"], "Uffd", server.socket_path)
+                    code = vm.wait(60)
+            assert ended and ended[0].peer_pid == vm.pid
+            if poison:
+                # The guest's access to the poisoned page ends the VM by
+                # itself (what it meets depends on the hypervisor: SIGBUS
+                # in the vCPU thread, or here a guest shutdown); nobody
+                # had to kill it and nothing hangs.
+                assert ended[0].stats.poisoned > 0 and ended[0].stats.vmm_killed == 0
+                assert code != -signal.SIGKILL
+            else:
+                assert code == -signal.SIGKILL
+                assert ended[0].stats.vmm_killed == 1
+                killed = [r.getMessage() for r in caplog.records if r.name == "restore.handler"]
+                assert any(m.startswith(f"killed guest pid {vm.pid}: page at 0x") and "could not be served (chunk "
+                           in m and m.endswith("and this kernel has no UFFDIO_POISON") for m in killed), killed
+        finally:
+            store.put(key, lost.read_bytes())
 
 
 def _children(pid: int) -> list[int]:

@@ -150,7 +150,7 @@ class VM:
         self.log_path.write_text("")
         if jail is not None:
             os.chown(self.log_path, jail.uid, jail.gid)
-        args = ["--api-sock", api, "--log-path", log, "--level", "Warning"]
+        args = ["--api-sock", api, "--log-path", log, "--level", "Info"]
         if jail is None:
             cmd = [str(fc), *args]
         else:
