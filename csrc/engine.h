@@ -24,6 +24,12 @@
  *                    chunk FAILED -> UFFDIO_POISON (never wrong bytes)
  *                    otherwise    -> park the fault on the chunk and queue
  *                                    one high-priority request for it
+ *                    [huge.c] a guest page larger than the snapshot's
+ *                    pages (2 MiB) needs every chunk holding one of its
+ *                    small pages: all are asked for, the fault parks on
+ *                    the first not ready, and once all are READY the page
+ *                    is assembled from them and copied whole (any FAILED
+ *                    -> the whole page is poisoned)
  *     REMOVE         mark the range removed: later faults get zeros
  *   local threads    [local.c, hostcache.c, l1.c]
  *                    pop requests; with a host cache, become the chunk's
