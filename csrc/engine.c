@@ -85,7 +85,7 @@ void log_planned(rs_engine *e, uint64_t lo, uint64_t upto, uint64_t skip)
         return;
     for (uint64_t q = lo; q < upto; q++)
         if (q != skip && bit_test(e->plan.planned, q))
-            log_record(e, q, chunk_of(e, q), RS_SRC_PREFETCHED, t, 0);
+            log_record(e, q, log_chunk(e, q), RS_SRC_PREFETCHED, t, 0);
 }
 
 /* Under e->lock, chunk c ABSENT: when the host cache holds it, make it
@@ -127,9 +127,11 @@ int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
     if (bit_test(e->removed, p)) {
         rc = install_zero(e, r, p, 1, NULL, NULL, 0);
         if (rc == 0)
-            log_touch(e, p, chunk_of(e, p), RS_SRC_REMOVED, t_ns);
+            log_touch(e, p, log_chunk(e, p), RS_SRC_REMOVED, t_ns);
         return rc;
     }
+    if (e->sub > 1)
+        return serve_huge(e, r, p, t_ns);
     c = chunk_of(e, p);
     if (c == NO_CHUNK) {
         uint64_t lo, upto;
@@ -282,8 +284,11 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     int rc = -ENOMEM;
 
     *out = NULL;
+    /* A guest page may be larger than a chunk: it is then assembled from
+     * the chunks it spans (huge.c). It must be whole small pages. */
     if (!cfg->page_size || cfg->page_size & (cfg->page_size - 1) ||
-        cfg->page_size > cfg->chunk_size || cfg->memory_size % cfg->page_size ||
+        cfg->page_size % rs_codec_page_size(codec) ||
+        rs_codec_page_size(codec) > cfg->chunk_size || cfg->memory_size % cfg->page_size ||
         !n_regions || !cfg->fault_around)
         return -EINVAL;
     for (size_t i = 0; i < n_regions; i++) {
@@ -306,10 +311,11 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
     e->n_regions = n_regions;
     e->bm_bytes = rs_codec_bitmap_bytes(codec);
     words = (e->n_pages + 63) / 64;
-    e->slots = cfg->chunk_size / cfg->page_size;
-    if (!page_chunk != !page_off ||
-        (!page_chunk && cfg->page_size != rs_codec_page_size(codec))) {
-        rc = -EINVAL; /* the identity layout needs slots of one guest page */
+    e->small = rs_codec_page_size(codec);
+    e->sub = cfg->page_size / e->small;
+    e->slots = cfg->chunk_size / e->small;
+    if (!page_chunk != !page_off) {
+        rc = -EINVAL;
         goto fail;
     }
     e->regions = malloc(n_regions * sizeof(*regions));
@@ -330,15 +336,15 @@ int rs_engine_create(rs_engine **out, const rs_engine_config *cfg,
         goto fail;
     memcpy(e->regions, regions, n_regions * sizeof(*regions));
     if (page_chunk) {
-        for (uint64_t p = 0; p < e->n_pages; p++) {
+        for (uint64_t p = 0; p < e->n_pages * e->sub; p++) {
             if (page_chunk[p] != NO_CHUNK &&
                 (page_chunk[p] >= cfg->n_chunks ||
-                 (uint64_t)page_off[p] + cfg->page_size > cfg->chunk_size)) {
+                 (uint64_t)page_off[p] + e->small > cfg->chunk_size)) {
                 rc = -EINVAL;
                 goto fail;
             }
         }
-    } else if ((e->n_pages + e->slots - 1) / e->slots > cfg->n_chunks) {
+    } else if ((e->n_pages * e->sub + e->slots - 1) / e->slots > cfg->n_chunks) {
         rc = -EINVAL; /* the identity layout needs a chunk per slots pages */
         goto fail;
     }
@@ -514,6 +520,7 @@ void rs_engine_destroy(rs_engine *e)
     }
     /* Unmaps, and drops the fill locks of chunks never supplied. */
     rs_hostcache_close(e->host);
+    huge_buf_drain(e);
     pool_drain(e);
     free(e->svc.deferred.v);
     free(e->local.threads);

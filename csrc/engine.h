@@ -27,6 +27,12 @@
  *                                    killed through its pidfd
  *                    otherwise    -> park the fault on the chunk and queue
  *                                    one high-priority request for it
+ *                    [huge.c] a guest page larger than the snapshot's
+ *                    pages (2 MiB) needs every chunk holding one of its
+ *                    small pages: all are asked for, the fault parks on
+ *                    the first not ready, and once all are READY the page
+ *                    is assembled from them and copied whole (any FAILED
+ *                    -> the whole page is poisoned)
  *     REMOVE         mark the range removed: later faults get zeros
  *   local threads    [local.c, hostcache.c, l1.c]
  *                    pop requests; with a host cache, become the chunk's
@@ -164,12 +170,15 @@ typedef struct rs_engine_stats {
 } rs_engine_stats;
 
 /* Create a session engine.
- * page_chunk, page_off: one entry per guest page of the memory file
- *   (memory_size / page_size): the chunk holding the page (0xFFFFFFFF for
- *   an all-zero page) and the page's byte offset inside the decoded chunk;
- *   both NULL for the identity layout with pages of the codec's page size
- *   (page p in slot p % slots of chunk p / slots, all-zero when its bit is
- *   set in the chunk's zero bitmap): nothing per page to build or hold.
+ * page_chunk, page_off: one entry per page of the codec's page size in the
+ *   memory file (memory_size / the codec's page size): the chunk holding
+ *   the page (0xFFFFFFFF for an all-zero page) and the page's byte offset
+ *   inside the decoded chunk; both NULL for the identity layout (page p in
+ *   slot p % slots of chunk p / slots, all-zero when its bit is set in the
+ *   chunk's zero bitmap): nothing per page to build or hold.
+ *   cfg->page_size, the guest's, is a multiple of the codec's page size;
+ *   when larger (2 MiB hugetlbfs pages), each guest page is assembled from
+ *   every chunk holding one of its pages and installed whole.
  * chunk_ids (n_chunks * 32 bytes), chunk_lens (stored bytes), chunk_flags,
  *   chunk_zero (n_chunks * bitmap bytes of the codec): the manifest's chunk
  *   table, as rs_chunk_decode takes it.

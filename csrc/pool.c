@@ -83,20 +83,36 @@ void chunk_release(rs_engine *e, uint32_t c)
         chunk_try_free(e, c);
 }
 
-/* Page q is present or removed: when it is the last unsettled page of
- * its chunk, the chunk's decoded copy is no longer needed. */
-void settle_page(rs_engine *e, uint64_t q)
+/* Chunk c lost one guest page that needed it: when it was the last, the
+ * chunk's decoded copy is no longer needed. */
+static void chunk_page_settled(rs_engine *e, uint32_t c)
 {
-    uint32_t c = chunk_of(e, q);
-
-    if (c == NO_CHUNK || bit_set(e->settled, q))
-        return;
     if (atomic_fetch_sub(&e->left[c], 1) == 1) {
         uint32_t old = atomic_fetch_or(&e->chunks[c].ref, REF_RETIRED);
 
         if (!(old & REF_USERS))
             chunk_try_free(e, c);
     }
+}
+
+/* Guest page q is present or removed: a chunk whose every page is settled
+ * is no longer needed. A huge page settles each chunk it spans, so a chunk
+ * shared by several huge pages stays until the last of them is in. */
+void settle_page(rs_engine *e, uint64_t q)
+{
+    uint32_t c, n, cs[e->sub];
+
+    if (e->sub == 1) {
+        c = chunk_of(e, q);
+        if (c != NO_CHUNK && !bit_set(e->settled, q))
+            chunk_page_settled(e, c);
+        return;
+    }
+    n = page_chunks(e, q, cs);
+    if (n == 0 || bit_set(e->settled, q))
+        return;
+    for (uint32_t i = 0; i < n; i++)
+        chunk_page_settled(e, cs[i]);
 }
 
 /* Set bits of w (no popcnt instruction assumed: the build is generic x86-64). */
@@ -109,7 +125,8 @@ static uint32_t popcount64(uint64_t w)
 }
 
 /* Each chunk's non-zero pages inside the regions (counted once each): its
- * decoded copy is freed when all of them are settled. With page tables,
+ * decoded copy is freed when all of them are settled. A huge guest page
+ * counts once in every chunk it spans (page_chunks). With page tables,
  * a walk of the regions' pages; for the identity layout, a count of the
  * zero bitmaps' clear bits per chunk: setup stays proportional to the
  * chunk table, not to guest memory. */
@@ -128,6 +145,15 @@ void count_left(rs_engine *e)
                 p0 = q1 < p1 ? q1 : p1;
             if (q0 < p1 && p1 <= q1)
                 p1 = q0 > p0 ? q0 : p0;
+        }
+        if (e->sub > 1) {
+            uint32_t cs[e->sub], n;
+
+            for (uint64_t p = p0; p < p1; p++)
+                if ((n = page_chunks(e, p, cs)) && !bit_set(e->settled, p))
+                    for (uint32_t k = 0; k < n; k++)
+                        atomic_fetch_add(&e->left[cs[k]], 1);
+            continue;
         }
         if (e->page_chunk) {
             for (uint64_t p = p0; p < p1; p++)
@@ -158,6 +184,6 @@ void count_left(rs_engine *e)
             p = end;
         }
     }
-    if (e->page_chunk) /* used above to count each page once */
+    if (e->page_chunk || e->sub > 1) /* used above to count each page once */
         memset((void *)e->settled, 0, (e->n_pages + 63) / 64 * sizeof(uint64_t));
 }

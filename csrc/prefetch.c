@@ -27,6 +27,10 @@ void prefetch_install(rs_engine *e, uint32_t c, uint32_t k)
     const uint64_t ps = e->cfg.page_size, end = e->plan.start[k + 1];
     uint64_t i = e->plan.start[k];
 
+    if (e->sub > 1) {
+        prefetch_install_huge(e, k);
+        return;
+    }
     if (!chunk_acquire(e, c))
         return; /* every page of the chunk is in already */
     while (i < end) {
@@ -78,7 +82,9 @@ static void prefetch_zero(rs_engine *e)
         uint64_t p = e->plan.zero[i], lo, upto;
         int r = region_of_page(e, p), rc;
 
-        if (r < 0 || !candidate(e, r, NO_CHUNK, p))
+        /* A huge page is listed here only when all of it is zero. */
+        if (r < 0 || (e->sub == 1 ? !candidate(e, r, NO_CHUNK, p)
+                                  : bit_test(e->present, p) || bit_test(e->removed, p)))
             continue;
         rc = install_zero(e, r, p, e->cfg.prefetch_around, &lo, &upto, 1);
         if (rc == 0)
@@ -145,7 +151,8 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
 {
     const uint32_t nc = e->cfg.n_chunks;
     uint64_t *count;
-    uint64_t pos;
+    uint64_t pos, listed = 0;
+    uint32_t cs[e->sub], m;
 
     if (e->svc.started || e->plan.chunks || !inflight)
         return -EINVAL;
@@ -157,7 +164,11 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
     e->plan.of_chunk = malloc((nc + 1) * sizeof(int32_t));
     e->plan.chunks = malloc((nc + 1) * sizeof(uint32_t));
     e->plan.start = calloc(nc + 2, sizeof(uint64_t));
-    e->plan.pages = malloc((n + 1) * sizeof(uint64_t));
+    /* A huge page is listed under every chunk it spans: whichever of them
+     * is ready last installs it (prefetch_install_huge). */
+    for (size_t i = 0; i < n && e->sub > 1; i++)
+        listed += page_chunks(e, pages[i], cs);
+    e->plan.pages = malloc(((e->sub > 1 ? listed : n) + 1) * sizeof(uint64_t));
     e->plan.zero = malloc((n + 1) * sizeof(uint64_t));
     e->plan.asked = rs_zalloc(nc + 1);
     count = calloc(nc + 1, sizeof(uint64_t));
@@ -172,19 +183,23 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
      * chunk (a page listed twice counts once). */
     for (size_t i = 0; i < n; i++) {
         uint64_t p = pages[i];
-        uint32_t c = chunk_of(e, p);
 
         if (bit_set(e->plan.planned, p))
             continue;
-        if (c == NO_CHUNK) {
+        m = page_chunks(e, p, cs);
+        if (m == 0) {
             e->plan.zero[e->plan.n_zero++] = p;
             continue;
         }
-        if (e->plan.of_chunk[c] < 0) {
-            e->plan.of_chunk[c] = (int32_t)e->plan.n_chunks;
-            e->plan.chunks[e->plan.n_chunks++] = c;
+        for (uint32_t j = 0; j < m; j++) {
+            uint32_t c = cs[j];
+
+            if (e->plan.of_chunk[c] < 0) {
+                e->plan.of_chunk[c] = (int32_t)e->plan.n_chunks;
+                e->plan.chunks[e->plan.n_chunks++] = c;
+            }
+            count[e->plan.of_chunk[c]]++;
         }
-        count[e->plan.of_chunk[c]]++;
     }
     pos = 0;
     for (uint32_t k = 0; k < e->plan.n_chunks; k++) {
@@ -197,11 +212,12 @@ int rs_engine_set_plan(rs_engine *e, const uint64_t *pages, size_t n, uint32_t i
         bit_clear(e->plan.planned, pages[i]);
     for (size_t i = 0; i < n; i++) {
         uint64_t p = pages[i];
-        uint32_t c = chunk_of(e, p);
 
-        if (bit_set(e->plan.planned, p) || c == NO_CHUNK)
+        if (bit_set(e->plan.planned, p))
             continue;
-        e->plan.pages[count[e->plan.of_chunk[c]]++] = p;
+        m = page_chunks(e, p, cs);
+        for (uint32_t j = 0; j < m; j++)
+            e->plan.pages[count[e->plan.of_chunk[cs[j]]]++] = p;
     }
     for (uint32_t k = 0; k < e->plan.n_chunks; k++)
         qsort(e->plan.pages + e->plan.start[k], e->plan.start[k + 1] - e->plan.start[k],

@@ -479,7 +479,8 @@ def check_regions(
 ) -> int:
     """Check the guest's regions against a snapshot; return the guest page
     size (bytes). memory_size, snapshot_page_size and chunk_size are the
-    snapshot manifest's, in bytes."""
+    snapshot manifest's, in bytes. Any chunk size serves any guest page
+    size: a guest page larger than a chunk is assembled from its chunks."""
     if not regions:
         raise HandshakeError("handshake lists no regions")
     sizes = sorted({r.page_size for r in regions})
@@ -493,11 +494,17 @@ def check_regions(
             f"guest page size {_fmt_size(page)} is smaller than the snapshot's "
             f"{_fmt_size(snapshot_page_size)} page size"
         )
-    if page > chunk_size:
+    if page % snapshot_page_size:
         raise HandshakeError(
-            f"guest page size {_fmt_size(page)} is larger than the snapshot's {_fmt_size(chunk_size)} "
-            f"chunk size: {_fmt_size(page)} guest pages need a snapshot made with a chunk size "
-            f"of at least {_fmt_size(page)}"
+            f"guest page size {_fmt_size(page)} is not a multiple of the snapshot's "
+            f"{_fmt_size(snapshot_page_size)} page size"
+        )
+    # A guest page larger than a chunk is assembled from the chunks it
+    # spans: any chunk size serves it. The memory file must be whole pages.
+    if memory_size % page:
+        raise HandshakeError(
+            f"the snapshot's {_fmt_size(memory_size)} of memory is not a multiple of the guest's "
+            f"{_fmt_size(page)} page size"
         )
     psz = _fmt_size(page)
     for i, r in enumerate(regions):

@@ -576,45 +576,32 @@ class Snapshot:
             return self._chunk_table
 
     def page_tables(self, page_size: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """Per guest page of page_size bytes: (chunk or ZERO_PAGE, byte offset
-        in the decoded chunk), from the page map; None for the identity
-        layout with the snapshot's own page size, which the engine computes
-        from the zero bitmaps (nothing per page to build or hold). Built
-        once per page size and shared by every session. Raises InputError
-        when page_size cannot be served from this snapshot."""
-        with self._table_lock:
-            if page_size not in self._page_tables:
-                self._page_tables[page_size] = self._build_page_tables(page_size)
-            return self._page_tables[page_size]
-
-    def _build_page_tables(self, page_size: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The engine's tables for a guest with page_size-byte pages: per
+        page of the snapshot's own page size, (chunk or ZERO_PAGE, byte
+        offset in the decoded chunk), from the page map; None for the
+        identity layout, which the engine computes from the zero bitmaps
+        (nothing per page to build or hold). A larger guest page (2 MiB) is
+        assembled by the engine from the chunks holding its small pages, so
+        the tables do not depend on it. Built once and shared by every
+        session. Raises InputError when page_size cannot be served from
+        this snapshot."""
         m = self.manifest
-        if page_size == m.page_size:
-            if m.page_map is None:
-                return None
-            pm = self.page_map()
-            return pm["chunk"].copy(), (pm["slot"].astype(np.uint64) * m.page_size).astype(np.uint32)
         if page_size < m.page_size or page_size % m.page_size or m.memory_size % page_size:
             raise InputError(
                 f"guest page size {page_size} does not fit snapshot {self.label} "
-                f"(page size {m.page_size}, memory {m.memory_size} bytes)"
+                f"(page size {m.page_size}, memory {m.memory_size} bytes): it must be a multiple of "
+                f"the page size that divides the memory size"
             )
-        if m.page_map is not None:
-            raise InputError(
-                f"snapshot {self.label} has a page map: it can only serve guests with "
-                f"{m.page_size}-byte pages, not {page_size}"
-            )
-        # Identity layout, huge guest pages: each lies inside one chunk
-        # (chunk_size >= page_size), its small pages in order, zeros included.
-        pm = self.page_map()
-        n = m.memory_size // page_size
-        start = np.arange(n, dtype=np.uint64) * page_size
-        chunk = (start // m.chunk_size).astype(np.uint32)
-        off = (start % m.chunk_size).astype(np.uint32)
-        all_zero = (pm["chunk"] == ZERO_PAGE).reshape(n, page_size // m.page_size).all(axis=1)
-        chunk[all_zero] = ZERO_PAGE
-        off[all_zero] = 0
-        return chunk, off
+        if m.page_map is None:
+            return None
+        with self._table_lock:
+            if m.page_size not in self._page_tables:
+                pm = self.page_map()
+                self._page_tables[m.page_size] = (
+                    pm["chunk"].copy(),
+                    (pm["slot"].astype(np.uint64) * m.page_size).astype(np.uint32),
+                )
+            return self._page_tables[m.page_size]
 
     def chunk_offset(self, index: int) -> int:
         """File offset (bytes) of the first page held by chunk index."""

@@ -264,6 +264,15 @@ class Guest:
             )
         return self
 
+    def steps_done(self) -> int:
+        """How many steps of the trace have finished so far (the child may
+        still run): e.g. to look at its memory while it waits at a wait()
+        step. Steps finish in order."""
+        if self._dir is None:
+            raise InputError("the guest has not been started")
+        undone = np.flatnonzero(np.load(self._dir / "ns.npy", mmap_mode="r") == _NOT_DONE)
+        return int(undone[0]) if len(undone) else len(self._ops)
+
     def wait(self, timeout: Optional[float] = None) -> GuestResult:
         """Wait for the trace to finish (timeout in seconds) and return its results.
 

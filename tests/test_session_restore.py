@@ -407,7 +407,9 @@ def _open_fds() -> set[str]:
          b' {"base_host_virt_addr": 65536, "size": 8192, "offset": 4096, "page_size": 4096}]', 1, "region 1 overlaps region 0 in the memory file"),
         (b'[{"base_host_virt_addr": 4097, "size": 4096, "offset": 0, "page_size": 4096}]', 1, "is not aligned"),
         (b'[{"base_host_virt_addr": 4096, "size": 4096, "offset": 0, "page_size": 8192}]', 1, "page size 8192 is not supported"),
-        (b'[{"base_host_virt_addr": 2097152, "size": 2097152, "offset": 0, "page_size": 2097152}]', 1, "2 MiB guest pages need a snapshot"),
+        (b'[{"base_host_virt_addr": 2097152, "size": 2097152, "offset": 0, "page_size": 2097152},'
+         b' {"base_host_virt_addr": 8388608, "size": 4096, "offset": 2097152, "page_size": 4096}]', 1,
+         "regions use different page sizes"),
     ],
 )
 def test_bad_handshakes_are_refused_and_the_server_goes_on(serve, image, payload, fds, message):

@@ -14,6 +14,8 @@
  *               ZEROPAGE, POISON, CONTINUE after writing the memfd), runs
  *               and fault-around
  *   prefetch.c  struct rs_plan: the working-set plan and its thread
+ *   huge.c      guest pages larger than the snapshot's pages (2 MiB
+ *               hugetlbfs): each assembled from every chunk it spans
  *   pool.c      struct rs_pool: buffers of decoded chunks, the references
  *               readers hold on them, the per-chunk page counts that free
  *               a buffer once its pages are in
@@ -29,6 +31,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 #include "../chunk.h"
@@ -93,6 +96,8 @@ struct rs_pool {
     pthread_mutex_t lock;
     uint8_t *bufs[POOL_MAX];
     int n;
+    uint8_t *huge[POOL_MAX];      /* guest-page buffers (huge.c), kept for reuse */
+    int n_huge;
 };
 
 /* prefetch.c: the working-set plan (rs_engine_set_plan). */
@@ -100,7 +105,8 @@ struct rs_plan {
     uint32_t *chunks;             /* chunks, in first-planned order */
     uint32_t n_chunks;
     uint64_t *pages;              /* planned pages grouped by plan chunk,
-                                     ascending within a chunk */
+                                     ascending within a chunk (a huge page
+                                     is listed under each of its chunks) */
     uint64_t *start;              /* plan chunk k: pages[start[k]..start[k+1]) */
     int32_t *of_chunk;            /* chunk -> plan chunk index, or -1 */
     uint64_t *zero;               /* planned all-zero pages, ascending */
@@ -163,10 +169,15 @@ struct rs_engine {
     rs_engine_region *regions;
     size_t n_regions;
     uint64_t n_pages;             /* guest pages in the memory file */
+    uint64_t small;               /* the snapshot's page size (the codec's):
+                                     the unit of the tables below, bytes */
+    uint64_t sub;                 /* small pages per guest page: 1, or 512
+                                     for 2 MiB guest pages (huge.c) */
     /* The tables below are borrowed from the caller (rs_engine_create). */
-    const uint32_t *page_chunk;   /* per page: chunk or NO_CHUNK (NULL: the
-                                     identity layout, see chunk_of) */
-    const uint32_t *page_off;     /* per page: offset in the decoded chunk */
+    const uint32_t *page_chunk;   /* per small page: chunk or NO_CHUNK (NULL:
+                                     the identity layout, see chunk_of) */
+    const uint32_t *page_off;     /* per small page: offset in the decoded
+                                     chunk */
     const uint8_t *ids;           /* n_chunks * RS_ID_BYTES */
     const uint32_t *lens, *flags; /* stored bytes, RS_CHUNK_* */
     const uint8_t *zero;          /* n_chunks * bm_bytes zero bitmaps */
@@ -174,8 +185,10 @@ struct rs_engine {
     uint64_t slots;               /* pages per chunk (identity layout) */
     rs_hostcache *host;           /* the version's host cache, or NULL */
     struct chunk *chunks;
-    _Atomic uint32_t *left;       /* per chunk: its pages in the regions not
-                                     yet settled (apart from chunks: counted
+    _Atomic uint32_t *left;       /* per chunk: guest pages in the regions
+                                     that need it, not yet settled (a huge
+                                     page counts once in each chunk it spans;
+                                     apart from chunks: counted
                                      at creation, it is the only per-chunk
                                      state every session writes whole) */
     _Atomic uint64_t *present;    /* page installed (by anyone) */
@@ -292,8 +305,11 @@ static inline int region_of_page(const rs_engine *e, uint64_t p)
     return -1;
 }
 
-/* Chunk of guest page p (NO_CHUNK: an all-zero page), and the page's byte
- * offset in the decoded chunk. Without page tables the layout is the
+/* Chunk of small page p (NO_CHUNK: an all-zero page), and the page's byte
+ * offset in the decoded chunk. Small pages are the snapshot's (the unit of
+ * its zero bitmaps and page map); for a guest with pages of that size they
+ * are the guest's pages, else guest page g spans small pages g * sub to
+ * g * sub + sub - 1 (page_chunks). Without page tables the layout is the
  * identity: slot p % slots of chunk p / slots, zero when its bit is set. */
 static inline uint32_t chunk_of(const rs_engine *e, uint64_t p)
 {
@@ -308,7 +324,43 @@ static inline uint32_t chunk_of(const rs_engine *e, uint64_t p)
 
 static inline uint64_t off_of(const rs_engine *e, uint64_t p)
 {
-    return e->page_off ? e->page_off[p] : (p % e->slots) * e->cfg.page_size;
+    return e->page_off ? e->page_off[p] : (p % e->slots) * e->small;
+}
+
+/* The chunks guest page g needs, each once, ascending, into cs (room for
+ * e->sub entries); returns how many (0: an all-zero page). A 4 KiB guest
+ * page needs one chunk at most; a 2 MiB one needs every chunk holding one
+ * of its non-zero small pages: four with 512 KiB chunks, up to 512 with a
+ * page map that scattered them. */
+static inline uint32_t page_chunks(const rs_engine *e, uint64_t g, uint32_t *cs)
+{
+    uint32_t n = 0, c;
+
+    for (uint64_t q = g * e->sub; q < (g + 1) * e->sub; q++) {
+        uint32_t i;
+
+        c = chunk_of(e, q);
+        if (c == NO_CHUNK || (n && cs[n - 1] == c))
+            continue; /* zero, or the same chunk as the page before */
+        for (i = n; i > 0 && cs[i - 1] > c; i--)
+            ;
+        if (i > 0 && cs[i - 1] == c)
+            continue;
+        memmove(cs + i + 1, cs + i, (n - i) * sizeof(*cs));
+        cs[i] = c;
+        n++;
+    }
+    return n;
+}
+
+/* The chunk a guest page's log record names: its first non-zero small
+ * page's (NO_CHUNK: all zero). */
+static inline uint32_t log_chunk(const rs_engine *e, uint64_t g)
+{
+    for (uint64_t q = g * e->sub; q < (g + 1) * e->sub; q++)
+        if (chunk_of(e, q) != NO_CHUNK)
+            return chunk_of(e, q);
+    return NO_CHUNK;
 }
 
 /* ---- engine.c ---- */
@@ -345,6 +397,11 @@ void fill_window_rest(rs_engine *e, int r, uint32_t c, uint64_t p, uint32_t wind
                       uint64_t hi, int prefetch);
 int install_from_chunk(rs_engine *e, int r, uint64_t p, uint32_t c);
 void punch(rs_engine *e, uint64_t off, uint64_t len);
+
+/* ---- huge.c ---- */
+int serve_huge(rs_engine *e, int r, uint64_t p, uint64_t t_ns);
+void prefetch_install_huge(rs_engine *e, uint32_t k);
+void huge_buf_drain(rs_engine *e);
 
 /* ---- prefetch.c ---- */
 void prefetch_install(rs_engine *e, uint32_t c, uint32_t k);
