@@ -63,15 +63,16 @@ void huge_buf_drain(rs_engine *e)
 
 /* Take a reference on each of chunks cs[0..n): 1 when all are ready and
  * held; 0 when one is not ready (or its copy was freed), none held then.
- * *failed: one of them failed, so the page can never be had. */
-static int acquire_all(rs_engine *e, const uint32_t *cs, uint32_t n, int *failed)
+ * *failed: the chunk of them that failed (the page can never be had), or
+ * NO_CHUNK. */
+static int acquire_all(rs_engine *e, const uint32_t *cs, uint32_t n, uint32_t *failed)
 {
     uint32_t i;
 
-    *failed = 0;
+    *failed = NO_CHUNK;
     for (i = 0; i < n; i++) {
         if (atomic_load_explicit(&e->chunks[cs[i]].state, memory_order_acquire) == C_FAILED) {
-            *failed = 1;
+            *failed = cs[i];
             return 0;
         }
     }
@@ -223,7 +224,8 @@ static int source_of(rs_engine *e, const uint32_t *cs, uint32_t n)
 int serve_huge(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
 {
     uint32_t cs[e->sub], n = page_chunks(e, p, cs), wait;
-    int rc, failed, src;
+    uint32_t failed;
+    int rc, src;
 
     if (n == 0) {
         rc = install_zero(e, r, p, 1, NULL, NULL, 0);
@@ -242,8 +244,8 @@ int serve_huge(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
                 log_touch(e, p, cs[0], src, t_ns);
             return rc;
         }
-        if (failed) {
-            rc = install_poison(e, r, p);
+        if (failed != NO_CHUNK) {
+            rc = poison_or_kill(e, addr_of(e, r, p), failed);
             if (rc == 0)
                 log_touch(e, p, cs[0], RS_SRC_FAILED, t_ns);
             return rc;
@@ -303,7 +305,8 @@ void prefetch_install_huge(rs_engine *e, uint32_t k)
 
     for (uint64_t i = e->plan.start[k]; i < e->plan.start[k + 1]; i++) {
         uint64_t p = e->plan.pages[i];
-        int r = region_of_page(e, p), failed;
+        int r = region_of_page(e, p);
+        uint32_t failed;
 
         if (r < 0 || bit_test(e->present, p) || bit_test(e->removed, p))
             continue;
