@@ -1,5 +1,6 @@
 """`restore serve` in a child process, its JSON log lines read as they come:
-tests wait for what the server reports (events), never for time."""
+tests wait for what the server reports (events), never for time; and the
+process helpers of the tests that watch a supervisor and its workers."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 
 class Daemon:
@@ -63,3 +65,20 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of pid (of every thread of it)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Until cond() is true; fails with `what` after timeout seconds (a
+    bound on a hang, never a measure of speed)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)

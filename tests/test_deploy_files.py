@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from daemon import children
 from restore.testing import Guest, expected_sums, reads
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,14 +41,6 @@ def test_the_example_configs_are_valid(name):
     assert r.returncode == 0, r.stderr
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out += [int(x) for x in text]
-    return out
-
-
 def test_supervise_from_a_config_file(tmp_path, cli_snapshot):
     img, store = cli_snapshot(8 << 20, seed=4)
     sock = tmp_path / "fn.sock"
@@ -67,9 +60,9 @@ def test_supervise_from_a_config_file(tmp_path, cli_snapshot):
         assert (res.sums == expected_sums(img, offsets)).all()
         # One supervisor, one worker: the worker read supervise = true from
         # the same file and did not start a supervisor of its own.
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert len(workers) == 1
-        assert _children(workers[0]) == []
+        assert children(workers[0]) == []
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -14,14 +14,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+import hugepages
 from bench.firecracker import driver
 from bench.minivm.driver import kvm_available
-from daemon import Daemon
+from daemon import Daemon, children, wait_for
 from restore.handler import Server
 from restore.snapshot import Snapshot, chunk_key
 from restore.tiers.durable import DurableStore
@@ -130,17 +130,9 @@ def test_two_vms_on_one_server_at_once(tmp_path, fc, made):
 
 @pytest.fixture
 def huge_pages():
-    """Reserve 2 MiB pages for a booting VM and two restored ones; give back
-    what was there before."""
-    path = Path("/proc/sys/vm/nr_hugepages")
-    before = int(path.read_text())
-    want = before + 3 * MEM_MIB // 2
-    path.write_text(f"{want}\n")
-    if int(path.read_text()) < want:
-        path.write_text(f"{before}\n")
-        pytest.fail(f"could not reserve {want} huge pages (memory too fragmented?)")
-    yield
-    path.write_text(f"{before}\n")
+    """2 MiB pages for a booting VM and two restored ones (tests/hugepages.py)."""
+    with hugepages.reserved(3 * MEM_MIB // 2):
+        yield
 
 
 @pytest.mark.parametrize("chunk_size", [None, "2M"], ids=["default-512K-chunks", "2M-chunks"])
@@ -164,8 +156,11 @@ def test_huge_page_vm(tmp_path, fc, huge_pages, chunk_size):
 
 
 @pytest.fixture
-def jail_base():
-    base = Path(tempfile.mkdtemp(prefix="restore-jails-"))  # a path uid JAIL_UID can reach
+def jail_base(fc):
+    """Where the jailer makes its chroots (a path the jails' uids can reach)."""
+    if fc["bin"].jailer is None:
+        pytest.fail("no jailer next to the Firecracker under test (set RESTORE_JAILER)")
+    base = Path(tempfile.mkdtemp(prefix="restore-jails-"))
     base.chmod(0o755)
     yield base
     shutil.rmtree(base, ignore_errors=True)
@@ -174,8 +169,6 @@ def jail_base():
 def test_the_jailer_with_its_own_uid_and_chroot(tmp_path, fc, made, jail_base):
     """Firecracker jailed as uid JAIL_UID in a chroot; the server runs
     outside, its socket inside the jail, given to that uid and allowing it."""
-    if fc["bin"].jailer is None:
-        pytest.fail("no jailer next to the Firecracker under test (set RESTORE_JAILER)")
     jail = driver.Jail(fc["bin"].jailer, JAIL_UID, JAIL_UID, jail_base)
     with driver.VM(fc["bin"].firecracker, None, vm_id="fn1", jail=jail) as vm:
         sock = vm.host_path("/run/fn.sock")
@@ -198,8 +191,6 @@ def test_one_server_many_jails(tmp_path, fc, made, jail_base):
     """Two Firecrackers, each jailed with its own uid and chroot; one
     `restore serve` listens on a socket inside each jail, given to that
     jail's uid and allowing only it."""
-    if fc["bin"].jailer is None:
-        pytest.fail("no jailer next to the Firecracker under test (set RESTORE_JAILER)")
     uids = (JAIL_UID, JAIL_UID + 1)
     vms = [driver.VM(fc["bin"].firecracker, None, vm_id=f"fn{u}", jail=driver.Jail(fc["bin"].jailer, u, u, jail_base))
            for u in uids]
@@ -234,8 +225,6 @@ def test_a_vmm_of_a_uid_not_allowed_is_killed_not_left_hanging(tmp_path, fc, mad
     it: Firecracker sends its userfaultfd during PUT /snapshot/load and
     would block in its first page fault for ever; it is killed instead, and
     its API call fails rather than hanging."""
-    if fc["bin"].jailer is None:
-        pytest.fail("no jailer next to the Firecracker under test (set RESTORE_JAILER)")
     jail = driver.Jail(fc["bin"].jailer, JAIL_UID, JAIL_UID, jail_base)
     with driver.VM(fc["bin"].firecracker, None, vm_id="fn1", jail=jail) as vm:
         sock = vm.host_path("/run/fn.sock")
@@ -291,17 +280,6 @@ def test_a_page_no_tier_can_supply_ends_the_vmm_never_hangs_it(tmp_path, fc, mad
             store.put(key, lost.read_bytes())
 
 
-def _children(pid: int) -> list[int]:
-    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _wait_for(cond, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_serve_killed_mid_restore_takes_the_vmm_with_it_and_the_next_is_served(tmp_path, fc, made):
     """The worker of `restore serve --supervise` is killed while a restored
     VM still has most of its memory to fault in: the VMM is killed, never
@@ -311,15 +289,15 @@ def test_serve_killed_mid_restore_takes_the_vmm_with_it_and_the_next_is_served(t
                             "--socket", str(sock), "--store", made["store"], "--cache", str(tmp_path / "cache")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: sock.exists() and _children(sup.pid), "the supervisor did not start its worker")
-        worker = _children(sup.pid)[0]
+        wait_for(lambda: sock.exists() and children(sup.pid), "the supervisor did not start its worker")
+        worker = children(sup.pid)[0]
         with driver.VM(fc["bin"].firecracker, tmp_path / "vm1") as vm:
             vm.load(made["state"], "Uffd", sock)
             assert vm.ask(REQUESTS[:1])[0].value == made["reference"][REQUESTS[0]]  # served, mid-restore
             os.kill(worker, signal.SIGKILL)
             assert vm.wait(60) == -signal.SIGKILL
             vmm = vm.pid
-        _wait_for(lambda: _children(sup.pid) and _children(sup.pid)[0] != worker, "no new worker")
+        wait_for(lambda: children(sup.pid) and children(sup.pid)[0] != worker, "no new worker")
         with driver.VM(fc["bin"].firecracker, tmp_path / "vm2") as vm:
             vm.load(made["state"], "Uffd", sock)
             _check(vm, made)

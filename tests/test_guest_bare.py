@@ -9,7 +9,6 @@ uffd to BareHandler, which serves faults from an image in memory.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import hugepages
 from restore._native import ffi, lib
 from restore.errors import check
 from restore.sample import write_sample_image
@@ -267,38 +267,9 @@ def test_poisoned_page_kills_the_guest_with_sigbus(tmp_path):
 
 @pytest.fixture
 def huge_pages():
-    """Reserve 16 more 2 MiB pages for the test and put the old count back after.
-
-    A lock file serializes concurrent runs of this test, which would
-    otherwise undo each other's reservations.
-    """
-    path = Path("/proc/sys/vm/nr_hugepages")
-    features = ffi.new("uint64_t *")
-    check(lib.rs_uffd_probe(features), "rs_uffd_probe")
-    if not features[0] & lib.RS_UFFD_FEATURE_MISSING_HUGETLBFS:
-        pytest.skip("this kernel's userfaultfd does not handle hugetlbfs")
-    if not os.access(path, os.W_OK):
-        pytest.skip("reserving huge pages needs root")
-    want = 16
-    with open("/tmp/restore-tests-hugepages.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = int(path.read_text())
-        try:
-            path.write_text(str(old + want))
-            free = _meminfo("HugePages_Free")
-            if free < want:
-                pytest.skip(f"only {free} free huge pages after asking for {want} more")
-            yield
-        finally:
-            path.write_text(str(old))
-
-
-def _meminfo(field: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name == field:
-            return int(value.split()[0])
-    raise KeyError(field)
+    """16 more 2 MiB pages for the test (tests/hugepages.py)."""
+    with hugepages.reserved(16):
+        yield
 
 
 def test_hugetlb_sweep_with_2mib_pages(tmp_path, huge_pages):

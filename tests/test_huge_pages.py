@@ -12,7 +12,6 @@ at its last step) and compared with the image byte for byte.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
 import re
@@ -23,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from restore._native import ffi, lib
-from restore.errors import check
+import hugepages
 from restore.layout import optimize_snapshot
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
@@ -43,7 +41,6 @@ ZERO_HUGE = 2  # a huge page all of whose bytes are zero
 ZERO_CHUNK = 5 * H + CHUNK  # a chunk of zeros (nothing stored) inside huge page 5
 
 
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> Path:
     """Runs of zero, random and text-like 4 KiB pages, one huge page all zero
@@ -59,34 +56,9 @@ def image(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def huge_pages():
-    """Reserve 16 more 2 MiB pages for the test and put the old count back
-    after (under the lock the other huge-page tests take)."""
-    nr = Path("/proc/sys/vm/nr_hugepages")
-    features = ffi.new("uint64_t *")
-    check(lib.rs_uffd_probe(features), "rs_uffd_probe")
-    if not features[0] & lib.RS_UFFD_FEATURE_MISSING_HUGETLBFS:
-        pytest.skip("this kernel's userfaultfd does not handle hugetlbfs")
-    if not os.access(nr, os.W_OK):
-        pytest.skip("reserving huge pages needs root")
-    want = 16
-    with open("/tmp/restore-tests-hugepages.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = int(nr.read_text())
-        try:
-            nr.write_text(str(old + want))
-            if _meminfo("HugePages_Free") < want:
-                pytest.skip(f"fewer than {want} free huge pages after asking for {want} more")
-            yield
-        finally:
-            nr.write_text(str(old))
-
-
-def _meminfo(field: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name == field:
-            return int(value.split()[0])
-    raise KeyError(field)
+    """16 more 2 MiB pages for each test (tests/hugepages.py)."""
+    with hugepages.reserved(16):
+        yield
 
 
 def sums_of(image: Path, pages) -> np.ndarray:

@@ -14,14 +14,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from restore.testing import Guest, GuestError, expected_sums, reads, wait
-from daemon import Daemon
+from daemon import Daemon, children, wait_for
 
 SIZE = 8 << 20
 P = 4096
@@ -57,13 +56,6 @@ def _served(sock: Path, img: Path, user: tuple[int, int]) -> None:
 def _owner_mode(path: Path) -> tuple[int, int, int]:
     st = path.stat()
     return st.st_uid, st.st_gid, st.st_mode & 0o777
-
-
-def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def test_two_jails_one_server(tmp_path, made, jails):
@@ -152,10 +144,6 @@ def test_sockets_from_a_config_file(tmp_path, made, jails):
     assert not any(r.get("event") == "refused" for r in d.records)
 
 
-def _children(pid: int) -> list[int]:
-    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_supervise_hands_every_socket_to_each_worker(tmp_path, made, jails):
     """Under --supervise both sockets are served; the worker killed, the
     VMMs it served on each socket are killed, and its successor serves both
@@ -168,8 +156,8 @@ def test_supervise_hands_every_socket_to_each_worker(tmp_path, made, jails):
                             "--listen", f"{b},owner={B_UID}:{B_UID},mode=0660,allow={B_UID}"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_for(lambda: a.exists() and b.exists() and _children(sup.pid), "the supervisor did not start")
-        worker = _children(sup.pid)[0]
+        wait_for(lambda: a.exists() and b.exists() and children(sup.pid), "the supervisor did not start")
+        worker = children(sup.pid)[0]
         assert _owner_mode(a) == (A_UID, A_UID, 0o600) and _owner_mode(b) == (B_UID, B_UID, 0o660)
         offsets = np.arange(0, SIZE, 16 * P, dtype=np.uint64)
         ga = Guest(str(a), memory_size=SIZE, user=(A_UID, A_UID))
@@ -177,14 +165,14 @@ def test_supervise_hands_every_socket_to_each_worker(tmp_path, made, jails):
         with ga, gb:
             for g in (ga, gb):
                 g.start(np.concatenate([reads(offsets[:4]), wait(), reads(offsets)]))  # served, then waits
-            _wait_for(lambda: ga.done_so_far().sums.size >= 4 and gb.done_so_far().sums.size >= 4,
+            wait_for(lambda: ga.done_so_far().sums.size >= 4 and gb.done_so_far().sums.size >= 4,
                       "the guests were not served")
             os.kill(worker, signal.SIGKILL)
             for g in (ga, gb):
                 with pytest.raises(GuestError) as died:
                     g.wait(30)
                 assert died.value.signal == signal.SIGKILL  # killed by the supervisor, not left hanging
-        _wait_for(lambda: _children(sup.pid) and _children(sup.pid)[0] != worker, "no new worker")
+        wait_for(lambda: children(sup.pid) and children(sup.pid)[0] != worker, "no new worker")
         assert _owner_mode(a) == (A_UID, A_UID, 0o600) and _owner_mode(b) == (B_UID, B_UID, 0o660)
         _served(a, img, (A_UID, A_UID))
         _served(b, img, (B_UID, B_UID))

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from daemon import children, wait_for
 from restore.sample import write_sample_image
 from restore.snapshot import create_snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads, wait
@@ -33,17 +32,6 @@ def made(tmp_path):
     return img, url
 
 
-def _children(pid: int) -> list[int]:
-    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _wait_for(cond, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_a_dead_worker_takes_its_vmms_with_it_and_a_new_one_serves(tmp_path, made):
     img, url = made
     sock = tmp_path / "s.sock"
@@ -52,18 +40,18 @@ def test_a_dead_worker_takes_its_vmms_with_it_and_a_new_one_serves(tmp_path, mad
                             "--socket", str(sock), "--store", url],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_for(lambda: sock.exists() and _children(sup.pid), "the supervisor did not start its worker")
-        worker = _children(sup.pid)[0]
+        wait_for(lambda: sock.exists() and children(sup.pid), "the supervisor did not start its worker")
+        worker = children(sup.pid)[0]
         offsets = np.arange(0, SIZE, 16 * P, dtype=np.uint64)
         with Guest(str(sock), memory_size=SIZE) as g:
             g.start(np.concatenate([reads(offsets[:4]), wait(), reads(offsets)]))  # served, then waits
-            _wait_for(lambda: g.done_so_far().sums.size >= 4, "the guest was not served")
+            wait_for(lambda: g.done_so_far().sums.size >= 4, "the guest was not served")
             os.kill(worker, signal.SIGKILL)
             with pytest.raises(GuestError) as died:
                 g.wait(30)
             assert died.value.signal == signal.SIGKILL  # killed by the supervisor, not left hanging
             vmm = g.pid
-        _wait_for(lambda: _children(sup.pid) and _children(sup.pid)[0] != worker, "no new worker")
+        wait_for(lambda: children(sup.pid) and children(sup.pid)[0] != worker, "no new worker")
         with Guest(str(sock), memory_size=SIZE) as g:  # the new worker serves on the same socket
             assert (g.run(reads(offsets), timeout=60).sums == expected_sums(img, offsets)).all()
     finally:
