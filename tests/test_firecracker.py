@@ -8,6 +8,7 @@ state. Skipped only where /dev/kvm is absent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -260,7 +261,11 @@ def test_a_page_no_tier_can_supply_ends_the_vmm_never_hangs_it(tmp_path, fc, mad
             ended = []
             with Server(snap, tmp_path / "fn.sock", poison=poison, on_session_end=ended.append) as server:
                 with driver.VM(fc["bin"].firecracker, tmp_path / "vm") as vm:
-                    vm.load(made["state"], "Uffd", server.socket_path)
+                    # The guest touches the page as soon as it resumes, which
+                    # may end the VMM before it answers the load: what counts
+                    # is how it ended, checked below.
+                    with contextlib.suppress(driver.FirecrackerError):
+                        vm.load(made["state"], "Uffd", server.socket_path)
                     code = vm.wait(60)
             assert ended and ended[0].peer_pid == vm.pid
             if poison:

@@ -75,7 +75,7 @@ def build_guest(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     obj, elf = out / "fcguest.o", out / "fcguest.elf"
-    sources = [HERE / "guest.c", HERE / "guest.ld"]
+    sources = [HERE / "guest.c", HERE / "guest.ld", HERE.parent / "guestwork.h"]
     if elf.exists() and elf.stat().st_mtime > max(p.stat().st_mtime for p in sources):
         return elf
     for tool in ("gcc", "ld"):

@@ -7,10 +7,11 @@
  * polls the serial port (a 16550 at I/O port 0x3f8, which Firecracker
  * connects to its standard input and output).
  *
- * INIT builds real state in guest memory, the same workload as minivm's
- * guest: records with keys and payloads, an open-addressing hash index over
- * the keys, and a "model" (rows of weights, half of them zero). Then it
- * prints "ready <records> <rows>" and serves requests, one per line:
+ * INIT builds real state in guest memory, the same work as minivm's guest
+ * (bench/guestwork.h): records with keys and payloads, an open-addressing
+ * hash index over the keys, and a "model" (rows of weights, half of them
+ * zero). Then it prints "ready <records> <rows>" and serves requests, one
+ * per line:
  *
  *   <n>      (decimal, 1 .. 2^32-1) data-dependent lookups and arithmetic
  *            over the state; answers "answer <n> <value>"
@@ -20,17 +21,10 @@
  * answers the VM that made it gives.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-typedef unsigned long uptr;
+#include "../guestwork.h"
 
 #define STATE_BASE 0x400000ul /* above this program (loaded at 1 MiB) */
 #define IDENTITY_END 0x40000000ul /* what Firecracker's boot page tables map */
-#define RECORD_BYTES 64u
-#define ROW_WORDS 256u
-#define LOOKUPS 400u
 
 #define COM1 0x3f8
 #define LSR (COM1 + 5)
@@ -88,33 +82,6 @@ static char getc_serial(void)
     return (char)inb(COM1);
 }
 
-struct record {
-    u32 key;
-    u32 payload[RECORD_BYTES / 4 - 1];
-};
-
-static u32 rnd(u32 *s)
-{
-    u32 x = *s;
-
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    return *s = x;
-}
-
-static u32 key_of(u32 i)
-{
-    u32 k = i * 2654435761u ^ 0x5bd1e995u;
-
-    k ^= k >> 15;
-    return k | 1u; /* never 0: 0 marks an empty slot */
-}
-
-static struct record *records;
-static u32 *table; /* 2n slots: record index + 1, or 0 */
-static u32 *model; /* rows * ROW_WORDS weights */
-static u32 n_records, n_slots, n_rows;
 static u64 state_end;
 
 /* The end of the RAM that starts at 1 MiB, from the e820 table, capped at
@@ -133,73 +100,6 @@ static u64 memory_end(const u8 *boot_params)
             end = addr + size;
     }
     return end > IDENTITY_END ? IDENTITY_END : end;
-}
-
-static void init(u64 end)
-{
-    u32 avail = (u32)(end - STATE_BASE);
-    u32 s = 12345;
-
-    n_records = avail / 10 * 5 / RECORD_BYTES;
-    n_slots = 2 * n_records;
-    records = (struct record *)STATE_BASE;
-    table = (u32 *)(records + n_records);
-    model = table + n_slots;
-    n_rows = (avail / 10 * 3) / (ROW_WORDS * 4);
-    state_end = (uptr)(model + (u64)n_rows * ROW_WORDS);
-
-    for (u32 i = 0; i < n_records; i++) {
-        records[i].key = key_of(i);
-        for (u32 w = 0; w < RECORD_BYTES / 4 - 1; w++)
-            records[i].payload[w] = rnd(&s);
-    }
-    for (u32 i = 0; i < n_records; i++) {
-        u32 slot = records[i].key % n_slots;
-
-        while (table[slot])
-            slot = slot + 1 == n_slots ? 0 : slot + 1;
-        table[slot] = i + 1;
-    }
-    /* Half the model's rows are filled; the rest stays zero, as real
-     * memory has its zero pages. */
-    for (u32 r = 0; r < n_rows; r += 2)
-        for (u32 w = 0; w < ROW_WORDS; w++)
-            model[r * ROW_WORDS + w] = rnd(&s) & 0xffff;
-}
-
-static struct record *lookup(u32 key)
-{
-    u32 slot = key % n_slots;
-
-    while (table[slot]) {
-        struct record *r = &records[table[slot] - 1];
-
-        if (r->key == key)
-            return r;
-        slot = slot + 1 == n_slots ? 0 : slot + 1;
-    }
-    return 0;
-}
-
-static u32 invoke(u32 req)
-{
-    u32 s = req * 2654435761u ^ 0x9e3779b9u, acc = req;
-
-    if (!s)
-        s = 1;
-    for (u32 q = 0; q < LOOKUPS; q++) {
-        struct record *r = lookup(key_of(rnd(&s) % n_records));
-        u32 row, dot = 0;
-
-        if (!r)
-            return 0xdeadbeefu; /* the index lost a key: state is wrong */
-        acc ^= r->payload[rnd(&s) % (RECORD_BYTES / 4 - 1)];
-        row = (acc ^ s) % n_rows;
-        for (u32 k = 0; k < 64; k++)
-            dot += model[row * ROW_WORDS + k * 4] * (k + 1);
-        acc = ((acc << 5) | (acc >> 27)) + dot;
-    }
-    return acc;
 }
 
 /* FNV-1a over the state's 64-bit words. */
@@ -234,7 +134,7 @@ void main(const u8 *boot_params)
 {
     char line[32];
 
-    init(memory_end(boot_params));
+    state_end = build_state(STATE_BASE, (u32)(memory_end(boot_params) - STATE_BASE));
     puts_serial("ready ");
     putu(n_records);
     putc_serial(' ');

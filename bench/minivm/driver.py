@@ -45,7 +45,7 @@ def build(out_dir: str | os.PathLike) -> Build:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vmm, guest_o, guest_elf, guest_bin = out / "minivm", out / "guest.o", out / "guest.elf", out / "guest.bin"
-    sources = [HERE / "minivm.c", HERE / "guest.c", HERE / "guest.ld"]
+    sources = [HERE / "minivm.c", HERE / "guest.c", HERE / "guest.ld", HERE.parent / "guestwork.h"]
     newest = max(p.stat().st_mtime for p in sources)
     if not (vmm.exists() and guest_bin.exists() and min(vmm.stat().st_mtime, guest_bin.stat().st_mtime) > newest):
         for tool in ("gcc", "ld", "objcopy"):
