@@ -31,8 +31,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import selectors
 import select
+import selectors
 import signal
 import socket
 import stat
