@@ -345,8 +345,12 @@ class Server:
             self._listeners = [listener] if isinstance(listener, socket.socket) else list(listener)
             if len(self._listeners) != len(listens):
                 raise InputError(f"{len(self._listeners)} listening sockets given for {len(listens)} socket paths")
-        for sock in self._listeners:
+        # Made here, not in serve_forever: a server's fds all exist once it
+        # is constructed.
+        self._selector = selectors.DefaultSelector()
+        for sock, lst in zip(self._listeners, listens):
             sock.setblocking(False)  # accepted when select() says so; a vanished peer is no hang
+            self._selector.register(sock, selectors.EVENT_READ, lst)
         # The socket each connection came on, until its guest is checked.
         self._came_on: "weakref.WeakKeyDictionary[socket.socket, Listen]" = weakref.WeakKeyDictionary()
         self._accept_thread: Optional[threading.Thread] = None
@@ -363,36 +367,33 @@ class Server:
         """Accept guests on every socket until stop(); each gets its own thread."""
         for lst in self.listens:
             start_log.info("serving %s on %s (%s)", self.snapshot.label, lst.path, lst.describe(),
-                     extra={"event": "serving", "snapshot": self.snapshot.label, "socket": lst.path,
-                            "owner": list(lst.owner) if lst.owner is not None else None,
-                            "mode": f"{lst.mode:04o}", "allowed_uids": sorted(lst.allowed)})
-        with selectors.DefaultSelector() as sel:
-            for sock, lst in zip(self._listeners, self.listens):
-                sel.register(sock, selectors.EVENT_READ, lst)
-            while not self._stopping.is_set():
+                           extra={"event": "serving", "snapshot": self.snapshot.label, "socket": lst.path,
+                                  "owner": list(lst.owner) if lst.owner is not None else None,
+                                  "mode": f"{lst.mode:04o}", "allowed_uids": sorted(lst.allowed)})
+        while not self._stopping.is_set():
+            try:
+                ready = self._selector.select(WAIT_SLICE)  # wakes to see stop()
+            except (OSError, ValueError):
+                if self._stopping.is_set():
+                    break
+                raise
+            for key, _ in ready:
+                if self._stopping.is_set():
+                    break
                 try:
-                    ready = sel.select(WAIT_SLICE)  # wakes to see stop()
-                except (OSError, ValueError):
+                    conn, _ = key.fileobj.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue  # the peer went away before we took it
+                except OSError:
                     if self._stopping.is_set():
                         break
                     raise
-                for key, _ in ready:
-                    if self._stopping.is_set():
-                        break
-                    try:
-                        conn, _ = key.fileobj.accept()
-                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                        continue  # the peer went away before we took it
-                    except OSError:
-                        if self._stopping.is_set():
-                            break
-                        raise
-                    conn.setblocking(True)
-                    self._came_on[conn] = key.data
-                    # Not threading.Thread: its start() waits for the thread to
-                    # run, and this guest's first fault waits for all of that.
-                    with self._lock:
-                        self._threads = [x for x in self._threads if not x.is_set()] + [spawn(self._guest, conn)]
+                conn.setblocking(True)
+                self._came_on[conn] = key.data
+                # Not threading.Thread: its start() waits for the thread to
+                # run, and this guest's first fault waits for all of that.
+                with self._lock:
+                    self._threads = [x for x in self._threads if not x.is_set()] + [spawn(self._guest, conn)]
 
     def _allowed_on(self, conn: socket.socket) -> tuple[frozenset[int], str]:
         """The uids allowed on the socket conn came on, and its path."""
@@ -630,7 +631,13 @@ class Server:
         """Refuse a guest: log why, hang up, and kill its VMM (kill_refused;
         through pidfd when there is one, else by pid): a VMM whose memory is
         registered with a userfaultfd nobody serves would hang at its first
-        fault. because: why it is killed, for the log."""
+        fault. because: why it is killed, for the log. The connection is
+        closed before the refusal is recorded, so whoever sees the record
+        finds it closed."""
+        try:
+            conn.close()
+        except OSError:
+            pass
         line = f"refused guest pid {pid}: {reason}"
         if kill and self.kill_refused and (pidfd >= 0 or (pid > 0 and pid != os.getpid())):
             failed = self._signal_vmm(pid, pidfd)
@@ -642,10 +649,6 @@ class Server:
         with self._lock:
             self.refused.append(line)
             self._ended["sessions_refused"] += 1
-        try:
-            conn.close()
-        except OSError:
-            pass
 
     # -- stopping -------------------------------------------------------------
     def _drain_expired(self) -> bool:
@@ -736,6 +739,7 @@ class Server:
         self._stopping.set()
         if self._accept_thread is not None:
             self._accept_thread.join()  # it sees the stop flag within WAIT_SLICE
+        self._selector.close()
         for sock, lst in zip(self._listeners, self.listens):
             sock.close()
             if self._owns_listener:
