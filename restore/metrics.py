@@ -139,6 +139,11 @@ class _ServerCollector:
         yield counter("restore_plan_audits", "Sessions run without their plan to score it", c.get("audits", 0))
         yield counter("restore_poisoned_pages", "Pages poisoned because their chunk could not be had",
                       c.get("poisoned", 0))
+        yield counter("restore_sessions_conn_closed", "Sessions whose VMM closed its connection after the "
+                      "handshake (as Firecracker 1.10 and 1.11 do), served on until the VMM exited",
+                      c.get("conn_closed", 0))
+        yield counter("restore_vmm_unservable_kills", "VMMs killed because a page could be neither served nor "
+                      "poisoned (a kernel without UFFDIO_POISON)", c.get("vmm_killed", 0))
         yield labelled("restore_sessions", "Guests served to the end, and refused", "outcome",
                        {"ended": c.get("sessions_ended", 0), "refused": c.get("sessions_refused", 0)})
         yield GaugeMetricFamily("restore_active_sessions", "Guests being served now", value=c.get("sessions_active", 0))

@@ -662,6 +662,23 @@ def test_a_vmm_that_closes_its_connection_is_served_until_it_exits(tmp_path, sna
     assert st.conn_closed == 1 and st.ended_by == "vmm exited"
     assert st.pages_installed >= len(offs)
     assert "connection closed after the handshake; serving until the VMM exits" in caplog.text
+    assert _scrape(server, "restore_sessions_conn_closed_total") == 1
+
+
+def _scrape(server: Server, name: str) -> float:
+    """The value of one sample of the server's Prometheus metrics."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from restore.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    metrics.attach(server)
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise KeyError(name)
 
 
 def test_a_peer_in_this_process_still_ends_its_session_by_closing(serve):
@@ -715,6 +732,7 @@ def test_an_unfetchable_chunk_without_uffdio_poison_kills_the_vmm(serve, snap, i
     else:
         assert st.poisoned == 0 and st.vmm_killed == 1 and st.ended_by == "vmm exited"
         assert cause.search(caplog.text), caplog.text
+    assert _scrape(server, "restore_vmm_unservable_kills_total") == (0 if poison else 1)
 
 
 @pytest.mark.parametrize("poison", [True, False])
