@@ -123,11 +123,13 @@ class Jail:
 
 
 class VM:
-    """One Firecracker process. workdir holds its API socket and log (inside
-    the jail's root when jailed); paths given to the API are as Firecracker
-    sees them (chroot-relative under the jailer: see host_path/jail_path)."""
+    """One Firecracker process. workdir holds its API socket and logs; under
+    the jailer they go in the jail's root instead (workdir unused). Paths
+    given to the API are as Firecracker sees them (relative to the chroot
+    under the jailer: see host_path and place)."""
 
-    def __init__(self, fc: Path, workdir: str | os.PathLike, *, vm_id: str = "fc", jail: Optional[Jail] = None):
+    def __init__(self, fc: Path, workdir: Optional[str | os.PathLike], *, vm_id: str = "fc",
+                 jail: Optional[Jail] = None):
         self.vm_id = vm_id
         self.jail = jail
         if jail is not None:
@@ -142,11 +144,10 @@ class VM:
             api, log = str(self.workdir / "api.sock"), str(self.workdir / "firecracker.log")
         self.api_sock = self.host_path(api)
         self.log_path = self.host_path(log)
-        for p in (self.api_sock,):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        try:
+            self.api_sock.unlink()
+        except FileNotFoundError:
+            pass
         self.log_path.write_text("")
         if jail is not None:
             os.chown(self.log_path, jail.uid, jail.gid)
