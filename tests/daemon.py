@@ -71,7 +71,10 @@ def children(pid: int) -> list[int]:
     """The child processes of pid (of every thread of it)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(x) for x in (task / "children").read_text().split()]
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended since the listing
+            pass
     return out
 
 
