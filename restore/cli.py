@@ -165,14 +165,16 @@ def progress_bar(description: str, total: int) -> Iterator:
 
 def store_options(f):
     f = click.option(
-        "--s3-region", envvar="RESTORE_S3_REGION", default=None, help="S3 region (env RESTORE_S3_REGION)."
+        "--s3-region", envvar="RESTORE_S3_REGION", default=None,
+        help="S3 region (env RESTORE_S3_REGION; else AWS_REGION, AWS_DEFAULT_REGION or the AWS profile's region)."
     )(f)
     f = click.option(
         "--s3-endpoint",
         envvar="RESTORE_S3_ENDPOINT",
         default=None,
-        help="S3 endpoint URL, e.g. http://127.0.0.1:5000 (env RESTORE_S3_ENDPOINT). "
-        "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
+        help="S3 endpoint URL, e.g. http://127.0.0.1:5000 (env RESTORE_S3_ENDPOINT; else AWS_ENDPOINT_URL_S3, "
+        "AWS_ENDPOINT_URL or the AWS profile's endpoint_url). Credentials come from AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY or the AWS profile (AWS_PROFILE).",
     )(f)
     f = click.option(
         "--store",
@@ -215,7 +217,13 @@ def key_options(f):
 
 
 def open_store(store_url: Optional[str], s3_endpoint: Optional[str], s3_region: Optional[str]) -> DurableStore:
-    return DurableStore(store_url or default_store_url(), S3Options(endpoint=s3_endpoint, region=s3_region))
+    endpoint_from = None
+    ctx = click.get_current_context(silent=True)
+    if s3_endpoint and ctx is not None:
+        source = ctx.get_parameter_source("s3_endpoint")
+        endpoint_from = "RESTORE_S3_ENDPOINT" if source == click.core.ParameterSource.ENVIRONMENT else "--s3-endpoint"
+    return DurableStore(store_url or default_store_url(),
+                        S3Options(endpoint=s3_endpoint, region=s3_region, endpoint_from=endpoint_from))
 
 
 HOST_CACHE_HELP = ("Host cache of decoded chunks, shared by every server on the host (default: host/ in the "

@@ -61,6 +61,7 @@ class S3Options:
     connect_timeout: float = 2.0
     timeout: float = 30.0
     allow_http: Optional[bool] = None
+    endpoint_from: Optional[str] = None  # how endpoint was given, for messages (e.g. "--s3-endpoint")
 
     def retry_config(self) -> dict:
         """obstore's RetryConfig: retries bounded by the deadline, backoff
@@ -71,14 +72,20 @@ class S3Options:
             "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=2), "base": 2},
         }
 
-    def client_options(self) -> dict:
-        """obstore's ClientConfig: the timeouts, and plain HTTP when allowed."""
+    def client_options(self, allow_http: Optional[bool] = None) -> dict:
+        """obstore's ClientConfig: the timeouts, and plain HTTP when allowed.
+
+        obstore replaces the client options it read from the environment
+        (e.g. AWS_ALLOW_HTTP) with these, so whether plain HTTP is allowed
+        is always said here: allow_http (resolved by _open), else
+        self.allow_http, else whether self.endpoint is http://."""
         opts = {
             "connect_timeout": timedelta(seconds=self.connect_timeout),
             "timeout": timedelta(seconds=self.timeout),
         }
-        allow = self.allow_http if self.allow_http is not None else (self.endpoint or "").startswith("http://")
-        if allow:
+        if allow_http is None:
+            allow_http = self.allow_http if self.allow_http is not None else (self.endpoint or "").startswith("http://")
+        if allow_http:
             opts["allow_http"] = True
         return opts
 
@@ -117,7 +124,7 @@ class DurableStore:
 
     def __init__(self, url: str, s3: Optional[S3Options] = None):
         self.url = url
-        self._store = _open(url, s3 or S3Options())
+        self._store, self._endpoint = _open(url, s3 or S3Options())
         # A HEAD before a PUT saves sending bytes over a network; on a local
         # disk or in memory the create-only PUT alone is cheaper.
         self._remote = not isinstance(self._store, (LocalStore, MemoryStore))
@@ -126,7 +133,13 @@ class DurableStore:
         return f"DurableStore({self.url!r})"
 
     def _fail(self, what: str, key: str, exc: Exception) -> StoreError:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        reason = _unreachable(text)
+        if reason is not None:
+            # One line that names the setting to fix, when one named the endpoint.
+            where = self._endpoint or f"store {self.url}"
+            return StoreError(f"{where}: cannot connect: {reason} (store {self.url}, {what} '{key}')")
+        first = text.splitlines()[0] if text else type(exc).__name__
         return StoreError(f"store {self.url}: {what} '{key}' failed: {first}")
 
     def get(self, key: str) -> Optional[bytes]:
@@ -187,9 +200,188 @@ class DurableStore:
             raise self._fail("list", prefix, exc) from exc
 
 
-def _open(url: str, s3: S3Options):
+_TRUE = ("1", "true", "yes", "on", "y")
+_FALSE = ("0", "false", "no", "off", "n", "")
+
+
+def _env_flag(env, name: str) -> Optional[bool]:
+    """A boolean environment variable: None when unset; StoreError naming it
+    when it is neither true nor false."""
+    raw = env.get(name)
+    if raw is None:
+        return None
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise StoreError(f"{name}={raw} (from the environment): not true or false")
+
+
+def _from_env(name: str, value: str) -> str:
+    return f"{name}={value} (from the environment)"
+
+
+def _check_endpoint(endpoint: str, where: str) -> None:
+    parts = urlsplit(endpoint)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise StoreError(f"{where}: not an http:// or https:// URL")
+
+
+@dataclass(frozen=True)
+class _Profile:
+    """The settings of one profile of the AWS CLI's files that restore reads:
+    static keys, region and endpoint_url. Each value is (value, where)."""
+
+    name: str
+    values: dict
+
+    def get(self, key: str):
+        return self.values.get(key, (None, None))
+
+
+def _aws_profile(env) -> _Profile:
+    """The profile named by AWS_PROFILE (else AWS_DEFAULT_PROFILE, else
+    "default") in the AWS config file ($AWS_CONFIG_FILE, else ~/.aws/config)
+    and credentials file ($AWS_SHARED_CREDENTIALS_FILE, else
+    ~/.aws/credentials), the credentials file winning. Only plain keys are
+    read (see docs/tiers.md). A profile named by the environment that
+    neither file has is a StoreError, as in the AWS CLI."""
+    import configparser
+
+    named_by = next((v for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE") if env.get(v)), None)
+    name = env[named_by] if named_by else "default"
+    files = (
+        (env.get("AWS_CONFIG_FILE") or "~/.aws/config", "default" if name == "default" else f"profile {name}",
+         ("region", "endpoint_url", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")),
+        (env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials", name,
+         ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")),
+    )
+    values: dict = {}
+    found = False
+    for path, section, keys in files:
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            continue
+        parser = configparser.RawConfigParser(interpolation=None)
+        try:
+            parser.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"AWS profile file {path} cannot be read: {str(exc).splitlines()[0]}") from exc
+        if not parser.has_section(section):
+            continue
+        found = True
+        for key in keys:
+            value = parser.get(section, key, fallback="").strip()
+            if value:
+                values[key] = (value, f"{key}={value} (profile '{name}' in {path})")
+    if named_by and not found:
+        raise StoreError(f"{_from_env(named_by, name)}: no such profile in "
+                         f"{files[0][0]} or {files[1][0]}")
+    return _Profile(name, values)
+
+
+def _s3_settings(s3: S3Options, env) -> tuple[dict, bool, Optional[str]]:
+    """The S3 configuration passed to obstore, whether plain HTTP is allowed,
+    and the endpoint's setting (for messages), resolved as the AWS CLI does
+    with restore's own options first:
+
+    endpoint: S3Options.endpoint (--s3-endpoint, RESTORE_S3_ENDPOINT), then
+    AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, then the profile's endpoint_url. region: S3Options.region, AWS_REGION, AWS_DEFAULT_REGION,
+    the profile's region. Keys: S3Options, then AWS_ACCESS_KEY_ID with
+    AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), then the profile's keys;
+    without any, obstore's own chain (web identity, ECS, EC2 metadata).
+    Plain HTTP: S3Options.allow_http; else an http:// endpoint given to
+    restore is allowed; else AWS_ALLOW_HTTP when set; else an http://
+    endpoint is allowed (the AWS CLI takes any endpoint it is given)."""
+    profile = _aws_profile(env)
+
+    endpoint, where, ours = None, None, False
+    if s3.endpoint:
+        endpoint, ours = s3.endpoint, True
+        where = f"{s3.endpoint_from or 'S3Options.endpoint'}={s3.endpoint}"
+        if s3.endpoint_from and s3.endpoint_from.isupper():
+            where = _from_env(s3.endpoint_from, s3.endpoint)
+    else:
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            if env.get(var):
+                endpoint, where = env[var], _from_env(var, env[var])
+                break
+        else:
+            endpoint, where = profile.get("endpoint_url")
+
+    config = {}
+    if endpoint:
+        _check_endpoint(endpoint, where)
+        # obstore prefers AWS_ENDPOINT_URL_S3 from the environment to a
+        # configured endpoint; giving both keys makes the choice above hold.
+        config["endpoint"] = config["aws_endpoint_url_s3"] = endpoint
+
+    region = s3.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or profile.get("region")[0]
+    if region:
+        config["region"] = region
+
+    if s3.access_key_id or s3.secret_access_key:
+        keys = {"access_key_id": s3.access_key_id, "secret_access_key": s3.secret_access_key,
+                "session_token": s3.session_token}
+    elif env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        keys = {}  # obstore reads them, and AWS_SESSION_TOKEN, itself
+    else:
+        keys = {"access_key_id": profile.get("aws_access_key_id")[0],
+                "secret_access_key": profile.get("aws_secret_access_key")[0],
+                "session_token": profile.get("aws_session_token")[0]}
+        if not (keys["access_key_id"] and keys["secret_access_key"]):
+            keys = {"session_token": s3.session_token}
+    config.update({k: v for k, v in keys.items() if v is not None})
+
+    env_allow = _env_flag(env, "AWS_ALLOW_HTTP")
+    is_http = bool(endpoint) and endpoint.lower().startswith("http://")
+    if s3.allow_http is not None:
+        allow, allow_where = s3.allow_http, f"S3Options.allow_http={s3.allow_http}"
+    elif ours or env_allow is None:
+        allow, allow_where = is_http, None
+    else:
+        allow, allow_where = env_allow, _from_env("AWS_ALLOW_HTTP", env["AWS_ALLOW_HTTP"])
+    if is_http and not allow:
+        raise StoreError(f"{where}: plain HTTP is not allowed by {allow_where}; "
+                         f"use https:// or set AWS_ALLOW_HTTP=true")
+    return config, allow, where
+
+
+def _azure_settings(env) -> tuple[Optional[bool], Optional[str]]:
+    """Whether plain HTTP is allowed for az://, and the endpoint's setting.
+    obstore reads the account, key and endpoint from the environment itself
+    (AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY,
+    AZURE_STORAGE_ENDPOINT, AZURE_STORAGE_USE_EMULATOR with
+    AZURITE_BLOB_STORAGE_URL); only plain HTTP must be said again, as
+    client options replace those from the environment."""
+    endpoint, where = None, None
+    for var in ("AZURE_STORAGE_ENDPOINT", "AZURE_ENDPOINT"):
+        if env.get(var):
+            endpoint, where = env[var], _from_env(var, env[var])
+            break
+    else:
+        if _env_flag(env, "AZURE_STORAGE_USE_EMULATOR"):
+            var = "AZURITE_BLOB_STORAGE_URL"
+            endpoint = env.get(var) or "http://127.0.0.1:10000"
+            where = _from_env(var, endpoint) if env.get(var) else f"the Azurite default {endpoint}"
+    if endpoint:
+        _check_endpoint(endpoint, where)
+    allow = _env_flag(env, "AZURE_ALLOW_HTTP")
+    is_http = bool(endpoint) and endpoint.lower().startswith("http://")
+    if allow is None:
+        allow = is_http
+    elif is_http and not allow:
+        raise StoreError(f"{where}: plain HTTP is not allowed (AZURE_ALLOW_HTTP={env['AZURE_ALLOW_HTTP']} "
+                         f"in the environment)")
+    return allow, where
+
+
+def _open(url: str, s3: S3Options, env=None):
+    """(the obstore store for url, the setting that named its endpoint or
+    None). env: the environment to read (default os.environ)."""
+    env = os.environ if env is None else env
     if "://" not in url:
-        return _local(url)
+        return _local(url), None
     scheme = urlsplit(url).scheme.lower()
     if scheme not in SCHEMES:
         raise UnknownStoreScheme(
@@ -197,33 +389,52 @@ def _open(url: str, s3: S3Options):
         )
     try:
         if scheme == "file":
-            return _local(url[len("file://"):])
+            return _local(url[len("file://"):]), None
         if scheme == "memory":
-            return MemoryStore()
+            return MemoryStore(), None
         bucket, _, prefix = url.split("://", 1)[1].partition("/")
         if not bucket:
             raise UnknownStoreScheme(f"store URL '{url}' names no bucket")
         prefix = prefix.strip("/") or None
         if scheme == "s3":
-            config = {
-                k: v
-                for k, v in {
-                    "endpoint": s3.endpoint,
-                    "region": s3.region,
-                    "access_key_id": s3.access_key_id,
-                    "secret_access_key": s3.secret_access_key,
-                    "session_token": s3.session_token,
-                }.items()
-                if v is not None
-            }
-            return S3Store(
-                bucket, prefix=prefix, config=config, client_options=s3.client_options(), retry_config=s3.retry_config()
-            )
+            config, allow, where = _s3_settings(s3, env)
+            store = S3Store(bucket, prefix=prefix, config=config, client_options=s3.client_options(allow),
+                            retry_config=s3.retry_config())
+            return store, where
         if scheme == "gs":
-            return GCSStore(bucket, prefix=prefix, client_options=s3.client_options(), retry_config=s3.retry_config())
-        return AzureStore(bucket, prefix=prefix, client_options=s3.client_options(), retry_config=s3.retry_config())
+            allow = _env_flag(env, "GOOGLE_ALLOW_HTTP")
+            store = GCSStore(bucket, prefix=prefix, client_options=s3.client_options(allow),
+                             retry_config=s3.retry_config())
+            return store, None
+        allow, where = _azure_settings(env)
+        store = AzureStore(bucket, prefix=prefix, client_options=s3.client_options(allow),
+                           retry_config=s3.retry_config())
+        return store, where
     except BaseError as exc:
         raise StoreError(f"store URL '{url}' cannot be opened: {str(exc).splitlines()[0]}") from exc
+
+
+_REASONS = (
+    ("ConnectionRefused", "connection refused"),
+    ("dns error", "cannot resolve its host name"),
+    ("failed to lookup address", "cannot resolve its host name"),
+    ("kind: Timeout", "timed out"),
+    ("operation timed out", "timed out"),
+    ("ConnectionReset", "connection reset"),
+    ("certificate", "TLS certificate not accepted"),
+    ("InvalidContentType", "TLS handshake failed (is it an http:// server?)"),
+    ("builder error", "request refused by the HTTP client (plain HTTP not allowed?)"),
+)
+
+
+def _unreachable(text: str) -> Optional[str]:
+    """Why a request never got an answer, from obstore's error text, or None
+    when the server answered (or the reason is unknown)."""
+    connect = "kind: Connect" in text or "error sending request" in text or "builder error" in text
+    for needle, reason in _REASONS:
+        if needle in text and (connect or "Timeout" in needle or "timed out" in needle):
+            return reason
+    return "cannot connect" if "kind: Connect" in text else None
 
 
 def _local(path: str) -> LocalStore:
