@@ -14,7 +14,8 @@
 #               and build the freestanding guest the tests boot under it
 #               (build/firecracker/fcguest.elf)
 # Both install what they need: Debian packages (apt-get, when missing),
-# a virtual environment in .venv, and the package with its test extras.
+# a virtual environment in .venv, the package with its test extras, and
+# Azurite (the Azure Blob emulator the tests run, from npm) in build/node.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +23,9 @@ PY := $(VENV)/bin/python
 RESTORE := $(VENV)/bin/restore
 DEB_PACKAGES := liblz4-dev libssl-dev pkg-config gcc valgrind memcached iproute2 curl libsqlite3-0
 DEMO_DIR ?= demo-data
+NODE_DIR := build/node
+AZURITE_VERSION := 3.35.0
+AZURITE := $(NODE_DIR)/node_modules/.bin/azurite-blob
 
 .PHONY: soak demo test bench deps install clean firecracker
 
@@ -45,7 +49,15 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/private
 	RESTORE_WERROR=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Azurite needs Node.js and npm (Debian: nodejs, npm). `make install` (and
+# so `make demo`) goes on without them; `make test` needs them.
+$(AZURITE):
+	@command -v npm >/dev/null || { echo "npm not found: the Azure tests need Node.js and npm (apt-get install nodejs npm)"; exit 1; }
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --silent azurite@$(AZURITE_VERSION)
+
 install: deps $(VENV)/.installed
+	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(AZURITE); \
+	else echo "npm not found: Azurite (for the Azure tests) not installed"; fi
 
 demo: install
 	mkdir -p $(DEMO_DIR)
@@ -68,7 +80,7 @@ firecracker: install
 	$(PY) -m bench.firecracker.fetch
 	$(PY) -c 'from bench.firecracker import driver; print(driver.build_guest("build/firecracker"))'
 
-test: install
+test: install $(AZURITE)
 	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
 	$(PY) -m pytest -q tests
 

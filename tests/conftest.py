@@ -174,3 +174,61 @@ def s3_server():
     server.create_bucket("snapshots")
     yield server
     server.stop()
+
+
+class Azurite:
+    """Azurite's Blob service (the Azure Storage emulator, installed from npm
+    into build/node by `make install`) on a loopback port, with its data in
+    a temporary directory; spoken to over real HTTP."""
+
+    ACCOUNT = "devstoreaccount1"  # Azurite's well-known account and key
+    KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+    def __init__(self, location: Path):
+        binary = ROOT / "build" / "node" / "node_modules" / ".bin" / "azurite-blob"
+        assert binary.exists(), f"{binary} is missing; `make install` installs Azurite (it needs npm)"
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(location),
+             "--silent", "--skipApiVersionCheck"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        _wait_port(self.port, timeout=60)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict:
+        """The environment an Azure user sets for the emulator."""
+        return {"AZURE_STORAGE_USE_EMULATOR": "true", "AZURITE_BLOB_STORAGE_URL": self.url,
+                "AZURE_STORAGE_ACCOUNT_NAME": self.ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": self.KEY}
+
+    def create_container(self, name: str) -> None:
+        from azure.storage.blob import BlobServiceClient  # obstore cannot create containers
+
+        conn = (f"DefaultEndpointsProtocol=http;AccountName={self.ACCOUNT};AccountKey={self.KEY};"
+                f"BlobEndpoint={self.url}/{self.ACCOUNT};")
+        BlobServiceClient.from_connection_string(conn).create_container(name)
+
+    def blobs(self, container: str) -> list[str]:
+        from azure.storage.blob import BlobServiceClient
+
+        conn = (f"DefaultEndpointsProtocol=http;AccountName={self.ACCOUNT};AccountKey={self.KEY};"
+                f"BlobEndpoint={self.url}/{self.ACCOUNT};")
+        return [b.name for b in BlobServiceClient.from_connection_string(conn).get_container_client(container)
+                .list_blobs()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def azurite(tmp_path):
+    server = Azurite(tmp_path / "azurite")
+    server.create_container("snapshots")
+    yield server
+    server.stop()
