@@ -135,10 +135,10 @@ def test_an_unreachable_endpoint_is_named_on_create_and_read(run_cli, image):
     url = "s3://snapshots/dead"
     line = _one_line_error(run_cli("snapshot", "create", str(image), "--name", "fn", "--store", url, env=env))
     assert line.startswith(f"error: AWS_ENDPOINT_URL={DEAD} (from the environment): cannot connect: "
-                           "connection refused (store s3://snapshots/dead, "), line
+                           "connection refused (store s3://snapshots/dead: "), line
     line = _one_line_error(run_cli("snapshot", "inspect", "fn", "--store", url, env=env))
     assert line.startswith(f"error: AWS_ENDPOINT_URL={DEAD} (from the environment): cannot connect: "
-                           "connection refused (store s3://snapshots/dead, "), line
+                           "connection refused (store s3://snapshots/dead: "), line
 
 
 def test_an_unreachable_restore_endpoint_names_the_option(run_cli):

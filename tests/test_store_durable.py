@@ -67,10 +67,11 @@ def test_s3_store_config_is_accepted_without_network():
 
 
 def test_unreachable_s3_endpoint_is_a_store_error():
-    """Nothing listens on port 1: the error names the store and the key."""
+    """Nothing listens on port 1: the error names the endpoint's setting, why, the store and the key."""
     s = DurableStore(
         "s3://bucket",
         S3Options(endpoint="http://127.0.0.1:1", region="us-east-1", access_key_id="a", secret_access_key="b"),
     )
-    with pytest.raises(StoreError, match=re.escape("store s3://bucket: get 'chunks/x' failed:")):
+    with pytest.raises(StoreError, match=re.escape(
+            "S3Options.endpoint=http://127.0.0.1:1: cannot connect: connection refused (store s3://bucket: get 'chunks/x' failed)")):
         s.get("chunks/x")

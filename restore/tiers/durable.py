@@ -138,7 +138,7 @@ class DurableStore:
         if reason is not None:
             # One line that names the setting to fix, when one named the endpoint.
             where = self._endpoint or f"store {self.url}"
-            return StoreError(f"{where}: cannot connect: {reason} (store {self.url}, {what} '{key}')")
+            return StoreError(f"{where}: cannot connect: {reason} (store {self.url}: {what} '{key}' failed)")
         first = text.splitlines()[0] if text else type(exc).__name__
         return StoreError(f"store {self.url}: {what} '{key}' failed: {first}")
 
