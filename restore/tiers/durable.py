@@ -8,10 +8,11 @@ Store URLs:
 - ``s3://BUCKET[/PREFIX]``: S3 or any S3-protocol server. Options
   (S3Options): endpoint (e.g. ``http://127.0.0.1:5000``, which allows plain
   HTTP), region, timeouts, and a deadline within which failed requests are
-  retried with exponential backoff and jitter; credentials come from the
-  usual AWS environment variables (``AWS_ACCESS_KEY_ID``,
-  ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``) or S3Options, never from
-  the command line.
+  retried with exponential backoff and jitter. What S3Options leaves unset
+  comes from the AWS conventions (``AWS_ENDPOINT_URL_S3``,
+  ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ``AWS_REGION``, the keys, the
+  profile files; see _s3_settings and docs/tiers.md); credentials never come
+  from the command line.
 - ``gs://BUCKET[/PREFIX]``, ``az://CONTAINER[/PREFIX]``: Google Cloud Storage
   and Azure Blob Storage, configured by their usual environment variables.
 
