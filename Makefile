@@ -49,10 +49,14 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/private
 	RESTORE_WERROR=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Azurite needs Node.js and npm (Debian: nodejs, npm). `make install` (and
-# so `make demo`) goes on without them; `make test` needs them.
+# Azurite needs Node.js and npm. `make install` (and so `make demo`) goes
+# on without them; `make test` installs them (Debian: nodejs, npm) when
+# missing.
 $(AZURITE):
-	@command -v npm >/dev/null || { echo "npm not found: the Azure tests need Node.js and npm (apt-get install nodejs npm)"; exit 1; }
+	@command -v npm >/dev/null || { \
+	  echo "installing Debian packages: nodejs npm (for Azurite)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
 	npm install --prefix $(NODE_DIR) --no-audit --no-fund --silent azurite@$(AZURITE_VERSION)
 
 install: deps $(VENV)/.installed
