@@ -6,7 +6,6 @@ equal the snapshot's image."""
 from __future__ import annotations
 
 import asyncio
-
 import logging
 import os
 import re
