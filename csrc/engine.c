@@ -179,7 +179,14 @@ int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns)
             pthread_mutex_unlock(&e->lock);
             continue;
         }
+        /* A chunk the prefetch queued for the fetchers gets its first
+         * parked fault: ask again at high priority (once: later faults find
+         * others parked), so the fetchers put it ahead of the prefetch's. */
+        int boost = state == C_QUEUED_REMOTE && e->chunks[c].parked.n == 0;
+
         rc = plist_push(&e->chunks[c].parked, p, t_ns);
+        if (rc == 0 && boost) /* best effort: the low request is still queued */
+            (void)rs_fetchq_push(e->remoteq, c, 1);
         if (rc == 0 && state == C_ABSENT) {
             int queued;
             rs_fetchq *q = first_queue(e, &queued);
@@ -554,6 +561,11 @@ int rs_engine_wait(rs_engine *e, int timeout_ms)
 int rs_engine_next_request(rs_engine *e, uint32_t *chunk, int timeout_ms)
 {
     return rs_fetchq_pop(e->remoteq, chunk, NULL, timeout_ms);
+}
+
+int rs_engine_next_request_prio(rs_engine *e, uint32_t *chunk, int *high, int timeout_ms)
+{
+    return rs_fetchq_pop(e->remoteq, chunk, high, timeout_ms);
 }
 
 int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,

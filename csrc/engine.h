@@ -261,6 +261,10 @@ int rs_engine_wait(rs_engine *e, int timeout_ms);
  * request open so another tier may be asked.
  * fail: give up on a chunk: its pending and future faults are poisoned. */
 int rs_engine_next_request(rs_engine *e, uint32_t *chunk, int timeout_ms);
+/* next_request, and *high: 1 for a demand request (a fault waits on the
+ * chunk), 0 for a prefetch. A chunk asked for by the prefetch and then by
+ * a fault comes twice, low then high; the second may find it settled. */
+int rs_engine_next_request_prio(rs_engine *e, uint32_t *chunk, int *high, int timeout_ms);
 int rs_engine_supply(rs_engine *e, uint32_t chunk, const uint8_t *stored,
                      size_t stored_len, int source);
 int rs_engine_fail(rs_engine *e, uint32_t chunk, int err);

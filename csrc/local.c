@@ -113,18 +113,19 @@ void *local_main(void *arg)
     size_t bound = rs_codec_stored_bound(e->codec);
     uint8_t *buf = e->local.l1_dir ? malloc(bound) : NULL;
     uint32_t c;
+    int high;
 
     if (e->local.l1_dir && !buf) {
         note_error(e, -ENOMEM);
         return NULL;
     }
-    while (rs_fetchq_pop(e->local.q, &c, NULL, -1) == 1) {
+    while (rs_fetchq_pop(e->local.q, &c, &high, -1) == 1) {
         if (e->host && host_load(e, c))
             continue;
         if (e->local.l1_dir && l1_load(e, c, buf, bound) == 0)
             continue;
         atomic_store(&e->chunks[c].state, C_QUEUED_REMOTE);
-        if (rs_fetchq_push(e->remoteq, c, 1) == -ENOSPC)
+        if (rs_fetchq_push(e->remoteq, c, high) == -ENOSPC) /* a prefetch stays a prefetch */
             note_error(e, -ENOSPC);
     }
     free(buf);

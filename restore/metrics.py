@@ -16,6 +16,7 @@ restore_bytes_installed_total               counter
 restore_fetch_seconds                       histogram  tier (l2, durable), outcome (hit, miss, bad, error)
 restore_fetch_errors_total                  counter    tier, kind (error, bad)
 restore_fetch_bytes_total                   counter    tier
+restore_fetch_hedged_total                  counter    tier (l2): slow reads hedged to another replica
 restore_chunks_total                        counter    outcome (host, l1, fetched, failed, released, reloaded)
 restore_host_cache_chunks_total             counter    event (filled, waited, error)
 restore_service_poll_seconds_total          counter    service thread time looking for the next fault awake
@@ -170,6 +171,9 @@ class ServerMetrics:
                                      registry=self.registry)
         self._fetch_bytes = Counter("restore_fetch_bytes", "Stored bytes received from a network tier", ["tier"],
                                     registry=self.registry)
+        self._fetch_hedged = Counter("restore_fetch_hedged", "Slow requests to a network tier hedged to another "
+                                     "replica", ["tier"], registry=self.registry)
+        self._fetch_hedged.labels("l2")
         for tier in ("l2", "durable"):  # present from the start, at zero
             self._fetch_bytes.labels(tier)
             for kind in ("error", "bad"):
@@ -177,7 +181,11 @@ class ServerMetrics:
         self._http = None
 
     def observe_fetch(self, tier: str, seconds: float, outcome: str, nbytes: int) -> None:
-        """Server on_fetch: one request to a tier (fetcher threads call it)."""
+        """Server on_fetch: one request to a tier (fetcher threads call it),
+        or a hedge (outcome "hedged": counted, not a request)."""
+        if outcome == "hedged":
+            self._fetch_hedged.labels(tier).inc()
+            return
         self._fetch_seconds.labels(tier, outcome).observe(seconds)
         if outcome in ("error", "bad"):
             self._fetch_errors.labels(tier, outcome).inc()

@@ -27,6 +27,7 @@ import numpy as np
 
 from ._native import ffi, lib
 from .errors import InputError, check
+from .asyncfetch import HEDGE_AFTER, AsyncFetchers
 from .fetcher import Fetchers
 from .snapshot import Snapshot
 from .tiers.host import HostCache
@@ -225,6 +226,11 @@ class RestoreSession:
     Linux 6.6), e.g. to test that path: a page that cannot be served (a
     chunk no tier supplies, a fault outside the regions) kills the VMM
     instead of poisoning the page, since its fault could never be answered.
+
+    fetch_loop: fetch from L2 and the durable tier in one asyncio loop
+    (restore.asyncfetch: ``fetchers`` chunks in flight at most, L2 reads
+    hedged after hedge_after seconds, None: never); False: a pool of
+    ``fetchers`` threads (restore.fetcher).
     """
 
     def __init__(
@@ -252,6 +258,8 @@ class RestoreSession:
         prefetch_around: Optional[int] = None,
         pidfd: int = -1,
         poison: Optional[bool] = None,
+        fetch_loop: bool = True,
+        hedge_after: Optional[float] = HEDGE_AFTER,
     ):
         if fault_around < 1:
             raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
@@ -341,8 +349,12 @@ class RestoreSession:
         except BaseException:
             lib.rs_engine_destroy(self._engine)
             raise
-        self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
-                                 on_fetch=on_fetch)
+        if fetch_loop:
+            self._fetchers = AsyncFetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
+                                           on_fetch=on_fetch, hedge_after=hedge_after)
+        else:
+            self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
+                                     on_fetch=on_fetch)
 
     def _open_host_cache(self, host_cache: HostCache) -> None:
         """Serve from and fill the host cache; a host cache that cannot be

@@ -5,6 +5,7 @@ equal the snapshot's image."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -501,6 +502,11 @@ class _StalledStore(DurableStore):
         if key.startswith("chunks/"):
             self.release.wait(30)
         return super().get(key)
+
+    async def get_async(self, key):  # the fetch loop's read
+        if key.startswith("chunks/"):
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 30)
+        return await super().get_async(key)
 
 
 def test_stop_kills_a_guest_still_running_after_the_drain_timeout(tmp_path, snap, image):

@@ -152,6 +152,17 @@ class DurableStore:
         except (BaseError, OSError) as exc:
             raise self._fail("get", key, exc) from exc
 
+    async def get_async(self, key: str):
+        """get from an asyncio loop: the object's bytes as obstore's Bytes
+        (a buffer, not copied into Python), or None when it does not exist."""
+        try:
+            result = await obstore.get_async(self._store, key)
+            return await result.bytes_async()
+        except FileNotFoundError:
+            return None
+        except (BaseError, OSError) as exc:
+            raise self._fail("get", key, exc) from exc
+
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         """Write an object atomically. With create_only, an existing object
         is left as it is and False is returned."""

@@ -85,6 +85,7 @@ class L2Cluster:
             raise InputError("an L2 configuration needs at least one zone")
         self.zones = [(name, list(nodes)) for name, nodes in zones]
         self.counters = L2Counters()
+        self.connect_timeout, self.timeout, self.dead_timeout = connect_timeout, timeout, dead_timeout
         self._lock = threading.Lock()
         self._clients = [
             (

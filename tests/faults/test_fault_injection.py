@@ -280,5 +280,33 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, snap, s3_pro
             assert all(now.get(k, 0) >= v for k, v in before.items() if k != "sessions_active"), (before, now)
             time.sleep(0.01)
         s3_proxy.clear()
-    assert seen_closing > 10 and slowest < 0.5, (seen_closing, slowest)
+    # The fetch loop cancels a stuck fetch when its engine stops, so the
+    # close may be short; however long, no scrape waited for it.
+    assert seen_closing >= 1 and slowest < 0.5, (seen_closing, slowest)
     assert server.counters()["sessions_ended"] == 1
+
+
+def test_l2_stalled_node_is_hedged_to_another_zone(tmp_path, snap, memcached_cluster, trace, image):
+    """A local-zone node that stalls: each read is hedged after the threshold
+    to the chunk's copy in the other zone, which answers; the durable tier
+    is not needed and every byte is right."""
+    with FaultProxy(memcached_cluster[0].address, seed=5) as stalled:
+        cluster = L2Cluster([("az1", [stalled.address]), ("az2", [memcached_cluster[1].address])],
+                            timeout=0.5, connect_timeout=0.5, dead_timeout=1.0)
+        try:
+            for c in snap.manifest.chunks:
+                if c.id:
+                    cluster.put(c.id, snap.store.get(chunk_key(c.id)), zones="all")
+            stalled.set("stall")
+            seen = []
+            summary, died = _restore(snap, tmp_path, trace, image, l2=cluster, fetchers=4,
+                                     on_fetch=lambda tier, s, outcome, n: seen.append((tier, outcome)))
+        finally:
+            cluster.close()
+        TALLY["injected"].update({f"memcached hedge {k}": n for k, n in stalled.injected.items()})
+    assert died is None, summary.errors
+    tiers = summary.stats.tiers
+    assert tiers["l2"]["hedged"] > 0
+    assert ("l2", "hedged") in seen
+    assert tiers["durable"]["hits"] == 0  # the other zone's copies sufficed
+    assert tiers["l2"]["hits"] == summary.stats.chunks_fetched

@@ -1,0 +1,370 @@
+"""The fetch loop: L2 and durable fetches with many requests in flight.
+
+Same contract as restore.fetcher.Fetchers (the engine's fetch queue in,
+rs_engine_supply / rs_engine_fail out, L1 and L2 written after), but no
+Python thread per request: one thread blocks in C on the engine's fetch
+queue (``rs_engine_next_request_prio``, GIL released) and hands requests
+to one asyncio loop thread, which keeps up to ``inflight`` chunks in
+flight:
+
+- demand requests (a fault waits) are started before any prefetch request
+  waiting in the loop; a prefetch request turned demand (the engine asks
+  again at high priority) moves ahead too; a request for a chunk already
+  in flight just waits for it (single flight);
+- L2 reads go through restore/tiers/amc.py (keep-alive connections per
+  node); one that has not answered within ``hedge_after`` seconds is hedged
+  to another replica (the chunk's home node in the next zone, else the
+  next node of the local zone) before the durable tier is asked: the first
+  hit wins, the other request is cancelled; counted in ``hedged``;
+- durable reads use obstore's async API (DurableStore.get_async); the
+  store's own retries and deadline apply as for the threaded path;
+- stored bytes (obstore's Bytes, memcached's buffer) go to
+  rs_engine_supply through ffi.from_buffer, uncopied.
+
+Verification, retries of bad durable copies, giving up (pages poisoned)
+and the L1/L2 writes are as in restore.fetcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+from ._native import ffi, lib
+from .errors import RestoreError
+from .fetcher import DURABLE_ATTEMPTS, POLL_MS, TierStats
+from .manifest import Manifest
+from .snapshot import chunk_key
+from .tiers.amc import Zone
+from .tiers.durable import DurableStore
+from .tiers.l1 import L1Cache
+from .tiers.l2 import L2Cluster
+from .threads import spawn
+
+log = logging.getLogger("restore.fetcher")
+
+HEDGE_AFTER = 0.002  # seconds an L2 read may take before another replica is asked
+
+
+class AsyncFetchers:
+    """The fetch loop serving one engine (see the module text).
+
+    Arguments as restore.fetcher.Fetchers; inflight: chunks fetched at once
+    at most; hedge_after: seconds before a slow L2 read is hedged (None or
+    0: never). on_fetch is also told of each hedge, with outcome "hedged".
+    """
+
+    def __init__(
+        self,
+        engine,
+        manifest: Manifest,
+        store: DurableStore,
+        l1: Optional[L1Cache],
+        inflight: int,
+        label: str,
+        l2: Optional[L2Cluster] = None,
+        on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
+        hedge_after: Optional[float] = HEDGE_AFTER,
+    ):
+        self._engine = engine
+        self._manifest = manifest
+        self._store = store
+        self._l1 = l1
+        self._l2 = l2
+        self._label = label
+        self._on_fetch = on_fetch
+        self._inflight = max(1, inflight)
+        self._hedge_after = hedge_after or None
+        self._lock = threading.Lock()
+        self._l1_warned = False
+        self.tiers = {"l2": TierStats(), "durable": TierStats()}
+        self.hedged = {"l2": 0}
+        self.errors: list[str] = []
+        self.reasons: dict[int, str] = {}
+        # Loop state (loop thread only).
+        self._demand: deque[int] = deque()
+        self._prefetch: deque[int] = deque()
+        self._waiting: dict[int, bool] = {}  # chunk -> demand, for those in the deques
+        self._running: set[int] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._zones: list[Zone] = []
+        self._io: Optional[ThreadPoolExecutor] = None  # L1 writes (disk)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._started = threading.Event()
+        self._ended = [spawn(self._loop_main), spawn(self._pump)]
+
+    # -- threads -------------------------------------------------------------
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for the threads; call after the engine has been stopped."""
+        deadline = time.monotonic() + timeout
+        for e in self._ended:
+            e.wait(max(0.0, deadline - time.monotonic()))
+
+    def _loop_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._stop = loop.create_future()
+        if self._l2 is not None:
+            kw = dict(connect_timeout=self._l2.connect_timeout, dead_timeout=self._l2.dead_timeout)
+            self._zones = [Zone(name, nodes, **kw) for name, nodes in self._l2.zones]
+        self._started.set()
+        try:
+            loop.run_until_complete(self._stop)
+            for t in list(self._tasks):
+                t.cancel()
+            if self._tasks:
+                loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+        finally:
+            for z in self._zones:
+                z.close()
+            loop.run_until_complete(asyncio.sleep(0))  # let the transports close
+            loop.close()
+            if self._io is not None:
+                self._io.shutdown(wait=True)
+
+    def _pump(self) -> None:
+        """Move requests from the engine's queue to the loop, in batches."""
+        self._started.wait()
+        chunk, high = ffi.new("uint32_t *"), ffi.new("int *")
+        while True:
+            rc = lib.rs_engine_next_request_prio(self._engine, chunk, high, POLL_MS)
+            if rc < 0:  # -ESHUTDOWN: the engine stopped
+                self._loop.call_soon_threadsafe(self._finish)
+                return
+            if rc == 1:
+                batch = [(chunk[0], high[0])]
+                while len(batch) < 256 and lib.rs_engine_next_request_prio(self._engine, chunk, high, 0) == 1:
+                    batch.append((chunk[0], high[0]))
+                self._loop.call_soon_threadsafe(self._take, batch)
+
+    def _finish(self) -> None:
+        if not self._stop.done():
+            self._stop.set_result(None)
+
+    # -- scheduling (loop thread) -------------------------------------------
+
+    def _take(self, batch) -> None:
+        for index, high in batch:
+            if index in self._running:
+                continue  # in flight: a fault waits for it as it is
+            queued = self._waiting.get(index)
+            if queued is None:
+                self._waiting[index] = bool(high)
+                (self._demand if high else self._prefetch).append(index)
+            elif high and not queued:  # a prefetch now waited for: ahead of the others
+                self._waiting[index] = True
+                self._demand.append(index)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while len(self._running) < self._inflight:
+            index = None
+            for q in (self._demand, self._prefetch):
+                while q and index is None:
+                    i = q.popleft()
+                    if i in self._waiting:
+                        index = i
+                        del self._waiting[i]
+                if index is not None:
+                    break
+            if index is None:
+                return
+            self._running.add(index)
+            task = self._loop.create_task(self._serve(index))
+            self._tasks.add(task)
+            task.add_done_callback(lambda t, i=index: self._done(t, i))
+
+    def _done(self, task: asyncio.Task, index: int) -> None:
+        self._tasks.discard(task)
+        self._running.discard(index)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("%s: chunk %d: fetch failed: %r", self._label, index, exc)
+            self._give_up(index, chunk_key(self._manifest.chunks[index].id), f"fetch failed: {exc!r}")
+        if not self._stop.done():
+            self._dispatch()
+
+    # -- figures ---------------------------------------------------------------
+
+    def tier_summary(self) -> dict:
+        with self._lock:
+            out = {name: t.summary() for name, t in self.tiers.items()}
+            out["l2"]["hedged"] = self.hedged["l2"]
+            return out
+
+    def _note(self, tier: str, seconds: float, hit: bool = False, bad: bool = False, error: bool = False,
+              nbytes: int = 0) -> None:
+        with self._lock:
+            t = self.tiers[tier]
+            t.requests += 1
+            t.bytes += nbytes
+            t.hits += hit
+            t.bad += bad
+            t.errors += error
+            t.latencies.append(seconds)
+        if self._on_fetch is not None:
+            outcome = "error" if error else "bad" if bad else "hit" if hit else "miss"
+            self._on_fetch(tier, seconds, outcome, nbytes)
+
+    # -- one chunk ---------------------------------------------------------------
+
+    def _supply(self, index: int, data, source: int) -> int:
+        return lib.rs_engine_supply(self._engine, index, ffi.from_buffer("uint8_t[]", data), len(data), source)
+
+    async def _serve(self, index: int) -> None:
+        entry = self._manifest.chunks[index]
+        key = chunk_key(entry.id)
+
+        if self._zones:
+            t = time.perf_counter()
+            data, node = await self._l2_get(entry.id)
+            if data is not None:
+                rc = self._supply(index, data, lib.RS_SRC_L2)
+                self._note("l2", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
+                           nbytes=len(data))
+                if rc in (0, -errno.EALREADY):
+                    if rc == 0:
+                        self._write_l1(entry.id, data)
+                    return
+                log.warning("%s: chunk %d: the L2 copy fails verification; dropped, reading the store", self._label, index)
+                self._l2._count("bad")
+                self._background(self._l2_call(node.delete(entry.id)))
+            else:
+                self._note("l2", time.perf_counter() - t, error=node is None)
+
+        for attempt in range(1, DURABLE_ATTEMPTS + 1):
+            t = time.perf_counter()
+            try:
+                data = await self._store.get_async(key)  # retried within the store's deadline
+            except RestoreError as exc:
+                self._note("durable", time.perf_counter() - t, error=True)
+                self._give_up(index, key, str(exc))
+                return
+            if data is None:
+                self._note("durable", time.perf_counter() - t)
+                self._give_up(index, key, f"object {key} is missing from {self._store.url}")
+                return
+            rc = self._supply(index, data, lib.RS_SRC_DURABLE)
+            self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
+                       nbytes=len(data))
+            if rc == -errno.EALREADY:
+                return
+            if rc == 0:
+                break
+            why = f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})"
+            if attempt == DURABLE_ATTEMPTS:
+                self._give_up(index, key, f"{why}, {DURABLE_ATTEMPTS} times")
+                return
+            log.warning("%s: chunk %d: %s; reading it again", self._label, index, why)
+        self._write_l1(entry.id, data)
+        if self._zones:
+            home = self._zones[0].ranked(entry.id)[:1]
+            if home:  # fills the zone, or repairs a bad copy
+                self._background(self._l2_put(home[0], entry.id, data))
+
+    # -- L2 ------------------------------------------------------------------------
+
+    def _background(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _l2_call(self, coro):
+        try:
+            return await asyncio.wait_for(coro, self._l2.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._l2._count("errors")
+            log.debug("L2: %r", exc)
+            return None
+
+    async def _l2_put(self, node, chunk_id: str, data) -> None:
+        if await self._l2_call(node.set(chunk_id, data)):
+            self._l2._count("writes")
+
+    async def _l2_one(self, node, chunk_id: str):
+        """(bytes or None, node); node None when the request failed."""
+        try:
+            value = await asyncio.wait_for(node.get(chunk_id), self._l2.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._l2._count("errors")
+            log.debug("L2 get %s from %s: %r", chunk_id, node.key, exc)
+            return None, None
+        self._l2._count("hits" if value is not None else "misses")
+        return value, node
+
+    def _replicas(self, chunk_id: str) -> list:
+        """The chunk's home node in the local zone, then where a hedge goes:
+        its home in each other zone, then the local zone's next node."""
+        local = self._zones[0].ranked(chunk_id)
+        out = local[:1]
+        for z in self._zones[1:]:
+            out += z.ranked(chunk_id)[:1]
+        return out + local[1:2]
+
+    async def _l2_get(self, chunk_id: str):
+        """(stored bytes, node) from the first replica that has them; (None,
+        a node) on a miss, (None, None) when no replica answered."""
+        nodes = self._replicas(chunk_id)
+        if not nodes:
+            self._l2._count("errors")
+            return None, None
+        pending = {asyncio.ensure_future(self._l2_one(nodes[0], chunk_id))}
+        rest = nodes[1:]
+        answered = None
+        try:
+            while pending:
+                timeout = self._hedge_after if rest else None
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # slow: hedge to the next replica
+                    with self._lock:
+                        self.hedged["l2"] += 1
+                    if self._on_fetch is not None:
+                        self._on_fetch("l2", self._hedge_after, "hedged", 0)
+                    pending.add(asyncio.ensure_future(self._l2_one(rest.pop(0), chunk_id)))
+                    continue
+                for d in done:
+                    value, node = d.result()
+                    if value is not None:
+                        return value, node
+                    answered = answered or node
+                if not pending and rest and answered is None:  # the home node failed: another replica
+                    pending.add(asyncio.ensure_future(self._l2_one(rest.pop(0), chunk_id)))
+            return None, answered
+        finally:
+            for p in pending:
+                p.cancel()
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _give_up(self, index: int, key: str, reason: str) -> None:
+        message = f"{self._label}: chunk {index} ({key}): giving up, its pages are poisoned: {reason}"
+        log.error(message)
+        with self._lock:
+            self.errors.append(message)
+            self.reasons[index] = reason
+        lib.rs_engine_fail(self._engine, index, -errno.EIO)
+
+    def _write_l1(self, chunk_id: str, data) -> None:
+        if self._l1 is None:
+            return
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="restore-l1w")
+        self._io.submit(self._write_l1_now, chunk_id, data)
+
+    def _write_l1_now(self, chunk_id: str, data) -> None:
+        try:
+            self._l1.put(chunk_id, data, replace=True, verified=True)  # rs_engine_supply verified it
+        except (OSError, RestoreError) as exc:  # a full disk must not fail the restore
+            with self._lock:
+                warned, self._l1_warned = self._l1_warned, True
+            if not warned:
+                log.warning("%s: cannot write to L1 %s (%s); serving goes on from the network", self._label, self._l1.root, exc)
+        except Exception:  # noqa: BLE001 - a cache write must not end the loop
+            log.exception("%s: L1 write of %s", self._label, chunk_id)
