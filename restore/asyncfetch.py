@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 from ._native import ffi, lib
 from .errors import RestoreError
-from .fetcher import DURABLE_ATTEMPTS, POLL_MS, TierStats
+from .fetcher import DURABLE_ATTEMPTS, POLL_MS, FetchBase
 from .manifest import Manifest
 from .snapshot import chunk_key
 from .tiers.amc import Zone
@@ -52,7 +52,7 @@ log = logging.getLogger("restore.fetcher")
 HEDGE_AFTER = 0.002  # seconds an L2 read may take before another replica is asked
 
 
-class AsyncFetchers:
+class AsyncFetchers(FetchBase):
     """The fetch loop serving one engine (see the module text).
 
     Arguments as restore.fetcher.Fetchers; inflight: chunks fetched at once
@@ -72,21 +72,10 @@ class AsyncFetchers:
         on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
         hedge_after: Optional[float] = HEDGE_AFTER,
     ):
-        self._engine = engine
-        self._manifest = manifest
-        self._store = store
-        self._l1 = l1
-        self._l2 = l2
-        self._label = label
-        self._on_fetch = on_fetch
+        super().__init__(engine, manifest, store, l1, label, l2, on_fetch)
         self._inflight = max(1, inflight)
         self._hedge_after = hedge_after or None
-        self._lock = threading.Lock()
-        self._l1_warned = False
-        self.tiers = {"l2": TierStats(), "durable": TierStats()}
         self.hedged = {"l2": 0}
-        self.errors: list[str] = []
-        self.reasons: dict[int, str] = {}
         # Loop state (loop thread only).
         self._demand: deque[int] = deque()
         self._prefetch: deque[int] = deque()
@@ -194,29 +183,12 @@ class AsyncFetchers:
     # -- figures ---------------------------------------------------------------
 
     def tier_summary(self) -> dict:
+        out = super().tier_summary()
         with self._lock:
-            out = {name: t.summary() for name, t in self.tiers.items()}
             out["l2"]["hedged"] = self.hedged["l2"]
-            return out
-
-    def _note(self, tier: str, seconds: float, hit: bool = False, bad: bool = False, error: bool = False,
-              nbytes: int = 0) -> None:
-        with self._lock:
-            t = self.tiers[tier]
-            t.requests += 1
-            t.bytes += nbytes
-            t.hits += hit
-            t.bad += bad
-            t.errors += error
-            t.latencies.append(seconds)
-        if self._on_fetch is not None:
-            outcome = "error" if error else "bad" if bad else "hit" if hit else "miss"
-            self._on_fetch(tier, seconds, outcome, nbytes)
+        return out
 
     # -- one chunk ---------------------------------------------------------------
-
-    def _supply(self, index: int, data, source: int) -> int:
-        return lib.rs_engine_supply(self._engine, index, ffi.from_buffer("uint8_t[]", data), len(data), source)
 
     async def _serve(self, index: int) -> None:
         entry = self._manifest.chunks[index]
@@ -244,25 +216,13 @@ class AsyncFetchers:
             try:
                 data = await self._store.get_async(key)  # retried within the store's deadline
             except RestoreError as exc:
-                self._note("durable", time.perf_counter() - t, error=True)
-                self._give_up(index, key, str(exc))
+                self._durable_read(index, key, attempt, t, exc=exc)
                 return
-            if data is None:
-                self._note("durable", time.perf_counter() - t)
-                self._give_up(index, key, f"object {key} is missing from {self._store.url}")
+            supplied = self._durable_read(index, key, attempt, t, data)
+            if supplied is False:
                 return
-            rc = self._supply(index, data, lib.RS_SRC_DURABLE)
-            self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
-                       nbytes=len(data))
-            if rc == -errno.EALREADY:
-                return
-            if rc == 0:
+            if supplied:
                 break
-            why = f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})"
-            if attempt == DURABLE_ATTEMPTS:
-                self._give_up(index, key, f"{why}, {DURABLE_ATTEMPTS} times")
-                return
-            log.warning("%s: chunk %d: %s; reading it again", self._label, index, why)
         self._write_l1(entry.id, data)
         if self._zones:
             home = self._zones[0].ranked(entry.id)[:1]
@@ -343,28 +303,16 @@ class AsyncFetchers:
 
     # -- endings ---------------------------------------------------------------------
 
-    def _give_up(self, index: int, key: str, reason: str) -> None:
-        message = f"{self._label}: chunk {index} ({key}): giving up, its pages are poisoned: {reason}"
-        log.error(message)
-        with self._lock:
-            self.errors.append(message)
-            self.reasons[index] = reason
-        lib.rs_engine_fail(self._engine, index, -errno.EIO)
-
     def _write_l1(self, chunk_id: str, data) -> None:
+        """Off the loop: L1 is a disk."""
         if self._l1 is None:
             return
         if self._io is None:
             self._io = ThreadPoolExecutor(1, thread_name_prefix="restore-l1w")
-        self._io.submit(self._write_l1_now, chunk_id, data)
+        self._io.submit(self._write_l1_logged, chunk_id, data)
 
-    def _write_l1_now(self, chunk_id: str, data) -> None:
+    def _write_l1_logged(self, chunk_id: str, data) -> None:
         try:
-            self._l1.put(chunk_id, data, replace=True, verified=True)  # rs_engine_supply verified it
-        except (OSError, RestoreError) as exc:  # a full disk must not fail the restore
-            with self._lock:
-                warned, self._l1_warned = self._l1_warned, True
-            if not warned:
-                log.warning("%s: cannot write to L1 %s (%s); serving goes on from the network", self._label, self._l1.root, exc)
-        except Exception:  # noqa: BLE001 - a cache write must not end the loop
+            self._write_l1_now(chunk_id, data)
+        except Exception:  # noqa: BLE001 - nobody waits on the executor's future
             log.exception("%s: L1 write of %s", self._label, chunk_id)

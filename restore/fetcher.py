@@ -70,14 +70,16 @@ class TierStats:
         }
 
 
-class Fetchers:
-    """A pool of fetcher threads serving one engine.
+class FetchBase:
+    """What both fetch paths share (Fetchers, a thread pool, and
+    restore.asyncfetch.AsyncFetchers, an asyncio loop): per-tier figures,
+    what a durable read's bytes mean, giving a chunk up, writing L1.
 
-    engine: the cdata rs_engine *; it must outlive the pool (stop the
+    engine: the cdata rs_engine *; it must outlive the fetchers (stop the
     engine, then join()). label names the session in log lines. on_fetch:
     called after every request to a tier with (tier "l2" or "durable",
     seconds, outcome "hit", "miss", "bad" (failed verification) or
-    "error", stored bytes received), from the fetcher's thread.
+    "error", stored bytes received), from the fetching thread.
     """
 
     def __init__(
@@ -86,7 +88,6 @@ class Fetchers:
         manifest: Manifest,
         store: DurableStore,
         l1: Optional[L1Cache],
-        threads: int,
         label: str,
         l2: Optional[L2Cluster] = None,
         on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
@@ -103,6 +104,95 @@ class Fetchers:
         self.tiers = {"l2": TierStats(), "durable": TierStats()}
         self.errors: list[str] = []  # one line per chunk given up
         self.reasons: dict[int, str] = {}  # chunk given up -> why
+
+    def tier_summary(self) -> dict:
+        with self._lock:
+            return {name: t.summary() for name, t in self.tiers.items()}
+
+    def _note(self, tier: str, seconds: float, hit: bool = False, bad: bool = False, error: bool = False,
+              nbytes: int = 0) -> None:
+        with self._lock:
+            t = self.tiers[tier]
+            t.requests += 1
+            t.bytes += nbytes
+            t.hits += hit
+            t.bad += bad
+            t.errors += error
+            t.latencies.append(seconds)
+        if self._on_fetch is not None:
+            outcome = "error" if error else "bad" if bad else "hit" if hit else "miss"
+            self._on_fetch(tier, seconds, outcome, nbytes)
+
+    def _supply(self, index: int, data, source: int) -> int:
+        """Hand stored bytes (any buffer: bytes, obstore's Bytes, ...) to the
+        engine, uncopied; it verifies them."""
+        return lib.rs_engine_supply(self._engine, index, ffi.from_buffer("uint8_t[]", data), len(data), source)
+
+    def _durable_read(self, index: int, key: str, attempt: int, started: float, data=None,
+                      exc: Optional[RestoreError] = None) -> Optional[bool]:
+        """What durable read number attempt of chunk index brought (data, or
+        the error exc) means: True: supplied (write the caches), False: done
+        (supplied by another, or given up), None: read it again (its bytes
+        failed verification, damaged on the way or at rest)."""
+        if exc is not None:
+            self._note("durable", time.perf_counter() - started, error=True)
+            self._give_up(index, key, str(exc))
+            return False
+        if data is None:
+            self._note("durable", time.perf_counter() - started)
+            self._give_up(index, key, f"object {key} is missing from {self._store.url}")
+            return False
+        rc = self._supply(index, data, lib.RS_SRC_DURABLE)
+        self._note("durable", time.perf_counter() - started, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
+                   nbytes=len(data))
+        if rc in (0, -errno.EALREADY):
+            return rc == 0
+        why = f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})"
+        if attempt == DURABLE_ATTEMPTS:
+            self._give_up(index, key, f"{why}, {DURABLE_ATTEMPTS} times")
+            return False
+        log.warning("%s: chunk %d: %s; reading it again", self._label, index, why)
+        return None
+
+    def _give_up(self, index: int, key: str, reason: str) -> None:
+        message = f"{self._label}: chunk {index} ({key}): giving up, its pages are poisoned: {reason}"
+        log.error(message)
+        with self._lock:
+            self.errors.append(message)
+            self.reasons[index] = reason
+        lib.rs_engine_fail(self._engine, index, -errno.EIO)
+
+    def _write_l1_now(self, chunk_id: str, data) -> None:
+        if self._l1 is None:
+            return
+        try:
+            # The engine asks for chunks L1 lacks or holds a bad copy of, so
+            # whatever is on disk under this id is replaced.
+            self._l1.put(chunk_id, data, replace=True, verified=True)  # rs_engine_supply verified it
+        except (OSError, RestoreError) as exc:  # a full disk must not fail the restore
+            with self._lock:
+                warned, self._l1_warned = self._l1_warned, True
+            if not warned:
+                log.warning("%s: cannot write to L1 %s (%s); serving goes on from the network", self._label,
+                            self._l1.root, exc)
+
+
+class Fetchers(FetchBase):
+    """A pool of fetcher threads serving one engine (arguments: FetchBase;
+    threads: the pool's size)."""
+
+    def __init__(
+        self,
+        engine,
+        manifest: Manifest,
+        store: DurableStore,
+        l1: Optional[L1Cache],
+        threads: int,
+        label: str,
+        l2: Optional[L2Cluster] = None,
+        on_fetch: Optional[Callable[[str, float, str, int], None]] = None,
+    ):
+        super().__init__(engine, manifest, store, l1, label, l2, on_fetch)
         # One thread at first; the rest start with the first request that
         # reaches the network tiers: a session served from the host cache or
         # L1 never needs them. Threads are started without waiting for them
@@ -132,24 +222,6 @@ class Fetchers:
         for _ in range(more):
             self._start_one()
 
-    def tier_summary(self) -> dict:
-        with self._lock:
-            return {name: t.summary() for name, t in self.tiers.items()}
-
-    def _note(self, tier: str, seconds: float, hit: bool = False, bad: bool = False, error: bool = False,
-              nbytes: int = 0) -> None:
-        with self._lock:
-            t = self.tiers[tier]
-            t.requests += 1
-            t.bytes += nbytes
-            t.hits += hit
-            t.bad += bad
-            t.errors += error
-            t.latencies.append(seconds)
-        if self._on_fetch is not None:
-            outcome = "error" if error else "bad" if bad else "hit" if hit else "miss"
-            self._on_fetch(tier, seconds, outcome, nbytes)
-
     def _run(self) -> None:
         chunk = ffi.new("uint32_t *")
         while True:
@@ -160,9 +232,6 @@ class Fetchers:
                 if self._more:
                     self._grow()
                 self._serve(chunk[0])
-
-    def _supply(self, index: int, data: bytes, source: int) -> int:
-        return lib.rs_engine_supply(self._engine, index, data, len(data), source)
 
     def _serve(self, index: int) -> None:
         entry = self._manifest.chunks[index]
@@ -189,47 +258,16 @@ class Fetchers:
             try:
                 data = self._store.get(key)  # retried within the store's deadline
             except RestoreError as exc:
-                self._note("durable", time.perf_counter() - t, error=True)
-                self._give_up(index, key, str(exc))
+                self._durable_read(index, key, attempt, t, exc=exc)
                 return
-            if data is None:
-                self._note("durable", time.perf_counter() - t)
-                self._give_up(index, key, f"object {key} is missing from {self._store.url}")
+            supplied = self._durable_read(index, key, attempt, t, data)
+            if supplied is False:
                 return
-            rc = self._supply(index, data, lib.RS_SRC_DURABLE)
-            self._note("durable", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
-                       nbytes=len(data))
-            if rc == -errno.EALREADY:
-                return
-            if rc == 0:
+            if supplied:
                 break
-            # Damaged on the way (or at rest): read it again before giving up.
-            why = f"bytes from {self._store.url} fail verification ({errno.errorcode.get(-rc, rc)})"
-            if attempt == DURABLE_ATTEMPTS:
-                self._give_up(index, key, f"{why}, {DURABLE_ATTEMPTS} times")
-                return
-            log.warning("%s: chunk %d: %s; reading it again", self._label, index, why)
         self._write_l1(entry.id, data)
         if self._l2 is not None:
             self._l2.put(entry.id, data)  # fills the zone, or repairs a bad copy
 
-    def _give_up(self, index: int, key: str, reason: str) -> None:
-        message = f"{self._label}: chunk {index} ({key}): giving up, its pages are poisoned: {reason}"
-        log.error(message)
-        with self._lock:
-            self.errors.append(message)
-            self.reasons[index] = reason
-        lib.rs_engine_fail(self._engine, index, -errno.EIO)
-
-    def _write_l1(self, chunk_id: str, data: bytes) -> None:
-        if self._l1 is None:
-            return
-        try:
-            # The engine asks fetchers only for chunks L1 lacks or holds a bad
-            # copy of, so whatever is on disk under this id is replaced.
-            self._l1.put(chunk_id, data, replace=True, verified=True)  # rs_engine_supply verified it
-        except (OSError, RestoreError) as exc:  # a full disk must not fail the restore
-            with self._lock:
-                warned, self._l1_warned = self._l1_warned, True
-            if not warned:
-                log.warning("%s: cannot write to L1 %s (%s); serving goes on from the network", self._label, self._l1.root, exc)
+    def _write_l1(self, chunk_id: str, data) -> None:
+        self._write_l1_now(chunk_id, data)  # on this fetcher thread

@@ -250,7 +250,8 @@ class Server:
     poison: whether the kernel has UFFDIO_POISON (None: asked once per
     process); False makes the sessions behave as on a kernel without it
     (before Linux 6.6), where a page that cannot be served kills its VMM
-    with the cause logged. See RestoreSession.
+    with the cause logged. See RestoreSession. fetch_loop: see
+    RestoreSession (False: the network tiers are read by a pool of threads).
     """
 
     def __init__(
@@ -281,9 +282,11 @@ class Server:
         host_cache: Optional[HostCache] = None,
         poll_us: int = DEFAULT_POLL_US,
         poison: Optional[bool] = None,
+        fetch_loop: bool = True,
     ):
         self.snapshot = snapshot
         self.poison = poison
+        self.fetch_loop = fetch_loop
         self.host_cache = host_cache
         self.poll_us = poll_us
         if isinstance(socket_path, (str, os.PathLike)):
@@ -521,6 +524,7 @@ class Server:
                 prefetch_around=self.record_fault_around,
                 pidfd=pidfd,
                 poison=self.poison,
+                fetch_loop=self.fetch_loop,
             )
         except RestoreError as exc:
             hs.close()

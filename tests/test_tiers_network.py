@@ -110,13 +110,17 @@ def test_optimize_warms_l2_with_the_new_version(tmp_path, s3_store, l2, image):
     assert tiers["durable"]["requests"] == 0
 
 
-def test_l2_miss_reads_the_store_and_fills_l2(tmp_path, s3_store, l2, image):
+FETCH_PATHS = pytest.mark.parametrize("fetch_loop", [True, False], ids=["fetch-loop", "fetch-threads"])
+
+
+@FETCH_PATHS
+def test_l2_miss_reads_the_store_and_fills_l2(tmp_path, s3_store, l2, image, fetch_loop):
     create_snapshot(s3_store, image, "vm", chunk_size=CHUNK)
     with Snapshot.open(s3_store, "vm") as snap:
-        first = _serve_one(snap, tmp_path, _nonzero_offsets(image, 2), image, l2=l2)
+        first = _serve_one(snap, tmp_path, _nonzero_offsets(image, 2), image, l2=l2, fetch_loop=fetch_loop)
         assert first.stats.tiers["l2"]["hits"] == 0
         assert first.stats.tiers["durable"]["hits"] == first.stats.chunks_fetched
-        second = _serve_one(snap, tmp_path, _nonzero_offsets(image, 2), image, l2=l2)
+        second = _serve_one(snap, tmp_path, _nonzero_offsets(image, 2), image, l2=l2, fetch_loop=fetch_loop)
     assert second.stats.tiers["l2"]["hits"] == second.stats.chunks_fetched
     assert second.stats.tiers["durable"]["requests"] == 0
     # The same chunks, so the same stored bytes: from the store, then from L2.
@@ -145,7 +149,9 @@ def test_an_l2_node_killed_mid_restore(tmp_path, s3_store, l2, memcached_cluster
     assert st.tiers["l2"]["hits"] + st.tiers["durable"]["hits"] == st.chunks_fetched
 
 
-def test_a_corrupt_l2_value_is_dropped_and_repaired(tmp_path, s3_store, l2, memcached_cluster, image):
+@FETCH_PATHS
+def test_a_corrupt_l2_value_is_dropped_and_repaired(tmp_path, s3_store, l2, memcached_cluster, image,
+                                                    fetch_loop):
     from pymemcache.client.base import Client
 
     m = create_snapshot(s3_store, image, "vm", chunk_size=CHUNK, warm_l2=l2)
@@ -157,7 +163,7 @@ def test_a_corrupt_l2_value_is_dropped_and_repaired(tmp_path, s3_store, l2, memc
         Client(node.address).set(cid, good[:-1] + bytes([good[-1] ^ 1]))
     offs = [o for o in _nonzero_offsets(image) if o // CHUNK == idx][:3]
     with Snapshot.open(s3_store, "vm") as snap:
-        summary = _serve_one(snap, tmp_path, offs, image, l2=l2)
+        summary = _serve_one(snap, tmp_path, offs, image, l2=l2, fetch_loop=fetch_loop)
     assert summary.stats.tiers["l2"]["bad"] == 1
     assert summary.stats.tiers["durable"]["hits"] == 1
     assert l2.counters.bad == 1
