@@ -23,34 +23,16 @@
 
 #include "private/engine_int.h"
 
-/* A buffer of one guest page: one kept for reuse, or a new mapping (not
- * malloc: it is 2 MiB, and goes back to the system with the session). */
+/* A buffer of one guest page (pool.c: a mapping, not malloc: it is 2 MiB,
+ * and goes back to the system with the session). */
 static uint8_t *buf_get(rs_engine *e)
 {
-    void *b = NULL;
-
-    pthread_mutex_lock(&e->pool.lock);
-    if (e->pool.n_huge > 0)
-        b = e->pool.huge[--e->pool.n_huge];
-    pthread_mutex_unlock(&e->pool.lock);
-    if (!b) {
-        b = mmap(NULL, e->cfg.page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (b == MAP_FAILED)
-            b = NULL;
-    }
-    return b;
+    return pool_take(e, e->pool.huge, &e->pool.n_huge, e->cfg.page_size);
 }
 
 static void buf_put(rs_engine *e, uint8_t *b)
 {
-    pthread_mutex_lock(&e->pool.lock);
-    if (e->pool.n_huge < POOL_MAX) {
-        e->pool.huge[e->pool.n_huge++] = b;
-        b = NULL;
-    }
-    pthread_mutex_unlock(&e->pool.lock);
-    if (b)
-        munmap(b, e->cfg.page_size);
+    pool_give(e, e->pool.huge, &e->pool.n_huge, e->cfg.page_size, b);
 }
 
 /* Unmap the buffers kept for reuse (rs_engine_destroy, before pool_drain

@@ -13,34 +13,48 @@
 #include "private/zmem.h"
 #include "private/engine_int.h"
 
-uint8_t *chunk_alloc(rs_engine *e)
+/* A buffer of size bytes: one kept for reuse in list (*n of them), or a
+ * new mapping. The pool keeps two lists: decoded chunks, and guest pages
+ * assembled from several chunks (huge.c). */
+uint8_t *pool_take(rs_engine *e, uint8_t **list, int *n, size_t size)
 {
     void *p = NULL;
 
     pthread_mutex_lock(&e->pool.lock);
-    if (e->pool.n > 0)
-        p = e->pool.bufs[--e->pool.n];
+    if (*n > 0)
+        p = list[--*n];
     pthread_mutex_unlock(&e->pool.lock);
     if (!p) {
-        p = mmap(NULL, e->cfg.chunk_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED)
             p = NULL;
     }
     return p;
 }
 
-void chunk_free(rs_engine *e, uint8_t *p)
+/* Give a buffer of pool_take back: kept for reuse while list has room. */
+void pool_give(rs_engine *e, uint8_t **list, int *n, size_t size, uint8_t *p)
 {
     if (!p)
         return;
     pthread_mutex_lock(&e->pool.lock);
-    if (e->pool.n < POOL_MAX) {
-        e->pool.bufs[e->pool.n++] = p;
+    if (*n < POOL_MAX) {
+        list[(*n)++] = p;
         p = NULL;
     }
     pthread_mutex_unlock(&e->pool.lock);
     if (p)
-        munmap(p, e->cfg.chunk_size);
+        munmap(p, size);
+}
+
+uint8_t *chunk_alloc(rs_engine *e)
+{
+    return pool_take(e, e->pool.bufs, &e->pool.n, e->cfg.chunk_size);
+}
+
+void chunk_free(rs_engine *e, uint8_t *p)
+{
+    pool_give(e, e->pool.bufs, &e->pool.n, e->cfg.chunk_size, p);
 }
 
 /* Unmap the buffers kept for reuse (rs_engine_destroy). */

@@ -409,6 +409,8 @@ void *prefetch_main(void *arg);
 void prefetch_free(rs_engine *e);
 
 /* ---- pool.c ---- */
+uint8_t *pool_take(rs_engine *e, uint8_t **list, int *n, size_t size);
+void pool_give(rs_engine *e, uint8_t **list, int *n, size_t size, uint8_t *p);
 uint8_t *chunk_alloc(rs_engine *e);
 void chunk_free(rs_engine *e, uint8_t *p);
 void pool_drain(rs_engine *e);
