@@ -2,7 +2,8 @@
 
 Snapshots are a VM's memory file cut into fixed-size chunks, compressed,
 optionally encrypted, stored content-addressed in an object store and
-described by a manifest. See DESIGN.md for the architecture.
+described by a manifest. See README.md and docs/ (tiers, formats,
+prefetch, serving, firecracker) for the architecture.
 """
 
 from ._version import __version__

@@ -2,7 +2,7 @@
 
 Guest runs csrc/guest.c's rs_guest_run in a CHILD process: it maps its
 regions, sends the userfaultfd over a Unix socket exactly as Firecracker's
-UFFD backend does (DESIGN.md §5), then reads, writes and removes pages along
+UFFD backend does (docs/firecracker.md), then reads, writes and removes pages along
 a trace and reports a checksum and a time per step. A guest must never share
 a process (or a GIL) with the handler serving it: a thread blocked on a fault
 keeps holding whatever it holds.

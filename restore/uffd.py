@@ -10,9 +10,9 @@ Addresses and lengths are ints, in bytes. Take an address from a buffer with
 aligned (`PAGE_SIZE`, 4 KiB here; hugetlbfs ranges need their huge page size,
 which the kernel checks).
 
-The GIL rule (DESIGN.md §1): a thread that touches registered memory whose
-page is missing sleeps in the kernel until the fault is served, and a Python
-thread sleeping there may hold the GIL. Serve faults from another process, or
+The GIL rule (no fault is resolved through Python or the GIL): a thread that
+touches registered memory whose page is missing sleeps in the kernel until
+the fault is served, and a Python thread sleeping there may hold the GIL. Serve faults from another process, or
 touch such memory only from C (``lib.rs_mem_checksum``, ``lib.rs_mem_fill``).
 """
 

@@ -1,6 +1,6 @@
 """restore.uffd against the kernel's real userfaultfd: no mocks.
 
-The GIL rule (DESIGN.md §1) shapes these tests: a thread that touches a
+The GIL rule (see restore/uffd.py) shapes these tests: a thread that touches a
 registered page that is missing sleeps in the kernel until the fault is
 served, and if it is a Python thread holding the GIL, nothing else in this
 process can serve it. So registered memory is touched only from C
