@@ -4,25 +4,41 @@
         L2Cluster([("az1", [t.l2_address])])
         DurableStore(f"s3://{t.bucket}/prefix", S3Options(endpoint=t.s3_endpoint, region="us-east-1",
                                                           access_key_id="test", secret_access_key="test"))
-        t.method  # "netem" or "relay": how the delay is made
+        t.method     # "netem" or "relay": how the delay is made
+        t.relay_pid  # the delay line's process (relay), else None
 
 Each service gets a network namespace (``rsbench-<role>-<pid>``) joined to
 the root namespace by a veth pair in a private /30 (10.213.N.0/30: .1 in
 the root namespace, .2 in the service's). memcached and moto's S3 server
 run inside (``ip netns exec``). The delay is added by netem on both veth
 ends (half the RTT each) when the kernel has sch_netem; else by a
-userspace delay line in the root namespace (``Relay``): it listens on
-127.0.0.1 and holds every chunk of bytes half the RTT in each direction,
-and a new connection's first bytes another RTT (the TCP handshake a real
-link would cost). Needs root (``ip netns add``); everything made is
-removed on exit, whatever happens inside the ``with``.
+userspace delay line (``Relay``) in a child process of its own in the root
+namespace, so that it never waits for the GIL of the process whose
+fetches it delays. It listens on 127.0.0.1 and holds every chunk of bytes
+half the RTT in each direction, and a new connection's first bytes another
+RTT (the TCP handshake a real link would cost). Needs root (``ip netns
+add``); everything made is removed on exit, whatever happens inside the
+``with``.
+
+The delay line alone, for any targets (no namespaces, no root):
+
+    with netdelay.relay_process([(("127.0.0.1", 11211), 0.25e-3)]) as r:
+        r.addresses[0]  # ("127.0.0.1", port): 0.25 ms each way to 11211
+        r.pid           # the child process serving it
+
+which runs ``python -m bench.netdelay relay --forward HOST:PORT:ONE_WAY_S
+...``: it prints its listening addresses (``127.0.0.1:PORT``, one a line,
+in the order given), then serves until its stdin reads end-of-file (the
+parent closed it or died) or it is signalled.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -30,15 +46,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import IO, Iterator, Optional, Sequence
 
 PREFIX = "rsbench"  # namespace names: rsbench-<role>-<pid>
 SUBNET = "10.213"  # 10.213.N.0/30 per host; only namespaces made here are contacted
 L2_PORT, S3_PORT = 11211, 5000
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m bench.netdelay` finds the package
 
 
 class NetDelayError(RuntimeError):
@@ -58,6 +75,7 @@ class Tiers:
     why: str  # why that method
     l2_rtt_ms: float
     s3_rtt_ms: float
+    relay_pid: Optional[int] = None  # the delay line's process (method "relay"), a child of this one
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -230,20 +248,20 @@ class _Conn:
 
 
 class Relay:
-    """A userspace TCP delay line on one thread: forward(target, one_way_s)
-    gives a 127.0.0.1 address whose connections reach target with that
-    delay each way. Connections are independent (timestamps, not sleeps)."""
+    """A userspace TCP delay line: forward(target, one_way_s) gives a
+    127.0.0.1 address whose connections reach target with that delay each
+    way; run(stop_fd) serves them all on the calling thread until stop_fd
+    reads end-of-file. Connections are independent (timestamps, not
+    sleeps). Run it in a process of its own (relay_process), never beside
+    the code whose traffic it delays: it would share that code's GIL."""
 
     def __init__(self):
         # select() takes microsecond timeouts; epoll and poll round up to milliseconds,
         # too coarse for a 0.25 ms one-way delay. The relay holds few sockets.
         self._sel = selectors.SelectSelector()
         self._conns: set[_Conn] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="netdelay-relay", daemon=True)
 
     def forward(self, target: tuple[str, int], one_way_s: float) -> tuple[str, int]:
-        assert not self._thread.is_alive(), "forward() before start()"
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ls.bind(("127.0.0.1", 0))
         ls.listen(128)
@@ -251,26 +269,32 @@ class Relay:
         self._sel.register(ls, selectors.EVENT_READ, (target, one_way_s))
         return ls.getsockname()
 
-    def start(self) -> "Relay":
-        self._thread.start()
-        return self
+    def run(self, stop_fd: int) -> None:
+        """Serve until stop_fd reads end-of-file (bytes read from it are
+        ignored), then close every socket."""
+        self._sel.register(stop_fd, selectors.EVENT_READ, None)
+        try:
+            self._loop(stop_fd)
+        finally:
+            self._sel.unregister(stop_fd)
+            self.close()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
         for key in list(self._sel.get_map().values()):
             key.fileobj.close()
         self._sel.close()
 
-    def _loop(self) -> None:
-        _fine_timer_slack()
-        while not self._stop.is_set():
+    def _loop(self, stop_fd: int) -> None:
+        while True:
             now = time.monotonic()
             dues = [d for c in self._conns for h in (c.up, c.down) if (d := h.due()) is not None]
-            timeout = min([0.05, *(max(0.0, d - now) for d in dues)])
+            timeout = max(0.0, min(dues) - now) if dues else None
             for key, events in self._sel.select(timeout):
                 now = time.monotonic()
+                if key.data is None:  # stop_fd
+                    if not os.read(stop_fd, 4096):
+                        return
+                    continue
                 if isinstance(key.data, tuple):
                     self._accept(key.fileobj, *key.data, now)
                     continue
@@ -345,6 +369,68 @@ def _fine_timer_slack() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, ns
 
 
+@dataclass(frozen=True)
+class RelayProcess:
+    pid: int  # the child process running the delay line
+    addresses: list[tuple[str, int]]  # 127.0.0.1 listening addresses, in the order of the forwards
+
+
+@contextlib.contextmanager
+def relay_process(forwards: Sequence[tuple[tuple[str, int], float]],
+                  timeout: float = 30.0) -> Iterator[RelayProcess]:
+    """A Relay in a child process of its own, forwarding to each (target,
+    one_way_s) in forwards; killed and reaped on exit, whatever happens
+    inside the ``with``. NetDelayError if it does not print its addresses
+    within timeout seconds, or if it exited by itself before the end of the
+    ``with`` (connections made after that were refused)."""
+    if not forwards:
+        raise ValueError("relay_process: no targets to forward to")
+    argv = [sys.executable, "-m", "bench.netdelay", "relay"]
+    for (host, port), one_way_s in forwards:
+        argv += ["--forward", f"{host}:{port}:{one_way_s!r}"]
+    with tempfile.TemporaryFile() as err:
+        # A session of its own: a Ctrl-C meant for this process is not the relay's;
+        # this process ends it (or, if this one dies first, its stdin reads end-of-file).
+        proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                start_new_session=True)
+        try:
+            lines = _read_lines(proc, len(forwards), err, timeout)
+            addresses = [(host, int(port)) for host, port in (line.rsplit(":", 1) for line in lines)]
+            yield RelayProcess(proc.pid, addresses)
+            if proc.poll() is not None:
+                raise NetDelayError(f"the delay line (pid {proc.pid}) exited {proc.returncode} while in use: "
+                                    f"{_file_tail(err)}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+
+
+def _read_lines(proc: subprocess.Popen, n: int, err: IO[bytes], timeout: float) -> list[str]:
+    """The first n lines proc prints, waiting at most timeout seconds."""
+    fd, buf = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while buf.count(b"\n") < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            got = buf.count(b"\n")
+            raise NetDelayError(f"the delay line (pid {proc.pid}) printed {got} of {n} addresses in {timeout} s: "
+                                f"{_file_tail(err)}")
+        if select.select([fd], [], [], left)[0]:
+            data = os.read(fd, 4096)
+            if not data:
+                raise NetDelayError(f"the delay line exited {proc.wait()} before listening: {_file_tail(err)}")
+            buf += data
+    return buf.decode().splitlines()[:n]
+
+
+def _file_tail(f: IO[bytes]) -> str:
+    f.seek(0)
+    return " | ".join(f.read().decode(errors="replace").strip().splitlines()[-5:]) or "no output"
+
+
 @contextlib.contextmanager
 def tiers(l2_rtt_ms: float = 0.5, s3_rtt_ms: float = 20.0, bucket: str = "restore-bench",
           memcached_mb: int = 256) -> Iterator[Tiers]:
@@ -372,14 +458,46 @@ def tiers(l2_rtt_ms: float = 0.5, s3_rtt_ms: float = 20.0, bucket: str = "restor
                   "-u", "nobody"], L2_PORT, logdir)
         s3.spawn([sys.executable, "-m", "moto.server", "-H", s3.addr, "-p", str(S3_PORT)], S3_PORT, logdir)
         l2_address, s3_address = (l2.addr, L2_PORT), (s3.addr, S3_PORT)
+        relay_pid = None
         if method == "relay":
-            relay = Relay()
-            l2_address = relay.forward(l2_address, l2_rtt_ms / 2e3)
-            s3_address = relay.forward(s3_address, s3_rtt_ms / 2e3)
-            stack.callback(relay.start().close)
-        t = Tiers(l2_address, f"http://{s3_address[0]}:{s3_address[1]}", bucket, method, why, l2_rtt_ms, s3_rtt_ms)
+            relay = stack.enter_context(relay_process([(l2_address, l2_rtt_ms / 2e3), (s3_address, s3_rtt_ms / 2e3)]))
+            l2_address, s3_address = relay.addresses
+            relay_pid = relay.pid
+            why += f" in its own process (pid {relay.pid})"
+        t = Tiers(l2_address, f"http://{s3_address[0]}:{s3_address[1]}", bucket, method, why, l2_rtt_ms, s3_rtt_ms,
+                  relay_pid)
         import boto3  # comes with moto; obstore cannot create buckets
 
         boto3.client("s3", endpoint_url=t.s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
                      aws_secret_access_key="test").create_bucket(Bucket=bucket)
         yield t
+
+
+def _forward_arg(text: str) -> tuple[tuple[str, int], float]:
+    try:
+        host, port, one_way_s = text.rsplit(":", 2)
+        return (host, int(port)), float(one_way_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT:ONE_WAY_S (seconds)") from None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.netdelay",
+                                 description="The userspace delay line of bench/netdelay, on its own.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    relay = sub.add_parser("relay", help="forward 127.0.0.1 ports to targets, delayed; print the ports, "
+                                         "serve until stdin reads end-of-file")
+    relay.add_argument("--forward", action="append", required=True, type=_forward_arg,
+                       metavar="HOST:PORT:ONE_WAY_S", help="a target and its one-way delay in seconds (repeatable)")
+    a = ap.parse_args(argv)
+    _fine_timer_slack()
+    r = Relay()
+    for target, one_way_s in a.forward:
+        host, port = r.forward(target, one_way_s)
+        print(f"{host}:{port}", flush=True)
+    r.run(sys.stdin.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
