@@ -204,7 +204,7 @@ def tiers(ix: Index) -> list[str]:
             rtt = {"l2": extra(b, "l2_rtt_ms"), "durable": extra(b, "s3_rtt_ms")}.get(tier)
             rows.append([str(tier), unit(scaled(extra(b, "stored_bytes"), 1024), "KiB"),
                          unit(scaled(median_s(b), 1e-3), "ms"), unit(rtt, "ms"), extra(b, "method") or DASH])
-        out.append(table(["tier", "one chunk object", "median fetch", "round trip set", "delay by"], rows))
+        out.append(table(["tier", "one chunk object", "median fetch", "RTT set", "delay by"], rows))
         first = fetches[0]
         probes = [[what, unit(extra(first, key), "ms")]
                   for what, key in (("memcached no-op", "l2_noop_ms"), ("S3 HEAD", "s3_head_ms"))
