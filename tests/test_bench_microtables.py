@@ -27,9 +27,10 @@ def bench(name: str, median_s: float, params=None, **extra) -> dict:
 
 
 def roundtrip(handler: str, placement: str, dec: float, fresh: float, p99_fresh: float) -> dict:
-    return bench(f"test_bench_fault_roundtrip[{handler}-{placement}]", 0.5, {"handler": handler, "placement": placement},
-                 p50_ns=dec, p99_ns=2 * dec, p50_ns_decoded=dec, p99_ns_decoded=3 * dec, p50_ns_fresh=fresh,
-                 p99_ns_fresh=p99_fresh, touches_decoded=14745, touches_fresh=255, serves_from=f"{handler} label")
+    return bench(f"test_bench_fault_roundtrip[{handler}-{placement}]", 0.5,
+                 {"handler": handler, "placement": placement}, p50_ns=dec, p99_ns=2 * dec, p50_ns_decoded=dec,
+                 p99_ns_decoded=3 * dec, p50_ns_fresh=fresh, p99_ns_fresh=p99_fresh, touches_decoded=14745,
+                 touches_fresh=255, serves_from=f"{handler} label")
 
 
 @pytest.fixture
