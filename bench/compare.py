@@ -1,58 +1,38 @@
 """The strategy comparison: every restore strategy and its baselines, on
-several workloads, in one process run, interleaved, with medians and ratios
-to `resident`, and a plot.
+several workloads, side by side in one run: interleaved rounds, every
+sample and the conditions kept as JSON, and the tables and a plot.
 
-    python -m bench.compare [--rounds 5] [--size-mib 512] [--out compare.png]
+    python -m bench.compare [--rounds 5] [--size-mib 512] [--json FILE] [--out compare.png]
 
-Strategies (time = restore-to-done as the guest measures it: from the start
-of its mapping and handshake, or for `resident` from memory in place, to
-the end of its invocation):
-  resident     memory already in place (the file read in full first): the floor
-  mmap-cold    the memory file mapped MAP_PRIVATE after evicting it from the
-               page cache (Firecracker's file backend, cold)
-  mmap-warm    the same with the page cache hot
-  uffd-lazy    restore's engine, demand faults only (no plan)
-  uffd-reap    the plan fetched and installed in full, then the guest starts
-               (REAP's blocking prefetch)
-  uffd-replay  restore's engine replaying the plan asynchronously while the
-               guest runs
-  uffd-replay-ws  the same on the working-set-first version of the snapshot
-               (`restore snapshot optimize`: the plan's pages packed first)
-  uffd-replay-ws-memfd  the same with guest memory in a memfd sent with the
-               handshake (shared memory, MISSING|MINOR), filled by UFFDIO_COPY
-  uffd-replay-ws-memfd-cont  the same, filled by writing the memfd and
-               mapping with UFFDIO_CONTINUE (--memfd-install continue)
-  uffd-replay-l1  uffd-replay without a host cache: every chunk verified
-               and decoded from the (warm) compressed L1 for this restore
-  uffd-replay-hc-empty  uffd-replay with a new, empty host cache (L1 warm):
-               the first restore of a version on a host, decoding into it
-Cache state: every uffd strategy but the last two runs with the host cache
-warm (every chunk of the version decoded into it before the rounds:
-restore.tiers.host.HostCache.fill) and L1 warm; mmap-warm reads the memory
-file with its pages in the page cache, mmap-cold after evicting them.
-Tier conditions: warm L1 (every chunk in the local cache); and, with
---slow-tiers, cold L1 with L2 warm, and cold L1 and L2 with only the
-durable tier (S3), both behind bench/netdelay's delays (0.5 ms / 20 ms RTT),
-for the uffd strategies (resident stays the floor). Each workload is
-recorded once (an uffd-lazy run of invocation A whose fault log becomes the
-plan) and measured on a different invocation B that shares most of A's
-working set. minivm (a KVM guest) is one more workload: resident, uffd-lazy
-and uffd-replay, time from restore start to its answer. sqlite
-(bench/realistic.py; --no-realistic skips it) is another: SQLite answering a
-mix of queries against a database in the guest's memory, in place; resident,
-mmap-cold, mmap-warm, uffd-lazy and uffd-replay. firecracker
-(bench/firecracker/rows.py; KVM needed, --no-firecracker skips it) restores a
-real Firecracker's Full snapshot: its File backend page cache cold and warm
-(the mmap-cold and mmap-warm columns) against the Uffd backend on a `restore
-serve` process, lazy and replaying, timed from PUT /snapshot/load to the
-guest's first answer and to the end of its invocation.
+Time is restore-to-done as the guest measures it: from the start of its
+mapping and handshake (for `resident`, from memory in place) to the end of
+its invocation. The strategies, cache states and runners are defined in
+bench/results.py (STRATEGIES, CACHE_STATES, RUNNERS) and printed with the
+tables. Rows:
+
+  heap, scatter, scan   synthetic traces of a process guest over a sample
+                        image, warm and cold, served by an in-process Server
+  sqlite                SQLite answering queries against a database in the
+                        guest's memory (bench/realistic.py), warm and cold
+  minivm                a KVM guest answering one request, warm
+  firecracker           a real Firecracker loading a Full snapshot
+                        (bench/firecracker/rows.py): its File backend
+                        against a `restore serve` process, warm and cold
+  slow tiers            (--slow-tiers) heap with an empty L1 and host cache
+                        behind a delayed L2 or the durable tier alone
+                        (bench/netdelay.py)
+
+Each workload is recorded once (invocation A, fault-around 1: its fault log
+becomes the plan and the working-set-first version) and measured on
+invocation B, which shares most of A's working set. Every run's bytes or
+answers are checked against the image or the VM that made the snapshot.
+Rounds interleave every row and strategy; each run writes its JSON document
+(bench/results.py) and bench/report.py renders it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import socket
 import sys
@@ -60,9 +40,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
+from bench import pagecache
+from bench.results import STRATEGIES, UFFD, Row
 from restore.handler import Server
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
@@ -76,15 +59,13 @@ from restore.layout import optimize_snapshot
 from restore.workingset import load_plan, rebuild_plan
 
 P = 4096
-STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws",
-              "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont", "uffd-replay-l1", "uffd-replay-hc-empty"]
-UFFD = ["uffd-lazy", "uffd-reap", "uffd-replay", "uffd-replay-ws", "uffd-replay-ws-memfd", "uffd-replay-ws-memfd-cont",
-        "uffd-replay-l1", "uffd-replay-hc-empty"]
+WHAT = "restore start to the end of the invocation (as the guest measures it)"
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
+    key: str  # short name: row ids
     recorded: np.ndarray  # file offsets, invocation A (feeds the plan)
     measured: np.ndarray  # file offsets, invocation B (timed)
 
@@ -109,45 +90,45 @@ def workloads(size: int, seed: int = 7) -> list[Workload]:
     rng = np.random.default_rng(seed)
     n = size // P
     out = []
-    for name, share, run, overlap in [
-        ("heap-5%: runs of 3 pages, 80% shared", 0.05, 3, 0.8),
-        ("scatter-10%: single pages, 70% shared", 0.10, 1, 0.7),
-        ("scan-15%: runs of 256 pages, 90% shared", 0.15, 256, 0.9),
+    for key, name, share, run, overlap in [
+        ("heap", "heap: 5 % in runs of 3 pages, 80 % shared", 0.05, 3, 0.8),
+        ("scatter", "scatter: 10 % in single pages, 70 % shared", 0.10, 1, 0.7),
+        ("scan", "scan: 15 % in runs of 256 pages, 90 % shared", 0.15, 256, 0.9),
     ]:
         a, b = _runs(rng, n, share, run, overlap)
-        out.append(Workload(name, a, b))
+        out.append(Workload(name, key, a, b))
     return out
 
 
 class Bench:
+    """One image, its snapshot and caches, and a run of any strategy under
+    a cache state. warm_l1=False: every restore gets a new, empty L1 and
+    host cache (the "empty" state; the chunks come from the store)."""
+
     def __init__(self, work: Path, size: int, store: DurableStore | None = None, warm_l1: bool = True,
                  image: Path | None = None, **server_kw):
         self.work = work
+        work.mkdir(parents=True, exist_ok=True)
         self.size = size
         self.image = image or work / "mem.img"
         if image is None:
             write_sample_image(self.image, size, seed=3, zero=0.4, random=0.1)
-            os.sync()  # clean pages, so mmap-cold can drop them from the page cache
         self.store = store or DurableStore(f"file://{work}/store")
         create_snapshot(self.store, self.image, "bench", warm_l2=server_kw.get("l2"))
         self.snap = Snapshot.open(self.store, "bench")
         self.warm_l1 = warm_l1
         self.server_kw = server_kw
         self._l1 = L1Cache(work / "l1")
-        if warm_l1:
-            self.snap.fill_l1(self._l1)
-        # Warm host cache for warm-L1 runs (filled before the rounds); cold
-        # runs get a new, empty one per restore, like their L1.
         self._host = HostCache(work / "host")
         if warm_l1:
+            self.snap.fill_l1(self._l1)
             self._host.fill(self.snap)
         self._n = 0
-        self.detail: list[dict] = []  # per served restore: _detail()
         self.snap_ws: Snapshot | None = None  # the working-set-first version, after record()
 
     @property
     def l1(self) -> L1Cache:
-        """The warm L1, or a new empty one for every restore (cold L1)."""
+        """The kept L1, or a new empty one for every restore (warm_l1=False)."""
         if self.warm_l1:
             return self._l1
         self._n += 1
@@ -155,10 +136,8 @@ class Bench:
 
     @property
     def host(self) -> HostCache:
-        """The warm host cache, or a new empty one for every restore (cold L1)."""
-        if self.warm_l1:
-            return self._host
-        return self.empty_host()
+        """The kept host cache, or a new empty one for every restore."""
+        return self._host if self.warm_l1 else self.empty_host()
 
     def empty_host(self) -> HostCache:
         self._n += 1
@@ -168,26 +147,32 @@ class Bench:
         self._n += 1
         return str(self.work / f"s{self._n}.sock")
 
+    def files(self, strategy: str) -> list[Path]:
+        """The local files a strategy reads (the cache state is set on them)."""
+        if strategy in ("resident", "mmap"):
+            return [self.image]
+        local = [self._l1.root] if self.warm_l1 else []
+        if self.store.url.startswith("file://"):
+            local.append(Path(self.store.url[len("file://"):]))
+        if strategy not in ("uffd-replay-l1", "uffd-replay-hc-empty") and self.warm_l1:
+            local.append(self._host.root)
+        return local
+
     def check(self, res, offsets) -> None:
         touched = res.sums[-len(offsets):]
         if not (touched == expected_sums(self.image, offsets)).all():
             raise RuntimeError("a restore returned wrong bytes")
 
     def local(self, backing: str, offsets) -> float:
-        if backing == "mmap-cold":
-            fd = os.open(self.image, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        kind = "resident" if backing == "resident" else "mmap"
-        with Guest("", memory_size=self.size, backing=kind, image=self.image) as g:
+        with Guest("", memory_size=self.size, backing=backing, image=self.image) as g:
             res = g.run(reads(offsets), timeout=600)
         self.check(res, offsets)
         return res.total_ns / 1e6
 
     def served(self, offsets, use_plan: bool, snap: Snapshot | None = None, memfd: str | None = None,
-               host: str = "warm") -> float:
-        """host: "warm" (self.host), "none" or "empty" (a new host cache)."""
-        hc = {"warm": lambda: self.host, "none": lambda: None, "empty": self.empty_host}[host]()
+               host: str = "kept") -> tuple[float, dict]:
+        """host: "kept" (self.host), "none" or "empty" (a new host cache)."""
+        hc = {"kept": lambda: self.host, "none": lambda: None, "empty": self.empty_host}[host]()
         # The plan was recorded page by page (record()): a replaying server
         # says so, so that its prefetch installs page by page too. (Not a
         # lazy one: there record_fault_around is its own fault-around.)
@@ -196,30 +181,32 @@ class Bench:
                     memfd_install=memfd or "copy", host_cache=hc, **plan_kw, **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
-        if host == "empty":
+        if hc is not None and (host == "empty" or not self.warm_l1):
             # A host fills a version once: its dirty pages must not pile up
             # over the rounds and throttle the next runs' writes.
             shutil.rmtree(hc.root)
         self.check(res, offsets)
-        self.detail.append(_detail(server.summaries[-1], offsets))
-        return res.total_ns / 1e6
+        summary = server.summaries[-1]
+        return res.total_ns / 1e6, _detail(summary.stats, summary.prefetched, offsets)
 
-    def reap(self, offsets) -> float:
-        """Blocking prefetch: the guest waits until the whole plan is in."""
-        plan = load_plan(self.store, self.snap.manifest)
+    def reap(self, offsets, snap: Snapshot) -> tuple[float, dict]:
+        """REAP's blocking prefetch: the guest waits until exactly the
+        recorded pages are installed, from snap's layout."""
+        plan = load_plan(self.store, snap.manifest)
         path = self.sock()
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         lsock.bind(path)
         lsock.listen(1)
-        m = self.snap.manifest
+        m = snap.manifest
+        host = self.host
         with Guest(path, memory_size=self.size) as g:
             g.start(np.concatenate([wait(), reads(offsets)]))
             conn, _ = lsock.accept()
             hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
                                   chunk_size=m.chunk_size)
-            session = RestoreSession(self.snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
+            session = RestoreSession(snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
                                      l1=self.l1, persist_log=False, plan=plan, l2=self.server_kw.get("l2"),
-                                     host_cache=self.host, prefetch_around=1,
+                                     host_cache=host, prefetch_around=1,
                                      fetchers=self.server_kw.get("fetchers", 4),
                                      prefetch_inflight=self.server_kw.get("prefetch_inflight", 8),
                                      fault_around=self.server_kw.get("fault_around", DEFAULT_FAULT_AROUND),
@@ -229,12 +216,14 @@ class Bench:
             conn.sendall(b"g")
             res = g.wait(600)
             session.wait(10)
-            session.close()
+            stats = session.close()
             hs.close()
             conn.close()
         lsock.close()
+        if not self.warm_l1:
+            shutil.rmtree(host.root)
         self.check(res, offsets)
-        return res.total_ns / 1e6
+        return res.total_ns / 1e6, _detail(stats, session.prefetched_offsets(), offsets)
 
     def record(self, w: Workload) -> int:
         """Record invocation A, make its fault log the plan, and write the
@@ -260,47 +249,78 @@ class Bench:
         if self.snap_ws is not None:
             self.snap_ws.close()
 
-    def run(self, strategy: str, offsets) -> float:
-        if strategy in ("resident", "mmap-cold", "mmap-warm"):
-            return self.local(strategy, offsets)
-        if strategy == "uffd-lazy":
-            return self.served(offsets, use_plan=False)
-        if strategy == "uffd-replay":
-            return self.served(offsets, use_plan=True)
-        if strategy == "uffd-replay-ws":
-            return self.served(offsets, use_plan=True, snap=self.snap_ws)
-        if strategy == "uffd-replay-ws-memfd":
-            return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd="copy")
-        if strategy == "uffd-replay-ws-memfd-cont":
-            return self.served(offsets, use_plan=True, snap=self.snap_ws, memfd="continue")
-        if strategy == "uffd-replay-l1":
-            return self.served(offsets, use_plan=True, host="none")
-        if strategy == "uffd-replay-hc-empty":
-            return self.served(offsets, use_plan=True, host="empty")
-        return self.reap(offsets)
+    def run(self, strategy: str, offsets, cache: str) -> tuple[float, int, Optional[dict]]:
+        """(ms, bytes of the strategy's files in the page cache when it
+        started, what the engine did or None)."""
+        files = self.files(strategy)
+        resident = pagecache.set_state(cache, files) if cache in pagecache.STATES else pagecache.resident_bytes(files)
+        if strategy in ("resident", "mmap"):
+            return self.local(strategy, offsets), resident, None
+        if strategy == "uffd-reap":
+            return _with(resident, self.reap(offsets, self.snap_ws))
+        if strategy == "uffd-reap-offset":
+            return _with(resident, self.reap(offsets, self.snap))
+        ws, plan = self.snap_ws, True
+        go = {
+            "uffd-lazy": lambda: self.served(offsets, use_plan=False),
+            "uffd-replay": lambda: self.served(offsets, use_plan=plan),
+            "uffd-replay-ws": lambda: self.served(offsets, use_plan=plan, snap=ws),
+            "uffd-replay-ws-memfd": lambda: self.served(offsets, use_plan=plan, snap=ws, memfd="copy"),
+            "uffd-replay-ws-memfd-cont": lambda: self.served(offsets, use_plan=plan, snap=ws, memfd="continue"),
+            "uffd-replay-l1": lambda: self.served(offsets, use_plan=plan, host="none"),
+            "uffd-replay-hc-empty": lambda: self.served(offsets, use_plan=plan, host="empty"),
+        }[strategy]
+        return _with(resident, go())
 
 
-def _detail(summary, offsets) -> dict:
+def _with(resident: int, run: tuple[float, dict]) -> tuple[float, int, dict]:
+    return run[0], resident, run[1]
+
+
+def _detail(stats, prefetched: np.ndarray, offsets) -> dict:
     """Where a served restore's work went: faults, chunks, thread time per
     phase, and the prefetch's useful and wasted pages for this trace (-1
     when the trace is not known: real code chose the pages)."""
-    st = summary.stats
-    useful, wasted = prefetch_usage(summary.prefetched, np.unique(offsets)) if offsets is not None else (-1, -1)
-    return {"l2_bytes": st.tiers["l2"]["bytes"], "durable_bytes": st.tiers["durable"]["bytes"], "faults": st.faults,
-            "chunks": st.chunks_l1 + st.chunks_fetched, "chunks_host": st.chunks_host, "l1_read_ms": st.l1_read_ns / 1e6,
-            "decode_ms": st.decode_ns / 1e6, "fill_ms": st.host_fill_ns / 1e6, "install_ms": st.install_ns / 1e6,
-            "poll_ms": st.poll_ns / 1e6,
-            "prefetched": st.prefetch_pages, "useful": useful, "wasted": wasted, "late": st.faults_planned,
-            "unplanned": st.faults_unplanned}
+    useful, wasted = prefetch_usage(prefetched, np.unique(offsets)) if offsets is not None else (-1, -1)
+    return {"l2_bytes": stats.tiers["l2"]["bytes"], "durable_bytes": stats.tiers["durable"]["bytes"],
+            "faults": stats.faults, "chunks": stats.chunks_l1 + stats.chunks_fetched, "chunks_host": stats.chunks_host,
+            "l1_read_ms": stats.l1_read_ns / 1e6, "decode_ms": stats.decode_ns / 1e6,
+            "fill_ms": stats.host_fill_ns / 1e6, "install_ms": stats.install_ns / 1e6, "poll_ms": stats.poll_ns / 1e6,
+            "prefetched": stats.prefetch_pages, "useful": useful, "wasted": wasted, "late": stats.faults_planned,
+            "unplanned": stats.faults_unplanned}
 
 
-def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+def synthetic_rows(work: Path, size: int, rounds: int, chosen: list[str], caches: list[str],
+                   log: Callable[[str], None], **server_kw) -> list[Row]:
+    """heap, scatter and scan on one image: for each workload, its rows
+    (one per cache state) interleaved round by round."""
+    bench = Bench(work, size, **server_kw)
+    out = []
+    try:
+        for w in workloads(size):
+            pages = bench.record(w)
+            log(f"{w.key}: plan of {pages} pages from the recorded invocation")
+            rows = {c: Row(f"{w.key}/{c}", w.name, "L1 and host cache local", c, "in-process", WHAT, "mmap")
+                    for c in caches}
+            for i in range(rounds):
+                for c, row in rows.items():
+                    for s in chosen:
+                        row.add(s, *bench.run(s, w.measured, c))
+                log(f"{w.key}: round {i + 1} of {rounds}")
+            out.extend(rows.values())
+    finally:
+        bench.close()
+    return out
+
+
+def minivm_rows(work: Path, rounds: int, log: Callable[[str], None]) -> list[Row]:
     """minivm: restore start to answer, per strategy (KVM needed), for a
-    request other than the recorded one, and for the recorded one again."""
+    request other than the recorded one, and for the recorded one again;
+    cache warm (every file the strategy reads preloaded before each run)."""
     from bench.minivm import driver
 
     if not driver.kvm_available():
-        return {}
+        return []
     b = driver.build(work / "minivm")
     image, state = work / "vm.img", work / "vm.state"
     driver.boot(b, image, state, 256)
@@ -318,68 +338,96 @@ def minivm_rows(work: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
             kw.setdefault("record_fault_around", 1)  # the plan is recorded page by page
         with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist,
                     memfd_install=memfd or "copy", host_cache=hc, **kw) as server:
-            return driver.restore(b, server.socket_path, state, [request], memfd=memfd is not None)[0].ns / 1e6
+            answer = driver.restore(b, server.socket_path, state, [request], memfd=memfd is not None)[0]
+        summary = server.summaries[-1]
+        return answer, _detail(summary.stats, summary.prefetched, None)
 
     serve(False, 11, persist=True, fault_around=1)  # record invocation A, every touched page
     rebuild_plan(store, snap.manifest, sessions=1)
     ws = Snapshot.open(store, "vm", optimize_snapshot(snap).manifest.version)
     ws.fill_l1(l1)
     host.fill(ws)
-    out = {}
-    for label, request in [("another request", 4242), ("the recorded request", 11)]:
-        rows = out[f"minivm (KVM guest, 256 MiB): {label}"] = {
-            "resident": [], "uffd-lazy": [], "uffd-replay": [], "uffd-replay-ws": [], "uffd-replay-ws-memfd": [],
-            "uffd-replay-ws-memfd-cont": [], "uffd-replay-l1": []}
-        for _ in range(rounds):
-            rows["resident"].append(driver.resident(b, image, state, [request])[0].ns / 1e6)
-            rows["uffd-lazy"].append(serve(False, request))
-            rows["uffd-replay"].append(serve(True, request))
-            rows["uffd-replay-ws"].append(serve(True, request, s=ws))
-            rows["uffd-replay-ws-memfd"].append(serve(True, request, s=ws, memfd="copy"))
-            rows["uffd-replay-ws-memfd-cont"].append(serve(True, request, s=ws, memfd="continue"))
-            rows["uffd-replay-l1"].append(serve(True, request, hc=None))
-    snap.close()
-    ws.close()
+    resident_files = [image, state]
+    served_files = [state, l1.root, host.root, work / "vmstore"]
+    out = []
+    try:
+        for label, request in [("another request", 4242), ("the recorded request", 11)]:
+            want = driver.resident(b, image, state, [request])[0].value
+            row = Row(f"minivm/{'recorded' if request == 11 else 'another'}/warm",
+                      f"minivm: a KVM guest of 256 MiB answering {label}", "L1 and host cache local", "warm",
+                      "in-process", "restore start to the guest's answer", "resident")
+            runs = {
+                "resident": lambda: (driver.resident(b, image, state, [request])[0], None),
+                "uffd-lazy": lambda: serve(False, request),
+                "uffd-replay": lambda: serve(True, request),
+                "uffd-replay-ws": lambda: serve(True, request, s=ws),
+                "uffd-replay-ws-memfd": lambda: serve(True, request, s=ws, memfd="copy"),
+                "uffd-replay-ws-memfd-cont": lambda: serve(True, request, s=ws, memfd="continue"),
+                "uffd-replay-l1": lambda: serve(True, request, hc=None),
+            }
+            for i in range(rounds):
+                for strategy, go in runs.items():
+                    files = resident_files if strategy == "resident" else served_files
+                    if strategy == "uffd-replay-l1":
+                        files = [f for f in files if f != host.root]
+                    resident = pagecache.set_state("warm", files)
+                    answer, detail = go()
+                    if answer.value != want:
+                        raise RuntimeError(f"minivm ({strategy}) answered {answer.value}, the resident VM {want}")
+                    row.add(strategy, answer.ns / 1e6, resident, detail)
+                log(f"minivm, {label}: round {i + 1} of {rounds}")
+            out.append(row)
+    finally:
+        snap.close()
+        ws.close()
     return out
 
 
-def slow_tier_rows(work: Path, image: Path, size: int, w: Workload, rounds: int, inflight: int,
-                   details: dict) -> dict:
-    """The uffd strategies with a cold L1 behind L2 and behind the durable
-    tier alone (bench/netdelay: namespaces plus delay); what the served
-    restores did goes into details."""
+def slow_tier_rows(work: Path, size: int, rounds: int, inflight: int, chosen: list[str],
+                   log: Callable[[str], None]) -> tuple[list[Row], str]:
+    """The heap workload with every chunk coming from the network tiers (a
+    new, empty L1 and host cache per restore) behind a delayed L2 and
+    behind the durable tier alone (bench/netdelay: namespaces plus delay);
+    and the delay method."""
     from bench import netdelay
     from restore.tiers.durable import S3Options
     from restore.tiers.l2 import L2Cluster
 
-    out = {}
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / "mem.img"
+    write_sample_image(image, size, seed=3, zero=0.4, random=0.1)
+    w = workloads(size)[0]
+    out = []
     with netdelay.tiers() as t:
         opts = S3Options(endpoint=t.s3_endpoint, region="us-east-1", access_key_id="test", secret_access_key="test")
         l2 = L2Cluster([("az1", [t.l2_address])])
-        for cond, kw in [("cold L1, L2 warm", {"l2": l2}), ("cold L1 and L2, durable", {})]:
-            d = work / cond.replace(" ", "_").replace(",", "")
-            d.mkdir()
-            store = DurableStore(f"s3://{t.bucket}/{d.name}", opts)
-            b = Bench(d, size, store=store, warm_l1=False, image=image, fetchers=inflight,
-                      prefetch_inflight=inflight, **kw)
-            b.record(w)
-            # The measured invocation, and (durable only) the recorded one
-            # again: the plan exactly right, what the layout alone changes.
-            runs = [("", w.measured)] + ([(", recorded invocation", w.recorded)] if "l2" not in kw else [])
-            for label, offsets in runs:
-                rows = {s: [] for s in UFFD}
-                name = f"{w.name.split(':')[0]}, {cond}{label} ({t.method} delay)"
-                details[name] = {s: [] for s in UFFD if s != "uffd-reap"}
-                for _ in range(rounds):
-                    for s in rows:
-                        rows[s].append(b.run(s, offsets))
-                        if s in details[name]:
-                            details[name][s].append(b.detail[-1])
-                rows["resident"] = [b.run("resident", offsets) for _ in range(rounds)]
-                out[name] = rows
-            b.close()
-        l2.close()
-    return out
+        conds = [("l2", f"L2 warm ({t.l2_rtt_ms:g} ms RTT), durable behind it", {"l2": l2}),
+                 ("durable", f"L2 empty, the durable tier alone ({t.s3_rtt_ms:g} ms RTT)", {})]
+        try:
+            for key, cond, kw in conds:
+                d = work / key
+                store = DurableStore(f"s3://{t.bucket}/{d.name}", opts)
+                b = Bench(d, size, store=store, warm_l1=False, image=image, fetchers=inflight,
+                          prefetch_inflight=inflight, **kw)
+                b.record(w)
+                # The measured invocation, and (durable only) the recorded one
+                # again: the plan exactly right, what the layout alone changes.
+                runs = [("another", "", w.measured)]
+                if key == "durable":
+                    runs.append(("recorded", ", the recorded invocation", w.recorded))
+                rows = [(Row(f"slow/{key}/{inv}", f"heap on {size >> 20} MiB{label}", f"{cond}; delay: {t.method}",
+                             "empty", "in-process", WHAT, "resident"), offsets) for inv, label, offsets in runs]
+                strategies = ["resident"] + [s for s in chosen if s in UFFD]
+                for i in range(rounds):
+                    for row, offsets in rows:
+                        for s in strategies:
+                            row.add(s, *b.run(s, offsets, "warm" if s == "resident" else "empty"))
+                    log(f"slow tiers, {key}: round {i + 1} of {rounds}")
+                out.extend(r for r, _ in rows)
+                b.close()
+        finally:
+            l2.close()
+    return out, t.why
 
 
 def _positive(text: str) -> int:
@@ -392,18 +440,35 @@ def _positive(text: str) -> int:
     return n
 
 
+def _choice_list(allowed: list[str]):
+    def parse(text: str) -> list[str]:
+        got = [x for x in text.split(",") if x]
+        bad = [x for x in got if x not in allowed]
+        if bad or not got:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad) or text!r}: choose from {', '.join(allowed)}")
+        return got
+
+    return parse
+
+
 def main(argv=None) -> int:
+    from bench import report, results
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=_positive, default=5)
+    ap.add_argument("--rounds", type=_positive, default=5, help="interleaved rounds (at least 5 for a verdict)")
+    ap.add_argument("--slow-rounds", type=_positive, default=3, help="interleaved rounds of the slow-tier rows")
     ap.add_argument("--size-mib", type=_positive, default=512)
     ap.add_argument("--out", default="compare.png", help="PNG plot to write")
+    ap.add_argument("--json", default=None,
+                    help="where to write the run's JSON document (default: bench/results/<UTC time>-compare.json)")
+    ap.add_argument("--cache", type=_choice_list(list(pagecache.STATES)), default=list(pagecache.STATES),
+                    metavar="warm,cold", help="cache states of the synthetic, SQLite and Firecracker rows")
     ap.add_argument("--fault-around", type=_positive, default=DEFAULT_FAULT_AROUND,
                     help="pages installed per demand fault at most (synthetic and SQLite workloads)")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US,
                     help="the service thread's polling after a fault, us (synthetic and SQLite workloads)")
-    ap.add_argument("--strategies", default=None, metavar="A,B,...",
-                    help="run only these strategies (resident and mmap-warm are always wise to keep)")
-    ap.add_argument("--json", default=None, help="write every round's figures (and the breakdowns) here as JSON")
+    ap.add_argument("--strategies", type=_choice_list(list(STRATEGIES)), default=list(STRATEGIES), metavar="A,B,...",
+                    help="run only these strategies (keep the rows' baselines: mmap, resident)")
     ap.add_argument("--no-minivm", action="store_true")
     ap.add_argument("--no-realistic", action="store_true", help="skip the SQLite workload (bench/realistic.py)")
     ap.add_argument("--realistic-size-mib", type=_positive, default=256,
@@ -413,130 +478,71 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["synthetic", "realistic", "minivm", "firecracker"],
                     help="run only these workloads (synthetic: heap/scatter/scan and --slow-tiers)")
     ap.add_argument("--slow-tiers", action="store_true",
-                    help="also run the first workload with a cold L1 behind delayed L2 / S3 (needs root)")
+                    help="also run heap with an empty L1 behind delayed L2 / S3 (needs root)")
     ap.add_argument("--slow-size-mib", type=_positive, default=64, help="memory of the slow-tier runs")
     ap.add_argument("--inflight", type=_positive, default=32, help="fetchers and prefetch requests in flight (slow tiers)")
     args = ap.parse_args(argv)
 
-    results: dict[str, dict[str, list[float]]] = {}
-    details: dict[str, dict[str, list[dict]]] = {}
-    with tempfile.TemporaryDirectory(prefix="restore-compare-") as tmp:
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    started, t0 = results.now(), time.monotonic()
+    chosen = [s for s in STRATEGIES if s in args.strategies]
+    rows: list[Row] = []
+    fc_version = None
+    notes = {}
+    # /var/tmp: on disk (where /tmp may be a tmpfs, whose pages "cold" cannot drop).
+    with tempfile.TemporaryDirectory(prefix="restore-compare-", dir="/var/tmp") as tmp:
         kw = {"fault_around": args.fault_around, "poll_us": args.poll_us}
-        chosen = [s for s in STRATEGIES if not args.strategies or s in args.strategies.split(",")]
-        bench = Bench(Path(tmp), args.size_mib << 20, **kw) if args.only in (None, "synthetic") else None
-        for w in workloads(bench.size) if bench else []:
-            pages = bench.record(w)
-            print(f"{w.name}: plan of {pages} pages from the recorded invocation", file=sys.stderr)
-            rows = {s: [] for s in chosen}
-            details[w.name] = {s: [] for s in UFFD if s != "uffd-reap"}
-            for _ in range(args.rounds):  # interleaved: one of each per round
-                for s in chosen:
-                    rows[s].append(bench.run(s, w.measured))
-                    if s in details[w.name]:
-                        details[w.name][s].append(bench.detail[-1])
-            results[w.name] = rows
-        if bench:
-            bench.close()
+        if args.only in (None, "synthetic"):
+            rows += synthetic_rows(Path(tmp) / "synthetic", args.size_mib << 20, args.rounds, chosen, args.cache,
+                                   log, **kw)
         if args.slow_tiers and args.only in (None, "synthetic"):
-            slow = Path(tmp) / "slow"
-            slow.mkdir()
-            img = slow / "mem.img"
-            write_sample_image(img, args.slow_size_mib << 20, seed=3, zero=0.4, random=0.1)
-            w = workloads(args.slow_size_mib << 20)[0]
-            results.update(slow_tier_rows(slow, img, args.slow_size_mib << 20, w, max(1, args.rounds // 2),
-                                          args.inflight, details))
+            slow, notes["delay"] = slow_tier_rows(Path(tmp) / "slow", args.slow_size_mib << 20, args.slow_rounds,
+                                                  args.inflight, chosen, log)
+            rows += slow
         if not args.no_realistic and args.only in (None, "realistic"):
             from bench.realistic import realistic_rows
 
-            sql = {}
-            results.update(realistic_rows(Path(tmp) / "sqlite", args.rounds, args.realistic_size_mib,
-                                          log=lambda line: print(line, file=sys.stderr),
-                                          strategies=chosen, host_cache=HostCache(Path(tmp) / "sqlite-host"),
-                                          on_served=lambda s, summary: sql.setdefault(s, []).append(
-                                              _detail(summary, None)),
-                                          **kw))
-            details["sqlite"] = sql
+            rows += realistic_rows(Path(tmp) / "sqlite", args.rounds, args.realistic_size_mib, log=log,
+                                   strategies=chosen, caches=args.cache, detail=_detail, **kw)
         if not args.no_minivm and args.only in (None, "minivm"):
-            results.update(minivm_rows(Path(tmp), args.rounds))
+            rows += minivm_rows(Path(tmp), args.rounds, log)
         if not args.no_firecracker and args.only in (None, "firecracker"):
             from bench.firecracker.rows import firecracker_rows
 
-            results.update(firecracker_rows(Path(tmp) / "firecracker", args.rounds, args.firecracker_mem_mib,
-                                            log=lambda line: print(line, file=sys.stderr)))
+            fc_rows, fc_version = firecracker_rows(Path(tmp) / "firecracker", args.rounds, args.firecracker_mem_mib,
+                                                   caches=args.cache, log=log)
+            rows += fc_rows
 
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "details": details}, indent=1))
-    report(results, details, args.rounds)
-    _plot(results, args.out)
-    print(f"\nplot: {args.out}")
+    doc = results.document(rows, command=["restore bench", *(sys.argv[1:] if argv is None else argv)],
+                           args=vars(args), started=started, elapsed_s=time.monotonic() - t0,
+                           firecracker=fc_version)
+    doc["notes"] = notes
+    path = results.write(doc, Path(args.json) if args.json else results.default_path())
+    print(report.render(doc))
+    _plot(doc, args.out)
+    print(f"\nresults: {path}\nplot: {args.out}")
     return 0
 
 
-def _baseline(rows: dict) -> str:
-    """What a row's ratios are to: mmap-warm (Firecracker's File backend with
-    a hot page cache) where the row has it, else resident."""
-    return "mmap-warm" if rows.get("mmap-warm") else "resident"
-
-
-def report(results: dict, details: dict, rounds: int) -> None:
-    """The comparison table (median ms and ratio to the row's baseline), the
-    spread table (min-max ms over rounds) and where the time goes."""
-    print(f"\nrestore-to-done, median of {rounds} interleaved rounds (slow tiers {max(1, rounds // 2)}); ratio to "
-          "mmap-warm where the row has it, else to resident (marked r)")
-    width = max([44] + [len(n) + 1 for n in results])
-    cols = [s for s in STRATEGIES if any(rows.get(s) for rows in results.values())]
-    print(f"{'workload':<{width}}" + "".join(f"{s:>26}" for s in cols))
-    for name, rows in results.items():
-        base_name = _baseline(rows)
-        base = float(np.median(rows[base_name]))
-        mark = "r" if base_name == "resident" else "x"
-        cells = []
-        for s in cols:
-            if rows.get(s):
-                med = float(np.median(rows[s]))
-                cells.append(f"{med:9.2f} ms {med / base:6.2f}{mark}")
-            else:
-                cells.append("-")
-        print(f"{name:<{width}}" + "".join(f"{c:>26}" for c in cells))
-    print("\nspread: min-max ms over the rounds")
-    print(f"{'workload':<{width}}" + "".join(f"{s:>26}" for s in cols))
-    for name, rows in results.items():
-        print(f"{name:<{width}}" + "".join(
-            f"{f'{min(rows[s]):.2f}-{max(rows[s]):.2f}':>26}" if rows.get(s) else f"{'-':>26}" for s in cols))
-    if details:
-        print("\nwhere the time goes (medians; thread time per phase, summed over the engine's threads; "
-              "bytes fetched from the network tiers)")
-        print(f"{'workload':<{width}}{'strategy':>26}{'faults':>7}{'host':>6}{'chunks':>7}{'L1 read':>9}{'decode':>9}"
-              f"{'fill':>9}{'install':>9}{'poll':>8}{'from L2':>10}{'durable':>10}{'prefetched':>11}{'useful':>7}{'wasted':>7}"
-              f"{'late':>5}{'unplanned':>10}")
-        for name, by in details.items():
-            for strat, ds in by.items():
-                if not ds:
-                    continue
-                med = {k: float(np.median([d[k] for d in ds])) for k in ds[0]}
-                print(f"{name.split(':')[0]:<{width}}{strat:>26}{med['faults']:7.0f}{med['chunks_host']:6.0f}"
-                      f"{med['chunks']:7.0f}{med['l1_read_ms']:7.1f}ms{med['decode_ms']:7.1f}ms{med['fill_ms']:7.1f}ms"
-                      f"{med['install_ms']:7.1f}ms{med['poll_ms']:6.1f}ms"
-                      f"{med['l2_bytes'] / 2**20:7.1f}MiB{med['durable_bytes'] / 2**20:7.1f}MiB"
-                      f"{med['prefetched']:11.0f}{med['useful']:7.0f}{med['wasted']:7.0f}{med['late']:5.0f}"
-                      f"{med['unplanned']:10.0f}")
-
-
-def _plot(results, out) -> None:
-    """Bars of restore-to-done / the row's baseline (medians) per workload and strategy."""
+def _plot(doc: dict, out: str) -> None:
+    """Bars of restore-to-done / the row's baseline (medians) per row and strategy."""
     import textwrap
 
     from restore.plot import plot_grouped_bars
 
     groups = {}
-    for name, rows in results.items():
-        label = name.split(":")[0] + (":" + name.split(":")[1] if name.startswith(("minivm", "firecracker")) else "")
-        base = float(np.median(rows[_baseline(rows)]))
-        groups[textwrap.fill(label.replace(" (relay delay)", ""), 18)] = {
-            s: float(np.median(rows[s])) / base for s in STRATEGIES if rows.get(s)}
-    plot_grouped_bars(groups, out, series=STRATEGIES, title="restore strategies (lower is better)",
-                      ylabel="restore-to-done / baseline (mmap-warm, else resident)", baseline=1.0, log=True,
-                      width_px=max(1200, 176 * len(results)), height_px=700)
+    for row in doc["rows"]:
+        base = row["samples"].get(row["baseline"])
+        if not base:
+            continue
+        label = f"{row['id']}"
+        groups[textwrap.fill(label, 18)] = {s: float(np.median(v)) / float(np.median(base))
+                                            for s, v in row["samples"].items() if v}
+    plot_grouped_bars(groups, out, series=list(STRATEGIES), title="restore strategies (lower is better)",
+                      ylabel="restore-to-done / the row's baseline (mmap, else resident)", baseline=1.0, log=True,
+                      width_px=max(1200, 120 * len(groups)), height_px=700)
 
 
 if __name__ == "__main__":

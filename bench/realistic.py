@@ -15,15 +15,14 @@ month) shared by both, and cold keys (anyone, anything, any time) that
 differ. Mix A is recorded (its fault log becomes the plan); mix B is
 measured, so B finds most but not all of its working set in the plan.
 
-    realistic_rows(work, rounds, size_mib) -> {row name: {strategy: [ms, ...]}}
+    realistic_rows(work, rounds, size_mib, caches=("warm", "cold")) -> [Row, ...]
 
-runs, interleaved, per round: resident, mmap-cold, mmap-warm, uffd-lazy,
-uffd-replay (with the host cache given in server_kw, filled before the
-rounds), uffd-replay-l1 (no host cache: chunks decoded from the warm L1)
-and uffd-replay-hc-empty (a new, empty host cache), each one guest process
-answering mix B; every answer of every run is checked against the resident
-run's (which is itself checked against Python's sqlite3 module on the
-database file).
+runs, interleaved, per round and cache state: resident, mmap, uffd-lazy,
+uffd-replay (with a host cache filled before the rounds), uffd-replay-l1
+(no host cache: chunks decoded from L1) and uffd-replay-hc-empty (a new,
+empty host cache), each one guest process answering mix B; every answer of
+every run is checked against the resident run's (which is itself checked
+against Python's sqlite3 module on the database file).
 """
 
 from __future__ import annotations
@@ -38,6 +37,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from bench import pagecache
+from bench.results import Row
 from bench.sqlguest import GuestFailure, run_guest
 from restore.handler import Server
 from restore.sample import write_sample_image
@@ -48,8 +49,8 @@ from restore.tiers.l1 import L1Cache
 from restore.workingset import rebuild_plan
 
 P = 4096
-STRATEGIES = ["resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-replay", "uffd-replay-l1",
-              "uffd-replay-hc-empty"]  # names from compare.STRATEGIES
+STRATEGIES = ["resident", "mmap", "uffd-lazy", "uffd-replay", "uffd-replay-l1",
+              "uffd-replay-hc-empty"]  # names from bench.results.STRATEGIES
 
 # -- the database ------------------------------------------------------------------
 
@@ -339,21 +340,21 @@ def check_answers(got: list, want: list, what: str) -> None:
 
 
 def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Optional[float] = None,
-                   requests: int = 400, make_server: Callable[..., Server] = Server,
-                   log: Callable[[str], None] = lambda s: None, strategies: Optional[list[str]] = None,
-                   on_served: Optional[Callable[[str, object], None]] = None, **server_kw) -> dict[str, dict[str, list[float]]]:
-    """The SQLite workload: one row of restore-to-done times (ms) per
-    strategy, `rounds` interleaved runs each, of guests answering mix B
-    after mix A was recorded. make_server(snapshot, socket_path, **kw) makes
-    each handler (restore's Server by default); server_kw go to every one of
-    them (l1, persist_logs, use_plan and, while recording, fault_around are
-    set here and win)."""
+                   requests: int = 400, log: Callable[[str], None] = lambda s: None,
+                   strategies: Optional[list[str]] = None, caches: tuple[str, ...] = ("warm",),
+                   detail: Optional[Callable] = None, **server_kw) -> list[Row]:
+    """The SQLite workload: one Row per cache state (bench.pagecache:
+    "warm" or "cold", set on the files each strategy reads before each of
+    its runs), `rounds` interleaved runs of each strategy, of guests
+    answering mix B after mix A was recorded, served by in-process Servers.
+    server_kw go to every Server (l1, persist_logs, use_plan, host_cache
+    and, while recording, fault_around are set here and win). detail(stats,
+    prefetched, None) makes what a served run did into the row's details."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     size = size_mib << 20
     image = work / "sql.img"
     info = build_image(image, size, db_mib)
-    os.sync()  # clean pages, so mmap-cold can drop them from the page cache
     mix_a, mix_b = mixes(info, requests)
     files = {}
     for name, mix in (("A", mix_a), ("B", mix_b)):
@@ -362,83 +363,85 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
     log(f"sqlite: {info.db_length / 2**20:.1f} MiB database ({info.customers} customers, {info.products} products, "
         f"{info.orders} orders) at offset {info.db_offset:#x} of {size_mib} MiB; {requests} queries per mix")
 
-    store = DurableStore(f"file://{work}/store")
+    store_dir = work / "store"
+    store = DurableStore(f"file://{store_dir}")
     create_snapshot(store, image, "sqlite", warm_l2=server_kw.get("l2"))
     snap = Snapshot.open(store, "sqlite")
     l1 = L1Cache(work / "l1")
     snap.fill_l1(l1)
+    host = HostCache(work / "host")
     n_sock = iter(range(10**6))
 
     def guest(backing: str, mix: str, **kw):
         return run_guest(backing, size, info.db_offset, info.db_length, files[mix], **kw)
 
-    def served(mix: str, use_plan: bool, strategy: str = "", **kw):
+    def served(mix: str, use_plan: bool, **kw):
         # The plan is recorded page by page (below): a replaying server says so,
         # for its prefetch to install page by page too (a lazy one would take
         # it as its own fault-around).
         plan_kw = {"record_fault_around": 1} if use_plan else {}
-        opts = {"l1": l1, "persist_logs": False, **plan_kw, **server_kw, "use_plan": use_plan, **kw}
-        with make_server(snap, work / f"q{next(n_sock)}.sock", **opts) as server:
+        opts = {"l1": l1, "persist_logs": False, "host_cache": host, **plan_kw, **server_kw, "use_plan": use_plan,
+                **kw}
+        with Server(snap, work / f"q{next(n_sock)}.sock", **opts) as server:
             try:
                 res = guest("uffd", mix, socket_path=server.socket_path)
             except GuestFailure as exc:  # say why the handler refused it, if it did
                 refused = list(getattr(server, "refused", []))
                 raise GuestFailure(f"{exc}{'; ' + refused[-1] if refused else ''}") from None
-        if on_served and strategy:
-            on_served(strategy, server.summaries[-1])
-        return res
+        summary = server.summaries[-1]
+        return res, (detail(summary.stats, summary.prefetched, None) if detail else None)
 
     def served_empty():
         """Replay with a new, empty host cache, removed afterwards (a host
         fills a version once: its dirty pages must not pile up)."""
-        host = HostCache(work / f"host-{next(n_sock)}")
+        hc = HostCache(work / f"host-{next(n_sock)}")
         try:
-            return served("B", True, "uffd-replay-hc-empty", host_cache=host)
+            return served("B", True, host_cache=hc)
         finally:
-            shutil.rmtree(host.root)
+            shutil.rmtree(hc.root)
 
     def local(backing: str, mix: str):
-        if backing == "mmap-cold":
-            fd = os.open(image, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        return guest("resident" if backing == "resident" else "mmap", mix, image=image)
+        return guest(backing, mix, image=image), None
 
     try:
         # The references: the resident guest, itself checked against Python's sqlite3.
         want = {}
         for mix, requests_ in (("A", mix_a), ("B", mix_b)):
-            want[mix] = local("resident", mix).answers
+            want[mix] = local("resident", mix)[0].answers
             check_answers(want[mix], reference_answers(info, requests_), f"resident guest, mix {mix}, vs sqlite3")
         rows_b = sum(len(a) for a in want["B"])
         if rows_b == 0 or sum(1 for a in want["B"] if a) < len(mix_b) // 2:
             raise RuntimeError("mix B's answers are mostly empty: the workload would not touch the database")
 
         # Record mix A: every first touch faults (fault-around 1), the log becomes the plan.
-        check_answers(served("A", False, persist_logs=True, fault_around=1).answers, want["A"], "recording, mix A")
+        res, _ = served("A", False, persist_logs=True, fault_around=1, host_cache=None)
+        check_answers(res.answers, want["A"], "recording, mix A")
         plan = rebuild_plan(store, snap.manifest, sessions=1)
         log(f"sqlite: plan of {plan.pages} pages ({plan.pages * P / 2**20:.1f} MiB) from mix A")
+        host.fill(snap)  # every chunk decoded into the kept host cache before the rounds
 
         run = {
             "resident": lambda: local("resident", "B"),
-            "mmap-cold": lambda: local("mmap-cold", "B"),
-            "mmap-warm": lambda: local("mmap-warm", "B"),
-            "uffd-lazy": lambda: served("B", False, "uffd-lazy"),
-            "uffd-replay": lambda: served("B", True, "uffd-replay"),
-            "uffd-replay-l1": lambda: served("B", True, "uffd-replay-l1", host_cache=None),
-            "uffd-replay-hc-empty": lambda: served_empty(),
+            "mmap": lambda: local("mmap", "B"),
+            "uffd-lazy": lambda: served("B", False),
+            "uffd-replay": lambda: served("B", True),
+            "uffd-replay-l1": lambda: served("B", True, host_cache=None),
+            "uffd-replay-hc-empty": served_empty,
         }
-        if server_kw.get("host_cache") is not None:
-            server_kw["host_cache"].fill(snap)  # warm: every chunk decoded before the rounds
+        read = {s: [image] if s in ("resident", "mmap") else [l1.root, store_dir, host.root] for s in run}
+        read["uffd-replay-l1"] = read["uffd-replay-hc-empty"] = [l1.root, store_dir]
         chosen = [s for s in STRATEGIES if strategies is None or s in strategies]
-        rows: dict[str, list[float]] = {s: [] for s in chosen}
-        for _ in range(rounds):  # interleaved: one of each per round
-            for s in chosen:
-                res = run[s]()
-                check_answers(res.answers, want["B"], f"{s}, mix B")
-                rows[s].append(res.ms)
+        name = f"sqlite: {requests} queries, {info.db_length / 2**20:.0f} MiB database in {size_mib} MiB, not the recorded mix"
+        rows = {c: Row(f"sqlite/{c}", name, "L1 and host cache local", c, "in-process",
+                       "restore start to the last answer (as the guest measures it)", "mmap") for c in caches}
+        for i in range(rounds):  # interleaved: one of each per round
+            for c, row in rows.items():
+                for s in chosen:
+                    resident = pagecache.set_state(c, read[s])
+                    res, d = run[s]()
+                    check_answers(res.answers, want["B"], f"{s}, mix B")
+                    row.add(s, res.ms, resident, d)
+            log(f"sqlite: round {i + 1} of {rounds}")
     finally:
         snap.close()
-    name = (f"sqlite: {requests} queries, {info.db_length / 2**20:.0f} MiB DB in {size_mib} MiB, "
-            "not the recorded mix")
-    return {name: rows}
+    return list(rows.values())

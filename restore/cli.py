@@ -1050,8 +1050,10 @@ def bench(args):
     """The strategy comparison (bench/compare.py; --help for its options).
 
     Runs `python -m bench.compare` from the source tree this package was
-    installed from (pip install -e .): every strategy, workload and tier
-    condition, interleaved, with medians, ratios to mmap-warm (else resident), spreads and a plot."""
+    installed from (pip install -e .): every strategy, workload, tier
+    condition and cache state, interleaved; prints medians with their
+    spread, verdicts and targets, keeps every sample as JSON
+    (bench/results/ unless --json) and writes a plot."""
     import runpy
     from pathlib import Path
 

@@ -152,23 +152,35 @@ def test_plan_build_and_show(tmp_path, made, run_cli):
 
 
 def test_restore_bench_runs_the_comparison(tmp_path, run_cli):
-    """`restore bench` is bench/compare.py: a small run prints the table,
-    the breakdown and writes the plot; bad arguments exit 2 with the reason."""
-    out = tmp_path / "compare.png"
+    """`restore bench` is bench/compare.py: a small run prints the tables,
+    keeps every sample with its conditions as JSON, and writes the plot;
+    bad arguments exit 2 with the reason."""
+    out, raw = tmp_path / "compare.png", tmp_path / "raw.json"
     res = run_cli("bench", "--rounds", "1", "--size-mib", "8", "--no-minivm", "--realistic-size-mib", "16",
-                  "--firecracker-mem-mib", "16", "--out", str(out), "--json", str(tmp_path / "raw.json"),
-                  check=True).stdout
-    assert "restore-to-done, median of 1 interleaved rounds" in res
-    table = res.split("where the time goes")[0]
-    for strategy in ("resident", "mmap-cold", "mmap-warm", "uffd-lazy", "uffd-reap", "uffd-replay"):
+                  "--firecracker-mem-mib", "16", "--out", str(out), "--json", str(raw), check=True).stdout
+    assert "## comparison-synthetic" in res and "## targets" in res, res
+    table = res.split("## verdicts-synthetic")[0]
+    for strategy in ("`resident`", "`mmap`", "`lazy`", "`reap`", "`reap-offset`", "`replay`"):
         assert strategy in table
-    assert re.search(r"heap-5%\s+uffd-replay\s+\d+\s+\d+", res), res
-    assert re.search(r"sqlite: \d+ queries", table), table
+    assert re.search(r"\| heap, warm \| `replay` \| \d+ \| \d+", res), res
+    doc = json.loads(raw.read_text())
+    rows = {r["id"]: r for r in doc["rows"]}
+    want = {"heap/warm", "heap/cold", "scatter/warm", "scan/cold", "sqlite/warm", "sqlite/cold"}
     if os.path.exists("/dev/kvm"):  # a real Firecracker: its File backend against restore serve
-        assert re.search(r"firecracker 1\.12\.1 \(16 MiB\), another invocation: first answer\s+-\s+[\d.]+ ms", table), table
-    raw = json.loads((tmp_path / "raw.json").read_text())
-    assert len(raw["results"]["heap-5%: runs of 3 pages, 80% shared"]["uffd-replay-hc-empty"]) == 1
+        want |= {"firecracker/another/first/warm", "firecracker/recorded/end/cold"}
+        assert rows["firecracker/another/first/warm"]["runner"] == "serve"
+        assert doc["versions"]["firecracker"] == "1.12.1"
+    assert want <= set(rows), sorted(rows)
+    heap = rows["heap/warm"]
+    assert set(heap["samples"]) == set(doc["strategies"]) and all(len(v) == 1 for v in heap["samples"].values())
+    assert heap["runner"] == "in-process" and heap["baseline"] == "mmap"
+    # The cache states were set, and mincore saw them: warm files resident, cold ones not.
+    assert heap["resident_mib"]["mmap"][0] >= 7.9 and rows["heap/cold"]["resident_mib"]["mmap"][0] < 0.5
+    assert rows["heap/cold"]["resident_mib"]["uffd-replay"][0] < 0.5 < heap["resident_mib"]["uffd-replay"][0]
+    assert len(heap["details"]["uffd-reap"]) == 1 and heap["details"]["uffd-reap"][0]["prefetched"] > 0
+    assert doc["machine"]["cpus"] == os.cpu_count() and doc["versions"]["numpy"]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for bad, why in [(["--rounds", "0"], "0 is not at least 1"), (["--size-mib", "x"], "'x' is not a whole number")]:
+    for bad, why in [(["--rounds", "0"], "0 is not at least 1"), (["--size-mib", "x"], "'x' is not a whole number"),
+                     (["--cache", "tepid"], "choose from warm, cold")]:
         r = run_cli("bench", *bad)
         assert r.returncode == 2 and why in r.stderr, r.stderr

@@ -3,30 +3,33 @@ of guest.c from a Full snapshot, and the guest's answers are timed from
 `PUT /snapshot/load` (the requests wait in its serial input already) to its
 first answer and to the end of the invocation (its last answer).
 
-Strategies, each with the cache state it names set up before every run:
-  mmap-cold    Firecracker's File backend (the memory file mapped
-               MAP_PRIVATE by Firecracker), the file evicted from the page
-               cache first (POSIX_FADV_DONTNEED)
-  mmap-warm    the same with the file read into the page cache first
+Strategies:
+  mmap         Firecracker's File backend (the memory file mapped
+               MAP_PRIVATE by Firecracker)
   uffd-lazy    the Uffd backend on a `restore serve` process (--no-plan):
-               demand faults only; L1 and host cache warm
+               demand faults only
   uffd-replay  the same server with the working-set plan recorded from one
                earlier restore of invocation A, replayed as a prefetch
-Every answer is checked against the VM that made the snapshot.
+in each cache state (bench.pagecache), set before every run on the files
+that strategy reads: the state file and the memory file (mmap); the state
+file, the server's L1 and host cache and the file store (uffd). Every
+answer is checked against the VM that made the snapshot.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from bench import pagecache
+from bench.results import Row
+
 from . import driver
 
-STRATEGIES = ["mmap-cold", "mmap-warm", "uffd-lazy", "uffd-replay"]  # names from bench.compare.STRATEGIES
+STRATEGIES = ["mmap", "uffd-lazy", "uffd-replay"]  # names from bench.results.STRATEGIES
 INVOCATION = 10  # requests per invocation
 
 
@@ -42,11 +45,11 @@ def _serve(work: Path, store: str, name: str, sock: Path, *extra: str) -> subpro
     return proc
 
 
-def firecracker_rows(work: Path, rounds: int, mem_mib: int = 256,
-                     log: Callable[[str], None] = lambda _: None) -> dict[str, dict[str, list[float]]]:
-    """Rows "<...>: first answer" and "<...>: invocation end" for another
-    invocation than the recorded one and for the recorded one, in ms;
-    {} without /dev/kvm."""
+def firecracker_rows(work: Path, rounds: int, mem_mib: int = 256, caches: tuple[str, ...] = ("warm",),
+                     log: Callable[[str], None] = lambda _: None) -> tuple[list[Row], str | None]:
+    """Rows "first answer" and "invocation end" for another invocation than
+    the recorded one and for the recorded one, per cache state, in ms; and
+    Firecracker's version. ([], None) without /dev/kvm."""
     from bench.minivm.driver import kvm_available
     from restore.snapshot import Snapshot
     from restore.tiers.durable import DurableStore
@@ -54,7 +57,7 @@ def firecracker_rows(work: Path, rounds: int, mem_mib: int = 256,
     from restore.tiers.l1 import L1Cache
 
     if not kvm_available():
-        return {}
+        return [], None
     work.mkdir(parents=True, exist_ok=True)
     b = driver.binaries()
     fc = b.firecracker
@@ -70,9 +73,11 @@ def firecracker_rows(work: Path, rounds: int, mem_mib: int = 256,
     store = f"file://{work}/store"
     subprocess.run([sys.executable, "-m", "restore", "snapshot", "create", str(mem), "--name", "fc", "--store", store],
                    check=True, capture_output=True)
-    with Snapshot.open(DurableStore(store), "fc") as snap:  # L1 and host cache warm, as the other rows
+    with Snapshot.open(DurableStore(store), "fc") as snap:  # the server's L1 and host cache filled
         snap.fill_l1(L1Cache(work / "cache"))
         HostCache(work / "cache" / "host").fill(snap)
+    reads = {"mmap": [state, mem], "uffd-lazy": [state, work / "cache", work / "store"]}
+    reads["uffd-replay"] = reads["uffd-lazy"]
 
     def run(backend: str, path: Path, requests: list[int]) -> tuple[float, float]:
         with driver.VM(fc, work / f"vm{next(n) % 4}") as vm:
@@ -83,18 +88,6 @@ def firecracker_rows(work: Path, rounds: int, mem_mib: int = 256,
         if any(reference[a.request] != a.value for a in got):
             raise RuntimeError(f"a Firecracker restore ({backend}) answered wrongly")
         return (got[0].at - t0) * 1e3, (got[-1].at - t0) * 1e3
-
-    def file(cold: bool, requests: list[int]) -> tuple[float, float]:
-        fd = os.open(mem, os.O_RDONLY)
-        try:
-            if cold:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            else:
-                while os.read(fd, 1 << 20):
-                    pass
-        finally:
-            os.close(fd)
-        return run("File", mem, requests)
 
     recorder = _serve(work, store, "fc", work / "rec.sock", "--record-fault-around", "1")
     try:
@@ -107,21 +100,30 @@ def firecracker_rows(work: Path, rounds: int, mem_mib: int = 256,
     lazy = _serve(work, store, "fc", work / "lazy.sock", "--no-plan")
     replay = _serve(work, store, "fc", work / "replay.sock", "--record-fault-around", "1")
     version = driver.version(fc)
-    out: dict[str, dict[str, list[float]]] = {}
+    go = {"mmap": lambda r: run("File", mem, r), "uffd-lazy": lambda r: run("Uffd", work / "lazy.sock", r),
+          "uffd-replay": lambda r: run("Uffd", work / "replay.sock", r)}
+    out: list[Row] = []
     try:
-        for label, requests in (("another invocation", inv_b), ("the recorded invocation", inv_a)):
-            first = out[f"firecracker {version} ({mem_mib} MiB), {label}: first answer"] = {s: [] for s in STRATEGIES}
-            end = out[f"firecracker {version} ({mem_mib} MiB), {label}: invocation end"] = {s: [] for s in STRATEGIES}
+        for key, label, requests in (("another", "another invocation", inv_b),
+                                     ("recorded", "the recorded invocation", inv_a)):
+            rows = {}
+            for c in caches:
+                for what, measure in (("first", "first answer"), ("end", "invocation end")):
+                    rows[c, what] = Row(
+                        f"firecracker/{key}/{what}/{c}",
+                        f"Firecracker {version}, our guest of {mem_mib} MiB: {label}, to its {measure}",
+                        "L1 and host cache local", c, "serve", f"PUT /snapshot/load to the guest's {measure}", "mmap")
             for i in range(rounds):  # interleaved: one of each per round
-                for s, go in (("mmap-cold", lambda: file(True, requests)), ("mmap-warm", lambda: file(False, requests)),
-                              ("uffd-lazy", lambda: run("Uffd", work / "lazy.sock", requests)),
-                              ("uffd-replay", lambda: run("Uffd", work / "replay.sock", requests))):
-                    a, z = go()
-                    first[s].append(a)
-                    end[s].append(z)
+                for c in caches:
+                    for s in STRATEGIES:
+                        resident = pagecache.set_state(c, reads[s])
+                        first, end = go[s](requests)
+                        rows[c, "first"].add(s, first, resident)
+                        rows[c, "end"].add(s, end, resident)
                 log(f"firecracker, {label}: round {i + 1} of {rounds}")
+            out.extend(rows.values())
     finally:
         for proc in (lazy, replay):
             proc.terminate()
             proc.wait()
-    return out
+    return out, version

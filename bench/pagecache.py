@@ -1,0 +1,94 @@
+"""The page-cache state of the files a benchmark run reads, set and checked.
+
+    set_state("cold", [image, l1.root, host.root])  # -> bytes resident after
+    set_state("warm", [...])
+
+"cold" writes back dirty pages (``sync``) and drops every page of the
+files from the page cache (``POSIX_FADV_DONTNEED``), so that what a run
+reads comes from the disk; "warm" reads every file in full, so that it
+comes from the page cache. Either way the files' resident bytes are then
+counted with ``mincore``, for the results to show what the state was
+rather than what was asked for. Directories stand for every regular file
+under them. A page mapped by a running process cannot be dropped; the
+count shows it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+STATES = ("warm", "cold")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The regular files named, or under the directories named; missing
+    paths give none."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.is_symlink()))
+    return out
+
+
+def evict(paths: Iterable[str | os.PathLike]) -> None:
+    os.sync()  # DONTNEED drops clean pages only
+    for f in files(paths):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def preload(paths: Iterable[str | os.PathLike]) -> None:
+    buf = bytearray(1 << 20)
+    for f in files(paths):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def resident_bytes(paths: Iterable[str | os.PathLike]) -> int:
+    """Bytes of the files' pages in the page cache now (mincore)."""
+    total = 0
+    for f in files(paths):
+        size = f.stat().st_size
+        if not size:
+            continue
+        with open(f, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ)
+        try:
+            view = np.frombuffer(m, dtype=np.uint8)
+            vec = np.zeros((size + _PAGE - 1) // _PAGE, dtype=np.uint8)
+            rc = _libc.mincore(view.ctypes.data, size, vec.ctypes.data)
+            del view
+            if rc != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore on {f}: {os.strerror(err)}")
+            total += int(np.count_nonzero(vec & 1)) * _PAGE
+        finally:
+            m.close()
+    return total
+
+
+def set_state(state: str, paths: Iterable[str | os.PathLike]) -> int:
+    """Make the files cold or warm; their resident bytes afterwards."""
+    paths = list(paths)
+    if state == "cold":
+        evict(paths)
+    elif state == "warm":
+        preload(paths)
+    else:
+        raise ValueError(f"cache state {state!r} is not one of {', '.join(STATES)}")
+    return resident_bytes(paths)
