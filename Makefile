@@ -93,7 +93,8 @@ soak: install
 
 bench: install
 	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
-	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,ops --benchmark-sort=name
+	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,ops --benchmark-sort=name \
+		--benchmark-json bench/results/$$(date -u +%Y-%m-%d-%H%M%S)-micro.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info restore/_engine*.so restore/_engine.c $(DEMO_DIR) .pytest_cache .benchmarks

@@ -21,7 +21,6 @@ per-round figures go to --json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import results
 from restore.handler import Server
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--poll-us", default="0,20,50,100,200")
     ap.add_argument("--json", default=None, help="write the raw per-round figures here")
     args = ap.parse_args(argv)
+    started = results.now()
     polls = [int(x) for x in args.poll_us.split(",")]
     with tempfile.TemporaryDirectory(prefix="restore-fault-") as tmp:
         d = Path(tmp)
@@ -148,7 +149,10 @@ def main(argv=None) -> int:
               f"{float(np.median([x['poll_ms'] for x in rows])):13.2f}"
               f"{float(np.median([x['total_ms'] for x in rows])):12.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=1))
+        doc = {"kind": "fault_poll", "command": ["python -m bench.fault_poll", *(sys.argv[1:] if argv is None else argv)],
+               "args": vars(args), "started": started, "machine": results.machine(), "versions": results.versions(),
+               "raw": raw}
+        results.write(doc, Path(args.json))
         print(f"raw: {args.json}")
     return 0
 

@@ -20,8 +20,6 @@ Figures: medians over rounds with their min-max; raw rounds in --json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import results
 from restore.sample import write_sample_image
 from restore.snapshot import create_snapshot
 from restore.testing import Guest, expected_sums, reads, wait
@@ -82,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    started = results.now()
     sizes = [s.strip() for s in args.sizes.split(",")]
     raw: dict[str, dict[str, list]] = {s: {"first_fault_ms": [], "rss_above_idle": [], "idle_rss": [],
                                            "file_rss_above_idle": []} for s in sizes}
@@ -151,7 +151,10 @@ def main(argv=None) -> int:
               f"{cell(raw[s]['rss_above_idle'], 1e6, '{:.1f}'):>28}"
               f"{cell(raw[s]['file_rss_above_idle'], 1e6, '{:.1f}'):>28}{cell(raw[s]['idle_rss'], 1e6, '{:.0f}'):>20}")
     if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=1))
+        doc = {"kind": "setup_flat", "command": ["python -m bench.setup_flat", *(sys.argv[1:] if argv is None else argv)],
+               "args": vars(args), "started": started, "machine": results.machine(), "versions": results.versions(),
+               "raw": raw}
+        results.write(doc, Path(args.json))
     return 0
 
 
