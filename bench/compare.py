@@ -102,10 +102,10 @@ def workloads(size: int, seed: int = 7) -> list[Workload]:
 
 class Bench:
     """One image, its snapshot and caches, and a run of any strategy under
-    a cache state. warm_l1=False: every restore gets a new, empty L1 and
+    a cache state. keep_local=False: every restore gets a new, empty L1 and
     host cache (the "empty" state; the chunks come from the store)."""
 
-    def __init__(self, work: Path, size: int, store: DurableStore | None = None, warm_l1: bool = True,
+    def __init__(self, work: Path, size: int, store: DurableStore | None = None, keep_local: bool = True,
                  image: Path | None = None, **server_kw):
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
@@ -116,11 +116,11 @@ class Bench:
         self.store = store or DurableStore(f"file://{work}/store")
         create_snapshot(self.store, self.image, "bench", warm_l2=server_kw.get("l2"))
         self.snap = Snapshot.open(self.store, "bench")
-        self.warm_l1 = warm_l1
+        self.keep_local = keep_local
         self.server_kw = server_kw
         self._l1 = L1Cache(work / "l1")
         self._host = HostCache(work / "host")
-        if warm_l1:
+        if keep_local:
             self.snap.fill_l1(self._l1)
             self._host.fill(self.snap)
         self._n = 0
@@ -128,8 +128,8 @@ class Bench:
 
     @property
     def l1(self) -> L1Cache:
-        """The kept L1, or a new empty one for every restore (warm_l1=False)."""
-        if self.warm_l1:
+        """The kept L1, or a new empty one for every restore (keep_local=False)."""
+        if self.keep_local:
             return self._l1
         self._n += 1
         return L1Cache(self.work / f"cold-l1-{self._n}")
@@ -137,7 +137,7 @@ class Bench:
     @property
     def host(self) -> HostCache:
         """The kept host cache, or a new empty one for every restore."""
-        return self._host if self.warm_l1 else self.empty_host()
+        return self._host if self.keep_local else self.empty_host()
 
     def empty_host(self) -> HostCache:
         self._n += 1
@@ -151,10 +151,10 @@ class Bench:
         """The local files a strategy reads (the cache state is set on them)."""
         if strategy in ("resident", "mmap"):
             return [self.image]
-        local = [self._l1.root] if self.warm_l1 else []
+        local = [self._l1.root] if self.keep_local else []
         if self.store.url.startswith("file://"):
             local.append(Path(self.store.url[len("file://"):]))
-        if strategy not in ("uffd-replay-l1", "uffd-replay-hc-empty") and self.warm_l1:
+        if strategy not in ("uffd-replay-l1", "uffd-replay-hc-empty") and self.keep_local:
             local.append(self._host.root)
         return local
 
@@ -181,7 +181,7 @@ class Bench:
                     memfd_install=memfd or "copy", host_cache=hc, **plan_kw, **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
-        if hc is not None and (host == "empty" or not self.warm_l1):
+        if hc is not None and (host == "empty" or not self.keep_local):
             # A host fills a version once: its dirty pages must not pile up
             # over the rounds and throttle the next runs' writes.
             shutil.rmtree(hc.root)
@@ -220,7 +220,7 @@ class Bench:
             hs.close()
             conn.close()
         lsock.close()
-        if not self.warm_l1:
+        if not self.keep_local:
             shutil.rmtree(host.root)
         self.check(res, offsets)
         return res.total_ns / 1e6, _detail(stats, session.prefetched_offsets(), offsets)
@@ -239,7 +239,7 @@ class Bench:
             self.snap_ws.close()
         opt = optimize_snapshot(self.snap, warm_l2=self.server_kw.get("l2"))
         self.snap_ws = Snapshot.open(self.store, "bench", opt.manifest.version)
-        if self.warm_l1:
+        if self.keep_local:
             self.snap_ws.fill_l1(self._l1)
             self._host.fill(self.snap_ws)
         return pages
@@ -292,22 +292,24 @@ def _detail(stats, prefetched: np.ndarray, offsets) -> dict:
 
 def synthetic_rows(work: Path, size: int, rounds: int, chosen: list[str], caches: list[str],
                    log: Callable[[str], None], **server_kw) -> list[Row]:
-    """heap, scatter and scan on one image: for each workload, its rows
-    (one per cache state) interleaved round by round."""
+    """heap, scatter and scan on one image, one row per workload and cache
+    state. Each cache state's rows run apart, warm first: on this kind of
+    VM a cold run's page-cache churn slows the runs after it, whatever
+    they read (docs/benchmarks.md); within a row, the strategies are
+    interleaved round by round."""
     bench = Bench(work, size, **server_kw)
     out = []
     try:
-        for w in workloads(size):
-            pages = bench.record(w)
-            log(f"{w.key}: plan of {pages} pages from the recorded invocation")
-            rows = {c: Row(f"{w.key}/{c}", w.name, "L1 and host cache local", c, "in-process", WHAT, "mmap")
-                    for c in caches}
-            for i in range(rounds):
-                for c, row in rows.items():
+        for c in caches:
+            for w in workloads(size):
+                pages = bench.record(w)
+                log(f"{w.key}, {c}: plan of {pages} pages from the recorded invocation")
+                row = Row(f"{w.key}/{c}", w.name, "L1 and host cache local", c, "in-process", WHAT, "mmap")
+                for i in range(rounds):
                     for s in chosen:
                         row.add(s, *bench.run(s, w.measured, c))
-                log(f"{w.key}: round {i + 1} of {rounds}")
-            out.extend(rows.values())
+                    log(f"{w.key}, {c}: round {i + 1} of {rounds}")
+                out.append(row)
     finally:
         bench.close()
     return out
@@ -407,7 +409,7 @@ def slow_tier_rows(work: Path, size: int, rounds: int, inflight: int, chosen: li
             for key, cond, kw in conds:
                 d = work / key
                 store = DurableStore(f"s3://{t.bucket}/{d.name}", opts)
-                b = Bench(d, size, store=store, warm_l1=False, image=image, fetchers=inflight,
+                b = Bench(d, size, store=store, keep_local=False, image=image, fetchers=inflight,
                           prefetch_inflight=inflight, **kw)
                 b.record(w)
                 # The measured invocation, and (durable only) the recorded one

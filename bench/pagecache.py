@@ -5,8 +5,11 @@
 
 "cold" writes back dirty pages (``sync``) and drops every page of the
 files from the page cache (``POSIX_FADV_DONTNEED``), so that what a run
-reads comes from the disk; "warm" reads every file in full, so that it
-comes from the page cache. Either way the files' resident bytes are then
+reads comes from the disk; "warm" does the same and then reads every file
+in full, so that it comes from the page cache, and from the same page cache
+whatever ran before: how a file's pages came in (read(), or faults on a
+mapping, whose readahead makes other folios) changes what mapping them
+later costs. Either way the files' resident bytes are then
 counted with ``mincore``, for the results to show what the state was
 rather than what was asked for. Directories stand for every regular file
 under them. A page mapped by a running process cannot be dropped; the
@@ -88,6 +91,7 @@ def set_state(state: str, paths: Iterable[str | os.PathLike]) -> int:
     if state == "cold":
         evict(paths)
     elif state == "warm":
+        evict(paths)  # the same page cache, whatever ran before (see the module's docstring)
         preload(paths)
     else:
         raise ValueError(f"cache state {state!r} is not one of {', '.join(STATES)}")

@@ -434,14 +434,14 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
         name = f"sqlite: {requests} queries, {info.db_length / 2**20:.0f} MiB database in {size_mib} MiB, not the recorded mix"
         rows = {c: Row(f"sqlite/{c}", name, "L1 and host cache local", c, "in-process",
                        "restore start to the last answer (as the guest measures it)", "mmap") for c in caches}
-        for i in range(rounds):  # interleaved: one of each per round
-            for c, row in rows.items():
+        for c, row in rows.items():  # each cache state apart (bench.compare.synthetic_rows)
+            for i in range(rounds):  # interleaved: one of each per round
                 for s in chosen:
                     resident = pagecache.set_state(c, read[s])
                     res, d = run[s]()
                     check_answers(res.answers, want["B"], f"{s}, mix B")
                     row.add(s, res.ms, resident, d)
-            log(f"sqlite: round {i + 1} of {rounds}")
+                log(f"sqlite, {c}: round {i + 1} of {rounds}")
     finally:
         snap.close()
     return list(rows.values())

@@ -161,7 +161,8 @@ def run_section(doc: dict) -> str:
     lines = [
         f"- command: `{' '.join(doc['command'])}`, started {doc['started']}, {doc['elapsed_s'] / 60:.0f} min",
         f"- machine: {m['cpus']} × {m['cpu_model']}, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}"
-        + (f", /dev/kvm ({', '.join(m['kvm_modules']) or 'built in'})" if m.get("kvm") else ", no /dev/kvm"),
+        + (f", /dev/kvm ({', '.join(m['kvm_modules']) or 'built in'})" if m.get("kvm") else ", no /dev/kvm")
+        + (f"; DAMON running ({'; '.join(m['damon'])})" if m.get("damon") else ""),
         f"- code: commit {commit}; Python {v['python']}, "
         + ", ".join(f"{k} {v[k]}" for k in ("cffi", "numpy", "lz4", "cryptography", "obstore", "pymemcache", "moto",
                                             "firecracker") if k in v),

@@ -57,9 +57,9 @@ STRATEGIES = {
 UFFD = [s for s in STRATEGIES if s.startswith("uffd-")]
 
 CACHE_STATES = {
-    "warm": "before each run, every local file the strategy reads is read in full into the page cache: the memory "
-            "file (resident, mmap); L1's chunk files, the host cache's files and the file store (uffd-*); "
-            "Firecracker's state file (its rows)",
+    "warm": "before each run, every local file the strategy reads is dropped from the page cache and read back in "
+            "full, so that every run finds the same page cache: the memory file (resident, mmap); L1's chunk files, "
+            "the host cache's files and the file store (uffd-*); Firecracker's state file (its rows)",
     "cold": "before each run, the same files are written back and dropped from the page cache (sync, "
             "POSIX_FADV_DONTNEED): what the strategy reads comes from the disk",
     "empty": "L1 and the host cache new and empty for each run: every chunk comes from the network tiers",
@@ -111,7 +111,22 @@ def machine() -> dict:
                 if line.startswith("MemTotal:")), 0)
     kvm = sorted(m.name for m in Path("/sys/module").glob("kvm*")) if Path("/sys/module").is_dir() else []
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu, "memory_bytes": mem,
-            "kvm_modules": kvm, "kvm": os.path.exists("/dev/kvm")}
+            "kvm_modules": kvm, "kvm": os.path.exists("/dev/kvm"), "damon": damon()}
+
+
+def damon() -> list[str]:
+    """The kernel's running DAMON contexts as "operations: actions" (a
+    host that runs DAMON with a pageout scheme reclaims memory nothing has
+    touched lately, page cache included, and its sampling costs the
+    workloads it watches)."""
+    out = []
+    for kd in sorted(Path("/sys/kernel/mm/damon/admin/kdamonds").glob("[0-9]*")):
+        if _read(str(kd / "state")).strip() != "on":
+            continue
+        for ctx in sorted((kd / "contexts").glob("[0-9]*")):
+            actions = [_read(str(a)).strip() for a in sorted((ctx / "schemes").glob("[0-9]*/action"))]
+            out.append(f"{_read(str(ctx / 'operations')).strip()}: {', '.join(actions) or 'monitoring only'}")
+    return out
 
 
 def _git(root: Path, *args: str) -> str:

@@ -113,14 +113,14 @@ def firecracker_rows(work: Path, rounds: int, mem_mib: int = 256, caches: tuple[
                         f"firecracker/{key}/{what}/{c}",
                         f"Firecracker {version}, our guest of {mem_mib} MiB: {label}, to its {measure}",
                         "L1 and host cache local", c, "serve", f"PUT /snapshot/load to the guest's {measure}", "mmap")
-            for i in range(rounds):  # interleaved: one of each per round
-                for c in caches:
+            for c in caches:  # each cache state apart (bench.compare.synthetic_rows)
+                for i in range(rounds):  # interleaved: one of each per round
                     for s in STRATEGIES:
                         resident = pagecache.set_state(c, reads[s])
                         first, end = go[s](requests)
                         rows[c, "first"].add(s, first, resident)
                         rows[c, "end"].add(s, end, resident)
-                log(f"firecracker, {label}: round {i + 1} of {rounds}")
+                    log(f"firecracker, {label}, {c}: round {i + 1} of {rounds}")
             out.extend(rows.values())
     finally:
         for proc in (lazy, replay):
