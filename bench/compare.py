@@ -256,25 +256,21 @@ class Bench:
         resident = pagecache.set_state(cache, files) if cache in pagecache.STATES else pagecache.resident_bytes(files)
         if strategy in ("resident", "mmap"):
             return self.local(strategy, offsets), resident, None
-        if strategy == "uffd-reap":
-            return _with(resident, self.reap(offsets, self.snap_ws))
-        if strategy == "uffd-reap-offset":
-            return _with(resident, self.reap(offsets, self.snap))
-        ws, plan = self.snap_ws, True
-        go = {
-            "uffd-lazy": lambda: self.served(offsets, use_plan=False),
-            "uffd-replay": lambda: self.served(offsets, use_plan=plan),
-            "uffd-replay-ws": lambda: self.served(offsets, use_plan=plan, snap=ws),
-            "uffd-replay-ws-memfd": lambda: self.served(offsets, use_plan=plan, snap=ws, memfd="copy"),
-            "uffd-replay-ws-memfd-cont": lambda: self.served(offsets, use_plan=plan, snap=ws, memfd="continue"),
-            "uffd-replay-l1": lambda: self.served(offsets, use_plan=plan, host="none"),
-            "uffd-replay-hc-empty": lambda: self.served(offsets, use_plan=plan, host="empty"),
+        if strategy in ("uffd-reap", "uffd-reap-offset"):
+            ms, detail = self.reap(offsets, self.snap_ws if strategy == "uffd-reap" else self.snap)
+            return ms, resident, detail
+        ws = self.snap_ws
+        kw = {
+            "uffd-lazy": {"use_plan": False},
+            "uffd-replay": {},
+            "uffd-replay-ws": {"snap": ws},
+            "uffd-replay-ws-memfd": {"snap": ws, "memfd": "copy"},
+            "uffd-replay-ws-memfd-cont": {"snap": ws, "memfd": "continue"},
+            "uffd-replay-l1": {"host": "none"},
+            "uffd-replay-hc-empty": {"host": "empty"},
         }[strategy]
-        return _with(resident, go())
-
-
-def _with(resident: int, run: tuple[float, dict]) -> tuple[float, int, dict]:
-    return run[0], resident, run[1]
+        ms, detail = self.served(offsets, **{"use_plan": True, **kw})
+        return ms, resident, detail
 
 
 def _detail(stats, prefetched: np.ndarray, offsets) -> dict:
