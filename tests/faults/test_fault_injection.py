@@ -260,9 +260,12 @@ def test_l1_disk_full(tmp_path, snap, trace, image):
 
 def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, snap, s3_proxy, trace):
     """A metrics scrape (Server.counters) while a session's close() waits for
-    a fetch stuck on a stalled S3 answers at once, and counters only grow."""
+    a fetch stuck on a stalled S3 answers at once, and counters only grow.
+    The threaded fetchers are the path whose close waits for a stuck GET
+    (the fetch loop cancels it, so its close may end before any scrape)."""
     s3_proxy.set("stall")
-    with Server(snap, tmp_path / "s.sock", l1=L1Cache(tmp_path / "l1"), fetchers=1, persist_logs=False) as server:
+    with Server(snap, tmp_path / "s.sock", l1=L1Cache(tmp_path / "l1"), fetchers=1, persist_logs=False,
+                fetch_loop=False) as server:
         with Guest(server.socket_path, memory_size=SIZE) as g:
             g.start(reads(trace[:5]))
             deadline = time.monotonic() + 10
