@@ -45,8 +45,12 @@ def files(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def evict(paths: Iterable[str | os.PathLike]) -> None:
+    _evict(files(paths))
+
+
+def _evict(fs: list[Path]) -> None:
     os.sync()  # DONTNEED drops clean pages only
-    for f in files(paths):
+    for f in fs:
         fd = os.open(f, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -55,8 +59,12 @@ def evict(paths: Iterable[str | os.PathLike]) -> None:
 
 
 def preload(paths: Iterable[str | os.PathLike]) -> None:
+    _preload(files(paths))
+
+
+def _preload(fs: list[Path]) -> None:
     buf = bytearray(1 << 20)
-    for f in files(paths):
+    for f in fs:
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass
@@ -64,8 +72,12 @@ def preload(paths: Iterable[str | os.PathLike]) -> None:
 
 def resident_bytes(paths: Iterable[str | os.PathLike]) -> int:
     """Bytes of the files' pages in the page cache now (mincore)."""
+    return _resident(files(paths))
+
+
+def _resident(fs: list[Path]) -> int:
     total = 0
-    for f in files(paths):
+    for f in fs:
         size = f.stat().st_size
         if not size:
             continue
@@ -87,12 +99,10 @@ def resident_bytes(paths: Iterable[str | os.PathLike]) -> int:
 
 def set_state(state: str, paths: Iterable[str | os.PathLike]) -> int:
     """Make the files cold or warm; their resident bytes afterwards."""
-    paths = list(paths)
-    if state == "cold":
-        evict(paths)
-    elif state == "warm":
-        evict(paths)  # the same page cache, whatever ran before (see the module's docstring)
-        preload(paths)
-    else:
+    if state not in STATES:
         raise ValueError(f"cache state {state!r} is not one of {', '.join(STATES)}")
-    return resident_bytes(paths)
+    fs = files(paths)  # one walk of the directories for the three passes
+    _evict(fs)
+    if state == "warm":  # the same page cache, whatever ran before (see the module's docstring)
+        _preload(fs)
+    return _resident(fs)
