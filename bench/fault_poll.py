@@ -149,9 +149,7 @@ def main(argv=None) -> int:
               f"{float(np.median([x['poll_ms'] for x in rows])):13.2f}"
               f"{float(np.median([x['total_ms'] for x in rows])):12.1f}")
     if args.json:
-        doc = {"kind": "fault_poll", "command": ["python -m bench.fault_poll", *(sys.argv[1:] if argv is None else argv)],
-               "args": vars(args), "started": started, "machine": results.machine(), "versions": results.versions(),
-               "raw": raw}
+        doc = results.bench_document("fault_poll", "bench.fault_poll", argv, vars(args), started, raw)
         results.write(doc, Path(args.json))
         print(f"raw: {args.json}")
     return 0

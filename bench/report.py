@@ -32,7 +32,8 @@ from pathlib import Path
 from statistics import median
 from typing import Optional
 
-from bench.results import STRATEGIES, load
+from bench.microtables import table as _table
+from bench.results import STRATEGIES, checked, load
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = {  # row id prefix -> group; groups in this order
@@ -110,9 +111,10 @@ def verdict(a: list[float], b: list[float], name_a: str, name_b: str) -> str:
     ma, mb = median(a), median(b)
     if min(len(a), len(b)) < VERDICT_ROUNDS:
         return f"{times(ma / mb)}, too few rounds"
-    if max(a) < min(b):
+    side = winner(a, b)
+    if side == "a":
         return f"{name_a} {times(mb / ma)} faster"
-    if max(b) < min(a):
+    if side == "b":
         return f"{name_b} {times(ma / mb)} faster"
     return f"level ({times(ma / mb)})"
 
@@ -143,12 +145,6 @@ def _rows(doc: dict, group: str) -> list[dict]:
 
 def _columns(rows: list[dict]) -> list[str]:
     return [s for s in STRATEGIES if any(r["samples"].get(s) for r in rows)]
-
-
-def _table(head: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
 
 
 # -- sections ---------------------------------------------------------------------------
@@ -364,7 +360,7 @@ def sections_of(doc: dict) -> dict:
 
 def load_any(path: Path) -> dict:
     doc = json.loads(Path(path).read_text())
-    return load(path) if "rows" in doc else doc
+    return checked(doc, path) if "rows" in doc else doc
 
 
 # -- documents -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -161,6 +162,14 @@ def document(rows: list[Row], *, command: list[str], args: dict, started: str, e
             "rows": [asdict(r) for r in rows]}
 
 
+def bench_document(kind: str, module: str, argv: Optional[list[str]], args: dict, started: str, raw: dict) -> dict:
+    """The document of a benchmark other than the comparison (bench.report
+    reads it by its kind): its rounds as it keeps them, with the command,
+    machine and versions."""
+    return {"kind": kind, "command": [f"python -m {module}", *(sys.argv[1:] if argv is None else argv)],
+            "args": args, "started": started, "machine": machine(), "versions": versions(), "raw": raw}
+
+
 def default_path(root: Optional[Path] = None) -> Path:
     """Where a run keeps its document when not told: bench/results/
     <UTC date>-<time>-compare.json of the source tree."""
@@ -178,7 +187,11 @@ def write(doc: dict, path: Path) -> Path:
 
 
 def load(path: str | os.PathLike) -> dict:
-    doc = json.loads(Path(path).read_text())
+    return checked(json.loads(Path(path).read_text()), path)
+
+
+def checked(doc: dict, path: str | os.PathLike) -> dict:
+    """doc, if it is a comparison run's document of this schema."""
     if doc.get("schema") != RESULTS_SCHEMA:
         raise ValueError(f"{path}: results schema {doc.get('schema')!r}, this report reads {RESULTS_SCHEMA}")
     return doc

@@ -151,9 +151,7 @@ def main(argv=None) -> int:
               f"{cell(raw[s]['rss_above_idle'], 1e6, '{:.1f}'):>28}"
               f"{cell(raw[s]['file_rss_above_idle'], 1e6, '{:.1f}'):>28}{cell(raw[s]['idle_rss'], 1e6, '{:.0f}'):>20}")
     if args.json:
-        doc = {"kind": "setup_flat", "command": ["python -m bench.setup_flat", *(sys.argv[1:] if argv is None else argv)],
-               "args": vars(args), "started": started, "machine": results.machine(), "versions": results.versions(),
-               "raw": raw}
+        doc = results.bench_document("setup_flat", "bench.setup_flat", argv, vars(args), started, raw)
         results.write(doc, Path(args.json))
     return 0
 
