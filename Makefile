@@ -26,6 +26,8 @@ DEMO_DIR ?= demo-data
 NODE_DIR := build/node
 AZURITE_VERSION := 3.35.0
 AZURITE := $(NODE_DIR)/node_modules/.bin/azurite-blob
+S3RVER_VERSION := 3.7.1
+S3RVER := $(NODE_DIR)/node_modules/.bin/s3rver
 
 .PHONY: soak demo test bench deps install clean firecracker
 
@@ -49,19 +51,20 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/private
 	RESTORE_WERROR=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Azurite needs Node.js and npm. `make install` (and so `make demo`) goes
-# on without them; `make test` installs them (Debian: nodejs, npm) when
-# missing.
-$(AZURITE):
+# Azurite (the Azure tests) and s3rver (the benchmark's S3 server, which
+# keeps connections alive) need Node.js and npm. `make install` (and so
+# `make demo`) goes on without them; `make test` installs them (Debian:
+# nodejs, npm) when missing.
+$(AZURITE) $(S3RVER) &:
 	@command -v npm >/dev/null || { \
-	  echo "installing Debian packages: nodejs npm (for Azurite)"; \
+	  echo "installing Debian packages: nodejs npm (for Azurite and s3rver)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
-	npm install --prefix $(NODE_DIR) --no-audit --no-fund --silent azurite@$(AZURITE_VERSION)
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --silent azurite@$(AZURITE_VERSION) s3rver@$(S3RVER_VERSION)
 
 install: deps $(VENV)/.installed
-	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(AZURITE); \
-	else echo "npm not found: Azurite (for the Azure tests) not installed"; fi
+	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(AZURITE) $(S3RVER); \
+	else echo "npm not found: Azurite (Azure tests) and s3rver (benchmark S3 server) not installed"; fi
 
 demo: install
 	mkdir -p $(DEMO_DIR)
@@ -84,7 +87,7 @@ firecracker: install
 	$(PY) -m bench.firecracker.fetch
 	$(PY) -c 'from bench.firecracker import driver; print(driver.build_guest("build/firecracker"))'
 
-test: install $(AZURITE)
+test: install $(AZURITE) $(S3RVER)
 	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
 	$(PY) -m pytest -q tests
 

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from bench import pagecache
-from bench.results import STRATEGIES, UFFD, Row
+from bench.results import SLOW_ONLY, STRATEGIES, UFFD, Row
 from restore.handler import Server
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
@@ -170,24 +170,27 @@ class Bench:
         return res.total_ns / 1e6
 
     def served(self, offsets, use_plan: bool, snap: Snapshot | None = None, memfd: str | None = None,
-               host: str = "kept") -> tuple[float, dict]:
+               host: str = "kept", fetch_loop: bool = True) -> tuple[float, dict]:
         """host: "kept" (self.host), "none" or "empty" (a new host cache)."""
         hc = {"kept": lambda: self.host, "none": lambda: None, "empty": self.empty_host}[host]()
+        cpu = time.process_time()
         # The plan was recorded page by page (record()): a replaying server
         # says so, so that its prefetch installs page by page too. (Not a
         # lazy one: there record_fault_around is its own fault-around.)
         plan_kw = {"record_fault_around": 1} if use_plan else {}
         with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
-                    memfd_install=memfd or "copy", host_cache=hc, **plan_kw, **self.server_kw) as server:
+                    memfd_install=memfd or "copy", host_cache=hc, fetch_loop=fetch_loop, **plan_kw,
+                    **self.server_kw) as server:
             with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
+        cpu = time.process_time() - cpu
         if hc is not None and (host == "empty" or not self.keep_local):
             # A host fills a version once: its dirty pages must not pile up
             # over the rounds and throttle the next runs' writes.
             shutil.rmtree(hc.root)
         self.check(res, offsets)
         summary = server.summaries[-1]
-        return res.total_ns / 1e6, _detail(summary.stats, summary.prefetched, offsets)
+        return res.total_ns / 1e6, {**_detail(summary.stats, summary.prefetched, offsets), "cpu_ms": cpu * 1e3}
 
     def reap(self, offsets, snap: Snapshot) -> tuple[float, dict]:
         """REAP's blocking prefetch: the guest waits until exactly the
@@ -268,6 +271,8 @@ class Bench:
             "uffd-replay-ws-memfd-cont": {"snap": ws, "memfd": "continue"},
             "uffd-replay-l1": {"host": "none"},
             "uffd-replay-hc-empty": {"host": "empty"},
+            "uffd-lazy-threads": {"use_plan": False, "fetch_loop": False},
+            "uffd-replay-threads": {"fetch_loop": False},
         }[strategy]
         ms, detail = self.served(offsets, **{"use_plan": True, **kw})
         return ms, resident, detail
@@ -388,7 +393,6 @@ def slow_tier_rows(work: Path, size: int, rounds: int, inflight: int, chosen: li
     behind the durable tier alone (bench/netdelay: namespaces plus delay);
     and the delay method."""
     from bench import netdelay
-    from restore.tiers.durable import S3Options
     from restore.tiers.l2 import L2Cluster
 
     work.mkdir(parents=True, exist_ok=True)
@@ -397,7 +401,7 @@ def slow_tier_rows(work: Path, size: int, rounds: int, inflight: int, chosen: li
     w = workloads(size)[0]
     out = []
     with netdelay.tiers() as t:
-        opts = S3Options(endpoint=t.s3_endpoint, region="us-east-1", access_key_id="test", secret_access_key="test")
+        opts = t.s3_options()
         l2 = L2Cluster([("az1", [t.l2_address])])
         conds = [("l2", f"L2 warm ({t.l2_rtt_ms:g} ms RTT), durable behind it", {"l2": l2}),
                  ("durable", f"L2 empty, the durable tier alone ({t.s3_rtt_ms:g} ms RTT)", {})]
@@ -413,7 +417,8 @@ def slow_tier_rows(work: Path, size: int, rounds: int, inflight: int, chosen: li
                 runs = [("another", "", w.measured)]
                 if key == "durable":
                     runs.append(("recorded", ", the recorded invocation", w.recorded))
-                rows = [(Row(f"slow/{key}/{inv}", f"heap on {size >> 20} MiB{label}", f"{cond}; delay: {t.method}",
+                rows = [(Row(f"slow/{key}/{inv}", f"heap on {size >> 20} MiB{label}",
+                             f"{cond}; delay: {t.method}; S3 server: {t.s3_server}",
                              "empty", "in-process", WHAT, "resident"), offsets) for inv, label, offsets in runs]
                 strategies = ["resident"] + [s for s in chosen if s in UFFD]
                 for i in range(rounds):
@@ -473,8 +478,9 @@ def main(argv=None) -> int:
                     help="memory of the SQLite workload's guest")
     ap.add_argument("--no-firecracker", action="store_true", help="skip the real Firecracker rows")
     ap.add_argument("--firecracker-mem-mib", type=_positive, default=256, help="memory of the Firecracker guest")
-    ap.add_argument("--only", choices=["synthetic", "realistic", "minivm", "firecracker"],
-                    help="run only these workloads (synthetic: heap/scatter/scan and --slow-tiers)")
+    ap.add_argument("--only", choices=["synthetic", "slow", "realistic", "minivm", "firecracker"],
+                    help="run only these workloads (synthetic: heap/scatter/scan and --slow-tiers; slow: the "
+                         "slow-tier rows alone)")
     ap.add_argument("--slow-tiers", action="store_true",
                     help="also run heap with an empty L1 behind delayed L2 / S3 (needs root)")
     ap.add_argument("--slow-size-mib", type=_positive, default=64, help="memory of the slow-tier runs")
@@ -486,6 +492,7 @@ def main(argv=None) -> int:
 
     started, t0 = results.now(), time.monotonic()
     chosen = [s for s in STRATEGIES if s in args.strategies]
+    local = [s for s in chosen if s not in SLOW_ONLY]
     rows: list[Row] = []
     fc_version = None
     notes = {}
@@ -493,9 +500,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="restore-compare-", dir="/var/tmp") as tmp:
         kw = {"fault_around": args.fault_around, "poll_us": args.poll_us}
         if args.only in (None, "synthetic"):
-            rows += synthetic_rows(Path(tmp) / "synthetic", args.size_mib << 20, args.rounds, chosen, args.cache,
+            rows += synthetic_rows(Path(tmp) / "synthetic", args.size_mib << 20, args.rounds, local, args.cache,
                                    log, **kw)
-        if args.slow_tiers and args.only in (None, "synthetic"):
+        if (args.slow_tiers and args.only in (None, "synthetic")) or args.only == "slow":
             slow, notes["delay"] = slow_tier_rows(Path(tmp) / "slow", args.slow_size_mib << 20, args.slow_rounds,
                                                   args.inflight, chosen, log)
             rows += slow
@@ -503,7 +510,7 @@ def main(argv=None) -> int:
             from bench.realistic import realistic_rows
 
             rows += realistic_rows(Path(tmp) / "sqlite", args.rounds, args.realistic_size_mib, log=log,
-                                   strategies=chosen, caches=args.cache, detail=_detail, **kw)
+                                   strategies=local, caches=args.cache, detail=_detail, **kw)
         if not args.no_minivm and args.only in (None, "minivm"):
             rows += minivm_rows(Path(tmp), args.rounds, log)
         if not args.no_firecracker and args.only in (None, "firecracker"):

@@ -22,7 +22,7 @@ import obstore
 
 from bench import netdelay
 from restore.tiers.amc import Zone
-from restore.tiers.durable import DurableStore, S3Options
+from restore.tiers.durable import DurableStore
 from restore.tiers.l2 import L2Cluster
 
 CHUNK = 512 * 1024
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     total = CHUNK * len(keys)
     with netdelay.tiers() as t:
         print(f"delay: {t.method} ({t.why})")
-        opts = S3Options(endpoint=t.s3_endpoint, region="us-east-1", access_key_id="test", secret_access_key="test")
+        opts = t.s3_options()
         store = DurableStore(f"s3://{t.bucket}/fi", opts)
         l2 = L2Cluster([("az1", [t.l2_address])])
         for k, b in zip(keys, blobs):

@@ -2,15 +2,20 @@
 
     with netdelay.tiers(l2_rtt_ms=0.5, s3_rtt_ms=20) as t:
         L2Cluster([("az1", [t.l2_address])])
-        DurableStore(f"s3://{t.bucket}/prefix", S3Options(endpoint=t.s3_endpoint, region="us-east-1",
-                                                          access_key_id="test", secret_access_key="test"))
+        DurableStore(f"s3://{t.bucket}/prefix", t.s3_options())
+        t.s3_server  # "s3rver" or "moto"
         t.method     # "netem" or "relay": how the delay is made
         t.relay_pid  # the delay line's process (relay), else None
 
 Each service gets a network namespace (``rsbench-<role>-<pid>``) joined to
 the root namespace by a veth pair in a private /30 (10.213.N.0/30: .1 in
-the root namespace, .2 in the service's). memcached and moto's S3 server
-run inside (``ip netns exec``). The delay is added by netem on both veth
+the root namespace, .2 in the service's). memcached and an S3 server run
+inside (``ip netns exec``). The S3 server (``s3_server``) is s3rver (npm,
+installed by ``make install`` next to Azurite), which keeps connections
+alive, or moto's server, which answers every request with ``Connection:
+close`` (so each request costs a new connection, one more round trip) and
+spends about 3 ms of CPU per 512 KiB GET; "auto" takes s3rver when it is
+installed. ``t.s3_options()`` are the S3Options that reach it. The delay is added by netem on both veth
 ends (half the RTT each) when the kernel has sch_netem; else by a
 userspace delay line (``Relay``) in a child process of its own in the root
 namespace, so that it never waits for the GIL of the process whose
@@ -56,6 +61,8 @@ PREFIX = "rsbench"  # namespace names: rsbench-<role>-<pid>
 SUBNET = "10.213"  # 10.213.N.0/30 per host; only namespaces made here are contacted
 L2_PORT, S3_PORT = 11211, 5000
 ROOT = Path(__file__).resolve().parent.parent  # where `python -m bench.netdelay` finds the package
+S3RVER = ROOT / "build" / "node" / "node_modules" / ".bin" / "s3rver"  # make install
+S3_SERVERS = ("auto", "s3rver", "moto")
 
 
 class NetDelayError(RuntimeError):
@@ -76,6 +83,14 @@ class Tiers:
     l2_rtt_ms: float
     s3_rtt_ms: float
     relay_pid: Optional[int] = None  # the delay line's process (method "relay"), a child of this one
+    s3_server: str = "moto"  # which S3 server: "s3rver" or "moto"
+    s3_key: tuple[str, str] = ("test", "test")  # the credentials it accepts
+
+    def s3_options(self):
+        from restore.tiers.durable import S3Options
+
+        return S3Options(endpoint=self.s3_endpoint, region="us-east-1", access_key_id=self.s3_key[0],
+                         secret_access_key=self.s3_key[1])
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -433,8 +448,9 @@ def _file_tail(f: IO[bytes]) -> str:
 
 @contextlib.contextmanager
 def tiers(l2_rtt_ms: float = 0.5, s3_rtt_ms: float = 20.0, bucket: str = "restore-bench",
-          memcached_mb: int = 256) -> Iterator[Tiers]:
-    """memcached and an S3 server, each on its own host behind the given RTT."""
+          memcached_mb: int = 256, s3_server: str = "auto") -> Iterator[Tiers]:
+    """memcached and an S3 server (s3_server: see the module text), each on
+    its own host behind the given RTT."""
     memcached = shutil.which("memcached")
     if not memcached:
         raise NetDelayError("memcached is not installed")
@@ -456,7 +472,21 @@ def tiers(l2_rtt_ms: float = 0.5, s3_rtt_ms: float = 20.0, bucket: str = "restor
                                capture_output=True)
         l2.spawn([memcached, "-l", l2.addr, "-p", str(L2_PORT), "-U", "0", "-I", "2m", "-m", str(memcached_mb),
                   "-u", "nobody"], L2_PORT, logdir)
-        s3.spawn([sys.executable, "-m", "moto.server", "-H", s3.addr, "-p", str(S3_PORT)], S3_PORT, logdir)
+        if s3_server == "auto":
+            s3_server = "s3rver" if S3RVER.exists() else "moto"
+        if s3_server == "s3rver":
+            if not S3RVER.exists():
+                raise NetDelayError(f"s3rver is not installed ({S3RVER}): run make install")
+            data = os.path.join(logdir, "s3rver")
+            os.mkdir(data)
+            s3.spawn([str(S3RVER), "-d", data, "-a", s3.addr, "-p", str(S3_PORT), "-s",
+                      "--configure-bucket", bucket], S3_PORT, logdir)
+            key = ("S3RVER", "S3RVER")  # its fixed credentials
+        elif s3_server == "moto":
+            s3.spawn([sys.executable, "-m", "moto.server", "-H", s3.addr, "-p", str(S3_PORT)], S3_PORT, logdir)
+            key = ("test", "test")
+        else:
+            raise NetDelayError(f"unknown S3 server {s3_server!r}: choose from {', '.join(S3_SERVERS)}")
         l2_address, s3_address = (l2.addr, L2_PORT), (s3.addr, S3_PORT)
         relay_pid = None
         if method == "relay":
@@ -465,11 +495,12 @@ def tiers(l2_rtt_ms: float = 0.5, s3_rtt_ms: float = 20.0, bucket: str = "restor
             relay_pid = relay.pid
             why += f" in its own process (pid {relay.pid})"
         t = Tiers(l2_address, f"http://{s3_address[0]}:{s3_address[1]}", bucket, method, why, l2_rtt_ms, s3_rtt_ms,
-                  relay_pid)
-        import boto3  # comes with moto; obstore cannot create buckets
+                  relay_pid, s3_server, key)
+        if s3_server == "moto":
+            import boto3  # comes with moto; obstore cannot create buckets
 
-        boto3.client("s3", endpoint_url=t.s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket=bucket)
+            boto3.client("s3", endpoint_url=t.s3_endpoint, region_name="us-east-1", aws_access_key_id=key[0],
+                         aws_secret_access_key=key[1]).create_bucket(Bucket=bucket)
         yield t
 
 

@@ -54,8 +54,8 @@ PAIRS = [
     ("uffd-replay-hc-empty", "uffd-replay-l1"), ("uffd-replay", "resident"),
 ]
 VERDICT_ROUNDS = 3  # fewer rounds have no spread worth the name
-DETAIL_STRATEGIES = ["uffd-lazy", "uffd-reap", "uffd-reap-offset", "uffd-replay", "uffd-replay-ws", "uffd-replay-l1",
-                     "uffd-replay-hc-empty"]
+DETAIL_STRATEGIES = ["uffd-lazy", "uffd-lazy-threads", "uffd-reap", "uffd-reap-offset", "uffd-replay",
+                     "uffd-replay-threads", "uffd-replay-ws", "uffd-replay-l1", "uffd-replay-hc-empty"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,10 @@ TARGETS = [
            3.0, faster=True),
     Target("empty L1 and L2, durable only (20 ms RTT): replay faster than lazy", "slow/durable/another",
            "uffd-replay", "uffd-lazy", 10.0, faster=True),
+    Target("empty L1, L2 warm: replay with the fetch loop against the thread pool", "slow/l2/another",
+           "uffd-replay", "uffd-replay-threads", 1.0, faster=True),
+    Target("empty L1 and L2, durable only: replay with the fetch loop against the thread pool",
+           "slow/durable/another", "uffd-replay", "uffd-replay-threads", 1.0, faster=True),
 ]
 
 
@@ -232,6 +236,10 @@ def verdict_section(doc: dict, group: str) -> str:
 
 def breakdown_section(doc: dict, group: str) -> str:
     rows = [r for r in _rows(doc, group) if r["cache"] != "cold" and r["details"]]
+    # The process's CPU time per MiB from the network tiers, where the run
+    # measured it (the slow-tier rows, whose servers run in-process).
+    cpu = any("cpu_ms" in d and d["l2_bytes"] + d["durable_bytes"] for r in rows for ds in r["details"].values()
+              for d in ds)
     body = []
     for r in rows:
         for s in DETAIL_STRATEGIES:
@@ -240,17 +248,22 @@ def breakdown_section(doc: dict, group: str) -> str:
                 continue
             med = {k: median(d[k] for d in ds) for k in ds[0]}
             known = med["useful"] >= 0
-            body.append([_label(r), f"`{_short(s)}`", f"{med['faults']:.0f}", f"{med['chunks_host']:.0f}",
-                         f"{med['chunks']:.0f}", f"{ms(med['decode_ms'])} ms", f"{ms(med['fill_ms'])} ms",
-                         f"{ms(med['install_ms'])} ms", f"{ms(med['poll_ms'])} ms",
-                         f"{med['l2_bytes'] / 2**20:.1f} / {med['durable_bytes'] / 2**20:.1f}",
-                         f"{med['prefetched']:.0f} / {med['useful']:.0f}" if known else f"{med['prefetched']:.0f} / –",
-                         f"{med['unplanned']:.0f}"])
+            cells = [_label(r), f"`{_short(s)}`", f"{med['faults']:.0f}", f"{med['chunks_host']:.0f}",
+                     f"{med['chunks']:.0f}", f"{ms(med['decode_ms'])} ms", f"{ms(med['fill_ms'])} ms",
+                     f"{ms(med['install_ms'])} ms", f"{ms(med['poll_ms'])} ms",
+                     f"{med['l2_bytes'] / 2**20:.1f} / {med['durable_bytes'] / 2**20:.1f}",
+                     f"{med['prefetched']:.0f} / {med['useful']:.0f}" if known else f"{med['prefetched']:.0f} / –",
+                     f"{med['unplanned']:.0f}"]
+            if cpu:
+                fetched = [(d["cpu_ms"], (d["l2_bytes"] + d["durable_bytes"]) / 2**20) for d in ds if "cpu_ms" in d]
+                cells.append(f"{median(c / m for c, m in fetched):.1f}" if fetched and all(m for _, m in fetched)
+                             else "–")
+            body.append(cells)
     if not body:
         return ""
     return _table(["row", "strategy", "faults", "chunks from the host cache", "chunks read and decoded", "decode",
                    "host cache fill", "install", "poll", "MiB from L2 / durable", "prefetched / used pages",
-                   "unplanned faults"], body)
+                   "unplanned faults"] + (["process CPU ms per MiB fetched"] if cpu else []), body)
 
 
 def target_outcome(doc: dict, t: Target) -> Optional[tuple[str, str]]:

@@ -54,8 +54,12 @@ STRATEGIES = {
                       "restore",
     "uffd-replay-hc-empty": "uffd-replay with a new, empty host cache: the first restore of a version on a host, "
                             "decoding into it",
+    "uffd-lazy-threads": "uffd-lazy with the network tiers read by a pool of Python threads, one request each "
+                         "(Server(fetch_loop=False)), as before the fetch loop (slow-tier rows only)",
+    "uffd-replay-threads": "uffd-replay with the same thread pool (slow-tier rows only)",
 }
 UFFD = [s for s in STRATEGIES if s.startswith("uffd-")]
+SLOW_ONLY = ["uffd-lazy-threads", "uffd-replay-threads"]  # the fetch path only matters behind the network tiers
 
 CACHE_STATES = {
     "warm": "before each run, every local file the strategy reads is dropped from the page cache and read back in "

@@ -33,7 +33,7 @@ from restore.sample import write_sample_image
 from restore.session import DEFAULT_FETCHERS
 from restore.snapshot import Snapshot, chunk_key, create_snapshot
 from restore.testing import Guest, expected_sums, reads
-from restore.tiers.durable import DurableStore, S3Options
+from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.tiers.l2 import L2Cluster
 
@@ -66,7 +66,7 @@ def world(tmp_path_factory):
             pytest.skip(str(exc))
         store = DurableStore(
             f"s3://{t.bucket}/tiers",
-            S3Options(endpoint=t.s3_endpoint, region="us-east-1", access_key_id="test", secret_access_key="test"),
+            t.s3_options(),
         )
         l2 = L2Cluster([("az1", [t.l2_address])])
         stack.callback(l2.close)

@@ -64,7 +64,7 @@ from .threads import spawn
 from .tiers.host import HostCache
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
-from .workingset import load_plan, rebuild_plan
+from .workingset import PlanKeeper, rebuild_plan
 
 log = logging.getLogger("restore.handler")
 # The server's start-up lines ("serving ... on ..."), one per socket: the
@@ -318,6 +318,8 @@ class Server:
             raise InputError(f"audit_every must be at least 1 session, got {audit_every}")
         self.audit_every = audit_every
         self._since_plan = 0  # sessions recorded since the plan was rebuilt
+        # The plan, read in the background from now on (not on a first fault's way).
+        self._plan = PlanKeeper(snapshot.store, snapshot.manifest) if use_plan else None
         self._with_plan = 0  # sessions that found a plan (audits counted)
         self.on_session_end = on_session_end
         self.on_fetch = on_fetch
@@ -485,9 +487,9 @@ class Server:
             self._refuse(conn, pid, str(exc), pidfd=pidfd)
             return
         plan = None
-        if self.use_plan:
+        if self._plan is not None:
             try:
-                plan = load_plan(self.snapshot.store, m)
+                plan = self._plan.current()
             except RestoreError as exc:  # a bad plan costs speed, never correctness
                 log.error("%s: not using its plan: %s", self.snapshot.label, exc)
         audited = None  # the plan an audit session scores
@@ -627,6 +629,8 @@ class Server:
         try:
             info = rebuild_plan(self.snapshot.store, self.snapshot.manifest, self.plan_sessions)
             log.info("%s: rebuilt its plan from %d sessions: %d pages", self.snapshot.label, len(info.built_from), info.pages)
+            if self._plan is not None:
+                self._plan.refresh()
         except RestoreError as exc:
             log.error("%s: could not rebuild its plan: %s", self.snapshot.label, exc)
 

@@ -25,17 +25,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError, ManifestError
+from .errors import InputError, ManifestError, RestoreError
 from .manifest import Manifest
 from .session import load_fault_log, parse_npy, sessions_prefix
+from .threads import spawn
 from .tiers.durable import DurableStore
+
+log = logging.getLogger("restore.workingset")
 
 PLAN_FORMAT = "restore-plan"
 DEFAULT_MIN_SHARE = 0.5
@@ -153,8 +158,14 @@ def plan_info(store: DurableStore, manifest: Manifest) -> Optional[PlanInfo]:
     return info
 
 
-def load_plan(store: DurableStore, manifest: Manifest) -> Optional[np.ndarray]:
+def load_plan(store: DurableStore, manifest: Manifest, known: Optional[dict[str, np.ndarray]] = None
+              ) -> Optional[np.ndarray]:
     """The snapshot's current plan (uint64 file offsets, bytes), or None.
+
+    known: plans already read, by id, kept by the caller (a server, for its
+    sessions): a plan object never changes (its key is its SHA-256), so only
+    the pointer is read again when the pointer names a known plan; the plan
+    read last is kept there in place of the others.
 
     Raises PlanError when the pointer or the plan object is missing,
     damaged, not its id's bytes, or does not fit the snapshot; StoreError
@@ -162,6 +173,8 @@ def load_plan(store: DurableStore, manifest: Manifest) -> Optional[np.ndarray]:
     info = plan_info(store, manifest)
     if info is None:
         return None
+    if known is not None and info.plan_id in known:
+        return known[info.plan_id]
     key = f"plans/{info.plan_id}"
     data = store.get(key)
     if data is None:
@@ -172,7 +185,94 @@ def load_plan(store: DurableStore, manifest: Manifest) -> Optional[np.ndarray]:
     if plan.dtype != np.uint64 or plan.ndim != 1:
         raise PlanError(f"plan {store.url}/{key} has dtype {plan.dtype}, shape {plan.shape}")
     _check_offsets(plan, manifest, f"plan {store.url}/{key}")
+    if known is not None:
+        plan.flags.writeable = False  # shared by the sessions that read it
+        known.clear()
+        known[info.plan_id] = plan
     return plan
+
+
+class PlanKeeper:
+    """A version's current plan as a server keeps it for its sessions.
+
+    The plan is read from the store in the background, once when the keeper
+    is made (with the version, as the manifest is read when the server opens
+    it) and again whenever refresh() is called; a session then starts with
+    the plan known at once, without a round trip to the durable tier on the
+    way to its first fault. current() returns the known plan and checks the
+    pointer again in the background, so a plan made by another process is
+    used from the session after the one that started when it was made.
+    Without a known plan, current() waits for a read (the one under way, or
+    a new one) and raises its error.
+    """
+
+    def __init__(self, store: DurableStore, manifest: Manifest):
+        self._store = store
+        self._manifest = manifest
+        self._known: dict[str, np.ndarray] = {}  # load_plan's, touched by the one read under way
+        self._lock = threading.Lock()
+        self._plan: Optional[np.ndarray] = None
+        self._error: Optional[RestoreError] = None  # the last read's
+        self._reading: Optional[threading.Event] = None  # set when the read under way ends
+        self._again = False  # refresh() was called during the read under way
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the pointer (and a plan not read yet) in the background; if
+        a read is under way, read again after it."""
+        with self._lock:
+            if self._reading is not None:
+                self._again = True
+                return
+            self._reading = done = threading.Event()
+            self._again = False
+        spawn(self._read, done)
+
+    def _read(self, done: threading.Event) -> None:
+        while True:
+            plan, error = None, None
+            try:
+                plan = load_plan(self._store, self._manifest, self._known)
+            except RestoreError as exc:
+                error = exc
+                log.debug("%s/%s: reading its plan: %s", self._manifest.name, self._manifest.version, exc)
+            with self._lock:
+                # A store that failed leaves the known plan as it was; a plan
+                # that is gone or bad is not used again.
+                if error is None or isinstance(error, PlanError):
+                    self._plan = plan
+                self._error = error
+                if not self._again:
+                    self._reading = None
+                    break
+                self._again = False
+        done.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the read under way, if any; False if it is still going."""
+        with self._lock:
+            reading = self._reading
+        return reading is None or reading.wait(timeout)
+
+    def current(self) -> Optional[np.ndarray]:
+        """The plan for a session starting now (None: the version has none).
+        Raises PlanError or StoreError when there is no known plan and
+        reading it failed."""
+        with self._lock:
+            plan, reading = self._plan, self._reading
+        if plan is not None:
+            self.refresh()  # for the next session
+            return plan
+        if reading is None:
+            self.refresh()
+            with self._lock:
+                reading = self._reading
+        if reading is not None:
+            reading.wait()
+        with self._lock:
+            if self._plan is None and self._error is not None:
+                raise self._error
+            return self._plan
 
 
 def _check_offsets(plan: np.ndarray, manifest: Manifest, where: str) -> None:

@@ -6,6 +6,7 @@ tiers() puts memcached and moto behind it and removes everything after."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import select
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench import netdelay
+from restore.tiers.durable import DurableStore
 
 ROOT = Path(__file__).resolve().parent.parent
 HANG = 60.0  # s: a guard against hanging forever, not a measure of speed
@@ -217,14 +219,16 @@ def _our_namespaces() -> list[str]:
             if re.fullmatch(rf"{netdelay.PREFIX}-\w+-{os.getpid()}", line.split()[0])]
 
 
-def test_tiers_behind_the_relay_process():
+@pytest.mark.parametrize("server", ["moto", "s3rver"])
+def test_tiers_behind_the_relay_process(server):
     from pymemcache.client.base import Client
 
     with contextlib.ExitStack() as stack:
         try:
-            t = stack.enter_context(netdelay.tiers(l2_rtt_ms=0.5, s3_rtt_ms=2.0, memcached_mb=16))
+            t = stack.enter_context(netdelay.tiers(l2_rtt_ms=0.5, s3_rtt_ms=2.0, memcached_mb=16, s3_server=server))
         except netdelay.NoNamespaces as exc:  # not root: the feature is missing here
             pytest.skip(str(exc))
+        assert t.s3_server == server
         assert len(_our_namespaces()) == 2
         client = Client(t.l2_address, connect_timeout=HANG, timeout=HANG)
         stack.callback(client.close)
@@ -233,10 +237,20 @@ def test_tiers_behind_the_relay_process():
         assert client.get("netdelay-key") == value
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=t.s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
-                          aws_secret_access_key="test")
+        s3 = boto3.client("s3", endpoint_url=t.s3_endpoint, region_name="us-east-1", aws_access_key_id=t.s3_key[0],
+                          aws_secret_access_key=t.s3_key[1])
         s3.put_object(Bucket=t.bucket, Key="k", Body=b"stored")
         assert s3.get_object(Bucket=t.bucket, Key="k")["Body"].read() == b"stored"
+        # The store as the benchmark opens it; s3rver keeps the connection.
+        store = DurableStore(f"s3://{t.bucket}/p", t.s3_options())
+        store.put("o", b"through obstore")
+        assert store.get("o") == b"through obstore" and store.get("absent") is None
+        conn = http.client.HTTPConnection(*t.s3_endpoint[len("http://"):].split(":"), timeout=HANG)
+        stack.callback(conn.close)
+        conn.request("GET", f"/{t.bucket}/k")
+        reply = conn.getresponse()
+        reply.read()
+        assert reply.getheader("Connection") == ("close" if server == "moto" else "keep-alive")
         if t.method == "relay":
             assert t.relay_pid is not None and t.relay_pid != os.getpid()
             assert _ppid(t.relay_pid) == os.getpid()

@@ -23,6 +23,7 @@ from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.workingset import (
     PlanError,
+    PlanKeeper,
     build_plan,
     load_plan,
     plan_info,
@@ -233,3 +234,41 @@ def test_prefetch_stops_cleanly_when_the_guest_dies(tmp_path, snap, image):
     assert len(server.summaries) == 1
     st = server.summaries[0].stats
     assert 0 < st.prefetch_chunks < len(snap.manifest.chunks)
+
+
+def test_a_known_plan_is_not_read_again(snap, image):
+    """A server keeps the plan it read last: only the pointer is read for the
+    next session, and a new plan (a new pointer) is read when it comes."""
+    first = save_plan(snap.store, snap.manifest, _trace(image, 7), [], 1.0)
+    known: dict = {}
+    plan = load_plan(snap.store, snap.manifest, known)
+    assert list(known) == [first.plan_id] and not plan.flags.writeable
+    snap.store.delete(f"plans/{first.plan_id}")  # plan objects never change: the kept one serves
+    assert load_plan(snap.store, snap.manifest, known) is plan
+    with pytest.raises(PlanError, match="is missing"):
+        load_plan(snap.store, snap.manifest)  # nobody kept it
+    second = save_plan(snap.store, snap.manifest, _trace(image, 8), [], 1.0)
+    again = load_plan(snap.store, snap.manifest, known)
+    assert list(known) == [second.plan_id] and (again == load_plan(snap.store, snap.manifest)).all()
+
+
+def test_a_server_keeps_its_plan_and_follows_a_new_one(snap, image):
+    keeper = PlanKeeper(snap.store, snap.manifest)
+    assert keeper.current() is None  # no plan yet: read (waited for) each time
+    first = _trace(image, 9)
+    save_plan(snap.store, snap.manifest, first, [], 1.0)
+    a = keeper.current()
+    assert (a == first).all()
+    second = save_plan(snap.store, snap.manifest, _trace(image, 10), [], 1.0)
+    assert keeper.current() is a  # the known plan at once; the pointer is read again behind it
+    assert keeper.wait(30)
+    b = keeper.current()
+    assert (b == _trace(image, 10)).all()
+    # A pointer to a plan that is gone: the plan is dropped, the next session told why.
+    snap.store.delete(f"plans/{second.plan_id}")
+    save_plan(snap.store, snap.manifest, _trace(image, 11), [], 1.0)
+    snap.store.delete(f"plans/{plan_info(snap.store, snap.manifest).plan_id}")
+    assert keeper.current() is b
+    assert keeper.wait(30)
+    with pytest.raises(PlanError, match="is missing"):
+        keeper.current()
