@@ -51,7 +51,8 @@ GROUP_TITLES = {
 PAIRS = [
     ("uffd-replay", "mmap"), ("uffd-lazy", "mmap"), ("uffd-replay", "uffd-lazy"), ("uffd-replay", "uffd-reap"),
     ("uffd-reap", "uffd-reap-offset"), ("uffd-replay-ws", "uffd-replay"), ("uffd-replay", "uffd-replay-l1"),
-    ("uffd-replay-hc-empty", "uffd-replay-l1"), ("uffd-replay", "resident"),
+    ("uffd-replay-hc-empty", "uffd-replay-l1"), ("uffd-lazy", "uffd-lazy-threads"),
+    ("uffd-replay", "uffd-replay-threads"), ("uffd-replay", "resident"),
 ]
 VERDICT_ROUNDS = 3  # fewer rounds have no spread worth the name
 DETAIL_STRATEGIES = ["uffd-lazy", "uffd-lazy-threads", "uffd-reap", "uffd-reap-offset", "uffd-replay",

@@ -7,10 +7,11 @@ queue (``rs_engine_next_request_prio``, GIL released) and hands requests
 to one asyncio loop thread, which keeps up to ``inflight`` chunks in
 flight:
 
-- demand requests (a fault waits) are started before any prefetch request
-  waiting in the loop; a prefetch request turned demand (the engine asks
-  again at high priority) moves ahead too; a request for a chunk already
-  in flight just waits for it (single flight);
+- demand requests (a fault waits) start at once, beyond ``inflight`` if
+  prefetch requests hold every slot, and always before any prefetch
+  request waiting in the loop; a prefetch request turned demand (the
+  engine asks again at high priority) moves ahead too; a request for a
+  chunk already in flight just waits for it (single flight);
 - L2 reads go through restore/tiers/amc.py (keep-alive connections per
   node); one that has not answered within ``hedge_after`` seconds is hedged
   to another replica (the chunk's home node in the next zone, else the
@@ -161,22 +162,20 @@ class AsyncFetchers(FetchBase):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while len(self._running) < self._inflight:
-            index = None
-            for q in (self._demand, self._prefetch):
-                while q and index is None:
-                    i = q.popleft()
-                    if i in self._waiting:
-                        index = i
-                        del self._waiting[i]
-                if index is not None:
-                    break
-            if index is None:
-                return
-            self._running.add(index)
-            task = self._loop.create_task(self._serve(index))
-            self._tasks.add(task)
-            task.add_done_callback(lambda t, i=index: self._done(t, i))
+        # A demand request starts at once, even with every slot taken by
+        # prefetch requests already on the network (a fault waits on it,
+        # and faults are few: one per vCPU at a time); prefetch requests
+        # fill the slots left.
+        for q, limit in ((self._demand, None), (self._prefetch, self._inflight)):
+            while q and (limit is None or len(self._running) < limit):
+                index = q.popleft()
+                if index not in self._waiting:
+                    continue  # moved to the demand queue, or already started from it
+                del self._waiting[index]
+                self._running.add(index)
+                task = self._loop.create_task(self._serve(index))
+                self._tasks.add(task)
+                task.add_done_callback(lambda t, i=index: self._done(t, i))
 
     def _done(self, task: asyncio.Task, index: int) -> None:
         self._tasks.discard(task)

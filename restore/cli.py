@@ -532,7 +532,8 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
                    "allow it with --allow-uid too.")
 @click.option("--socket-mode", type=MODE, default=None, metavar="OCTAL",
               help="Mode of --socket: 0600 (the default) or e.g. 0660 to let its group connect; never more than 0770.")
-@click.option("--fetchers", type=click.IntRange(min=1), default=None, help="Fetcher threads per guest (fetch concurrency).")
+@click.option("--fetchers", type=click.IntRange(min=1), default=None,
+              help="Chunks fetched at once per guest from L2 and the durable tier (default: 4; more for slow tiers).")
 @click.option("--prefetch-inflight", type=click.IntRange(min=1), default=None, metavar="N",
               help="Plan chunks the prefetch asks for at once (default: 8; more for slow tiers).")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds running guests get after SIGTERM before they are killed.")

@@ -4,8 +4,10 @@ the image's bytes or poisoned pages, never wrong ones."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import threading
 import time
 
 import numpy as np
@@ -16,7 +18,7 @@ from restore.handler import Server
 from restore.layout import optimize_snapshot
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, chunk_key, create_snapshot
-from restore.testing import Guest, GuestError, expected_sums, reads
+from restore.testing import Guest, GuestError, expected_sums, reads, remove
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.tiers.l2 import L2Cluster, parse_zone
@@ -243,3 +245,71 @@ def test_bad_l2_specs(spec, message):
     with pytest.raises(InputError, match=re.escape(message)):
         parse_zone(spec)
     assert parse_zone("az2=10.0.0.1:11211,h:5") == ("az2", [("10.0.0.1", 11211), ("h", 5)])
+
+
+class _HeldStore(DurableStore):
+    """The S3 store with reads of some keys held on the network until
+    released (a prefetch stuck behind a slow server). Records, for every
+    other read, whether a held read was in flight when it began."""
+
+    def __init__(self, url, options, held):
+        super().__init__(url, options)
+        self.held = set(held)
+        self.release = threading.Event()
+        self.holding = 0
+        self.others: list[tuple[str, bool]] = []  # (key, a held read was in flight)
+
+    async def get_async(self, key):
+        if key not in self.held:
+            self.others.append((key, self.holding > 0))
+            return await super().get_async(key)
+        self.holding += 1
+        try:
+            while not self.release.is_set():
+                await asyncio.sleep(0.005)
+        finally:
+            self.holding -= 1
+        return await super().get_async(key)
+
+
+def test_a_demand_fetch_overtakes_prefetches_holding_every_slot(tmp_path, s3_server, image):
+    """One request in flight at most (fetchers=1), held by a prefetch the
+    server does not answer: a fault on another chunk is still fetched at
+    once, not after the prefetch."""
+    store = DurableStore("s3://snapshots/overtake", s3_server.options())
+    create_snapshot(store, image, "vm", chunk_size=CHUNK)
+    offsets = _nonzero_offsets(image)
+    chunks = offsets // CHUNK
+    data_chunks = np.unique(chunks)
+    planned = offsets[chunks == data_chunks[0]]  # the plan: the first chunk with data, held
+    wanted = offsets[chunks == data_chunks[-1]][:1]  # the guest's page: the last one's, not planned
+    with Snapshot.open(store, "vm") as snap:
+        m = snap.manifest
+        save_plan(store, m, planned, [], 1.0)
+        held = _HeldStore(store.url, s3_server.options(), {chunk_key(m.chunks[int(data_chunks[0])].id)})
+        # First, faults that need no fetch, while the prefetch takes the
+        # slot: a zero chunk's pages read, dropped and read again.
+        zero = next(c for c, e in enumerate(m.chunks) if not e.id) * CHUNK
+        pages = np.arange(zero, zero + CHUNK, P, dtype=np.uint64)
+        idle = [np.concatenate([reads(pages), remove(zero, CHUNK // P)]) for _ in range(200)]
+    ops = np.concatenate([*idle, reads(wanted)])
+    key = chunk_key(m.chunks[int(data_chunks[-1])].id)
+    # A loaded machine may start the guest's fetch before the prefetch's:
+    # then the run proves nothing, and another is made.
+    for attempt in range(3):
+        held.release.clear()
+        held.others.clear()
+        with Snapshot.open(held, "vm") as snap:
+            with Server(snap, tmp_path / f"o{attempt}.sock", l1=L1Cache(tmp_path / f"l1-{attempt}"), fetchers=1,
+                        fault_around=1) as server:
+                try:
+                    with Guest(server.socket_path, memory_size=SIZE) as g:
+                        res = g.run(ops, timeout=60)  # not done while the prefetch holds: GuestTimeout
+                finally:
+                    held.release.set()
+        assert (res.sums[-1:] == expected_sums(image, wanted)).all()
+        assert server.summaries[-1].stats.prefetch_chunks == 1
+        if (key, True) in held.others:  # fetched while the held prefetch was in flight
+            break
+    else:
+        pytest.fail(f"the prefetch never held the slot before the guest's fault: {held.others}")
