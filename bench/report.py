@@ -353,6 +353,32 @@ def setup_flat_section(doc: dict) -> str:
                   body)
 
 
+def fetch_inflight_section(doc: dict) -> str:
+    """bench.fetch_inflight: throughput and CPU per MiB by tier, requests in
+    flight and fetch path, medians of the rounds with their ranges; each
+    path's throughput also against its own at the fewest requests."""
+    raw = doc["raw"]
+    body = []
+    for tier in dict.fromkeys(k.split("/")[0] for k in raw):
+        levels = sorted({int(k.split("/")[2]) for k in raw if k.startswith(f"{tier}/")})
+        base = {p: median(x["mib_s"] for x in raw[f"{tier}/{p}/{levels[0]}"]) for p in ("threads", "asyncio")}
+        for n in levels:
+            cells = [tier, str(n)]
+            for p in ("threads", "asyncio"):
+                xs = raw[f"{tier}/{p}/{n}"]
+                tput = [x["mib_s"] for x in xs]
+                misses = sum(x["misses"] for x in xs)
+                cells.append(f"{median(tput):.0f} ({min(tput):.0f}–{max(tput):.0f})"
+                             + (f", {misses} misses" if misses else ""))
+                cells.append(f"{median(tput) / base[p]:.1f}×")
+            for p in ("threads", "asyncio"):
+                cpu = [x["cpu_ms_per_mib"] for x in raw[f"{tier}/{p}/{n}"]]
+                cells.append(f"{median(cpu):.2f} ({min(cpu):.2f}–{max(cpu):.2f})")
+            body.append(cells)
+    return _table(["tier", "requests in flight (N)", "threads: MiB/s", "threads: / fewest N", "loop: MiB/s",
+                   "loop: / fewest N", "threads: CPU ms per MiB", "loop: CPU ms per MiB"], body)
+
+
 def micro_sections(doc: dict) -> dict:
     from bench.microtables import tables
 
@@ -361,7 +387,8 @@ def micro_sections(doc: dict) -> dict:
 
 def sections_of(doc: dict) -> dict:
     """The sections a document can give: a comparison run's, a pytest-
-    benchmark run's (micro-*), bench.fault_poll's or bench.setup_flat's."""
+    benchmark run's (micro-*), bench.fault_poll's, bench.setup_flat's or
+    bench.fetch_inflight's."""
     if "benchmarks" in doc:
         return micro_sections(doc)
     kind = doc.get("kind")
@@ -369,6 +396,8 @@ def sections_of(doc: dict) -> dict:
         return {"fault-poll": fault_poll_section}
     if kind == "setup_flat":
         return {"setup-flat": setup_flat_section}
+    if kind == "fetch_inflight":
+        return {"fetch-inflight": fetch_inflight_section}
     return SECTIONS
 
 

@@ -13,10 +13,14 @@ flight:
   engine asks again at high priority) moves ahead too; a request for a
   chunk already in flight just waits for it (single flight);
 - L2 reads go through restore/tiers/amc.py (keep-alive connections per
-  node); one that has not answered within ``hedge_after`` seconds is hedged
-  to another replica (the chunk's home node in the next zone, else the
-  next node of the local zone) before the durable tier is asked: the first
-  hit wins, the other request is cancelled; counted in ``hedged``;
+  node); a demand read that has not answered within the hedge threshold is
+  hedged to another replica (the chunk's home node in the next zone, else
+  the next node of the local zone) before the durable tier is asked: the
+  first hit wins, the other request is cancelled; counted in ``hedged``.
+  The threshold is ``hedge_after`` or the 95th percentile of the last
+  L2 hits' latencies, whichever is longer: during a prefetch burst every
+  read is slow, and hedging them all would double the load that makes
+  them slow. Prefetch reads are not hedged (no fault waits on them);
 - durable reads use obstore's async API (DurableStore.get_async); the
   store's own retries and deadline apply as for the threaded path;
 - stored bytes (obstore's Bytes, memcached's buffer) go to
@@ -55,16 +59,30 @@ from .threads import spawn
 
 log = logging.getLogger("restore.fetcher")
 
-HEDGE_AFTER = 0.002  # seconds an L2 read may take before another replica is asked
+HEDGE_AFTER = 0.002  # seconds an L2 read may take before another replica is asked, at least
+HEDGE_PERCENTILE = 95  # ... and at least this percentile of the last HEDGE_WINDOW L2 hits' latencies
+HEDGE_WINDOW = 128
 SUPPLY_THREADS = min(4, os.cpu_count() or 1)  # threads handing chunks to the engine (it verifies, decodes)
+
+
+def _idle_priority() -> None:
+    """Run the calling thread only on otherwise idle CPUs (SCHED_IDLE; on
+    Linux a thread's policy is its own): L1 writes are for the next restore
+    and must not take CPU from this one's fetches, decodes and installs."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: a normal thread
+        log.debug("L1 writer keeps its priority: %r", exc)
 
 
 class AsyncFetchers(FetchBase):
     """The fetch loop serving one engine (see the module text).
 
-    Arguments as restore.fetcher.Fetchers; inflight: chunks fetched at once
-    at most; hedge_after: seconds before a slow L2 read is hedged (None or
-    0: never). on_fetch is also told of each hedge, with outcome "hedged".
+    Arguments as restore.fetcher.Fetchers; inflight: prefetch chunks
+    fetched at once at most (demand chunks start at once); hedge_after: the
+    least seconds before a slow demand L2 read is hedged (None or 0:
+    never). on_fetch is also told of each hedge, with outcome "hedged" and
+    the threshold as its seconds.
     """
 
     def __init__(
@@ -82,6 +100,8 @@ class AsyncFetchers(FetchBase):
         super().__init__(engine, manifest, store, l1, label, l2, on_fetch)
         self._inflight = max(1, inflight)
         self._hedge_after = hedge_after or None
+        self._l2_latencies: deque[float] = deque(maxlen=HEDGE_WINDOW)  # loop thread only
+        self._hedge_at = self._hedge_after  # the threshold now (loop thread only)
         self.hedged = {"l2": 0}
         # Loop state (loop thread only).
         self._demand: deque[int] = deque()
@@ -173,7 +193,7 @@ class AsyncFetchers(FetchBase):
                     continue  # moved to the demand queue, or already started from it
                 del self._waiting[index]
                 self._running.add(index)
-                task = self._loop.create_task(self._serve(index))
+                task = self._loop.create_task(self._serve(index, limit is None))
                 self._tasks.add(task)
                 task.add_done_callback(lambda t, i=index: self._done(t, i))
 
@@ -197,14 +217,15 @@ class AsyncFetchers(FetchBase):
 
     # -- one chunk ---------------------------------------------------------------
 
-    async def _serve(self, index: int) -> None:
+    async def _serve(self, index: int, demand: bool) -> None:
         entry = self._manifest.chunks[index]
         key = chunk_key(entry.id)
 
         if self._zones:
             t = time.perf_counter()
-            data, node = await self._l2_get(entry.id)
+            data, node = await self._l2_get(entry.id, hedge=demand)
             if data is not None:
+                self._l2_latency(time.perf_counter() - t)
                 rc = await self._loop.run_in_executor(self._cpu, self._supply, index, data, lib.RS_SRC_L2)
                 self._note("l2", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
                            nbytes=len(data))
@@ -275,9 +296,18 @@ class AsyncFetchers(FetchBase):
             out += z.ranked(chunk_id)[:1]
         return out + local[1:2]
 
-    async def _l2_get(self, chunk_id: str):
+    def _l2_latency(self, seconds: float) -> None:
+        """Note an L2 hit's latency; the hedge threshold follows them."""
+        self._l2_latencies.append(seconds)
+        if self._hedge_after and len(self._l2_latencies) % 16 == 0:
+            recent = sorted(self._l2_latencies)
+            self._hedge_at = max(self._hedge_after, recent[len(recent) * HEDGE_PERCENTILE // 100])
+
+    async def _l2_get(self, chunk_id: str, hedge: bool = True):
         """(stored bytes, node) from the first replica that has them; (None,
-        a node) on a miss, (None, None) when no replica answered."""
+        a node) on a miss, (None, None) when no replica answered. hedge:
+        ask the next replica too when the first is slower than the hedge
+        threshold (else only when it fails or misses)."""
         nodes = self._replicas(chunk_id)
         if not nodes:
             self._l2._count("errors")
@@ -287,13 +317,13 @@ class AsyncFetchers(FetchBase):
         answered = None
         try:
             while pending:
-                timeout = self._hedge_after if rest else None
+                timeout = self._hedge_at if rest and hedge else None
                 done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:  # slow: hedge to the next replica
                     with self._lock:
                         self.hedged["l2"] += 1
                     if self._on_fetch is not None:
-                        self._on_fetch("l2", self._hedge_after, "hedged", 0)
+                        self._on_fetch("l2", timeout, "hedged", 0)
                     pending.add(asyncio.ensure_future(self._l2_one(rest.pop(0), chunk_id)))
                     continue
                 for d in done:
@@ -315,7 +345,7 @@ class AsyncFetchers(FetchBase):
         if self._l1 is None:
             return
         if self._io is None:
-            self._io = ThreadPoolExecutor(1, thread_name_prefix="restore-l1w")
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="restore-l1w", initializer=_idle_priority)
         self._io.submit(self._write_l1_logged, chunk_id, data)
 
     def _write_l1_logged(self, chunk_id: str, data) -> None:

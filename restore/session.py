@@ -228,8 +228,9 @@ class RestoreSession:
     instead of poisoning the page, since its fault could never be answered.
 
     fetch_loop: fetch from L2 and the durable tier in one asyncio loop
-    (restore.asyncfetch: ``fetchers`` chunks in flight at most, L2 reads
-    hedged after hedge_after seconds, None: never); False: a pool of
+    (restore.asyncfetch: ``fetchers`` prefetch chunks in flight at most,
+    demand chunks at once; L2 reads a fault waits on hedged after
+    hedge_after seconds at least, None: never); False: a pool of
     ``fetchers`` threads (restore.fetcher).
     """
 

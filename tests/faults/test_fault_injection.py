@@ -11,6 +11,7 @@ deadline, and so has every tier). The tally is printed after the run."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -21,9 +22,11 @@ from conftest import TALLY
 from proxy import FaultProxy
 
 from restore.handler import Server
+from restore.protocol import accept_handshake
+from restore.session import RestoreSession
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, chunk_key, create_snapshot
-from restore.testing import Guest, GuestError, GuestTimeout, expected_sums, reads
+from restore.testing import Guest, GuestError, GuestTimeout, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.tiers.l2 import L2Cluster
@@ -287,6 +290,56 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, snap, s3_pro
     # close may be short; however long, no scrape waited for it.
     assert seen_closing >= 1 and slowest < 0.5, (seen_closing, slowest)
     assert server.counters()["sessions_ended"] == 1
+
+
+def test_prefetch_reads_are_not_hedged(tmp_path, snap, memcached_cluster, trace, image):
+    """Hedging is for reads a fault waits on: with the local zone's node
+    stalled, the prefetch's reads wait for it until the L2 timeout and then
+    ask the other zone, never hedged. The guest is let run once the
+    prefetch is done, so no fault ever waits."""
+    with FaultProxy(memcached_cluster[0].address, seed=6) as stalled:
+        cluster = L2Cluster([("az1", [stalled.address]), ("az2", [memcached_cluster[1].address])],
+                            timeout=0.5, connect_timeout=0.5, dead_timeout=1.0)
+        path = str(tmp_path / "p.sock")
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for c in snap.manifest.chunks:
+                if c.id:
+                    cluster.put(c.id, snap.store.get(chunk_key(c.id)), zones="all")
+            stalled.set("stall")
+            lsock.bind(path)
+            lsock.listen(1)
+            m = snap.manifest
+            with Guest(path, memory_size=SIZE) as g:
+                g.start(np.concatenate([wait(), reads(trace)]))
+                conn, _ = lsock.accept()
+                hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
+                                      chunk_size=m.chunk_size)
+                session = RestoreSession(snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
+                                         l1=L1Cache(tmp_path / "l1"), l2=cluster, plan=trace, fetchers=4,
+                                         persist_log=False)
+                try:
+                    deadline = time.monotonic() + HANG
+                    while not session.prefetch_done():
+                        assert time.monotonic() < deadline, "the prefetch did not end"
+                        time.sleep(0.01)
+                    conn.sendall(b"g")
+                    res = g.wait(HANG)
+                    session.wait(HANG)
+                finally:
+                    stats = session.close()
+                    hs.close()
+                    conn.close()
+        finally:
+            lsock.close()
+            cluster.close()
+        TALLY["injected"].update({f"memcached prefetch {k}": n for k, n in stalled.injected.items()})
+    assert (res.sums[1:] == expected_sums(image, trace)).all()  # after the wait
+    tiers = stats.tiers
+    assert stats.prefetch_chunks > 0 and stats.faults_planned + stats.faults_unplanned == 0
+    assert cluster.counters.errors > 0  # the stalled node was asked, and timed out
+    assert tiers["l2"]["hedged"] == 0
+    assert tiers["l2"]["hits"] == stats.chunks_fetched  # the other zone, after the timeout
 
 
 def test_l2_stalled_node_is_hedged_to_another_zone(tmp_path, snap, memcached_cluster, trace, image):
