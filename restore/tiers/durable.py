@@ -26,6 +26,7 @@ Keys inside a store:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -388,6 +389,41 @@ def _azure_settings(env) -> tuple[Optional[bool], Optional[str]]:
     return allow, where
 
 
+GCS_ACCOUNT_VARS = ("GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY",
+                    "GOOGLE_APPLICATION_CREDENTIALS")  # obstore's order; _KEY holds the JSON itself
+
+
+def _gcs_settings(env) -> tuple[Optional[bool], Optional[str]]:
+    """Whether plain HTTP is allowed for gs://, and the endpoint's setting.
+    obstore reads the credentials from the environment itself; a service
+    account file may name another endpoint than Google's (``gcs_base_url``,
+    with ``disable_oauth`` for an emulator), which is read here only to name
+    it in errors and to allow plain HTTP to it, as for S3 and Azure."""
+    endpoint, where = None, None
+    for var in GCS_ACCOUNT_VARS:
+        if not env.get(var):
+            continue
+        try:
+            text = env[var] if var.endswith("_KEY") else Path(env[var]).expanduser().read_text()
+            account = json.loads(text)
+        except (OSError, ValueError):
+            break  # obstore says what is wrong with it
+        if isinstance(account, dict) and isinstance(account.get("gcs_base_url"), str):
+            endpoint = account["gcs_base_url"]
+            shown = "(the JSON in the environment)" if var.endswith("_KEY") else f"{var}={env[var]}"
+            where = f"gcs_base_url={endpoint} in {shown}"
+            _check_endpoint(endpoint, where)
+        break
+    allow = _env_flag(env, "GOOGLE_ALLOW_HTTP")
+    is_http = bool(endpoint) and endpoint.lower().startswith("http://")
+    if allow is None:
+        allow = is_http
+    elif is_http and not allow:
+        raise StoreError(f"{where}: plain HTTP is not allowed (GOOGLE_ALLOW_HTTP={env['GOOGLE_ALLOW_HTTP']} "
+                         f"in the environment)")
+    return allow, where
+
+
 def _open(url: str, s3: S3Options, env=None):
     """(the obstore store for url, the setting that named its endpoint or
     None). env: the environment to read (default os.environ)."""
@@ -414,10 +450,10 @@ def _open(url: str, s3: S3Options, env=None):
                             retry_config=s3.retry_config())
             return store, where
         if scheme == "gs":
-            allow = _env_flag(env, "GOOGLE_ALLOW_HTTP")
+            allow, where = _gcs_settings(env)
             store = GCSStore(bucket, prefix=prefix, client_options=s3.client_options(allow),
                              retry_config=s3.retry_config())
-            return store, None
+            return store, where
         allow, where = _azure_settings(env)
         store = AzureStore(bucket, prefix=prefix, client_options=s3.client_options(allow),
                            retry_config=s3.retry_config())
