@@ -67,6 +67,7 @@ from .tiers.l2 import L2Cluster
 from .workingset import PlanKeeper, rebuild_plan
 
 log = logging.getLogger("restore.handler")
+PLAN_READ_TIMEOUT = 30.0  # seconds a rebuilt plan's read may hold up the end of the session that rebuilt it
 # The server's start-up lines ("serving ... on ..."), one per socket: the
 # logger `restore serve` shows at INFO even without --verbose.
 start_log = logging.getLogger("restore.serve")
@@ -318,9 +319,9 @@ class Server:
             raise InputError(f"audit_every must be at least 1 session, got {audit_every}")
         self.audit_every = audit_every
         self._since_plan = 0  # sessions recorded since the plan was rebuilt
+        self._with_plan = 0  # sessions that found a plan (audits counted)
         # The plan, read in the background from now on (not on a first fault's way).
         self._plan = PlanKeeper(snapshot.store, snapshot.manifest) if use_plan else None
-        self._with_plan = 0  # sessions that found a plan (audits counted)
         self.on_session_end = on_session_end
         self.on_fetch = on_fetch
         self.summaries: deque[SessionSummary] = deque(maxlen=SUMMARIES_KEPT)
@@ -629,8 +630,9 @@ class Server:
         try:
             info = rebuild_plan(self.snapshot.store, self.snapshot.manifest, self.plan_sessions)
             log.info("%s: rebuilt its plan from %d sessions: %d pages", self.snapshot.label, len(info.built_from), info.pages)
-            if self._plan is not None:
+            if self._plan is not None:  # read now (the session is over), for the next session
                 self._plan.refresh()
+                self._plan.wait(PLAN_READ_TIMEOUT)
         except RestoreError as exc:
             log.error("%s: could not rebuild its plan: %s", self.snapshot.label, exc)
 

