@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         loop.close()
         l2.close()
     doc = results.bench_document("fetch_inflight", "bench.fetch_inflight", argv,
-                                 {**vars(a), "s3_server": t.s3_server, "delay": t.why}, started, raw)
+                                 {**vars(a), "object_bytes": CHUNK, "s3_server": t.s3_server, "delay": t.why},
+                                 started, raw)
     from bench.report import fetch_inflight_section
 
     print(fetch_inflight_section(doc))

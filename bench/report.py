@@ -358,6 +358,7 @@ def fetch_inflight_section(doc: dict) -> str:
     flight and fetch path, medians of the rounds with their ranges; each
     path's throughput also against its own at the fewest requests."""
     raw = doc["raw"]
+    mib = doc["args"].get("object_bytes", 512 << 10) / 2**20  # documents before object_bytes: 512 KiB objects
     body = []
     for tier in dict.fromkeys(k.split("/")[0] for k in raw):
         levels = sorted({int(k.split("/")[2]) for k in raw if k.startswith(f"{tier}/")})
@@ -371,12 +372,15 @@ def fetch_inflight_section(doc: dict) -> str:
                 cells.append(f"{median(tput):.0f} ({min(tput):.0f}–{max(tput):.0f})"
                              + (f", {misses} misses" if misses else ""))
                 cells.append(f"{median(tput) / base[p]:.1f}×")
+            # Little's law: a request's mean time is N over the request rate.
+            cells.append(f"{ms(n * mib / median(x['mib_s'] for x in raw[f'{tier}/asyncio/{n}']) * 1e3)} ms")
             for p in ("threads", "asyncio"):
                 cpu = [x["cpu_ms_per_mib"] for x in raw[f"{tier}/{p}/{n}"]]
                 cells.append(f"{median(cpu):.2f} ({min(cpu):.2f}–{max(cpu):.2f})")
             body.append(cells)
     return _table(["tier", "requests in flight (N)", "threads: MiB/s", "threads: / fewest N", "loop: MiB/s",
-                   "loop: / fewest N", "threads: CPU ms per MiB", "loop: CPU ms per MiB"], body)
+                   "loop: / fewest N", "loop: time per request", "threads: CPU ms per MiB", "loop: CPU ms per MiB"],
+                  body)
 
 
 def micro_sections(doc: dict) -> dict:
