@@ -29,9 +29,10 @@ from pymemcache.client.base import Client
 
 from bench import netdelay
 from restore.handler import Server
+from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.session import DEFAULT_FETCHERS
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache

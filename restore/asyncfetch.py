@@ -50,7 +50,7 @@ from ._native import ffi, lib
 from .errors import RestoreError
 from .fetcher import DURABLE_ATTEMPTS, POLL_MS, FetchBase
 from .manifest import Manifest
-from .snapshot import chunk_key
+from .objects import chunk_key
 from .tiers.amc import Zone
 from .tiers.durable import DurableStore
 from .tiers.l1 import L1Cache

@@ -355,7 +355,8 @@ def _read_plan(store, ref: str):
     import numpy as np
 
     from .errors import InputError
-    from .session import parse_npy
+    from .faultlog import parse_npy
+    from .objects import plan_key
 
     if os.path.exists(ref):
         try:
@@ -366,7 +367,7 @@ def _read_plan(store, ref: str):
     else:
         if len(ref) != 64 or any(ch not in "0123456789abcdef" for ch in ref):
             raise InputError(f"plan {ref!r} is neither a file nor a plan id (64 hex digits; see `restore plan show`)")
-        data = store.get(f"plans/{ref}")
+        data = store.get(plan_key(ref))
         if data is None:
             raise InputError(f"no plan {ref} in {store.url}")
         plan = parse_npy(data, f"plan {ref}")
@@ -889,14 +890,13 @@ def session() -> None:
 
 
 def _session_logs(store: DurableStore, spec: str):
-    """(manifest, sorted keys of its saved fault logs) of NAME[:VERSION]."""
-    from .session import sessions_prefix
+    """(manifest, ids of its saved sessions, oldest first) of NAME[:VERSION]."""
+    from .objects import session_ids
     from .snapshot import load_manifest
 
     name, version = split_snapshot(spec)
     m = load_manifest(store, name, version)
-    keys = sorted(i.key for i in store.list(sessions_prefix(m.name, m.version)) if i.key.endswith(".npy"))
-    return m, keys
+    return m, session_ids(store, m.name, m.version)
 
 
 @session.command("ls")
@@ -905,39 +905,38 @@ def _session_logs(store: DurableStore, spec: str):
 def session_ls(spec, store_url, s3_endpoint, s3_region):
     """List the saved fault logs of a snapshot version."""
     store = open_store(store_url, s3_endpoint, s3_region)
-    m, keys = _session_logs(store, spec)
-    name, version = m.name, m.version
-    if not keys:
-        click.echo(f"no sessions of {name}/{version}")
-    for k in keys:
-        click.echo(k.rsplit("/", 1)[1][: -len(".npy")])
+    m, ids = _session_logs(store, spec)
+    if not ids:
+        click.echo(f"no sessions of {m.name}/{m.version}")
+    for sid in ids:
+        click.echo(sid)
 
 
-def _load_session(store: DurableStore, name: str, version: str, keys: list[str], session_id: Optional[str],
+def _load_session(store: DurableStore, name: str, version: str, ids: list[str], session_id: Optional[str],
                   newest: int = 1):
-    """(session id, fault log) of session_id, or of the newest-th newest."""
+    """(session id, fault log) of session_id, or of the newest-th newest of ids."""
     from .errors import SnapshotNotFound
-    from .session import load_fault_log, sessions_prefix
+    from .faultlog import load_fault_log
+    from .objects import session_key
 
     if session_id is None:
-        if not keys:
+        if not ids:
             raise SnapshotNotFound(f"no sessions of {name}/{version}")
-        if len(keys) < newest:
-            raise SnapshotNotFound(f"{name}/{version} has only {len(keys)} saved session; give two session ids")
-        key = keys[-newest]
-    else:
-        key = f"{sessions_prefix(name, version)}{session_id}.npy"
+        if len(ids) < newest:
+            raise SnapshotNotFound(f"{name}/{version} has only {len(ids)} saved session; give two session ids")
+        session_id = ids[-newest]
+    key = session_key(name, version, session_id)
     data = store.get(key)
     if data is None:
         raise SnapshotNotFound(f"no session {session_id} of {name}/{version}")
-    return key.rsplit("/", 1)[1][: -len(".npy")], load_fault_log(data, f"{store.url}/{key}")
+    return session_id, load_fault_log(data, f"{store.url}/{key}")
 
 
 def _session_rows(recs) -> list[tuple[str, str]]:
     """The summary lines of a fault log: (label, value)."""
     import numpy as np
 
-    from .session import SOURCES
+    from .faultlog import NO_CHUNK, SOURCES
 
     pre = SOURCES.index("prefetched")
     demand = recs[recs["source"] != pre]
@@ -947,7 +946,7 @@ def _session_rows(recs) -> list[tuple[str, str]]:
         rows.append(("span", f"{span:.1f} ms"))
     counts = np.bincount(recs["source"], minlength=len(SOURCES))
     rows += [(f"  {SOURCES[i]}", str(int(n))) for i, n in enumerate(counts) if n]
-    rows.append(("chunks touched", str(len(np.unique(recs["chunk"][recs["chunk"] != 0xFFFFFFFF])))))
+    rows.append(("chunks touched", str(len(np.unique(recs["chunk"][recs["chunk"] != NO_CHUNK])))))
     if len(demand):
         svc = demand["service_ns"]
         rows.append(("service p50/p99", f"{fmt_ns(np.percentile(svc, 50))} / {fmt_ns(np.percentile(svc, 99))}"))
@@ -964,17 +963,17 @@ def session_show(spec, session_id, head, store_url, s3_endpoint, s3_region):
 
     Pages a prefetch installed are logged when installed, with source
     "prefetched"; every other record is a demand fault."""
-    from .session import SOURCES
+    from .faultlog import NO_CHUNK, SOURCES
 
     store = open_store(store_url, s3_endpoint, s3_region)
-    m, keys = _session_logs(store, spec)
+    m, ids = _session_logs(store, spec)
     name, version = m.name, m.version
-    sid, recs = _load_session(store, name, version, keys, session_id)
+    sid, recs = _load_session(store, name, version, ids, session_id)
     click.echo(f"{'session:':<19}{sid} of {name}/{version}")
     for label, value in _session_rows(recs):
         click.echo(f"{label + ':':<19}{value}")
     for r in recs[:head]:
-        chunk = "-" if r["chunk"] == 0xFFFFFFFF else str(int(r["chunk"]))
+        chunk = "-" if r["chunk"] == NO_CHUNK else str(int(r["chunk"]))
         click.echo(
             f"  t={int(r['t_ns']) / 1e3:>10.1f} us  offset {int(r['offset']):#012x}  chunk {chunk:>6}  "
             f"{SOURCES[int(r['source'])]:<10} {int(r['service_ns']) / 1e3:8.1f} us"
@@ -991,12 +990,12 @@ def session_compare(spec, first, second, store_url, s3_endpoint, s3_region):
     if (first is None) != (second is None):
         raise click.UsageError("give two session ids, or none for the two newest")
     store = open_store(store_url, s3_endpoint, s3_region)
-    m, keys = _session_logs(store, spec)
+    m, ids = _session_logs(store, spec)
     name, version = m.name, m.version
-    a_id, a = _load_session(store, name, version, keys, first, newest=2)
-    b_id, b = _load_session(store, name, version, keys, second, newest=1)
+    a_id, a = _load_session(store, name, version, ids, first, newest=2)
+    b_id, b = _load_session(store, name, version, ids, second, newest=1)
     a_rows, b_rows = dict(_session_rows(a)), dict(_session_rows(b))
-    from .session import SOURCES
+    from .faultlog import SOURCES
 
     order = ["first touches", "demand faults", "span", *(f"  {x}" for x in SOURCES), "chunks touched",
              "service p50/p99"]
@@ -1023,9 +1022,9 @@ def session_plot(spec, session_id, out, size, store_url, s3_endpoint, s3_region)
     from .plot import plot_session
 
     store = open_store(store_url, s3_endpoint, s3_region)
-    m, keys = _session_logs(store, spec)
+    m, ids = _session_logs(store, spec)
     name, version = m.name, m.version
-    sid, recs = _load_session(store, name, version, keys, session_id)
+    sid, recs = _load_session(store, name, version, ids, session_id)
     plot_session(recs, out, title=f"{name}/{version} session {sid}",
                  page_size=m.page_size, width_px=size[0], height_px=size[1])
     click.echo(f"wrote {out}")

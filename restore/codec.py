@@ -13,10 +13,10 @@ from typing import Optional
 
 from ._native import ffi, lib
 from .errors import check
+from .manifest import FLAG_ENCRYPTED, FLAG_LZ4
 
-FLAG_LZ4: int = lib.RS_CHUNK_LZ4
-FLAG_ENCRYPTED: int = lib.RS_CHUNK_ENCRYPTED
-KNOWN_FLAGS: int = FLAG_LZ4 | FLAG_ENCRYPTED
+if (FLAG_LZ4, FLAG_ENCRYPTED) != (lib.RS_CHUNK_LZ4, lib.RS_CHUNK_ENCRYPTED):
+    raise ImportError("restore.manifest's chunk flags do not match RS_CHUNK_* of csrc/chunk.h")
 KEY_BYTES: int = lib.RS_KEY_BYTES
 ID_BYTES: int = lib.RS_ID_BYTES
 

@@ -32,7 +32,7 @@ import numpy as np
 from ._native import ffi, lib
 from .errors import RestoreError
 from .manifest import Manifest
-from .snapshot import chunk_key
+from .objects import chunk_key
 from .tiers.durable import DurableStore
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster

@@ -51,8 +51,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ._version import __version__
-from .codec import FLAG_ENCRYPTED, KNOWN_FLAGS
 from .errors import ChunkSizeError, InvalidName, ManifestError, UnsupportedManifestVersion
+from .objects import manifest_key, page_map_key
 
 FORMAT = "restore-snapshot"
 FORMAT_MAJOR = 1
@@ -63,6 +63,10 @@ MAX_CHUNK_SIZE = 1 << 30  # every length fits a C int (lz4, OpenSSL)
 
 PAGE_MAP_DTYPE = np.dtype([("chunk", "<u4"), ("slot", "<u4")])
 ZERO_PAGE = 0xFFFFFFFF  # page map chunk value of an all-zero page
+# A chunk entry's flags (csrc/chunk.h RS_CHUNK_*; restore.codec checks them).
+FLAG_LZ4 = 1  # the plaintext is an lz4 block
+FLAG_ENCRYPTED = 2  # the stored bytes are nonce || ciphertext || tag
+KNOWN_FLAGS = FLAG_LZ4 | FLAG_ENCRYPTED
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -124,7 +128,7 @@ class PageMapRef:
 
     @property
     def key(self) -> str:
-        return f"maps/{self.id}"
+        return page_map_key(self.id)
 
 
 @dataclass
@@ -240,16 +244,6 @@ class Manifest:
         (a ManifestError) for a format major version other than 1. Does not
         check the MAC (that needs the key: see snapshot.Snapshot)."""
         return _Parser(where).parse(data)
-
-
-def manifest_key(name: str, version: str) -> str:
-    """The store key of a version's manifest."""
-    return f"snapshots/{name}/{version}/manifest.json"
-
-
-def pending_key(name: str, version: str) -> str:
-    """The store key of a version's PENDING claim."""
-    return f"snapshots/{name}/{version}/pending.json"
 
 
 class _Parser:

@@ -43,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .errors import InputError
 from .handler import Server
-from .session import SOURCES
+from .faultlog import SOURCES
 from .tiers.l1 import L1Cache
 
 # Network fetch latency buckets, seconds: a memcached hit on loopback (~100 us)

@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .errors import InputError
 from .manifest import ZERO_PAGE, page_chunks
-from .session import SOURCES
+from .faultlog import SOURCES
 
 MIB = 1 << 20
 DPI = 100  # pixels per figure inch: figsize = pixels / DPI

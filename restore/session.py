@@ -28,24 +28,14 @@ import numpy as np
 from ._native import ffi, lib
 from .errors import InputError, check
 from .asyncfetch import HEDGE_AFTER, AsyncFetchers
+from .faultlog import LOG_DTYPE, NO_CHUNK, SOURCES
 from .fetcher import Fetchers
+from .objects import session_key
 from .snapshot import Snapshot
 from .tiers.host import HostCache
 
 log = logging.getLogger("restore.session")
 
-# The fault log record of csrc/faultlog.h, as a numpy dtype.
-LOG_DTYPE = np.dtype(
-    {
-        "names": ["t_ns", "offset", "chunk", "service_ns", "source"],
-        "formats": ["<u8", "<u8", "<u4", "<u4", "u1"],
-        "offsets": [0, 8, 16, 20, 24],
-        "itemsize": 32,
-    }
-)
-# RS_SRC_* by index. "fetched" (a network tier, which one not recorded) is
-# found only in logs written before l2 and durable were told apart.
-SOURCES = ("zero", "l1", "fetched", "removed", "prefetched", "failed", "l2", "durable", "host")
 DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault_around)
 DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
@@ -179,10 +169,6 @@ def new_session_id() -> str:
     """UTC start time to the microsecond, then a random tag: ids sort in
     start order (rebuilding a plan takes the newest sessions)."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
-
-
-def sessions_prefix(name: str, version: str) -> str:
-    return f"snapshots/{name}/{version}/sessions/"
 
 
 class RestoreSession:
@@ -402,7 +388,7 @@ class RestoreSession:
         lib.rs_engine_get_stats(self._handle(), st)
         if not st.kill_error:
             return None
-        return Unservable(int(st.kill_addr), None if st.kill_chunk == 0xFFFFFFFF else int(st.kill_chunk),
+        return Unservable(int(st.kill_addr), None if st.kill_chunk == NO_CHUNK else int(st.kill_chunk),
                           -int(st.kill_error), bool(st.vmm_killed), -int(st.kill_result))
 
     def chunk_error(self, chunk: int) -> Optional[str]:
@@ -519,7 +505,7 @@ class RestoreSession:
 
     def _save_log(self, records: np.ndarray) -> Optional[str]:
         m = self.snapshot.manifest
-        key = f"{sessions_prefix(m.name, m.version)}{self.session_id}.npy"
+        key = session_key(m.name, m.version, self.session_id)
         buf = io.BytesIO()
         np.save(buf, records, allow_pickle=False)
         try:
@@ -541,26 +527,3 @@ def prefetch_usage(prefetched: np.ndarray, touched: np.ndarray) -> tuple[int, in
     test guest's trace, a benchmark's workload)."""
     useful = int(np.isin(prefetched, np.asarray(touched, dtype=np.uint64)).sum())
     return useful, len(prefetched) - useful
-
-
-def parse_npy(data: bytes, what: str, error: type[InputError] = InputError) -> np.ndarray:
-    """Parse .npy bytes from outside (no pickles). numpy reads the header
-    with Python's tokenizer, so damaged bytes raise all sorts (SyntaxError,
-    tokenize errors, ...): every one becomes error("<what> is not a .npy
-    array: ...")."""
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - whatever numpy raises on bad bytes
-        raise error(f"{what} is not a .npy array: {type(exc).__name__}: {exc}") from None
-
-
-def load_fault_log(data: bytes, where: str) -> np.ndarray:
-    """Parse a saved fault log (.npy of LOG_DTYPE); InputError names where."""
-    arr = parse_npy(data, f"fault log {where}")
-    if arr.dtype != LOG_DTYPE or arr.ndim != 1:
-        raise InputError(f"fault log {where} has dtype {arr.dtype} / shape {arr.shape}, not a fault log")
-    bad = np.flatnonzero(arr["source"] >= len(SOURCES))
-    if len(bad):
-        raise InputError(f"fault log {where}: record {int(bad[0])} has source {int(arr['source'][bad[0]])}, "
-                         f"not one of 0..{len(SOURCES) - 1}")
-    return arr

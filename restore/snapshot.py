@@ -50,10 +50,9 @@ from .manifest import (
     check_name,
     check_page_size,
     identity_page_map,
-    manifest_key,
     parse_page_map,
-    pending_key,
 )
+from .objects import chunk_key, manifest_key, pending_key, snapshots_prefix
 from .tiers.durable import DurableStore
 from .tiers.l1 import L1Cache
 
@@ -61,12 +60,6 @@ DEFAULT_CHUNK_SIZE = 512 * 1024
 DEFAULT_UPLOADS = 16  # objects in flight to the store
 
 Progress = Callable[[int], None]  # called with bytes of memory just covered
-
-
-def chunk_key(chunk_id: str) -> str:
-    """The store key of a chunk object: ``chunks/<id>`` (id: 64 lowercase
-    hex digits, the SHA-256 of the stored bytes)."""
-    return f"chunks/{chunk_id}"
 
 
 def load_page_map(store: DurableStore, manifest: Manifest) -> np.ndarray:
@@ -116,7 +109,7 @@ def list_snapshots(store: DurableStore, name: Optional[str] = None) -> list[Snap
     both a manifest and a claim is listed once, as ACTIVE. Raises
     StoreError when the store fails."""
     found: dict[tuple[str, str], SnapshotRef] = {}
-    prefix = f"snapshots/{name}/" if name else "snapshots/"
+    prefix = snapshots_prefix(name)
     for info in store.list(prefix):
         parts = info.key.split("/")
         if len(parts) != 4 or parts[3] not in ("manifest.json", "pending.json"):

@@ -36,7 +36,8 @@ import numpy as np
 
 from .errors import InputError, ManifestError, RestoreError
 from .manifest import Manifest
-from .session import load_fault_log, parse_npy, sessions_prefix
+from .faultlog import load_fault_log, parse_npy
+from .objects import plan_key, plan_pointer_key, session_ids, session_key
 from .threads import spawn
 from .tiers.durable import DurableStore
 
@@ -48,12 +49,6 @@ DEFAULT_MIN_SHARE = 0.5
 
 class PlanError(ManifestError):
     """A plan or its pointer is missing, damaged, or for another snapshot."""
-
-
-def plan_pointer_key(name: str, version: str) -> str:
-    """The store key of a version's plan pointer:
-    ``snapshots/<name>/<version>/plan.json``."""
-    return f"snapshots/{name}/{version}/plan.json"
 
 
 def build_plan(logs: Sequence[np.ndarray], min_share: float = DEFAULT_MIN_SHARE) -> np.ndarray:
@@ -110,7 +105,7 @@ def save_plan(store: DurableStore, manifest: Manifest, plan: np.ndarray, built_f
     np.save(buf, plan, allow_pickle=False)
     data = buf.getvalue()
     plan_id = hashlib.sha256(data).hexdigest()
-    store.put_new(f"plans/{plan_id}", data)
+    store.put_new(plan_key(plan_id), data)
     info = PlanInfo(plan_id, len(plan), list(built_from), min_share,
                     datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     pointer = {
@@ -175,7 +170,7 @@ def load_plan(store: DurableStore, manifest: Manifest, known: Optional[dict[str,
         return None
     if known is not None and info.plan_id in known:
         return known[info.plan_id]
-    key = f"plans/{info.plan_id}"
+    key = plan_key(info.plan_id)
     data = store.get(key)
     if data is None:
         raise PlanError(f"plan {store.url}/{key} is missing")
@@ -280,13 +275,6 @@ def _check_offsets(plan: np.ndarray, manifest: Manifest, where: str) -> None:
         raise PlanError(f"{where}: offsets must be multiples of {manifest.page_size} below {manifest.memory_size}")
 
 
-def session_ids(store: DurableStore, manifest: Manifest) -> list[str]:
-    """Ids of the saved sessions (fault logs) of the snapshot version,
-    oldest first (ids sort in start order)."""
-    prefix = sessions_prefix(manifest.name, manifest.version)
-    return sorted(i.key[len(prefix):-len(".npy")] for i in store.list(prefix) if i.key.endswith(".npy"))
-
-
 def rebuild_plan(store: DurableStore, manifest: Manifest, sessions: int = 5,
                  min_share: float = DEFAULT_MIN_SHARE) -> PlanInfo:
     """Build a plan from the last `sessions` fault logs and make it current.
@@ -294,13 +282,13 @@ def rebuild_plan(store: DurableStore, manifest: Manifest, sessions: int = 5,
     Returns the new pointer's PlanInfo. Raises InputError when the version
     has no saved sessions (or min_share is out of range), InputError naming
     the log when a fault log is damaged, StoreError when the store fails."""
-    ids = session_ids(store, manifest)[-sessions:]
+    ids = session_ids(store, manifest.name, manifest.version)[-sessions:]
     if not ids:
         raise InputError(f"snapshot {manifest.name}/{manifest.version} has no recorded sessions to build a plan from")
-    prefix = sessions_prefix(manifest.name, manifest.version)
     logs = []
     for sid in ids:
-        data = store.get(f"{prefix}{sid}.npy")
+        key = session_key(manifest.name, manifest.version, sid)
+        data = store.get(key)
         if data is not None:
-            logs.append(load_fault_log(data, f"{store.url}/{prefix}{sid}.npy"))
+            logs.append(load_fault_log(data, f"{store.url}/{key}"))
     return save_plan(store, manifest, build_plan(logs, min_share), ids, min_share)

@@ -24,9 +24,10 @@ import numpy as np
 
 from restore.errors import RestoreError
 from restore.manifest import ChunkEntry, Manifest
+from restore.objects import plan_pointer_key
 from restore.protocol import check_regions, parse_regions
 from restore.tiers.durable import DurableStore
-from restore.workingset import load_plan, plan_pointer_key, save_plan
+from restore.workingset import load_plan, save_plan
 
 GEO = dict(memory_size=1 << 30, snapshot_page_size=4096, chunk_size=512 << 10)
 

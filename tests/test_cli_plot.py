@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from restore.cli import main
+from restore.faultlog import SOURCES
 from restore.handler import Server
 from restore.plot import SOURCE_COLOURS, plot_plan
 from restore.sample import write_sample_image
-from restore.session import SOURCES
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, reads
 from restore.tiers.durable import DurableStore

@@ -24,7 +24,8 @@ from bench.firecracker import driver
 from bench.minivm.driver import kvm_available
 from daemon import Daemon, children, wait_for
 from restore.handler import Server
-from restore.snapshot import Snapshot, chunk_key
+from restore.objects import chunk_key
+from restore.snapshot import Snapshot
 from restore.tiers.durable import DurableStore
 
 pytestmark = pytest.mark.skipif(not kvm_available(), reason="/dev/kvm is not available")

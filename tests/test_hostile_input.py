@@ -21,11 +21,12 @@ import click
 from restore import config
 from restore.cli import serve
 from restore.errors import InputError, ManifestError, RestoreError
+from restore.faultlog import LOG_DTYPE, SOURCES, load_fault_log
 from restore.manifest import Manifest
-from restore.session import LOG_DTYPE, SOURCES, load_fault_log
+from restore.objects import plan_pointer_key
 from restore.snapshot import create_snapshot, load_manifest
 from restore.tiers.durable import DurableStore
-from restore.workingset import PlanError, load_plan, plan_pointer_key
+from restore.workingset import PlanError, load_plan
 
 EXAMPLES = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -271,7 +272,7 @@ def test_what_the_fuzzer_found_stays_fixed():
     """numpy parses .npy headers with Python's tokenizer (SyntaxError and
     tokenize errors on damaged bytes), and a number too large for an int
     overflowed: both are input errors now."""
-    from restore.session import parse_npy
+    from restore.faultlog import parse_npy
 
     bad_header = b"\x93NUMPY\x01\x00v\x00{'descr': '<u8', 'fortran_order': False, 'shape': (3,"
     for data in (bad_header, bad_header + b" " * 40 + b"\n", b"\x93NUMPY\x01\x00\x04\x00{'a'"):

@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 
 import hugepages
+from restore.faultlog import SOURCES
 from restore.layout import optimize_snapshot
+from restore.objects import chunk_key
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
-from restore.session import SOURCES, RestoreSession
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.session import RestoreSession
+from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads, remove, wait
 from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache

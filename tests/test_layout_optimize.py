@@ -15,12 +15,13 @@ from restore.errors import InputError
 from restore.handler import Server
 from restore.layout import optimize_snapshot
 from restore.manifest import ZERO_PAGE
+from restore.objects import plan_pointer_key
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot, load_manifest
 from restore.testing import Guest, expected_sums, reads
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
-from restore.workingset import load_plan, plan_info, plan_pointer_key, save_plan
+from restore.workingset import load_plan, plan_info, save_plan
 
 P = 4096
 CHUNK = 64 * 1024

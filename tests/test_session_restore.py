@@ -19,11 +19,12 @@ import time
 import numpy as np
 import pytest
 
+from restore.faultlog import LOG_DTYPE, SOURCES, load_fault_log
 from restore.fetcher import DURABLE_ATTEMPTS
 from restore.handler import Server
+from restore.objects import chunk_key
 from restore.sample import write_sample_image
-from restore.session import LOG_DTYPE, SOURCES, load_fault_log
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads, remove, writes
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache

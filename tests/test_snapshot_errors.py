@@ -24,7 +24,8 @@ from restore.errors import (
     UnknownStoreScheme,
     WrongKey,
 )
-from restore.snapshot import Snapshot, chunk_key, create_snapshot, list_snapshots, load_manifest, remove_snapshot
+from restore.objects import chunk_key
+from restore.snapshot import Snapshot, create_snapshot, list_snapshots, load_manifest, remove_snapshot
 from restore.tiers.durable import DurableStore
 
 CHUNK = 64 * 1024

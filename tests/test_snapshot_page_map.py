@@ -13,8 +13,9 @@ import pytest
 from restore.codec import ChunkCodec
 from restore.errors import ManifestError
 from restore.manifest import PAGE_MAP_DTYPE, ZERO_PAGE, ChunkEntry, Manifest, PageMapRef
+from restore.objects import chunk_key
 from restore.sample import write_sample_image
-from restore.snapshot import Snapshot, chunk_key
+from restore.snapshot import Snapshot
 
 P = 4096
 CHUNK = 16 * P

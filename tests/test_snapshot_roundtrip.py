@@ -8,8 +8,9 @@ import os
 import pytest
 
 from restore.manifest import Manifest
+from restore.objects import chunk_key
 from restore.sample import write_sample_image
-from restore.snapshot import Snapshot, chunk_key, create_snapshot, describe, list_snapshots
+from restore.snapshot import Snapshot, create_snapshot, describe, list_snapshots
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 

@@ -16,8 +16,9 @@ import pytest
 from restore.errors import InputError
 from restore.handler import Server
 from restore.layout import optimize_snapshot
+from restore.objects import chunk_key
 from restore.sample import write_sample_image
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads, remove
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache

@@ -14,23 +14,16 @@ import time
 import numpy as np
 import pytest
 
+from restore.faultlog import LOG_DTYPE
 from restore.handler import Server
+from restore.objects import plan_pointer_key
 from restore.sample import write_sample_image
-from restore.session import LOG_DTYPE, prefetch_usage
+from restore.session import prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, remove
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
-from restore.workingset import (
-    PlanError,
-    PlanKeeper,
-    build_plan,
-    load_plan,
-    plan_info,
-    plan_pointer_key,
-    rebuild_plan,
-    save_plan,
-)
+from restore.workingset import PlanError, PlanKeeper, build_plan, load_plan, plan_info, rebuild_plan, save_plan
 
 P = 4096
 CHUNK = 256 * 1024

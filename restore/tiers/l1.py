@@ -1,6 +1,6 @@
 """L1: the local chunk cache, content-addressed files under one root directory.
 
-On-disk layout (the C engine is to read these files directly, DESIGN §3 l1.[ch];
+On-disk layout (the C engine reads these files directly, csrc/l1.c;
 keep the two in step)::
 
     ROOT/                     created (mode 0700) if missing

@@ -22,10 +22,11 @@ from conftest import TALLY
 from proxy import FaultProxy
 
 from restore.handler import Server
+from restore.objects import chunk_key
 from restore.protocol import accept_handshake
-from restore.session import RestoreSession
 from restore.sample import write_sample_image
-from restore.snapshot import Snapshot, chunk_key, create_snapshot
+from restore.session import RestoreSession
+from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, GuestError, GuestTimeout, expected_sums, reads, wait
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
