@@ -114,12 +114,19 @@ class AsyncFetchers(FetchBase):
         self._cpu = ThreadPoolExecutor(SUPPLY_THREADS, thread_name_prefix="restore-supply")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = threading.Event()
-        self._ended = [spawn(self._loop_main), spawn(self._pump)]
+        self._ended: list[threading.Event] = []  # one per thread started (start())
+
+    def start(self) -> None:
+        """Start the loop and the pump (after the engine has started)."""
+        for fn in (self._loop_main, self._pump):
+            self._ended.append(spawn(fn))
 
     # -- threads -------------------------------------------------------------
 
     def join(self, timeout: float = 30.0) -> None:
         """Wait for the threads; call after the engine has been stopped."""
+        if self._loop is not None:  # a loop whose pump never started ends too
+            self._post(self._finish)
         deadline = time.monotonic() + timeout
         for e in self._ended:
             e.wait(max(0.0, deadline - time.monotonic()))
@@ -154,13 +161,24 @@ class AsyncFetchers(FetchBase):
         while True:
             rc = lib.rs_engine_next_request_prio(self._engine, chunk, high, POLL_MS)
             if rc < 0:  # -ESHUTDOWN: the engine stopped
-                self._loop.call_soon_threadsafe(self._finish)
+                self._post(self._finish)
                 return
             if rc == 1:
                 batch = [(chunk[0], high[0])]
                 while len(batch) < 256 and lib.rs_engine_next_request_prio(self._engine, chunk, high, 0) == 1:
                     batch.append((chunk[0], high[0]))
-                self._loop.call_soon_threadsafe(self._take, batch)
+                if not self._post(self._take, batch):
+                    return
+
+    def _post(self, fn, *args) -> bool:
+        """Run fn(*args) on the loop thread; False once the loop has closed
+        (join() ends it too, and may end it first)."""
+        loop = self._loop
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # "Event loop is closed"
+            return False
+        return True
 
     def _finish(self) -> None:
         if not self._stop.done():

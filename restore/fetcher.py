@@ -201,6 +201,9 @@ class Fetchers(FetchBase):
         # it ends, for join().
         self._more = threads - 1  # to start with the first network request
         self._ended: list[threading.Event] = []
+
+    def start(self) -> None:
+        """Start the first thread (after the engine has started)."""
         self._start_one()
 
     def join(self, timeout: float = 30.0) -> None:

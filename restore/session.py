@@ -314,7 +314,12 @@ class RestoreSession:
             "rs_engine_create",
             self.label,
         )
-        self._engine = out[0]
+        # The engine's one owner: freed by close(), or by the garbage
+        # collector if a session is dropped unclosed; the destructor holds
+        # what the engine borrows (the codec, the tables) until then.
+        keep = (snapshot.codec, self._borrowed)
+        self._engine = ffi.gc(out[0], lambda e, keep=keep: lib.rs_engine_destroy(e))
+        self._fetchers = None
         try:
             if plan is not None and len(plan):
                 if prefetch_inflight < 1:
@@ -332,16 +337,23 @@ class RestoreSession:
                       "rs_engine_set_memfd", self.label)
             if pidfd >= 0:
                 check(lib.rs_engine_set_vmm(self._engine, pidfd), "rs_engine_set_vmm", self.label)
+            if fetch_loop:
+                self._fetchers = AsyncFetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
+                                               on_fetch=on_fetch, hedge_after=hedge_after)
+            else:
+                self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
+                                         on_fetch=on_fetch)
             check(lib.rs_engine_start(self._engine, uffd, conn_fd), "rs_engine_start", self.label)
+            self._fetchers.start()
         except BaseException:
-            lib.rs_engine_destroy(self._engine)
+            # Nothing left running: the engine's threads stopped, whatever
+            # fetch threads had started joined, then the engine freed.
+            lib.rs_engine_stop(self._engine)
+            if self._fetchers is not None:
+                self._fetchers.join()
+            ffi.release(self._engine)
+            self._engine = None
             raise
-        if fetch_loop:
-            self._fetchers = AsyncFetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
-                                           on_fetch=on_fetch, hedge_after=hedge_after)
-        else:
-            self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
-                                     on_fetch=on_fetch)
 
     def _open_host_cache(self, host_cache: HostCache) -> None:
         """Serve from and fill the host cache; a host cache that cannot be
@@ -491,7 +503,7 @@ class RestoreSession:
             with self._engine_lock:
                 self._final_counters = self._read_counters()
                 self._closed = True
-                lib.rs_engine_destroy(self._engine)
+                ffi.release(self._engine)
                 self._engine = None
         if self.persist_log:
             self.log_key = self._save_log(records)

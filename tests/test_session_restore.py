@@ -794,3 +794,46 @@ def test_a_session_that_ends_in_error_kills_its_running_vmm(serve, image, caplog
         pid = g.pid
     assert re.search(rf"killed guest pid {pid}: session \S+ of vm/1 ended \(stopped\) while its VMM was running",
                      caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("fetch_loop", [True, False], ids=["fetch-loop", "fetch-threads"])
+def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monkeypatch, fetch_loop):
+    """A step of the session's setup that raises once the engine and its
+    fetch threads run (here: starting the fetchers, injected) stops the
+    engine, joins every thread started and frees the engine: the process
+    has as many threads as before."""
+    import restore.session as session_module
+    from restore.protocol import accept_handshake
+    from restore.testing import wait
+
+    base = session_module.AsyncFetchers if fetch_loop else session_module.Fetchers
+
+    class Failing(base):
+        def start(self):
+            super().start()  # its threads run
+            raise RuntimeError("injected: the fetchers failed to start")
+
+    monkeypatch.setattr(session_module, "AsyncFetchers" if fetch_loop else "Fetchers", Failing)
+    path = str(tmp_path / "f.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    with lsock, Guest(path, memory_size=SIZE) as g:
+        g.start(wait())
+        conn, _ = lsock.accept()
+        m = snap.manifest
+        hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
+                              chunk_size=m.chunk_size)
+        before = len(os.listdir("/proc/self/task"))
+        with pytest.raises(RuntimeError, match="injected"):
+            session_module.RestoreSession(snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
+                                          l1=L1Cache(tmp_path / "l1"), fetch_loop=fetch_loop)
+        # Every thread it started has returned by the time the error is
+        # raised (an OS thread lingers a moment after its function returns).
+        deadline = time.monotonic() + 30
+        while len(os.listdir("/proc/self/task")) > before:
+            assert time.monotonic() < deadline, f"threads left running: {os.listdir('/proc/self/task')}"
+            time.sleep(0.01)
+        hs.close()
+        conn.close()  # the guest's wait ends with the connection
+        g.wait(30)
