@@ -33,7 +33,6 @@ import logging
 import os
 import select
 import selectors
-import signal
 import socket
 import stat
 import threading
@@ -64,6 +63,7 @@ from .threads import spawn
 from .tiers.host import HostCache
 from .tiers.l1 import L1Cache
 from .tiers.l2 import L2Cluster
+from .vmm import kill_vmm
 from .workingset import PlanKeeper, rebuild_plan
 
 log = logging.getLogger("restore.handler")
@@ -650,7 +650,7 @@ class Server:
             pass
         line = f"refused guest pid {pid}: {reason}"
         if kill and self.kill_refused and (pidfd >= 0 or (pid > 0 and pid != os.getpid())):
-            failed = self._signal_vmm(pid, pidfd)
+            failed = kill_vmm(pid, pidfd)
             if failed is None:
                 line += f"; killed it, as {because}"
             elif failed != "gone":
@@ -671,28 +671,10 @@ class Server:
             pid,
             self.drain_timeout,
         )
-        failed = self._signal_vmm(pid, pidfd)
+        failed = kill_vmm(pid, pidfd)
         if failed not in (None, "gone"):
             log.error("%s: could not kill guest pid %d (%s); it will hang at its next first touch",
                       session.label, pid, failed)
-
-    @staticmethod
-    def _signal_vmm(pid: int, pidfd: int) -> Optional[str]:
-        """SIGKILL a VMM: through its pidfd when there is one (it names that
-        very process: no pid-reuse race), else by pid. None when killed;
-        "gone" when it had exited already; else why it could not be."""
-        try:
-            if pidfd >= 0:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            elif pid > 0 and pid != os.getpid():
-                os.kill(pid, signal.SIGKILL)
-            else:
-                return "no process to kill: the peer is this process"
-        except ProcessLookupError:
-            return "gone"
-        except PermissionError:
-            return "no permission: run the handler as root or with CAP_KILL"
-        return None
 
     @staticmethod
     def _vmm_alive(pidfd: int) -> bool:
@@ -723,7 +705,7 @@ class Server:
                 why = "this kernel has no UFFDIO_POISON"
             else:
                 why = f"UFFDIO_POISON failed ({os.strerror(bad.error)})"
-            failed = None if bad.killed else self._signal_vmm(pid, pidfd)
+            failed = None if bad.killed else kill_vmm(pid, pidfd)
             verb = "killed" if failed in (None, "gone") else f"COULD NOT KILL ({failed})"
             log.error("%s guest pid %d: page at %#x could not be served (%s) and %s", verb, pid, bad.addr, where,
                       why, extra={"event": "vmm_killed", "session": session.session_id, "pid": pid,
@@ -734,7 +716,7 @@ class Server:
         cause = stats.ended_by
         if stats.error:
             cause += f": {os.strerror(-stats.error)}"
-        failed = self._signal_vmm(pid, pidfd)
+        failed = kill_vmm(pid, pidfd)
         if failed == "gone":
             return
         verb = "killed" if failed is None else f"COULD NOT KILL ({failed})"

@@ -34,6 +34,7 @@ from typing import Sequence
 
 from .errors import RestoreError
 from .handler import Listen, check_listens, listen_socket
+from .vmm import kill_vmm
 
 log = logging.getLogger("restore.supervisor")
 
@@ -146,14 +147,11 @@ def _kill_all(pids: set[int]) -> list[int]:
     for pid in sorted(pids):
         if pid <= 0 or pid == os.getpid():
             continue
-        try:
-            os.kill(pid, signal.SIGKILL)
+        why = kill_vmm(pid)
+        if why is None:
             killed.append(pid)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            log.error("supervisor: could not kill VMM pid %d (no permission: run as root or with CAP_KILL); "
-                      "its guest will hang", pid)
+        elif why != "gone":
+            log.error("supervisor: could not kill VMM pid %d (%s); its guest will hang", pid, why)
     return killed
 
 
