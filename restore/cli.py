@@ -228,6 +228,7 @@ def open_store(store_url: Optional[str], s3_endpoint: Optional[str], s3_region: 
 
 HOST_CACHE_HELP = ("Host cache of decoded chunks, shared by every server on the host (default: host/ in the "
                    "cache directory).")
+VERSION_HELP = "The version, if not given as NAME:VERSION (default: the newest ACTIVE)."
 
 
 def host_cache_options(f):
@@ -394,15 +395,16 @@ def snapshot_ls(name, store_url, s3_endpoint, s3_region):
 
 
 @snapshot.command("inspect")
-@click.argument("name")
-@click.option("--version", "version", default=None, help="Version (default: newest ACTIVE).")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.option("--version", "version", default=None, help=VERSION_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @store_options
-def snapshot_inspect(name, version, as_json, store_url, s3_endpoint, s3_region):
+def snapshot_inspect(spec, version, as_json, store_url, s3_endpoint, s3_region):
     """Show a snapshot's size, zero pages, compression and dedup figures."""
     from .errors import SnapshotPending
     from .snapshot import describe, load_manifest, pending_info
 
+    name, version = version_of(spec, version)
     store = open_store(store_url, s3_endpoint, s3_region)
     try:
         d = describe(store, load_manifest(store, name, version))
@@ -441,14 +443,15 @@ def snapshot_inspect(name, version, as_json, store_url, s3_endpoint, s3_region):
 
 
 @snapshot.command("verify")
-@click.argument("name")
-@click.option("--version", "version", default=None, help="Version (default: newest ACTIVE).")
+@click.argument("spec", metavar="NAME[:VERSION]")
+@click.option("--version", "version", default=None, help=VERSION_HELP)
 @key_options
 @store_options
-def snapshot_verify(name, version, key_file, key_env, store_url, s3_endpoint, s3_region):
+def snapshot_verify(spec, version, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Fetch and decode every chunk; name each bad one and exit 1 if any."""
     from .snapshot import Snapshot
 
+    name, version = version_of(spec, version)
     store = open_store(store_url, s3_endpoint, s3_region)
     with Snapshot.open(store, name, version, load_key(key_file, key_env)) as snap:
         total = len(snap.manifest.chunks) * snap.manifest.chunk_size
@@ -464,17 +467,18 @@ def snapshot_verify(name, version, key_file, key_env, store_url, s3_endpoint, s3
 
 
 @snapshot.command("export")
-@click.argument("name")
+@click.argument("spec", metavar="NAME[:VERSION]")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--version", "version", default=None, help="Version (default: newest ACTIVE).")
+@click.option("--version", "version", default=None, help=VERSION_HELP)
 @click.option("--cache", "--cache-dir", "cache_dir", default=None, help=CACHE_HELP)
 @click.option("--no-cache", is_flag=True, help="Read only from the store.")
 @key_options
 @store_options
-def snapshot_export(name, out, version, cache_dir, no_cache, key_file, key_env, store_url, s3_endpoint, s3_region):
+def snapshot_export(spec, out, version, cache_dir, no_cache, key_file, key_env, store_url, s3_endpoint, s3_region):
     """Write the snapshot's memory file back out to OUT."""
     from .snapshot import Snapshot
 
+    name, version = version_of(spec, version)
     store = open_store(store_url, s3_endpoint, s3_region)
     l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
     with Snapshot.open(store, name, version, load_key(key_file, key_env), l1) as snap:
@@ -484,13 +488,16 @@ def snapshot_export(name, out, version, cache_dir, no_cache, key_file, key_env, 
 
 
 @snapshot.command("rm")
-@click.argument("name")
-@click.option("--version", "version", required=True, help="Version to remove.")
+@click.argument("spec", metavar="NAME:VERSION")
+@click.option("--version", "version", default=None, help="The version to remove, if not given as NAME:VERSION.")
 @store_options
-def snapshot_rm(name, version, store_url, s3_endpoint, s3_region):
+def snapshot_rm(spec, version, store_url, s3_endpoint, s3_region):
     """Remove a version's manifest (or a dead PENDING claim). Chunks stay."""
     from .snapshot import remove_snapshot
 
+    name, version = version_of(spec, version)
+    if version is None:
+        raise click.UsageError(f"name the version to remove: {name}:VERSION")
     store = open_store(store_url, s3_endpoint, s3_region)
     remove_snapshot(store, name, version)
     click.echo(f"removed {name}/{version}")
@@ -500,6 +507,15 @@ def split_snapshot(spec: str) -> tuple[str, Optional[str]]:
     """NAME or NAME:VERSION."""
     name, _, version = spec.partition(":")
     return name, (version or None)
+
+
+def version_of(spec: str, version: Optional[str]) -> tuple[str, Optional[str]]:
+    """(name, version) of NAME[:VERSION], or of NAME with --version: one
+    snapshot named one way or the other, not two."""
+    name, given = split_snapshot(spec)
+    if given and version and given != version:
+        raise click.UsageError(f"{spec} and --version {version} name different versions")
+    return name, given or version
 
 
 @cli.command("serve")

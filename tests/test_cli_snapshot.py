@@ -182,3 +182,26 @@ def test_inspect_shows_a_pending_version(tmp_path, run_cli):
     assert figures == {"name": "fn", "version": "2", "state": "PENDING", "pid": 4242, "host": "builder", "started": "2026-11-27T06:00:00Z"}
     ls = run_cli("snapshot", "ls", "--store", store.url, check=True).stdout
     assert ls.startswith("fn/2  PENDING")
+
+
+def test_every_snapshot_command_names_a_version_as_name_colon_version(tmp_path, run_cli):
+    """inspect, verify, export and rm take NAME:VERSION, as try, plan and
+    optimize do; --version stays as the other spelling of the same thing."""
+    run_cli("sample-image", "s.img", "--size", "1M", "--seed", "4", check=True)
+    store = f"file://{tmp_path / 'store'}"
+    for _ in range(2):
+        run_cli("snapshot", "create", "s.img", "--name", "fn", "--store", store, check=True)
+    colon = run_cli("snapshot", "inspect", "fn:1", "--json", "--store", store, check=True).stdout
+    option = run_cli("snapshot", "inspect", "fn", "--version", "1", "--json", "--store", store, check=True).stdout
+    assert json.loads(colon)["version"] == "1" and colon == option
+    assert json.loads(run_cli("snapshot", "inspect", "fn", "--json", "--store", store, check=True).stdout)["version"] == "2"
+    assert run_cli("snapshot", "verify", "fn:1", "--store", store, check=True).stdout.startswith("fn/1: all ")
+    run_cli("snapshot", "export", "fn:1", "back.img", "--store", store, check=True)
+    assert (tmp_path / "back.img").read_bytes() == (tmp_path / "s.img").read_bytes()
+    both = run_cli("snapshot", "inspect", "fn:1", "--version", "2", "--store", store)
+    assert both.returncode == 2 and "fn:1 and --version 2 name different versions" in both.stderr
+    nameless = run_cli("snapshot", "rm", "fn", "--store", store)
+    assert nameless.returncode == 2 and "name the version to remove: fn:VERSION" in nameless.stderr
+    assert run_cli("snapshot", "rm", "fn:2", "--store", store, check=True).stdout == "removed fn/2\n"
+    assert [line.split()[0] for line in run_cli("snapshot", "ls", "--store", store, check=True).stdout.splitlines()] \
+        == ["fn/1"]
