@@ -214,8 +214,8 @@ class Bench:
                                      prefetch_inflight=self.server_kw.get("prefetch_inflight", 8),
                                      fault_around=self.server_kw.get("fault_around", DEFAULT_FAULT_AROUND),
                                      poll_us=self.server_kw.get("poll_us", DEFAULT_POLL_US))
-            while not session.prefetch_done():
-                time.sleep(0.0002)
+            if not session.wait_prefetch(600):
+                raise RuntimeError("REAP's prefetch did not end")
             conn.sendall(b"g")
             res = g.wait(600)
             session.wait(10)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -130,8 +129,7 @@ def test_bench_prefetch_install(benchmark, world):
         r = state["round"]
         r.session = RestoreSession(world["snap"], r.hs.uffd, r.hs.regions, r.hs.page_size, conn_fd=r.conn.fileno(),
                                    l1=world["l1"], persist_log=False, plan=world["plan"])
-        while not r.session.prefetch_done():
-            time.sleep(0.0002)
+        assert r.session.wait_prefetch(600), "the prefetch did not end"
 
     def teardown():
         st = state["round"].session.stats()

@@ -244,6 +244,8 @@ void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src, int mapped)
         e->plan.asked[c] = 0;
         e->plan.inflight--;
         pthread_cond_signal(&e->plan.cv);
+        if (prefetch_done(e))
+            pthread_cond_broadcast(&e->done_cv); /* rs_engine_wait_prefetch */
     }
     pthread_mutex_unlock(&e->lock);
 }
@@ -505,6 +507,7 @@ void rs_engine_stop(rs_engine *e)
     pthread_mutex_lock(&e->lock);
     e->stopping = 1;
     pthread_cond_broadcast(&e->plan.cv);
+    pthread_cond_broadcast(&e->done_cv); /* rs_engine_wait_prefetch */
     pthread_mutex_unlock(&e->lock);
     rs_fetchq_close(e->local.q);
     rs_fetchq_close(e->remoteq);
@@ -554,6 +557,25 @@ int rs_engine_wait(rs_engine *e, int timeout_ms)
             break;
     }
     done = e->done;
+    pthread_mutex_unlock(&e->lock);
+    return done;
+}
+
+int rs_engine_wait_prefetch(rs_engine *e, int timeout_ms)
+{
+    struct timespec deadline = rs_deadline_after(timeout_ms > 0 ? timeout_ms : 0);
+    int done;
+
+    if (!e->plan.chunks)
+        return 0;
+    pthread_mutex_lock(&e->lock);
+    while (!prefetch_done(e) && !e->done && !e->stopping) {
+        if (timeout_ms < 0)
+            pthread_cond_wait(&e->done_cv, &e->lock);
+        else if (pthread_cond_timedwait(&e->done_cv, &e->lock, &deadline) == ETIMEDOUT)
+            break;
+    }
+    done = prefetch_done(e);
     pthread_mutex_unlock(&e->lock);
     return done;
 }
@@ -652,7 +674,7 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     pthread_mutex_lock(&e->lock);
     for (uint32_t c = 0; c < e->cfg.n_chunks; c++)
         parked += (uint32_t)e->chunks[c].parked.n;
-    out->prefetch_done = e->plan.issued && e->plan.inflight == 0;
+    out->prefetch_done = prefetch_done(e);
     pthread_mutex_unlock(&e->lock);
     out->parked_now = parked;
     out->guest_gone = atomic_load(&e->guest_gone);

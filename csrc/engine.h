@@ -253,6 +253,12 @@ void rs_engine_destroy(rs_engine *e);
  * engine to stop). Returns 1 when it has, 0 on timeout. */
 int rs_engine_wait(rs_engine *e, int timeout_ms);
 
+/* Wait up to timeout_ms (< 0: forever) for the prefetch to be done: every
+ * chunk of the plan asked for and settled (rs_engine_stats.prefetch_done).
+ * Returns 1 when it is; 0 on timeout, when there is no plan, or when the
+ * guest went away or the engine stopped first. */
+int rs_engine_wait_prefetch(rs_engine *e, int timeout_ms);
+
 /* Fetcher side. next_request: 1 and *chunk set, 0 on timeout,
  * -ESHUTDOWN when stopping. supply: verify and decode stored bytes of a
  * requested chunk and serve its parked faults; source names the tier the

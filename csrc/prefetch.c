@@ -136,6 +136,8 @@ void *prefetch_main(void *arg)
     }
     pthread_mutex_lock(&e->lock);
     e->plan.issued = 1;
+    if (prefetch_done(e))
+        pthread_cond_broadcast(&e->done_cv); /* rs_engine_wait_prefetch */
     pthread_mutex_unlock(&e->lock);
     return NULL;
 }

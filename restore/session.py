@@ -421,6 +421,12 @@ class RestoreSession:
         lib.rs_engine_get_stats(self._handle(), st)
         return bool(st.prefetch_done)
 
+    def wait_prefetch(self, timeout: Optional[float] = None) -> bool:
+        """Block until prefetch_done(); False on timeout, without a plan, or
+        when the guest went away or the engine stopped first."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(lib.rs_engine_wait_prefetch(self._handle(), ms))
+
     def counters(self) -> dict[str, int]:
         """The engine's counters now (cheap: for polling, e.g. by a metrics
         scrape): the counting fields of SessionStats that come from the

@@ -101,9 +101,7 @@ def run(tmp_path, snap, ops, *, look=(), gate=False, **session_kw):
                 try:
                     deadline = time.monotonic() + 60
                     if gate:
-                        while not session.prefetch_done():
-                            assert time.monotonic() < deadline, "the prefetch did not finish"
-                            time.sleep(0.01)
+                        assert session.wait_prefetch(60), "the prefetch did not finish"
                         conn.sendall(b"g")
                     # Until the guest waits at its last step (or died).
                     while g.steps_done() < len(steps) - 1 and g._proc.poll() is None:

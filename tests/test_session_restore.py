@@ -837,3 +837,34 @@ def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monk
         hs.close()
         conn.close()  # the guest's wait ends with the connection
         g.wait(30)
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["plan", "no-plan"])
+def test_waiting_for_the_prefetch(snap, image, tmp_path, planned):
+    """wait_prefetch returns once prefetch_done() holds; a session without
+    a plan has nothing to wait for and says so at once."""
+    from restore.protocol import accept_handshake
+    from restore.session import RestoreSession
+    from restore.testing import wait
+
+    plan = np.flatnonzero(_image_pages(image).any(axis=1))[:200].astype(np.uint64) * P if planned else None
+    path = str(tmp_path / "w.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    with lsock, Guest(path, memory_size=SIZE) as g:
+        g.start(wait())
+        conn, _ = lsock.accept()
+        m = snap.manifest
+        hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
+                              chunk_size=m.chunk_size)
+        with RestoreSession(snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
+                            l1=L1Cache(tmp_path / "l1"), persist_log=False, plan=plan, prefetch_around=1) as session:
+            assert session.wait_prefetch(60 if planned else 0) == planned
+            assert session.prefetch_done() == planned
+            if planned:
+                assert session.stats().prefetch_pages == len(plan)
+            conn.sendall(b"g")
+            g.wait(30)
+        hs.close()
+        conn.close()

@@ -249,6 +249,13 @@ static inline void end_session(rs_engine *e, int reason)
     atomic_store(&e->guest_gone, 1);
 }
 
+/* Every chunk of the plan asked for and settled. Call with e->lock held;
+ * when it turns true, done_cv is broadcast (rs_engine_wait_prefetch). */
+static inline int prefetch_done(const rs_engine *e)
+{
+    return e->plan.issued && e->plan.inflight == 0;
+}
+
 static inline int bit_test(_Atomic uint64_t *bm, uint64_t i)
 {
     return (atomic_load_explicit(&bm[i / 64], memory_order_acquire) >> (i % 64)) & 1;

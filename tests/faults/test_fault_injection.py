@@ -320,10 +320,7 @@ def test_prefetch_reads_are_not_hedged(tmp_path, snap, memcached_cluster, trace,
                                          l1=L1Cache(tmp_path / "l1"), l2=cluster, plan=trace, fetchers=4,
                                          persist_log=False)
                 try:
-                    deadline = time.monotonic() + HANG
-                    while not session.prefetch_done():
-                        assert time.monotonic() < deadline, "the prefetch did not end"
-                        time.sleep(0.01)
+                    assert session.wait_prefetch(HANG), "the prefetch did not end"
                     conn.sendall(b"g")
                     res = g.wait(HANG)
                     session.wait(HANG)
