@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -128,9 +127,7 @@ def main(argv=None) -> int:
     from bench.report import fetch_inflight_section
 
     print(fetch_inflight_section(doc))
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M%S")
-    path = Path(a.json) if a.json else Path(__file__).resolve().parent / "results" / f"{stamp}-fetch-inflight.json"
-    results.write(doc, path)
+    path = results.write(doc, Path(a.json) if a.json else results.default_path(kind="fetch-inflight"))
     print(f"raw: {path}")
     return 0
 

@@ -15,11 +15,11 @@ installed by ``make install`` next to Azurite), which keeps connections
 alive, or moto's server, which answers every request with ``Connection:
 close`` (so each request costs a new connection, one more round trip) and
 spends about 3 ms of CPU per 512 KiB GET; "auto" takes s3rver when it is
-installed. ``t.s3_options()`` are the S3Options that reach it. The delay is added by netem on both veth
-ends (half the RTT each) when the kernel has sch_netem; else by a
-userspace delay line (``Relay``) in a child process of its own in the root
-namespace, so that it never waits for the GIL of the process whose
-fetches it delays. It listens on 127.0.0.1 and holds every chunk of bytes
+installed. ``t.s3_options()`` are the S3Options that reach it. The delay
+is added by netem on both veth ends (half the RTT each) when the kernel
+has sch_netem; else by a userspace delay line (``Relay``) in a child
+process of its own in the root namespace, so that it never waits for the
+GIL of the process whose fetches it delays. It listens on 127.0.0.1 and holds every chunk of bytes
 half the RTT in each direction, and a new connection's first bytes another
 RTT (the TCP handshake a real link would cost). Needs root (``ip netns
 add``); everything made is removed on exit, whatever happens inside the

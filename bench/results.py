@@ -174,12 +174,12 @@ def bench_document(kind: str, module: str, argv: Optional[list[str]], args: dict
             "args": args, "started": started, "machine": machine(), "versions": versions(), "raw": raw}
 
 
-def default_path(root: Optional[Path] = None) -> Path:
+def default_path(root: Optional[Path] = None, kind: str = "compare") -> Path:
     """Where a run keeps its document when not told: bench/results/
-    <UTC date>-<time>-compare.json of the source tree."""
+    <UTC date>-<time>-<kind>.json of the source tree."""
     root = root or Path(__file__).resolve().parent / "results"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M%S")
-    return root / f"{stamp}-compare.json"
+    return root / f"{stamp}-{kind}.json"
 
 
 def write(doc: dict, path: Path) -> Path:

@@ -260,10 +260,7 @@ class PlanKeeper:
             return plan
         if reading is None:
             self.refresh()
-            with self._lock:
-                reading = self._reading
-        if reading is not None:
-            reading.wait()
+        self.wait()  # the read under way, or the one just started
         with self._lock:
             if self._plan is None and self._error is not None:
                 raise self._error
