@@ -27,7 +27,16 @@ import weakref
 from dataclasses import dataclass
 
 from ._native import ffi, lib
-from .errors import InputError, InternalError, RestoreError
+from .errors import (
+    GuestGone,
+    InputError,
+    InternalError,
+    MappingChanging,
+    PageExists,
+    UffdError,
+    UffdUnavailable,
+    error_for,
+)
 
 __all__ = [
     "PAGE_SIZE",
@@ -146,58 +155,6 @@ class Event:
 # --- errors -------------------------------------------------------------------
 
 
-class UffdError(RestoreError, OSError):
-    """A userfaultfd call failed.
-
-    errno: the kernel's error code; strerror: its text.
-    done: bytes handled before the error (install ioctls), else 0.
-    str(): names the operation, the range and the C function, e.g.
-    ``UFFDIO_COPY [0x7f2a1c000000, +0x1000): File exists (from rs_uffd_copy)``.
-    """
-
-    def __init__(self, code: int, message: str, done: int = 0):
-        super().__init__(code, os.strerror(code))
-        self.message = message
-        self.done = done
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self):
-        return (type(self), (self.errno, self.message, self.done))
-
-
-class PageExists(UffdError):
-    """EEXIST: the first page of the range is already present (done is 0).
-
-    Another installer won the race: the page is there, so wake the range
-    (install ioctls do not wake on this error) and treat it as served.
-    """
-
-
-class MappingChanging(UffdError):
-    """EAGAIN: the install stopped early; retry from dst + done.
-
-    Two causes, which the kernel does not tell apart: the address space is
-    changing (a REMOVE/UNMAP/REMAP event is pending: read events, then
-    retry; EAGAIN lasts until the thread that caused the event has resumed),
-    or the ioctl installed only part of the range (done > 0) and stopped
-    at a page it could not fill, e.g. one already present; retrying from
-    dst + done then reports the real reason (PageExists). The installed part
-    was woken unless wake=False.
-    """
-
-
-class GuestGone(UffdError):
-    """ESRCH: the address space the userfaultfd serves no longer exists
-    (the guest process exited)."""
-
-
-class UffdUnavailable(UffdError):
-    """A userfaultfd could not be created or its API handshake was refused:
-    ENOSYS (no userfaultfd in this kernel), EPERM/EACCES (not allowed), ..."""
-
-
 class FeatureUnavailable(UffdUnavailable):
     """The kernel does not offer a requested feature; missing: those features."""
 
@@ -209,18 +166,8 @@ class FeatureUnavailable(UffdUnavailable):
         return (type(self), (self.errno, self.message, self.missing))
 
 
-_ERRNO_CLASSES: dict[int, type[UffdError]] = {
-    errno.EEXIST: PageExists,
-    errno.EAGAIN: MappingChanging,
-    errno.ESRCH: GuestGone,
-}
-
-
 def _range_error(rc: int, op: str, start: int, length: int, fn: str, done: int = 0) -> UffdError:
-    code = -rc
-    after = f" after {done:#x} bytes" if done else ""
-    cls = _ERRNO_CLASSES.get(code, UffdError)
-    return cls(code, f"{op} [{start:#x}, +{length:#x}): {os.strerror(code)}{after} (from {fn})", done)
+    return error_for(rc, fn, f"{op} [{start:#x}, +{length:#x})", done=done, base=UffdError)
 
 
 def _describe(features: int) -> str:
@@ -264,7 +211,7 @@ def probe_features() -> Feature:
     out = ffi.new("uint64_t *")
     rc = lib.rs_uffd_probe(out)
     if rc < 0:
-        raise UffdUnavailable(-rc, f"cannot probe userfaultfd features: {os.strerror(-rc)} (from rs_uffd_probe)")
+        raise error_for(rc, "rs_uffd_probe", "cannot probe userfaultfd features", base=UffdUnavailable)
     return Feature(out[0])
 
 
@@ -501,7 +448,7 @@ class Userfaultfd:
         out = ffi.new("rs_uffd_event[]", n)
         rc = lib.rs_uffd_read_events(self.fileno(), out, n)
         if rc < 0:
-            raise UffdError(-rc, f"reading userfaultfd events: {os.strerror(-rc)} (from rs_uffd_read_events)")
+            raise error_for(rc, "rs_uffd_read_events", "reading userfaultfd events", base=UffdError)
         events = []
         for e in out[0:rc]:
             try:

@@ -56,7 +56,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
-from ..errors import HostCacheError, InputError
+from ..errors import HostCacheError, InputError, check
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
@@ -150,14 +150,10 @@ class HostCache:
         m = snapshot.manifest
         path, vid = self.open_version(m)
 
-        def check(rc: int, fn: str) -> int:
-            if rc < 0:
-                raise HostCacheError(f"host cache {path}: {os.strerror(-rc)} (from {fn})")
-            return rc
-
+        where = f"host cache {path}"
         out = ffi.new("rs_hostcache **")
         check(lib.rs_hostcache_open(out, os.fsencode(str(path)), len(m.chunks), m.chunk_size, vid),
-              "rs_hostcache_open")
+              "rs_hostcache_open", where, HostCacheError)
         h = out[0]
         written = 0
         buf = bytearray(m.chunk_size)
@@ -168,7 +164,7 @@ class HostCache:
                 if entry.id is None:  # all zero: nothing to hold
                     progress(m.chunk_size)
                     continue
-                rc = check(lib.rs_hostcache_claim(h, i, waited), "rs_hostcache_claim")
+                rc = check(lib.rs_hostcache_claim(h, i, waited), "rs_hostcache_claim", where, HostCacheError)
                 if rc == 0:
                     try:
                         snapshot.read_chunk(i, buf)
@@ -176,7 +172,7 @@ class HostCache:
                         lib.rs_hostcache_abandon(h, i)
                         raise
                     check(lib.rs_hostcache_fill(h, i, ffi.from_buffer(buf), entry.zero, m.page_size),
-                          "rs_hostcache_fill")
+                          "rs_hostcache_fill", where, HostCacheError)
                     written += 1
                 progress(m.chunk_size)
         finally:
