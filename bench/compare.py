@@ -47,6 +47,7 @@ import numpy as np
 from bench import pagecache
 from bench.results import SLOW_ONLY, STRATEGIES, UFFD, Row
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.session import DEFAULT_FAULT_AROUND, DEFAULT_POLL_US, RestoreSession, prefetch_usage
@@ -178,9 +179,10 @@ class Bench:
         # says so, so that its prefetch installs page by page too. (Not a
         # lazy one: there record_fault_around is its own fault-around.)
         plan_kw = {"record_fault_around": 1} if use_plan else {}
-        with Server(snap or self.snap, self.sock(), l1=self.l1, use_plan=use_plan, persist_logs=False,
-                    memfd_install=memfd or "copy", host_cache=hc, fetch_loop=fetch_loop, **plan_kw,
-                    **self.server_kw) as server:
+        settings, tiers = ServerSettings.take({"use_plan": use_plan, "persist_logs": False,
+                                               "memfd_install": memfd or "copy", "fetch_loop": fetch_loop,
+                                               **plan_kw, **self.server_kw})
+        with Server(snap or self.snap, self.sock(), settings, l1=self.l1, host_cache=hc, **tiers) as server:
             with Guest(server.socket_path, memory_size=self.size, memfd=memfd is not None) as g:
                 res = g.run(reads(offsets), timeout=600)
         cpu = time.process_time() - cpu
@@ -234,7 +236,7 @@ class Bench:
         # Fault-around 1 while recording: every page the guest touches faults,
         # so the plan names the working set exactly (with fault-around, the
         # neighbours a fault brings in are touched without being seen).
-        with Server(self.snap, self.sock(), l1=self.l1, use_plan=False, fault_around=1) as server:
+        with Server(self.snap, self.sock(), ServerSettings(use_plan=False, fault_around=1), l1=self.l1) as server:
             with Guest(server.socket_path, memory_size=self.size) as g:
                 self.check(g.run(reads(w.recorded), timeout=600), w.recorded)
         pages = rebuild_plan(self.store, self.snap.manifest, sessions=1).pages
@@ -339,8 +341,8 @@ def minivm_rows(work: Path, rounds: int, log: Callable[[str], None]) -> list[Row
     def serve(use_plan, request, persist=False, s=snap, memfd=None, hc=host, **kw):
         if use_plan:
             kw.setdefault("record_fault_around", 1)  # the plan is recorded page by page
-        with Server(s, work / f"vm{next(n)}.sock", l1=l1, use_plan=use_plan, persist_logs=persist,
-                    memfd_install=memfd or "copy", host_cache=hc, **kw) as server:
+        settings = ServerSettings(use_plan=use_plan, persist_logs=persist, memfd_install=memfd or "copy", **kw)
+        with Server(s, work / f"vm{next(n)}.sock", settings, l1=l1, host_cache=hc) as server:
             answer = driver.restore(b, server.socket_path, state, [request], memfd=memfd is not None)[0]
         summary = server.summaries[-1]
         return answer, _detail(summary.stats, summary.prefetched, None)

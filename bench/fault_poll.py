@@ -32,6 +32,7 @@ import numpy as np
 
 from bench import results
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
@@ -85,8 +86,8 @@ def bare_once(data: bytes, trace, path: Path, where: str):
 
 def engine_once(snap, host, trace, path: Path, poll_us: int, where: str):
     with placement(where, "handler"):  # the accept thread, and so the session's threads
-        server = Server(snap, path, host_cache=host, fault_around=1, persist_logs=False, use_plan=False,
-                        poll_us=poll_us).start()
+        server = Server(snap, path, ServerSettings(fault_around=1, persist_logs=False, use_plan=False, poll_us=poll_us),
+                        host_cache=host).start()
     try:
         with Guest(server.socket_path, memory_size=SIZE) as g:
             with placement(where, "guest"):

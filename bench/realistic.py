@@ -41,6 +41,7 @@ from bench import pagecache
 from bench.results import Row
 from bench.sqlguest import GuestFailure, run_guest
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.durable import DurableStore
@@ -382,7 +383,8 @@ def realistic_rows(work: Path, rounds: int, size_mib: int = 256, *, db_mib: Opti
         plan_kw = {"record_fault_around": 1} if use_plan else {}
         opts = {"l1": l1, "persist_logs": False, "host_cache": host, **plan_kw, **server_kw, "use_plan": use_plan,
                 **kw}
-        with Server(snap, work / f"q{next(n_sock)}.sock", **opts) as server:
+        settings, opts = ServerSettings.take(opts)
+        with Server(snap, work / f"q{next(n_sock)}.sock", settings, **opts) as server:
             try:
                 res = guest("uffd", mix, socket_path=server.socket_path)
             except GuestFailure as exc:  # say why the handler refused it, if it did

@@ -55,6 +55,7 @@ import pytest
 from bench.fault_poll import bare_once
 from bench.fault_poll import placement as placement_of
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads
@@ -109,7 +110,8 @@ def _check(res, sums) -> None:
 
 def _engine_once(world, path, fault_around, trace, handler, sums):
     kw = {"l1": world["l1"]} if handler == "engine-l1" else {"host_cache": world["host"]}
-    with Server(world["snap"], path, fault_around=fault_around, persist_logs=False, use_plan=False, **kw) as server:
+    with Server(world["snap"], path, ServerSettings(fault_around=fault_around, persist_logs=False, use_plan=False),
+                **kw) as server:
         with Guest(server.socket_path, memory_size=SIZE) as g:
             res = g.run(reads(trace), timeout=60)
     _check(res, sums)

@@ -30,6 +30,7 @@ import pytest
 
 from bench.minivm import driver
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
@@ -79,8 +80,8 @@ def _resident(vm):
 
 def _lazy(vm, l1, fault_around=None):
     kw = {"fault_around": fault_around} if fault_around else {}
-    server = Server(vm["snap"], vm["dir"] / f"s{next(_n)}.sock", l1=l1, persist_logs=False, use_plan=False,
-                    **kw).start()
+    settings = ServerSettings(persist_logs=False, use_plan=False, **kw)
+    server = Server(vm["snap"], vm["dir"] / f"s{next(_n)}.sock", settings, l1=l1).start()
     try:
         answer = _checked(vm, driver.restore(vm["build"], server.socket_path, vm["state"], REQUEST))
         deadline = time.monotonic() + 10

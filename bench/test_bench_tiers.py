@@ -29,6 +29,7 @@ from pymemcache.client.base import Client
 
 from bench import netdelay
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.session import DEFAULT_FETCHERS
@@ -117,8 +118,8 @@ def test_bench_cold_l1_restore(benchmark, world, tmp_path, source, fetchers):
 
     def once():
         l1_dir = tmp_path / f"l1-{len(restore_ms)}"
-        server = Server(world["snap"], tmp_path / "g.sock", l1=L1Cache(l1_dir),
-                        l2=world["l2"] if source == "l2" else None, fetchers=fetchers, persist_logs=False).start()
+        server = Server(world["snap"], tmp_path / "g.sock", ServerSettings(fetchers=fetchers, persist_logs=False),
+                        l1=L1Cache(l1_dir), l2=world["l2"] if source == "l2" else None).start()
         try:
             with Guest(server.socket_path, memory_size=SIZE) as g:
                 res = g.run(reads(world["trace"]), timeout=120)

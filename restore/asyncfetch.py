@@ -37,7 +37,6 @@ and the L1/L2 writes are as in restore.fetcher.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import threading
@@ -48,7 +47,7 @@ from typing import Callable, Optional
 
 from ._native import ffi, lib
 from .errors import RestoreError
-from .fetcher import DURABLE_ATTEMPTS, POLL_MS, FetchBase
+from .fetchbase import DURABLE_ATTEMPTS, POLL_MS, FetchBase, Supply
 from .manifest import Manifest
 from .objects import chunk_key
 from .tiers.amc import Zone
@@ -244,11 +243,10 @@ class AsyncFetchers(FetchBase):
             data, node = await self._l2_get(entry.id, hedge=demand)
             if data is not None:
                 self._l2_latency(time.perf_counter() - t)
-                rc = await self._loop.run_in_executor(self._cpu, self._supply, index, data, lib.RS_SRC_L2)
-                self._note("l2", time.perf_counter() - t, hit=rc == 0, bad=rc not in (0, -errno.EALREADY),
-                           nbytes=len(data))
-                if rc in (0, -errno.EALREADY):
-                    if rc == 0:
+                outcome, _ = await self._loop.run_in_executor(self._cpu, self._supply, index, data, lib.RS_SRC_L2)
+                self._note("l2", time.perf_counter() - t, outcome, nbytes=len(data))
+                if outcome is not Supply.BAD:
+                    if outcome is Supply.TAKEN:
                         self._write_l1(entry.id, data)
                     return
                 log.warning("%s: chunk %d: the L2 copy fails verification; dropped, reading the store", self._label, index)

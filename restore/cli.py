@@ -593,7 +593,8 @@ def serve(spec, socket_path, listens, cache_dir, cache_budget, no_cache, host_ca
 
     from . import logs
     from .handler import Server
-    from .session import DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, DEFAULT_POLL_US, DEFAULT_PREFETCH_INFLIGHT
+    from .settings import (DEFAULT_FAULT_AROUND, DEFAULT_FETCHERS, DEFAULT_POLL_US, DEFAULT_PREFETCH_INFLIGHT,
+                           ServerSettings)
     from .snapshot import Snapshot
     from .supervisor import PeerReports
 
@@ -622,26 +623,29 @@ def serve(spec, socket_path, listens, cache_dir, cache_budget, no_cache, host_ca
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = Server(
-        snap,
-        sockets,
-        l1=l1,
-        l2=open_l2(l2_specs),
+    settings = ServerSettings(
         fault_around=fault_around or DEFAULT_FAULT_AROUND,
         record_fault_around=record_fault_around,
         memfd_install=memfd_install,
         fetchers=fetchers or DEFAULT_FETCHERS,
         prefetch_inflight=prefetch_inflight or DEFAULT_PREFETCH_INFLIGHT,
+        poll_us=DEFAULT_POLL_US if poll_us is None else poll_us,
         drain_timeout=drain_timeout,
         use_plan=not no_plan,
         rebuild_plan_after=rebuild_plan_after,
         plan_sessions=plan_sessions,
         audit_every=audit_every,
-        on_fetch=metrics.observe_fetch if metrics else None,
-        listener=listeners,
-        on_peer=PeerReports(worker_report_fd) if worker_report_fd is not None else None,
+    )
+    server = Server(
+        snap,
+        sockets,
+        settings,
+        l1=l1,
+        l2=open_l2(l2_specs),
         host_cache=open_host_cache(host_cache_dir, host_cache_budget, no_host_cache, cache_dir),
-        poll_us=DEFAULT_POLL_US if poll_us is None else poll_us,
+        on_fetch=metrics.observe_fetch if metrics else None,
+        on_peer=PeerReports(worker_report_fd) if worker_report_fd is not None else None,
+        listener=listeners,
     )
     if metrics is not None:
         metrics.attach(server)
@@ -665,7 +669,7 @@ def _serve_listens(socket_path, socket_owner, socket_mode, allow_uids, listens) 
     """serve's sockets: --socket (with --socket-owner, --socket-mode and
     --allow-uid) first, then each --listen; a path given twice, or no socket
     at all, is a usage error."""
-    from .handler import Listen, check_listens
+    from .listen import Listen, check_listens
 
     out = []
     if socket_path is not None:
@@ -751,7 +755,8 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, host_cache_dir, host
     import numpy as np
 
     from .handler import Server
-    from .session import DEFAULT_FAULT_AROUND, prefetch_usage
+    from .session import prefetch_usage
+    from .settings import DEFAULT_FAULT_AROUND, ServerSettings
     from .snapshot import Snapshot
     from .testing import Guest, reads
 
@@ -774,9 +779,9 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, host_cache_dir, host
             result = run_guest(socket_path)
         else:
             with tempfile.TemporaryDirectory(prefix="restore-try-") as tmp:
+                settings = ServerSettings(fault_around=fault_around or DEFAULT_FAULT_AROUND, use_plan=not no_plan)
                 server = Server(
-                    snap, f"{tmp}/uffd.sock", l1=l1, l2=open_l2(l2_specs),
-                    fault_around=fault_around or DEFAULT_FAULT_AROUND, use_plan=not no_plan,
+                    snap, f"{tmp}/uffd.sock", settings, l1=l1, l2=open_l2(l2_specs),
                     host_cache=open_host_cache(host_cache_dir, host_cache_budget, no_host_cache, cache_dir),
                 ).start()
                 try:

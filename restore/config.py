@@ -37,6 +37,9 @@ from typing import Any
 
 import click
 
+from .errors import RestoreError
+from .listen import MAX_ID, MODE_BITS, Listen
+
 # Settings a file may not hold: the file itself, and the worker's hidden plumbing.
 NOT_IN_FILE = {"config", "worker_listen_fd", "worker_report_fd"}
 
@@ -56,7 +59,6 @@ def _l2_specs(path: str, value: Any) -> Any:
     return specs
 
 
-MAX_ID = 0xFFFFFFFE  # the largest uid or gid (as restore.handler.MAX_ID)
 LISTEN_KEYS = ("path", "owner", "mode", "allow_uids")  # a [[listen]] table's keys
 LISTEN_SYNTAX = "PATH[,owner=UID[:GID]][,mode=OCTAL][,allow=UID[+UID...]]"
 
@@ -82,15 +84,13 @@ def parse_mode(text: str) -> int:
     if not re.fullmatch(r"[0-7]{3,4}", text):
         raise ValueError(f"mode {text!r} is not octal digits such as 0600 or 0660")
     mode = int(text, 8)
-    if mode & ~0o770:
-        raise ValueError(f"mode {text} gives access to others than the socket's owner and group (at most 0770)")
+    if mode & ~MODE_BITS:
+        raise ValueError(f"mode {text} gives access to others than the socket's owner and group "
+                         f"(at most {MODE_BITS:04o})")
     return mode
 
 
 def _make_listen(path: str, owner, mode, allow):
-    from .errors import RestoreError
-    from .handler import Listen
-
     try:
         return Listen(path, owner, 0o600 if mode is None else mode,
                       frozenset(allow) if allow is not None else None)
@@ -100,7 +100,7 @@ def _make_listen(path: str, owner, mode, allow):
 
 def parse_listen(spec: str):
     """--listen PATH[,owner=UID[:GID]][,mode=OCTAL][,allow=UID[+UID...]] →
-    a restore.handler.Listen. The path comes first and may not hold a
+    a restore.listen.Listen. The path comes first and may not hold a
     comma (a [[listen]] table in a config file takes any path). Raises
     ValueError with a one-line reason."""
     path, *pieces = spec.split(",")

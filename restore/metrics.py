@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .errors import InputError
-from .handler import Server
 from .faultlog import SOURCES
 from .tiers.l1 import L1Cache
 
@@ -69,10 +68,19 @@ def parse_listen(addr: str) -> tuple[str, int]:
     return host, number
 
 
+class Served(Protocol):
+    """What metrics read of a server at scrape time (restore.handler.Server
+    has it): its counters and its demand-fault service-time histogram."""
+
+    def counters(self) -> dict[str, int]: ...
+
+    def service_histogram(self) -> tuple[tuple[int, ...], list[int], int]: ...
+
+
 class _ServerCollector:
     """Read at scrape time from the server (and the L1 directory)."""
 
-    def __init__(self, server: Server, l1: Optional[L1Cache]):
+    def __init__(self, server: Served, l1: Optional[L1Cache]):
         self._server = server
         self._l1 = l1
         self._l1_scanned = -float("inf")
@@ -192,7 +200,7 @@ class ServerMetrics:
         if nbytes:
             self._fetch_bytes.labels(tier).inc(nbytes)
 
-    def attach(self, server: Server) -> None:
+    def attach(self, server: Served) -> None:
         """Report the server's figures at every scrape."""
         self.registry.register(_ServerCollector(server, self._l1))
 

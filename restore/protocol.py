@@ -34,8 +34,10 @@ As implemented here:
   checks that the second fd is a memfd (it answers F_GET_SEALS) that covers
   every region, with 4 KiB pages. More than two are refused by
   ``recv_handshake``.
-- ``accept_handshake`` also reads the peer's pid/uid/gid (``SO_PEERCRED``),
-  checks that the fd is a userfaultfd (its ``/proc/self/fd`` link, when
+- ``accept_handshake`` also reads the peer's pid/uid/gid (``SO_PEERCRED``)
+  and refuses a uid not served on the socket (``PeerNotAllowed``, having
+  read its handshake only to learn whether it sent a userfaultfd), checks
+  that the fd is a userfaultfd (its ``/proc/self/fd`` link, when
   /proc is mounted), and checks the regions against the snapshot geometry
   (``check_regions``).
 
@@ -57,7 +59,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Collection, Iterable, Optional, Sequence
 
 from .errors import InputError
 
@@ -92,7 +94,23 @@ _REQUIRED = ("base_host_virt_addr", "size", "offset")
 
 
 class HandshakeError(InputError):
-    """The guest's handshake cannot be accepted; the message says why."""
+    """The guest's handshake cannot be accepted; the message says why.
+
+    kill: whether the peer's VMM must be killed (a VMM whose memory is
+    registered with a userfaultfd nobody serves hangs at its first fault);
+    because: why, for the log line that says it was killed."""
+
+    def __init__(self, message: str, *, kill: bool = True,
+                 because: str = "it cannot run without its page-fault handler"):
+        super().__init__(message)
+        self.kill = kill
+        self.because = because
+
+
+class PeerNotAllowed(HandshakeError):
+    """The peer's uid is not served on the socket it came on. Nothing of the
+    snapshot is served to it; kill says whether it sent a userfaultfd (a
+    VMM that would hang), else it is only hung up on."""
 
 
 def _fmt_size(n: int) -> str:
@@ -550,13 +568,25 @@ def accept_handshake(
     memory_size: int,
     snapshot_page_size: int,
     chunk_size: int,
+    allowed_uids: Optional[Collection[int]] = None,
+    socket_name: str = "this socket",
     timeout: float = 5.0,
 ) -> Handshake:
-    """Receive, parse and check a guest's handshake on an accepted
-    connection. Returns a Handshake owning the userfaultfd; on any refusal
-    raises HandshakeError with every received fd closed. Sizes in bytes,
-    timeout in seconds."""
+    """Check a guest's peer, then receive, parse and check its handshake on
+    an accepted connection. Returns a Handshake owning the userfaultfd; on
+    any refusal raises HandshakeError (PeerNotAllowed for a uid not in
+    allowed_uids, the uids served on socket_name; None: any) with every
+    received fd closed. Sizes in bytes, timeout in seconds."""
     peer = peer_credentials(conn)
+    if allowed_uids is not None and peer.uid not in allowed_uids:
+        # Its handshake is still read (bounded) to learn whether it sent a
+        # userfaultfd: a VMM that did blocks at its first fault (during
+        # Firecracker's PUT /snapshot/load, before the VM resumes) and would
+        # hang for ever, so it must be killed.
+        raise PeerNotAllowed(
+            f"peer uid {peer.uid} is not allowed on {socket_name} (allowed: "
+            f"{', '.join(map(str, sorted(allowed_uids)))})", kill=peer_sent_uffd(conn, timeout=timeout),
+            because="it sent a userfaultfd, and a VMM whose memory nobody serves hangs at its first page fault")
     payload, fds = recv_handshake(conn, timeout=timeout)
     try:
         _check_is_uffd(fds[0])

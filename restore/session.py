@@ -26,21 +26,25 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from ._native import ffi, lib
-from .errors import InputError, check
+from .errors import check
 from .asyncfetch import HEDGE_AFTER, AsyncFetchers
 from .faultlog import LOG_DTYPE, NO_CHUNK, SOURCES
 from .fetcher import Fetchers
 from .objects import session_key
+from .settings import (
+    DEFAULT_FAULT_AROUND,
+    DEFAULT_FETCHERS,
+    DEFAULT_POLL_US,
+    DEFAULT_PREFETCH_INFLIGHT,
+    MEMFD_INSTALL_NAMES,
+    check_session_settings,
+)
 from .snapshot import Snapshot
 from .tiers.host import HostCache
 
 log = logging.getLogger("restore.session")
 
-DEFAULT_FAULT_AROUND = 64  # pages; chosen with bench/test_bench_fault.py (fault_around)
-DEFAULT_FETCHERS = 4
 DEFAULT_L1_THREADS = 2
-DEFAULT_PREFETCH_INFLIGHT = 8  # plan chunks requested at once
-DEFAULT_POLL_US = 50  # us the service thread keeps looking after a fault; chosen with bench/fault_poll.py
 # Upper bounds (ns) of the buckets SessionStats.service_hist counts demand
 # faults in; a last bucket takes the rest. From a fault-around install of
 # a decoded chunk (a few us) to a slow durable fetch (seconds).
@@ -48,6 +52,7 @@ SERVICE_BUCKETS_NS = (2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 50
                       2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000, 100_000_000,
                       250_000_000, 1_000_000_000)
 MEMFD_INSTALLS = {"copy": lib.RS_MEMFD_COPY, "continue": lib.RS_MEMFD_CONTINUE}
+assert tuple(MEMFD_INSTALLS) == MEMFD_INSTALL_NAMES
 # Why a session ended (RS_END_*), as SessionStats.ended_by says it.
 END_REASONS = {
     lib.RS_END_RUNNING: "running",
@@ -149,13 +154,6 @@ class SessionStats:
     ended_by: str = "running"  # END_REASONS
 
 
-def check_memfd_install(value: str) -> str:
-    """value, if it names a way to fill a guest's memfd (MEMFD_INSTALLS)."""
-    if value not in MEMFD_INSTALLS:
-        raise InputError(f"memfd_install must be one of {', '.join(MEMFD_INSTALLS)}, got {value!r}")
-    return value
-
-
 # SessionStats fields copied as they are from rs_engine_stats (same names).
 _ENGINE_COUNTERS = tuple(
     name for name, _ in ffi.typeof("rs_engine_stats").fields
@@ -248,16 +246,10 @@ class RestoreSession:
         fetch_loop: bool = True,
         hedge_after: Optional[float] = HEDGE_AFTER,
     ):
-        if fault_around < 1:
-            raise InputError(f"fault_around must be at least 1 page, got {fault_around}")
-        if fetchers < 1:
-            raise InputError(f"fetchers must be at least 1, got {fetchers}")
-        if prefetch_around is not None and prefetch_around < 1:
-            raise InputError(f"prefetch_around must be at least 1 page, got {prefetch_around}")
-        if not 0 <= poll_us <= 1_000_000:
-            raise InputError(f"poll_us must be 0 to 1000000 us, got {poll_us}")
+        check_session_settings(fault_around=fault_around, fetchers=fetchers, poll_us=poll_us,
+                               memfd_install=memfd_install, prefetch_around=prefetch_around,
+                               prefetch_inflight=prefetch_inflight)
         local = l1 is not None or host_cache is not None
-        check_memfd_install(memfd_install)
         m = snapshot.manifest
         self.snapshot = snapshot
         self.session_id = session_id or new_session_id()
@@ -322,8 +314,6 @@ class RestoreSession:
         self._fetchers = None
         try:
             if plan is not None and len(plan):
-                if prefetch_inflight < 1:
-                    raise InputError(f"prefetch_inflight must be at least 1, got {prefetch_inflight}")
                 pages = np.ascontiguousarray(np.asarray(plan, dtype=np.uint64) // page_size)
                 check(
                     lib.rs_engine_set_plan(self._engine, ffi.from_buffer("uint64_t[]", pages), len(pages), prefetch_inflight),

@@ -33,7 +33,7 @@ from collections import deque
 from typing import Sequence
 
 from .errors import RestoreError
-from .handler import Listen, check_listens, listen_socket
+from .listen import Listen, check_listens, close_listeners, open_listeners
 from .vmm import kill_vmm
 
 log = logging.getLogger("restore.supervisor")
@@ -44,21 +44,13 @@ RESTART_WINDOW = 60.0
 
 def supervise(worker_args: list[str], listens: Sequence[Listen]) -> int:
     """Run `restore <worker_args>` as a worker on the sockets listens (see
-    restore.handler.Listen: path, owner, mode; the worker checks the
+    restore.listen.Listen: path, owner, mode; the worker checks the
     allowed uids) until SIGTERM or SIGINT; returns the exit status.
     worker_args: the serve command line without --supervise; the worker
     gets one --worker-listen-fd per socket, in the order of listens (the
     order its own command line gives them)."""
     listens = check_listens(listens)
-    listeners = []
-    try:
-        for lst in listens:
-            listeners.append(listen_socket(lst.path, lst.owner, lst.mode))
-    except BaseException:
-        for sock, lst in zip(listeners, listens):
-            sock.close()
-            _unlink(lst.path)
-        raise
+    listeners = open_listeners(listens)
     paths = ", ".join(lst.path for lst in listens)
     fds = [sock.fileno() for sock in listeners]
     reports_r, reports_w = os.pipe()
@@ -108,17 +100,9 @@ def supervise(worker_args: list[str], listens: Sequence[Listen]) -> int:
     finally:
         os.close(reports_r)
         os.close(reports_w)
-        for sock, lst in zip(listeners, listens):
-            sock.close()
-            _unlink(lst.path)
+        close_listeners(listeners, listens)
     return status
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _follow(worker: subprocess.Popen, reports: int) -> set[int]:

@@ -289,3 +289,88 @@ def rebuild_plan(store: DurableStore, manifest: Manifest, sessions: int = 5,
         if data is not None:
             logs.append(load_fault_log(data, f"{store.url}/{key}"))
     return save_plan(store, manifest, build_plan(logs, min_share), ids, min_share)
+
+
+PLAN_READ_TIMEOUT = 30.0  # seconds a rebuilt plan's read may hold up the end of the session that rebuilt it
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """What PlanPolicy.choose() gives a session: the plan it replays (None:
+    none), the plan it audits instead (None: no audit; then plan is None)
+    and its fault-around."""
+
+    plan: Optional[np.ndarray]
+    audited: Optional[np.ndarray]
+    fault_around: int
+
+
+class PlanPolicy:
+    """Which plan each session of a server replays, which sessions audit it,
+    and when it is rebuilt (the settings are restore.settings.ServerSettings').
+
+    use_plan: replay the version's plan (kept by a PlanKeeper, read in the
+    background). A session without a plan records with record_fault_around
+    (None: fault_around). Every audit_every-th session that would replay the
+    plan audits it instead: no prefetch, fault-around 1, so every first
+    touch is seen and the plan can be scored. Every rebuild_after recorded
+    sessions, the plan is rebuilt from the last `sessions` fault logs (so the
+    plan follows the function as it changes) and read before the next
+    session. A plan that cannot be read or rebuilt costs speed, never
+    correctness: it is logged and the session runs without.
+    """
+
+    def __init__(self, store: DurableStore, manifest: Manifest, *, fault_around: int,
+                 record_fault_around: Optional[int] = None, use_plan: bool = True,
+                 rebuild_after: Optional[int] = None, sessions: int = 5, audit_every: Optional[int] = None):
+        self._store = store
+        self._manifest = manifest
+        self._label = f"{manifest.name}/{manifest.version}"
+        self._fault_around = fault_around
+        self._record_fault_around = record_fault_around
+        self._rebuild_after = rebuild_after
+        self._sessions = sessions
+        self._audit_every = audit_every
+        self._keeper = PlanKeeper(store, manifest) if use_plan else None
+        self._lock = threading.Lock()
+        self._with_plan = 0  # sessions that found a plan (audits counted)
+        self._since_rebuild = 0  # sessions recorded since the plan was rebuilt
+
+    def choose(self) -> SessionPlan:
+        """The plan, audit and fault-around of a session starting now."""
+        plan = None
+        if self._keeper is not None:
+            try:
+                plan = self._keeper.current()
+            except RestoreError as exc:
+                log.error("%s: not using its plan: %s", self._label, exc)
+        audited = None
+        if plan is not None and self._audit_every:
+            with self._lock:
+                self._with_plan += 1
+                if self._with_plan % self._audit_every == 0:
+                    audited, plan = plan, None
+        if audited is not None:
+            return SessionPlan(None, audited, 1)
+        if plan is None and self._record_fault_around:
+            return SessionPlan(None, None, self._record_fault_around)
+        return SessionPlan(plan, None, self._fault_around)
+
+    def session_ended(self, recorded: bool) -> None:
+        """A session ended (recorded: its fault log was saved); rebuild the
+        plan when it is time."""
+        if not recorded or not self._rebuild_after:
+            return
+        with self._lock:
+            self._since_rebuild += 1
+            if self._since_rebuild < self._rebuild_after:
+                return
+            self._since_rebuild = 0
+        try:
+            info = rebuild_plan(self._store, self._manifest, self._sessions)
+            log.info("%s: rebuilt its plan from %d sessions: %d pages", self._label, len(info.built_from), info.pages)
+            if self._keeper is not None:  # read now (the session is over), for the next session
+                self._keeper.refresh()
+                self._keeper.wait(PLAN_READ_TIMEOUT)
+        except RestoreError as exc:
+            log.error("%s: could not rebuild its plan: %s", self._label, exc)

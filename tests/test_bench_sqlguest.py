@@ -12,6 +12,7 @@ import pytest
 from bench.realistic import build_image, check_answers, mixes, reference_answers
 from bench.sqlguest import GuestFailure, run_guest
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.l1 import L1Cache
 
@@ -54,7 +55,7 @@ def test_guest_restored_through_a_server_answers_the_same(sql_image, store, tmp_
     create_snapshot(store, info.image, "sql")
     l1 = L1Cache(tmp_path / "l1")
     with Snapshot.open(store, "sql") as snap:
-        with Server(snap, tmp_path / "s.sock", l1=l1, use_plan=False, persist_logs=False) as server:
+        with Server(snap, tmp_path / "s.sock", ServerSettings(use_plan=False, persist_logs=False), l1=l1) as server:
             res = run_guest("uffd", info.size, info.db_offset, info.db_length, requests,
                             socket_path=server.socket_path, timeout=60)
     check_answers(res.answers, reference_answers(info, mix), "uffd-lazy")

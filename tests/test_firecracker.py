@@ -24,6 +24,7 @@ from bench.firecracker import driver
 from bench.minivm.driver import kvm_available
 from daemon import Daemon, children, wait_for
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.objects import chunk_key
 from restore.snapshot import Snapshot
 from restore.tiers.durable import DurableStore
@@ -260,7 +261,8 @@ def test_a_page_no_tier_can_supply_ends_the_vmm_never_hangs_it(tmp_path, fc, mad
         store.delete(key)
         try:
             ended = []
-            with Server(snap, tmp_path / "fn.sock", poison=poison, on_session_end=ended.append) as server:
+            with Server(snap, tmp_path / "fn.sock", ServerSettings(poison=poison),
+                        on_session_end=ended.append) as server:
                 with driver.VM(fc["bin"].firecracker, tmp_path / "vm") as vm:
                     # The guest touches the page as soon as it resumes, which
                     # may end the VMM before it answers the load: what counts

@@ -23,6 +23,7 @@ import pytest
 from restore._native import ffi, lib
 from restore.errors import InputError
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, remove, wait
@@ -62,7 +63,8 @@ def serve(tmp_path, snap, host):
 
     def make(snapshot=None, **kw):
         kw = {"l1": L1Cache(tmp_path / "l1"), "host_cache": host, **kw}
-        s = Server(snapshot or snap, tmp_path / f"s{len(servers)}.sock", **kw).start()
+        settings, kw = ServerSettings.take(kw)
+        s = Server(snapshot or snap, tmp_path / f"s{len(servers)}.sock", settings, **kw).start()
         servers.append(s)
         return s
 
@@ -356,8 +358,8 @@ def test_budget_is_kept_and_eviction_waits_for_running_sessions(tmp_path, snap, 
     create_snapshot(snap.store, other_img, "other", chunk_size=CHUNK)
     every = np.arange(0, SIZE, P, dtype=np.uint64)
     with Snapshot.open(snap.store, "other") as other:
-        a = Server(snap, tmp_path / "a.sock", host_cache=host, use_plan=False).start()
-        b = Server(other, tmp_path / "b.sock", host_cache=host, use_plan=False).start()
+        a = Server(snap, tmp_path / "a.sock", ServerSettings(use_plan=False), host_cache=host).start()
+        b = Server(other, tmp_path / "b.sock", ServerSettings(use_plan=False), host_cache=host).start()
         try:
             ga = Guest(a.socket_path, memory_size=SIZE)
             # Reads all of its memory, then waits for a go-ahead that never comes.
@@ -392,8 +394,8 @@ def test_encrypted_snapshot_plaintext_lands_only_in_the_private_host_cache(tmp_p
     for use in (False, True):
         host = HostCache(tmp_path / f"host-{use}")
         with Snapshot.open(store, "enc", key=key) as s:
-            server = Server(s, tmp_path / f"e{use}.sock", l1=L1Cache(tmp_path / f"el1-{use}"),
-                            host_cache=host if use else None, use_plan=False).start()
+            server = Server(s, tmp_path / f"e{use}.sock", ServerSettings(use_plan=False),
+                            l1=L1Cache(tmp_path / f"el1-{use}"), host_cache=host if use else None).start()
             try:
                 with Guest(server.socket_path, memory_size=SIZE) as g:
                     assert (g.run(reads(offs), timeout=60).sums == expected_sums(image, offs)).all()

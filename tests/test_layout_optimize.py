@@ -13,6 +13,7 @@ import pytest
 
 from restore.errors import InputError
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.layout import optimize_snapshot
 from restore.manifest import ZERO_PAGE
 from restore.objects import plan_pointer_key
@@ -118,8 +119,8 @@ def test_a_replay_on_the_optimized_version_fetches_fewer_chunks(tmp_path, snap, 
     fetched = {}
     for version in ("1", opt.manifest.version):
         with Snapshot.open(snap.store, "fn", version, key=snap.test_key) as s:
-            with Server(s, tmp_path / f"r{version}.sock", l1=L1Cache(tmp_path / f"l1-{version}"),
-                        persist_logs=False) as server:
+            with Server(s, tmp_path / f"r{version}.sock", ServerSettings(persist_logs=False),
+                        l1=L1Cache(tmp_path / f"l1-{version}")) as server:
                 with Guest(server.socket_path, memory_size=SIZE) as g:
                     res = g.run(reads(plan), timeout=60)
                 assert (res.sums == expected_sums(image, plan)).all()

@@ -11,6 +11,7 @@ import pytest
 
 from bench.minivm import driver
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
@@ -38,7 +39,8 @@ def vm(request, tmp_path_factory):
 
 def _server(vm, name, **kw):
     kw.setdefault("l1", L1Cache(vm["dir"] / f"l1-{name}"))
-    return Server(vm["snap"], vm["dir"] / f"{name}.sock", **kw).start()
+    settings, kw = ServerSettings.take(kw)
+    return Server(vm["snap"], vm["dir"] / f"{name}.sock", settings, **kw).start()
 
 
 def _wait_sessions(server, n, timeout=10.0):

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from restore.faultlog import LOG_DTYPE, SOURCES, load_fault_log
-from restore.fetcher import DURABLE_ATTEMPTS
+from restore.fetchbase import DURABLE_ATTEMPTS
 from restore.handler import Server
+from restore.listen import Listen
+from restore.settings import ServerSettings
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
@@ -59,14 +61,14 @@ def serve(tmp_path, snap, l1):
     """Start a Server for snap; yields a factory so tests choose options."""
     servers = []
 
-    def make(snapshot=None, **kw):
-        path = tmp_path / f"s{len(servers)}.sock"
+    def make(snapshot=None, sockets=None, **kw):
         kw = {"l1": l1, **make.defaults, **kw}
-        s = Server(snapshot or snap, path, **kw).start()
+        settings, kw = ServerSettings.take(kw)
+        s = Server(snapshot or snap, sockets or tmp_path / f"s{len(servers)}.sock", settings, **kw).start()
         servers.append(s)
         return s
 
-    make.defaults = {}  # Server keywords for every server of the test
+    make.defaults = {}  # Server and ServerSettings keywords for every server of the test
     yield make
     for s in servers:
         s.stop()
@@ -210,7 +212,7 @@ def test_an_unknown_memfd_install_is_refused(snap):
     with pytest.raises(InputError, match="^memfd_install must be one of copy, continue, got 'mmap'$"):
         RestoreSession(snap, -1, [], P, memfd_install="mmap")
     with pytest.raises(InputError, match="^memfd_install must be one of copy, continue, got 'mmap'$"):
-        Server(snap, "/nonexistent/s.sock", memfd_install="mmap")
+        Server(snap, "/nonexistent/s.sock", ServerSettings(memfd_install="mmap"))
 
 
 @pytest.mark.parametrize("install", ["copy", "continue"])
@@ -333,7 +335,8 @@ def test_corrupt_store_chunk_is_poisoned(serve, snap, image):
     summary = _wait_sessions(server, 1)[0]
     # Read again in case the damage was on the way, then given up on.
     assert summary.stats.supply_rejected == DURABLE_ATTEMPTS and summary.stats.chunks_failed == 1
-    assert any(f"chunk {idx}" in e and f"fail verification (EBADMSG), {DURABLE_ATTEMPTS} times" in e
+    assert any(f"chunk {idx}" in e and "fail verification: SHA-256 of the stored bytes is not the chunk id "
+               f"(from rs_engine_supply), {DURABLE_ATTEMPTS} times" in e
                for e in summary.errors), summary.errors
 
 
@@ -515,7 +518,7 @@ def test_stop_kills_a_guest_still_running_after_the_drain_timeout(tmp_path, snap
     drain timeout rather than left hanging without its handler."""
     stalled = _StalledStore(snap.store.url)
     with Snapshot.open(stalled, "vm") as s:
-        server = Server(s, tmp_path / "k.sock", l1=None, drain_timeout=0.2).start()
+        server = Server(s, tmp_path / "k.sock", ServerSettings(drain_timeout=0.2), l1=None).start()
         p = int(np.flatnonzero(_image_pages(image).any(axis=1))[0]) * P
         g = Guest(server.socket_path, memory_size=SIZE).start(reads([p]))
         deadline = time.monotonic() + 10
@@ -589,11 +592,11 @@ def test_a_peer_with_another_uid_is_refused_and_not_killed(snap, image):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_allowed_uids_exclude_even_our_own(serve, image):
+def test_allowed_uids_exclude_even_our_own(serve, image, tmp_path):
     """A VMM refused for its uid that sent its userfaultfd would hang at its
     first fault (Firecracker touches guest memory during the snapshot load):
     its handshake is read, nothing is served, and it is killed."""
-    server = serve(allowed_uids=[12345])
+    server = serve(sockets=Listen(tmp_path / "uid.sock", allowed_uids=[12345]))
     with Guest(server.socket_path, memory_size=SIZE) as g:
         g.start(reads([0]))
         with pytest.raises(GuestError, match="SIGKILL"):
@@ -603,8 +606,8 @@ def test_allowed_uids_exclude_even_our_own(serve, image):
             "sent a userfaultfd, and a VMM whose memory nobody serves hangs at its first page fault")
     from restore.errors import InputError
 
-    with pytest.raises(InputError, match="allowed_uids is empty"):
-        Server(server.snapshot, "/nonexistent/x.sock", allowed_uids=[])
+    with pytest.raises(InputError, match="its allowed uids are empty"):
+        Server(server.snapshot, Listen("/nonexistent/x.sock", allowed_uids=[]))
 
 
 def test_a_vmm_of_another_uid_that_sends_its_uffd_is_killed(snap):

@@ -12,6 +12,7 @@ import pytest
 
 from restore.errors import StoreError
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot
 from restore.testing import Guest, expected_sums, reads
@@ -259,7 +260,8 @@ def test_snapshot_in_a_gcs_emulator_inspect_verify_restore(fake_gcs, image, run_
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with Snapshot.open(DurableStore(url), "fn") as snap, \
-            Server(snap, tmp_path / "gcs.sock", l1=L1Cache(tmp_path / "l1"), persist_logs=False) as server:
+            Server(snap, tmp_path / "gcs.sock", ServerSettings(persist_logs=False),
+                   l1=L1Cache(tmp_path / "l1")) as server:
         offsets = np.flatnonzero(np.fromfile(image, dtype=np.uint8).reshape(-1, 4096).any(axis=1))[:200] * 4096
         with Guest(server.socket_path, memory_size=image.stat().st_size) as g:
             res = g.run(reads(offsets), timeout=60)

@@ -15,6 +15,7 @@ import pytest
 
 from restore.errors import InputError
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
@@ -55,7 +56,8 @@ def _nonzero_offsets(image, every=1):
 
 
 def _serve_one(snap, tmp_path, offsets, image, **server_kw):
-    server = Server(snap, tmp_path / f"g{time.monotonic_ns()}.sock", **server_kw).start()
+    settings, server_kw = ServerSettings.take(server_kw)
+    server = Server(snap, tmp_path / f"g{time.monotonic_ns()}.sock", settings, **server_kw).start()
     try:
         with Guest(server.socket_path, memory_size=SIZE) as g:
             res = g.run(reads(offsets), timeout=120)
@@ -135,7 +137,7 @@ def test_an_l2_node_killed_mid_restore(tmp_path, s3_store, l2, memcached_cluster
     create_snapshot(s3_store, image, "vm", chunk_size=CHUNK, warm_l2=l2)
     offsets = _nonzero_offsets(image)
     with Snapshot.open(s3_store, "vm") as snap:
-        server = Server(snap, tmp_path / "k.sock", l2=l2, fault_around=1).start()
+        server = Server(snap, tmp_path / "k.sock", ServerSettings(fault_around=1), l2=l2).start()
         try:
             g = Guest(server.socket_path, memory_size=SIZE).start(reads(offsets))
             while server.active() == 0:
@@ -301,8 +303,8 @@ def test_a_demand_fetch_overtakes_prefetches_holding_every_slot(tmp_path, s3_ser
         held.release.clear()
         held.others.clear()
         with Snapshot.open(held, "vm") as snap:
-            with Server(snap, tmp_path / f"o{attempt}.sock", l1=L1Cache(tmp_path / f"l1-{attempt}"), fetchers=1,
-                        fault_around=1) as server:
+            with Server(snap, tmp_path / f"o{attempt}.sock", ServerSettings(fetchers=1, fault_around=1),
+                        l1=L1Cache(tmp_path / f"l1-{attempt}")) as server:
                 try:
                     with Guest(server.socket_path, memory_size=SIZE) as g:
                         res = g.run(ops, timeout=60)  # not done while the prefetch holds: GuestTimeout

@@ -16,6 +16,7 @@ import pytest
 
 from restore.faultlog import LOG_DTYPE
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.objects import plan_pointer_key
 from restore.sample import write_sample_image
 from restore.session import prefetch_usage
@@ -77,7 +78,7 @@ def _trace(image, seed, n=1500):
 
 @pytest.fixture(params=["anon", "memfd-copy", "memfd-continue"])
 def mem(request):
-    """(Guest keywords, Server keywords): anonymous guest memory, or a memfd
+    """(Guest keywords, ServerSettings keywords): anonymous guest memory, or a memfd
     sent with the handshake and filled by UFFDIO_COPY or UFFDIO_CONTINUE."""
     if request.param == "anon":
         return {}, {}
@@ -99,7 +100,8 @@ def _run(server, image, offsets, **guest_kw):
 def test_replay_gives_identical_bytes_with_fewer_faults(tmp_path, snap, image, mem):
     guest_kw, server_kw = mem
     trace = _trace(image, 1)
-    with Server(snap, tmp_path / "a.sock", l1=L1Cache(tmp_path / "l1"), fault_around=1, **server_kw) as server:
+    with Server(snap, tmp_path / "a.sock", ServerSettings(fault_around=1, **server_kw),
+                l1=L1Cache(tmp_path / "l1")) as server:
         recorded = _run(server, image, trace, **guest_kw)
         assert recorded.stats.prefetch_chunks == 0
         info = rebuild_plan(snap.store, snap.manifest, sessions=1)
@@ -134,7 +136,7 @@ def test_replay_gives_identical_bytes_with_fewer_faults(tmp_path, snap, image, m
 
 
 def test_replay_with_a_different_invocation(tmp_path, snap, image):
-    with Server(snap, tmp_path / "b.sock", l1=L1Cache(tmp_path / "l1"), rebuild_plan_after=1) as server:
+    with Server(snap, tmp_path / "b.sock", ServerSettings(rebuild_plan_after=1), l1=L1Cache(tmp_path / "l1")) as server:
         _run(server, image, _trace(image, 2))  # records; the server then builds the plan
         assert plan_info(snap.store, snap.manifest) is not None
         other = _trace(image, 3)  # another request: a different, overlapping working set
@@ -151,8 +153,8 @@ def test_replay_with_a_different_invocation(tmp_path, snap, image):
 
 def test_recording_with_fault_around_1_names_the_working_set_exactly(tmp_path, snap, image):
     trace = _trace(image, 6)
-    with Server(snap, tmp_path / "x.sock", l1=L1Cache(tmp_path / "l1"), record_fault_around=1,
-                rebuild_plan_after=1) as server:
+    with Server(snap, tmp_path / "x.sock", ServerSettings(record_fault_around=1, rebuild_plan_after=1),
+                l1=L1Cache(tmp_path / "l1")) as server:
         recorded = _run(server, image, trace)
         # Every touched page faulted once: the log is the working set.
         assert recorded.stats.faults == recorded.stats.pages_installed == len(np.unique(trace))
@@ -171,7 +173,7 @@ def test_prefetch_never_undoes_a_remove(tmp_path, snap, image, mem):
     save_plan(snap.store, snap.manifest, np.concatenate([target, nonzero[:2000].astype(np.uint64) * P]), [], 1.0)
     guest_kw, server_kw = mem
     for i in range(5):
-        with Server(snap, tmp_path / f"r{i}.sock", l1=L1Cache(tmp_path / "l1"), **server_kw) as server:
+        with Server(snap, tmp_path / f"r{i}.sock", ServerSettings(**server_kw), l1=L1Cache(tmp_path / "l1")) as server:
             # Drop the whole span (the balloon), then read the planned pages.
             ops = np.concatenate([remove(512 * P, 512), reads(target)])
             with Guest(server.socket_path, memory_size=SIZE, **guest_kw) as g:

@@ -22,6 +22,7 @@ from conftest import TALLY
 from proxy import FaultProxy
 
 from restore.handler import Server
+from restore.settings import ServerSettings
 from restore.objects import chunk_key
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
@@ -79,7 +80,8 @@ def _restore(snap, tmp_path, trace, image, during=None, **server_kw):
     restarts). Returns (the session summary, the GuestError the guest died
     of or None)."""
     server_kw.setdefault("l1", L1Cache(tmp_path / f"l1-{time.monotonic_ns()}"))
-    with Server(snap, tmp_path / f"s{time.monotonic_ns()}.sock", persist_logs=False, **server_kw) as server:
+    settings, server_kw = ServerSettings.take({"persist_logs": False, **server_kw})
+    with Server(snap, tmp_path / f"s{time.monotonic_ns()}.sock", settings, **server_kw) as server:
         with Guest(server.socket_path, memory_size=SIZE) as g:
             g.start(reads(trace))
             helper = threading.Thread(target=during, daemon=True) if during else None
@@ -268,8 +270,8 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, snap, s3_pro
     The threaded fetchers are the path whose close waits for a stuck GET
     (the fetch loop cancels it, so its close may end before any scrape)."""
     s3_proxy.set("stall")
-    with Server(snap, tmp_path / "s.sock", l1=L1Cache(tmp_path / "l1"), fetchers=1, persist_logs=False,
-                fetch_loop=False) as server:
+    with Server(snap, tmp_path / "s.sock", ServerSettings(fetchers=1, persist_logs=False, fetch_loop=False),
+                l1=L1Cache(tmp_path / "l1")) as server:
         with Guest(server.socket_path, memory_size=SIZE) as g:
             g.start(reads(trace[:5]))
             deadline = time.monotonic() + 10
