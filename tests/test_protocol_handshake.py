@@ -22,6 +22,7 @@ from restore.protocol import (
     MAX_FDS,
     HandshakeError,
     PeerCred,
+    PeerNotAllowed,
     Region,
     _JsonEnd,
     accept_handshake,
@@ -487,6 +488,38 @@ def test_handshake_error_is_an_input_error():
 
 
 # -- peer credentials -------------------------------------------------------------------
+
+
+def test_a_peer_whose_uid_is_not_allowed_is_refused_and_told_apart(pair, uffd):
+    """A uid not served on the socket is refused before its regions are
+    looked at; the refusal says whether the peer sent a userfaultfd (a VMM
+    that would hang: kill it) or not (hang up only), and no fd is kept."""
+    a, b = pair
+    other = os.getuid() + 1
+    before = open_fds()
+    socket.send_fds(b, [msg(reg(size=3))], [uffd])  # bad regions: the uid is refused first
+    with pytest.raises(PeerNotAllowed) as sent:
+        accept_handshake(a, **GEO, allowed_uids={other}, socket_name="/run/fn.sock", timeout=5)
+    assert str(sent.value) == f"peer uid {os.getuid()} is not allowed on /run/fn.sock (allowed: {other})"
+    assert sent.value.kill and "sent a userfaultfd" in sent.value.because
+    assert open_fds() == before
+
+    c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with c, d:
+        d.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        d.shutdown(socket.SHUT_WR)
+        with pytest.raises(PeerNotAllowed) as silent:
+            accept_handshake(c, **GEO, allowed_uids={other}, timeout=5)
+        assert not silent.value.kill
+    assert open_fds() == before
+
+
+def test_a_refusal_asks_for_the_vmm_to_be_killed_by_default(pair, uffd):
+    a, b = pair
+    socket.send_fds(b, [msg(reg(size=3))], [uffd])
+    with pytest.raises(HandshakeError) as refusal:
+        accept_handshake(a, **GEO, allowed_uids={os.getuid()})
+    assert refusal.value.kill and not isinstance(refusal.value, PeerNotAllowed)
 
 
 def test_peer_credentials_of_a_socketpair_are_our_own(pair):
