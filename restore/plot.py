@@ -25,8 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from .errors import InputError
 from .manifest import ZERO_PAGE, page_chunks
 from .faultlog import SOURCES
-
-MIB = 1 << 20
+from .units import MIB, exact_bytes
 DPI = 100  # pixels per figure inch: figsize = pixels / DPI
 MIN_PX, MAX_PX = 200, 10000  # allowed width and height of a picture, pixels
 
@@ -133,7 +132,7 @@ def plot_session(recs: np.ndarray, out_path: str, *, title: str, page_size: int,
         for i in np.unique(recs["source"][demand]):
             sel = demand & (recs["source"] == i)
             bottom.scatter(t_ms[sel], logged_mib[sel], **_touch_marker(SOURCES[i], len(recs)))
-        bottom.set_ylabel(f"logged pages x {_human(page_size)},\ncumulative (MiB)")
+        bottom.set_ylabel(f"logged pages x {exact_bytes(page_size)},\ncumulative (MiB)")
         bottom.set_xlabel("time since session start (ms)")
         bottom.set_title("installed so far, counting logged pages only (demand faults outlined)", loc="left")
         bottom.set_ylim(bottom=0)
@@ -154,11 +153,6 @@ def _touch_marker(source: str, n: int) -> dict:
 def _dot_area(n: int) -> float:
     """Marker area (points^2) for a scatter of n points: larger when few."""
     return min(16.0, max(3.0, 8000 / n))
-
-
-def _human(n: int) -> str:
-    """A page size in bytes as 4 KiB or 2 MiB."""
-    return f"{n // MIB} MiB" if n >= MIB else f"{n // 1024} KiB"
 
 
 # --------------------------------------------------------------------- plans
@@ -221,7 +215,7 @@ def plot_plan(plan_offsets: np.ndarray, out_path: str, *, title: str, memory_siz
         bottom.set_yticks([])
         bottom.grid(False)
         bottom.set_xlim(0, n_cells)
-        bottom.set_xlabel(f"chunk index, in stored order ({_human(chunk_size)} chunks)")
+        bottom.set_xlabel(f"chunk index, in stored order ({exact_bytes(chunk_size)} chunks)")
         cell = "" if per_cell == 1 else f"; a cell is {per_cell} chunks, coloured by the first of them needed"
         bottom.set_title(f"chunks the plan needs ({n_needed}) by fetch order (blank: not needed{cell})", loc="left")
         fig.suptitle(f"{title}: {len(offsets)} pages ({len(offsets) * page_size / MIB:.1f} MiB) "

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Collection, Iterable, Optional, Sequence
 
 from .errors import InputError
+from .units import KIB, MIB, exact_bytes
 
 __all__ = [
     "FD_RETRY_WAIT",
@@ -80,9 +81,6 @@ __all__ = [
     "recv_handshake",
 ]
 
-KIB = 1 << 10
-MIB = 1 << 20
-GIB = 1 << 30
 U64_LIMIT = 1 << 64
 
 PAGE_SIZES = (4 * KIB, 2 * MIB)  # bytes: base pages and hugetlbfs huge pages
@@ -113,16 +111,8 @@ class PeerNotAllowed(HandshakeError):
     VMM that would hang), else it is only hung up on."""
 
 
-def _fmt_size(n: int) -> str:
-    """Bytes as '64 MiB', '4 KiB', '1 GiB', or '12345 bytes'."""
-    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
-        if n >= unit and n % unit == 0:
-            return f"{n // unit} {name}"
-    return f"{n} bytes"
-
-
 def _span(start: int, size: int) -> str:
-    return f"[{start:#x}, +{_fmt_size(size)})"
+    return f"[{start:#x}, +{exact_bytes(size)})"
 
 
 @dataclass(frozen=True)
@@ -509,22 +499,22 @@ def check_regions(
         raise HandshakeError(f"page size {page} is not supported (4 KiB or 2 MiB)")
     if page < snapshot_page_size:
         raise HandshakeError(
-            f"guest page size {_fmt_size(page)} is smaller than the snapshot's "
-            f"{_fmt_size(snapshot_page_size)} page size"
+            f"guest page size {exact_bytes(page)} is smaller than the snapshot's "
+            f"{exact_bytes(snapshot_page_size)} page size"
         )
     if page % snapshot_page_size:
         raise HandshakeError(
-            f"guest page size {_fmt_size(page)} is not a multiple of the snapshot's "
-            f"{_fmt_size(snapshot_page_size)} page size"
+            f"guest page size {exact_bytes(page)} is not a multiple of the snapshot's "
+            f"{exact_bytes(snapshot_page_size)} page size"
         )
     # A guest page larger than a chunk is assembled from the chunks it
     # spans: any chunk size serves it. The memory file must be whole pages.
     if memory_size % page:
         raise HandshakeError(
-            f"the snapshot's {_fmt_size(memory_size)} of memory is not a multiple of the guest's "
-            f"{_fmt_size(page)} page size"
+            f"the snapshot's {exact_bytes(memory_size)} of memory is not a multiple of the guest's "
+            f"{exact_bytes(page)} page size"
         )
-    psz = _fmt_size(page)
+    psz = exact_bytes(page)
     for i, r in enumerate(regions):
         if r.size == 0:
             raise HandshakeError(f"region {i} at {r.base:#x} is empty")
@@ -539,7 +529,7 @@ def check_regions(
         if r.file_end > memory_size:
             raise HandshakeError(
                 f"region {i} {_span(r.base, r.size)} at file offset {r.offset:#x} "
-                f"ends past the {_fmt_size(memory_size)} snapshot"
+                f"ends past the {exact_bytes(memory_size)} snapshot"
             )
     for what, key in (("the memory file", lambda r: r.offset), ("host memory", lambda r: r.base)):
         pair = _first_overlap([(key(r), r.size, i) for i, r in enumerate(regions)])
@@ -609,8 +599,8 @@ def _check_memfd(fd: int, regions: list[Region], page_size: int) -> None:
     except OSError:
         raise HandshakeError("the handshake's second fd is not a memfd (it does not answer F_GET_SEALS)") from None
     if page_size != 4096:
-        raise HandshakeError(f"a memfd of guest memory needs 4 KiB pages, not {_fmt_size(page_size)}")
+        raise HandshakeError(f"a memfd of guest memory needs 4 KiB pages, not {exact_bytes(page_size)}")
     size = os.fstat(fd).st_size
     extent = max(r.offset + r.size for r in regions)
     if size < extent:
-        raise HandshakeError(f"the memfd holds {_fmt_size(size)}, less than the regions' {_fmt_size(extent)}")
+        raise HandshakeError(f"the memfd holds {exact_bytes(size)}, less than the regions' {exact_bytes(extent)}")
