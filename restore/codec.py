@@ -81,7 +81,10 @@ class ChunkCodec:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _handle(self):
+    def handle(self):
+        """The rs_codec * for C that decodes with this codec (the engine).
+        Valid while this codec is open: whoever hands it to C keeps the
+        codec alive for as long as C may use it."""
         if self._codec is None:
             raise ValueError("chunk codec is closed")
         return self._codec
@@ -92,14 +95,14 @@ class ChunkCodec:
         if not self.encrypted:
             return None
         out = ffi.new("uint8_t[16]")
-        check(lib.rs_codec_key_check(self._handle(), out), "rs_codec_key_check")
+        check(lib.rs_codec_key_check(self.handle(), out), "rs_codec_key_check")
         return bytes(out).hex()
 
     def manifest_mac(self, data: bytes) -> str:
         """Hex HMAC-SHA256 of data under the manifest key derived from the
         snapshot key (csrc/chunk.h rs_codec_manifest_mac)."""
         out = ffi.new("uint8_t[32]")
-        check(lib.rs_codec_manifest_mac(self._handle(), data, len(data), out), "rs_codec_manifest_mac")
+        check(lib.rs_codec_manifest_mac(self.handle(), data, len(data), out), "rs_codec_manifest_mac")
         return bytes(out).hex()
 
     def _scratch(self):
@@ -124,7 +127,7 @@ class ChunkCodec:
         out, out_len, bitmap, id_, flags = self._scratch()
         src = ffi.from_buffer(raw)
         check(
-            lib.rs_chunk_encode(self._handle(), src, len(src), out, len(out), out_len, bitmap, id_, flags),
+            lib.rs_chunk_encode(self.handle(), src, len(src), out, len(out), out_len, bitmap, id_, flags),
             "rs_chunk_encode",
             f"{len(src)}-byte chunk",
         )
@@ -161,7 +164,7 @@ class ChunkCodec:
         idb = bytes.fromhex(chunk_id) if chunk_id else bytes(ID_BYTES)
         src = ffi.from_buffer(stored) if len(stored) else ffi.NULL
         check(
-            lib.rs_chunk_decode(self._handle(), src, len(stored), idb, flags, zero_bitmap, dst),
+            lib.rs_chunk_decode(self.handle(), src, len(stored), idb, flags, zero_bitmap, dst),
             "rs_chunk_decode",
             context,
         )

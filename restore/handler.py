@@ -1,29 +1,32 @@
 """The page-fault handler server: Firecracker's UFFD protocol over a Unix socket.
 
 ``Server`` listens on a Unix stream socket (mode 0600), or on several
-(``Listen``: one per jail, each with its own owner, mode and allowed uids;
-a connection is checked against the socket it came on). Each connection is
-one guest: the handshake (restore/protocol.py) brings the guest's regions
-and its userfaultfd; a RestoreSession then serves the guest's faults from
-the snapshot until the guest goes away; the session's fault log is saved
-and the server goes on. The VMM is tracked by a pidfd of the peer
+(restore.listen.Listen: one per jail, each with its own owner, mode and
+allowed uids; a connection is checked against the socket it came on), and
+serves as its ServerSettings (restore.settings) say. Each connection is one
+guest: the handshake (restore/protocol.py) checks the peer's uid and brings
+the guest's regions and its userfaultfd, or raises a HandshakeError that
+says whether to kill the VMM; the plan comes from a PlanPolicy
+(restore/workingset.py); a RestoreSession then serves the guest's faults
+from the snapshot until the guest goes away; the session's fault log is
+saved and the server goes on. The VMM is tracked by a pidfd of the peer
 (SO_PEERPIDFD, else pidfd_open of its SO_PEERCRED pid): its exit ends the
-session, and a connection closed after the handshake (Firecracker v1.10
-and v1.11 close it; v1.12 keeps it open) does not. Without a pidfd (a peer
-in this process, or no pidfds here) the connection's end ends the session.
-A guest whose handshake is refused is told nothing (the protocol has no
+session, and a connection closed after the handshake (Firecracker v1.10 and
+v1.11 close it; v1.12 keeps it open) does not. Without a pidfd (a peer in
+this process, or no pidfds here) the connection's end ends the session. A
+guest whose handshake is refused is told nothing (the protocol has no
 reply): the reason is logged, its connection closed, and its VMM killed
-(through its pidfd, else by pid; kill_refused), since a VMM whose memory
-nobody serves would hang at its first fault. So is a VMM whose session
-ends in error while it runs. Other guests are not affected.
+(through its pidfd, else by pid; ServerSettings.kill_refused), since a VMM
+whose memory nobody serves would hang at its first fault. So is a VMM whose
+session ends in error while it runs. Other guests are not affected.
 
-Several servers (for different snapshots) may run in one process: a
-server holds all of its state.
+Several servers (for different snapshots) may run in one process: a server
+holds all of its state.
 
 Stopping (``stop``, or SIGTERM in ``restore serve``): no new guests are
-accepted; running guests get ``drain_timeout`` seconds to finish; a guest
-still running then is killed (its VMM, through its pidfd), since
-a guest left without its fault handler would hang forever.
+accepted; running guests get ServerSettings.drain_timeout seconds to finish;
+a guest still running then is killed (its VMM, through its pidfd), since a
+guest left without its fault handler would hang forever.
 """
 
 from __future__ import annotations

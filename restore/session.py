@@ -297,7 +297,7 @@ class RestoreSession:
             lib.rs_engine_create(
                 out,
                 cfg,
-                snapshot.codec._handle(),
+                snapshot.codec.handle(),
                 regs,
                 len(regions),
                 *self._borrowed,

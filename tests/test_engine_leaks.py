@@ -38,7 +38,7 @@ def _engine(codec, raw_chunks):
               ffi.from_buffer("uint32_t[]", np.array([len(e.data) for e in enc], dtype=np.uint32)),
               ffi.from_buffer("uint32_t[]", np.array([e.flags for e in enc], dtype=np.uint32)),
               ffi.from_buffer("uint8_t[]", b"".join(e.zero_bitmap for e in enc)))
-    rc = lib.rs_engine_create(out, cfg, codec._handle(), regs, 1, *tables, ffi.NULL)
+    rc = lib.rs_engine_create(out, cfg, codec.handle(), regs, 1, *tables, ffi.NULL)
     assert rc == 0
     return out[0], enc, tables
 
@@ -90,7 +90,7 @@ def test_create_refuses_bad_geometry():
              "fault_around": 1, "l1_threads": 0, "log_capacity": 0, **cfg}
         r = {"base": 1 << 30, "size": PAGES * P, "offset": 0, **region}
         rc = lib.rs_engine_create(
-            out, ffi.new("rs_engine_config *", c), codec._handle(), ffi.new("rs_engine_region[]", [r]), 1,
+            out, ffi.new("rs_engine_config *", c), codec.handle(), ffi.new("rs_engine_region[]", [r]), 1,
             ffi.from_buffer("uint32_t[]", zeros), ffi.from_buffer("uint32_t[]", zeros),
             bytes(32), ffi.from_buffer("uint32_t[]", zeros[:1]), ffi.from_buffer("uint32_t[]", zeros[:1]),
             bytes(codec.bitmap_bytes), ffi.NULL,
@@ -101,7 +101,7 @@ def test_create_refuses_bad_geometry():
     c = {"memory_size": PAGES * P, "chunk_size": C, "page_size": P, "n_chunks": 1,
          "fault_around": 1, "l1_threads": 0, "log_capacity": 0}
     rc = lib.rs_engine_create(
-        out, ffi.new("rs_engine_config *", c), codec._handle(),
+        out, ffi.new("rs_engine_config *", c), codec.handle(),
         ffi.new("rs_engine_region[]", [{"base": 1 << 30, "size": PAGES * P, "offset": 0}]), 1,
         ffi.from_buffer("uint32_t[]", bad), ffi.from_buffer("uint32_t[]", zeros),
         bytes(32), ffi.from_buffer("uint32_t[]", zeros[:1]), ffi.from_buffer("uint32_t[]", zeros[:1]),
