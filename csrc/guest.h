@@ -1,5 +1,5 @@
 /* guest.h -- a test guest that plays Firecracker's UFFD backend (cdef: no
- * macros, no includes).
+ * macros, no includes). Built into restore._testbed, not the engine.
  *
  * rs_guest_run() does what Firecracker does when it restores a snapshot with
  * a UFFD memory backend, then touches its memory along a trace:

@@ -1,7 +1,7 @@
 """Test guests and the bare handler: real processes that play Firecracker.
 
-Guest runs csrc/guest.c's rs_guest_run in a CHILD process: it maps its
-regions, sends the userfaultfd over a Unix socket exactly as Firecracker's
+Guest runs csrc/guest.c's rs_guest_run (in restore._testbed) in a CHILD
+process: it maps its regions, sends the userfaultfd over a Unix socket exactly as Firecracker's
 UFFD backend does (docs/firecracker.md), then reads, writes and removes pages along
 a trace and reports a checksum and a time per step. A guest must never share
 a process (or a GIL) with the handler serving it: a thread blocked on a fault
@@ -32,8 +32,10 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ._native import ffi, lib
+from ._native import load_testbed
 from .errors import InputError, InternalError, RestoreError, check
+
+ffi, lib = load_testbed()
 
 # One trace step, matching rs_guest_op (csrc/guest.h): file offset in bytes,
 # op (READ/WRITE/REMOVE) and pages (REMOVE length; 1 for READ and WRITE).

@@ -749,16 +749,17 @@ def test_a_fault_outside_the_regions_without_uffdio_poison_kills_the_vmm(serve, 
     server = serve(poison=poison)
     code = (
         "import mmap, socket, sys\n"
-        "from restore._native import ffi, lib\n"
+        "from restore._native import ffi, load_testbed\n"
         "from restore.uffd import Userfaultfd\n"
+        "_, mem = load_testbed()\n"
         "m = mmap.mmap(-1, 32 * 4096)\n"
         "addr = int(ffi.cast('uintptr_t', ffi.from_buffer(m)))\n"
         "u = Userfaultfd(); u.register(addr, len(m))\n"
         "c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(sys.argv[1])\n"
         "msg = f'[{{\"base_host_virt_addr\": {addr}, \"size\": 65536, \"offset\": 0, \"page_size\": 4096}}]'\n"
         "socket.send_fds(c, [msg.encode()], [u.fileno()])\n"
-        "print(lib.rs_mem_checksum(addr, 4096), flush=True)\n"  # inside: served
-        "lib.rs_mem_checksum(addr + 65536, 4096)\n"  # registered, not described
+        "print(mem.rs_mem_checksum(addr, 4096), flush=True)\n"  # inside: served
+        "mem.rs_mem_checksum(addr + 65536, 4096)\n"  # registered, not described
         "print('survived', flush=True)\n"
     )
     vmm = subprocess.Popen([sys.executable, "-c", code, server.socket_path], stdout=subprocess.PIPE, text=True)
