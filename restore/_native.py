@@ -4,7 +4,7 @@ restore._engine (the engine) is ffi and lib here, loaded on import.
 restore._testbed (the test guest, the bare handler and rs_mem_*: tests,
 benchmarks and `restore try` use it, the engine never does) is loaded by
 load_testbed() on first call, so that importing the product does not load it;
-only restore.testing calls it in the package.
+only restore.guest and restore.testing call it in the package.
 """
 
 from __future__ import annotations

@@ -753,7 +753,7 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, host_cache_dir, host
     from .handler import Server
     from .session import DEFAULT_FAULT_AROUND, prefetch_usage
     from .snapshot import Snapshot
-    from .testing import Guest, reads
+    from .guest import Guest, reads
 
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)

@@ -1,5 +1,5 @@
 """Lazy restore end to end: a handler Server in this process, real guest
-processes (restore.testing.Guest) faulting on their memory, chunks from a
+processes (restore.guest.Guest) faulting on their memory, chunks from a
 real file store and a real L1 directory. Every page a guest reads must
 equal the snapshot's image."""
 
@@ -25,7 +25,8 @@ from restore.handler import Server
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, GuestError, expected_sums, reads, remove, writes
+from restore.guest import Guest, GuestError, reads, remove, writes
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 
@@ -805,7 +806,7 @@ def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monk
     has as many threads as before."""
     import restore.session as session_module
     from restore.protocol import accept_handshake
-    from restore.testing import wait
+    from restore.guest import wait
 
     base = session_module.AsyncFetchers if fetch_loop else session_module.Fetchers
 
@@ -846,7 +847,7 @@ def test_waiting_for_the_prefetch(snap, image, tmp_path, planned):
     a plan has nothing to wait for and says so at once."""
     from restore.protocol import accept_handshake
     from restore.session import RestoreSession
-    from restore.testing import wait
+    from restore.guest import wait
 
     plan = np.flatnonzero(_image_pages(image).any(axis=1))[:200].astype(np.uint64) * P if planned else None
     path = str(tmp_path / "w.sock")
