@@ -47,7 +47,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # Rebuilt whenever the C core, the build or the dependencies change.
-$(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/private/*.h csrc/build_engine.py restore/_version.py
+$(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/private/*.h csrc/build_cffi.py restore/_version.py
 	RESTORE_WERROR=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -100,4 +100,4 @@ bench: install
 		--benchmark-json bench/results/$$(date -u +%Y-%m-%d-%H%M%S)-micro.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info restore/_engine*.so restore/_engine.c $(DEMO_DIR) .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info restore/_engine*.so restore/_engine.c restore/_testbed*.so restore/_testbed.c $(DEMO_DIR) .pytest_cache .benchmarks

@@ -52,7 +52,8 @@ from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.session import DEFAULT_FAULT_AROUND, DEFAULT_POLL_US, RestoreSession, prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, expected_sums, reads, wait
+from restore.guest import Guest, reads, wait
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
 from restore.tiers.l1 import L1Cache

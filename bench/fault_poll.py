@@ -36,7 +36,8 @@ from restore.settings import ServerSettings
 from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import BareHandler, Guest, reads
+from restore.guest import Guest, reads
+from restore.testing import BareHandler
 from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
 

@@ -32,7 +32,8 @@ import numpy as np
 from bench import results
 from restore.sample import write_sample_image
 from restore.snapshot import create_snapshot
-from restore.testing import Guest, expected_sums, reads, wait
+from restore.guest import Guest, reads, wait
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 
 P = 4096

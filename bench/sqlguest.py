@@ -8,7 +8,7 @@ The child process of bench/realistic.py's workload (never the handler's
 process: a thread blocked on a missing page keeps whatever it holds). Its
 memory is a memory image of `--size` bytes that holds an SQLite database of
 `--db-length` bytes at file offset `--db-offset` (page aligned). It gets
-that memory the way restore.testing.Guest does:
+that memory the way restore.guest.Guest does:
 
   resident  anonymous memory, the image read into it in full first; the
             clock starts after the read (the floor)
@@ -337,7 +337,7 @@ def run_guest(backing: str, size: int, db_offset: int, db_length: int, requests_
         cmd += ["--socket", os.fspath(socket_path)]
     try:
         # One OpenBLAS thread, should numpy come in: more would spin on the
-        # CPUs being measured (restore.testing.Guest does the same).
+        # CPUs being measured (restore.guest.Guest does the same).
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
         proc = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -58,7 +58,8 @@ from restore.handler import Server
 from restore.settings import ServerSettings
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
 from restore.tiers.l1 import L1Cache

@@ -34,7 +34,8 @@ from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.session import DEFAULT_FETCHERS
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.tiers.l2 import L2Cluster

@@ -1,5 +1,5 @@
 /* bare.h -- the bare minimal fault handler: the performance floor (cdef: no
- * macros, no includes).
+ * macros, no includes). Built into restore._testbed, not the engine.
  *
  * No tiers, no chunks, no fault log: every missing-page fault is answered
  * with one UFFDIO_COPY of one page straight from an image held in memory,

@@ -1,5 +1,5 @@
 /* guest.h -- a test guest that plays Firecracker's UFFD backend (cdef: no
- * macros, no includes).
+ * macros, no includes). Built into restore._testbed, not the engine.
  *
  * rs_guest_run() does what Firecracker does when it restores a snapshot with
  * a UFFD memory backend, then touches its memory along a trace:
@@ -26,7 +26,7 @@
  *
  * A page the handler poisons makes the access raise SIGBUS, which the guest
  * does not catch: the process dies, as a VM would. Run it in a child
- * process (restore.testing.Guest does): a guest blocked on a fault holds
+ * process (restore.guest.Guest does): a guest blocked on a fault holds
  * whatever its thread holds, the GIL included.
  *
  * Memory file layout: region i covers file bytes [offset, offset + size);
@@ -56,7 +56,7 @@ enum {
                               paging, as Firecracker's file backend) */
 };
 
-/* One step of a trace (16 bytes; numpy: restore.testing.GUEST_OP_DTYPE).
+/* One step of a trace (16 bytes; numpy: restore.guest.GUEST_OP_DTYPE).
  *
  *   READ    sums[i] = rs_mem_checksum of the page at offset;
  *           ns[i]   = time of the first load from the page (one byte):

@@ -1,4 +1,5 @@
-/* mem.h -- touch memory from C (cdef: no macros, no includes).
+/* mem.h -- touch memory from C (cdef: no macros, no includes). Built into
+ * restore._testbed, not the engine.
  *
  * cffi releases the GIL around these calls, so a Python thread can fault on
  * userfaultfd-registered memory while another thread (or process) serves

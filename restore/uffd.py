@@ -13,7 +13,8 @@ which the kernel checks).
 The GIL rule (no fault is resolved through Python or the GIL): a thread that
 touches registered memory whose page is missing sleeps in the kernel until
 the fault is served, and a Python thread sleeping there may hold the GIL. Serve faults from another process, or
-touch such memory only from C (``lib.rs_mem_checksum``, ``lib.rs_mem_fill``).
+touch such memory only from C (as the tests do with ``rs_mem_checksum`` and
+``rs_mem_fill`` from ``restore._testbed``).
 """
 
 from __future__ import annotations

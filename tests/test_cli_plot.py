@@ -21,7 +21,7 @@ from restore.handler import Server
 from restore.plot import SOURCE_COLOURS, plot_plan
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, reads
+from restore.guest import Guest, reads
 from restore.tiers.durable import DurableStore
 
 SIZE = 16 << 20

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from bench.results import SLOW_ONLY
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 
 SIZE = 4 << 20
 

@@ -20,7 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import Daemon
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 
 SIZE = 16 << 20
 

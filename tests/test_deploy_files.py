@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from daemon import children
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

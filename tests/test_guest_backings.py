@@ -12,7 +12,8 @@ import pytest
 
 from restore.errors import InputError
 from restore.sample import write_sample_image
-from restore.testing import BareHandler, Guest, GuestError, expected_sums, reads, wait
+from restore.guest import Guest, GuestError, reads, wait
+from restore.testing import BareHandler, expected_sums
 
 SIZE = 2 << 20
 

@@ -25,17 +25,8 @@ import hugepages
 from restore._native import ffi, lib
 from restore.errors import check
 from restore.sample import write_sample_image
-from restore.testing import (
-    BareHandler,
-    Guest,
-    GuestError,
-    GuestTimeout,
-    expected_sums,
-    reads,
-    remove,
-    written_sum,
-    writes,
-)
+from restore.guest import Guest, GuestError, GuestTimeout, reads, remove, writes
+from restore.testing import BareHandler, expected_sums, written_sum
 
 MiB = 1 << 20
 PAGE = 4096

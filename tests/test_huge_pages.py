@@ -30,7 +30,8 @@ from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.session import RestoreSession
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, GuestError, expected_sums, reads, remove, wait
+from restore.guest import Guest, GuestError, reads, remove, wait
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
 from restore.tiers.l1 import L1Cache

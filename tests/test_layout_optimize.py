@@ -19,7 +19,8 @@ from restore.manifest import ZERO_PAGE
 from restore.objects import plan_pointer_key
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot, load_manifest
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.workingset import load_plan, plan_info, save_plan

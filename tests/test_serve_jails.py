@@ -1,6 +1,6 @@
 """One `restore serve` for many jails: several listening sockets, each with
 its own owner, mode and allowed uids, from flags or a config file, under
---supervise too. Guests run as the jails' uids (restore.testing.Guest with
+--supervise too. Guests run as the jails' uids (restore.guest.Guest with
 user=), so the sockets' owners and modes are what lets them connect, and
 each connection is checked against the allow-list of the socket it came
 on."""
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from restore.testing import Guest, GuestError, expected_sums, reads, wait
+from restore.guest import Guest, GuestError, reads, wait
+from restore.testing import expected_sums
 from daemon import Daemon, children, wait_for
 
 SIZE = 8 << 20

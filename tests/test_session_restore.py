@@ -1,5 +1,5 @@
 """Lazy restore end to end: a handler Server in this process, real guest
-processes (restore.testing.Guest) faulting on their memory, chunks from a
+processes (restore.guest.Guest) faulting on their memory, chunks from a
 real file store and a real L1 directory. Every page a guest reads must
 equal the snapshot's image."""
 
@@ -27,7 +27,8 @@ from restore.settings import ServerSettings
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, GuestError, expected_sums, reads, remove, writes
+from restore.guest import Guest, GuestError, reads, remove, writes
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 
@@ -752,16 +753,17 @@ def test_a_fault_outside_the_regions_without_uffdio_poison_kills_the_vmm(serve, 
     server = serve(poison=poison)
     code = (
         "import mmap, socket, sys\n"
-        "from restore._native import ffi, lib\n"
+        "from restore._native import ffi, load_testbed\n"
         "from restore.uffd import Userfaultfd\n"
+        "_, mem = load_testbed()\n"
         "m = mmap.mmap(-1, 32 * 4096)\n"
         "addr = int(ffi.cast('uintptr_t', ffi.from_buffer(m)))\n"
         "u = Userfaultfd(); u.register(addr, len(m))\n"
         "c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(sys.argv[1])\n"
         "msg = f'[{{\"base_host_virt_addr\": {addr}, \"size\": 65536, \"offset\": 0, \"page_size\": 4096}}]'\n"
         "socket.send_fds(c, [msg.encode()], [u.fileno()])\n"
-        "print(lib.rs_mem_checksum(addr, 4096), flush=True)\n"  # inside: served
-        "lib.rs_mem_checksum(addr + 65536, 4096)\n"  # registered, not described
+        "print(mem.rs_mem_checksum(addr, 4096), flush=True)\n"  # inside: served
+        "mem.rs_mem_checksum(addr + 65536, 4096)\n"  # registered, not described
         "print('survived', flush=True)\n"
     )
     vmm = subprocess.Popen([sys.executable, "-c", code, server.socket_path], stdout=subprocess.PIPE, text=True)
@@ -807,7 +809,7 @@ def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monk
     has as many threads as before."""
     import restore.session as session_module
     from restore.protocol import accept_handshake
-    from restore.testing import wait
+    from restore.guest import wait
 
     base = session_module.AsyncFetchers if fetch_loop else session_module.Fetchers
 
@@ -848,7 +850,7 @@ def test_waiting_for_the_prefetch(snap, image, tmp_path, planned):
     a plan has nothing to wait for and says so at once."""
     from restore.protocol import accept_handshake
     from restore.session import RestoreSession
-    from restore.testing import wait
+    from restore.guest import wait
 
     plan = np.flatnonzero(_image_pages(image).any(axis=1))[:200].astype(np.uint64) * P if planned else None
     path = str(tmp_path / "w.sock")

@@ -25,7 +25,8 @@ import pytest
 
 from bench.minivm import driver
 from restore.snapshot import create_snapshot
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 
 P = 4096

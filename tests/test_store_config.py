@@ -15,7 +15,8 @@ from restore.handler import Server
 from restore.settings import ServerSettings
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot
-from restore.testing import Guest, expected_sums, reads
+from restore.guest import Guest, reads
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore, S3Options, _s3_settings
 from restore.tiers.l1 import L1Cache
 

@@ -16,7 +16,8 @@ import pytest
 from daemon import children, wait_for
 from restore.sample import write_sample_image
 from restore.snapshot import create_snapshot
-from restore.testing import Guest, GuestError, expected_sums, reads, wait
+from restore.guest import Guest, GuestError, reads, wait
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 
 SIZE = 8 << 20

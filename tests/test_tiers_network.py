@@ -20,7 +20,8 @@ from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, GuestError, expected_sums, reads, remove
+from restore.guest import Guest, GuestError, reads, remove
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.tiers.l2 import L2Cluster, parse_zone

@@ -4,7 +4,7 @@ The GIL rule (see restore/uffd.py) shapes these tests: a thread that touches a
 registered page that is missing sleeps in the kernel until the fault is
 served, and if it is a Python thread holding the GIL, nothing else in this
 process can serve it. So registered memory is touched only from C
-(lib.rs_mem_checksum / lib.rs_mem_fill, during which cffi releases the GIL)
+(restore._testbed's rs_mem_checksum / rs_mem_fill, during which cffi releases the GIL)
 in a helper thread, madvise goes through ctypes (which releases the GIL too),
 and Python reads a page back only once it is installed. Every wait has a
 timeout, and closing the userfaultfd (fixture teardown) wakes any thread
@@ -32,7 +32,7 @@ import threading
 import numpy as np
 import pytest
 
-from restore._native import ffi, lib
+from restore._native import ffi, load_testbed
 from restore.errors import RestoreError
 from restore.uffd import (
     PAGE_SIZE,
@@ -49,6 +49,8 @@ from restore.uffd import (
     Userfaultfd,
     probe_features,
 )
+
+_, mem = load_testbed()  # rs_mem_checksum, rs_mem_fill
 
 PAGE = PAGE_SIZE
 PAGES = 8
@@ -69,7 +71,7 @@ def addr_of(buf) -> int:
 
 
 def checksum(data) -> int:
-    """What lib.rs_mem_checksum returns for these bytes."""
+    """What rs_mem_checksum returns for these bytes."""
     return int(np.frombuffer(data, "<u8").sum(dtype=np.uint64))
 
 
@@ -382,7 +384,7 @@ def test_read_fault_round_trip(make_uffd, region, source):
     u.register(region.addr, region.size)
     assert u.read_events() == []
 
-    t = Toucher(lib.rs_mem_checksum, region.page(5), PAGE)
+    t = Toucher(mem.rs_mem_checksum, region.page(5), PAGE)
     (event,) = wait_events(u)
     assert event.kind is EventKind.PAGEFAULT
     assert event.address == region.page(5)
@@ -398,7 +400,7 @@ def test_dontwake_copy_then_explicit_wake(make_uffd, region, source):
     src, src_addr = source
     u = make_uffd()
     u.register(region.addr, region.size)
-    t = Toucher(lib.rs_mem_checksum, region.page(6), 2 * PAGE)
+    t = Toucher(mem.rs_mem_checksum, region.page(6), 2 * PAGE)
     (event,) = wait_events(u)
     assert event.address == region.page(6)
 
@@ -412,7 +414,7 @@ def test_dontwake_copy_then_explicit_wake(make_uffd, region, source):
 def test_write_fault_is_write(make_uffd, region):
     u = make_uffd()
     u.register(region.addr, region.size)
-    t = Toucher(lib.rs_mem_fill, region.page(1) + 100, 200, 0xAB)
+    t = Toucher(mem.rs_mem_fill, region.page(1) + 100, 200, 0xAB)
     (event,) = wait_events(u)
     assert event.kind is EventKind.PAGEFAULT
     assert event.address == region.page(1)  # rounded down: no EXACT_ADDRESS
@@ -425,7 +427,7 @@ def test_write_fault_is_write(make_uffd, region):
 def test_exact_address_reports_the_faulting_byte(make_uffd, region):
     u = make_uffd(Feature.EXACT_ADDRESS)
     u.register(region.addr, region.size)
-    t = Toucher(lib.rs_mem_fill, region.page(3) + 0x123, 1, 1)
+    t = Toucher(mem.rs_mem_fill, region.page(3) + 0x123, 1, 1)
     (event,) = wait_events(u)
     assert event.address == region.page(3) + 0x123 and event.is_write
     u.zeropage(region.page(3), PAGE)
@@ -457,7 +459,7 @@ def test_remove_event_from_madvise(make_uffd, region, source):
     assert u.copy(region.page(5), src_addr, PAGE) == PAGE
 
     # The removed pages are missing again: a touch faults, and is served zeros.
-    t = Toucher(lib.rs_mem_checksum, region.addr, PAGE)
+    t = Toucher(mem.rs_mem_checksum, region.addr, PAGE)
     (event,) = wait_events(u)
     assert event.kind is EventKind.PAGEFAULT and event.address == region.addr
     u.zeropage(region.addr, PAGE)
@@ -477,7 +479,7 @@ def test_unregister_stops_faults(make_uffd, region):
     u = make_uffd()
     u.register(region.addr, region.size)
     u.unregister(region.addr, region.size)
-    assert Toucher(lib.rs_mem_checksum, region.addr, region.size).join() == 0
+    assert Toucher(mem.rs_mem_checksum, region.addr, region.size).join() == 0
     assert u.read_events() == []
 
 
@@ -497,7 +499,7 @@ def test_minor_fault_and_continue_on_shmem(make_uffd):
         cache[: 2 * PAGE] = data
 
         assert u.continue_(guest_addr, PAGE) == PAGE  # no fault needed
-        t = Toucher(lib.rs_mem_checksum, guest_addr, 2 * PAGE)
+        t = Toucher(mem.rs_mem_checksum, guest_addr, 2 * PAGE)
         (event,) = wait_events(u)
         assert event.kind is EventKind.PAGEFAULT and event.address == guest_addr + PAGE
         assert event.is_minor and not event.is_write

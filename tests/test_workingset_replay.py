@@ -21,7 +21,8 @@ from restore.objects import plan_pointer_key
 from restore.sample import write_sample_image
 from restore.session import prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, expected_sums, reads, remove
+from restore.guest import Guest, reads, remove
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.workingset import PlanError, PlanKeeper, build_plan, load_plan, plan_info, rebuild_plan, save_plan

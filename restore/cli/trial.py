@@ -64,7 +64,7 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, host_cache_dir, host
     """Restore a snapshot into a test guest and show how the session went.
 
     Starts a handler for the snapshot on a private socket (or uses the
-    server at --socket), runs a guest process (restore.testing.Guest) that
+    server at --socket), runs a guest process (restore.guest.Guest) that
     maps the snapshot's memory and reads a working set of pages (runs of
     adjacent pages, in random order), checks every page it read against the
     snapshot, and prints the session's stats."""
@@ -76,7 +76,7 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, host_cache_dir, host
     from ..session import prefetch_usage
     from ..settings import DEFAULT_FAULT_AROUND, ServerSettings
     from ..snapshot import Snapshot
-    from ..testing import Guest, reads
+    from ..guest import Guest, reads
 
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)

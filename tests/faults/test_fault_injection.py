@@ -28,7 +28,8 @@ from restore.protocol import accept_handshake
 from restore.sample import write_sample_image
 from restore.session import RestoreSession
 from restore.snapshot import Snapshot, create_snapshot
-from restore.testing import Guest, GuestError, GuestTimeout, expected_sums, reads, wait
+from restore.guest import Guest, GuestError, GuestTimeout, reads, wait
+from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
 from restore.tiers.l1 import L1Cache
 from restore.tiers.l2 import L2Cluster
