@@ -12,7 +12,7 @@
  *                    after an event it keeps reading the uffd without
  *                    sleeping for up to poll_us (the guest's next fault is
  *                    then read at once, with no wake-up of this thread)
- *     PAGEFAULT      [engine.c, install.c]
+ *     PAGEFAULT      [fault.c, install.c]
  *                    page -> (chunk, offset in the decoded chunk) through the
  *                    page table given at creation (the manifest's page map;
  *                    computed from the zero bitmaps when it has none)

@@ -15,32 +15,6 @@
 
 #include "private/engine_int.h"
 
-void wake_service(rs_engine *e)
-{
-    uint64_t one = 1;
-
-    if (write(e->svc.wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-        note_error(e, -errno);
-}
-
-/* Queue a fault for the service thread to retry (after -EAGAIN). */
-void push_deferred(rs_engine *e, uint64_t page, uint64_t t_ns)
-{
-    pthread_mutex_lock(&e->lock);
-    if (plist_push(&e->svc.deferred, page, t_ns) < 0)
-        note_error(e, -ENOMEM);
-    atomic_store(&e->svc.n_deferred, e->svc.deferred.n);
-    pthread_mutex_unlock(&e->lock);
-}
-
-/* Defer a fault met by another thread, and wake the service thread. */
-void defer(rs_engine *e, uint64_t page, uint64_t t_ns)
-{
-    push_deferred(e, page, t_ns);
-    atomic_fetch_add(&e->st.deferred, 1);
-    wake_service(e);
-}
-
 static void retry_deferred(rs_engine *e)
 {
     struct plist again;

@@ -3,13 +3,16 @@
  * One restore session (engine.h) is served by several files, one per
  * concern, each with its own part of struct rs_engine:
  *
- *   engine.c    lifecycle (create, start, stop, destroy), the chunk state
- *               machine (a fault parks on a chunk, whoever settles the chunk
- *               serves what is parked), supply and fail from the fetchers,
- *               the fault log and the stats
+ *   engine.c    the API: lifecycle (create, start, stop, destroy), supply
+ *               and fail from the fetchers, the fault log and the stats
  *   service.c   struct rs_service: the service thread reading the uffd's
  *               events (faults, REMOVE), polling between faults, and the
  *               installs it retries after -EAGAIN
+ *   local.c     struct rs_local: the local threads (host cache, then L1,
+ *               then the fetch queue) and decoding
+ *   fault.c     the chunk state machine: a fault is served from a ready
+ *               chunk or parks on its chunk; whoever settles the chunk
+ *               serves what is parked
  *   install.c   struct rs_memfd: putting pages in the guest (UFFDIO_COPY,
  *               ZEROPAGE, POISON, CONTINUE after writing the memfd), runs
  *               and fault-around
@@ -19,10 +22,15 @@
  *   pool.c      struct rs_pool: buffers of decoded chunks, the references
  *               readers hold on them, the per-chunk page counts that free
  *               a buffer once its pages are in
- *   local.c     struct rs_local: the local threads (host cache, then L1,
- *               then the fetch queue) and decoding
+ *   state.c     what every thread does to the shared state: parked-fault
+ *               lists, first-touch records, adopting a host-cache chunk,
+ *               deferring a fault to the service thread and waking it
  *   hostcache.c the host cache's files (hostcache.h)
  *   l1.c        reading an L1 file (l1.h)
+ *
+ * Each file calls only those below it in this order: engine.c on top;
+ * service.c and local.c; fault.c; prefetch.c; huge.c; install.c; pool.c;
+ * state.c; then hostcache.c, l1.c, fetchq.c, faultlog.c, chunk.c, uffd.c.
  */
 #ifndef RS_PRIVATE_ENGINE_INT_H
 #define RS_PRIVATE_ENGINE_INT_H
@@ -370,7 +378,7 @@ static inline uint32_t log_chunk(const rs_engine *e, uint64_t g)
     return NO_CHUNK;
 }
 
-/* ---- engine.c ---- */
+/* ---- state.c ---- */
 int plist_push(struct plist *l, uint64_t page, uint64_t t_ns);
 struct plist plist_take(struct plist *l);
 int log_record(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns, uint64_t svc);
@@ -378,15 +386,17 @@ void log_touch(rs_engine *e, uint64_t p, uint32_t chunk, int src, uint64_t t_ns)
 void log_planned(rs_engine *e, uint64_t lo, uint64_t upto, uint64_t skip);
 int adopt_host(rs_engine *e, uint32_t c);
 rs_fetchq *first_queue(rs_engine *e, int *state);
-int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns);
-void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns);
-void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src, int mapped);
-void engine_finish(rs_engine *e);
-
-/* ---- service.c ---- */
 void wake_service(rs_engine *e);
 void push_deferred(rs_engine *e, uint64_t page, uint64_t t_ns);
 void defer(rs_engine *e, uint64_t page, uint64_t t_ns);
+void engine_finish(rs_engine *e);
+
+/* ---- fault.c ---- */
+int serve_page(rs_engine *e, int r, uint64_t p, uint64_t t_ns);
+void serve_or_defer(rs_engine *e, uint64_t p, uint64_t t_ns);
+void settle_chunk(rs_engine *e, uint32_t c, uint8_t *data, int src, int mapped);
+
+/* ---- service.c ---- */
 void *service_main(void *arg);
 
 /* ---- install.c ---- */
