@@ -24,6 +24,22 @@ def store(tmp_path) -> DurableStore:
     return DurableStore(f"file://{tmp_path / 'store'}")
 
 
+@pytest.fixture(scope="session")
+def make_image(tmp_path_factory):
+    """make_image(size, seed, **mix): a new sample image of size bytes
+    (restore.sample.write_sample_image with that seed and mix, e.g. zero=0.3)
+    as mem.img in a directory of its own; returns its path. Each call writes
+    a new file, so a test file's image fixture keeps its own scope: module
+    scope to write it once for the file, function scope for a fresh copy."""
+
+    def make(size: int, seed: int, **mix) -> Path:
+        path = tmp_path_factory.mktemp("image") / "mem.img"
+        write_sample_image(path, size, seed=seed, **mix)
+        return path
+
+    return make
+
+
 @pytest.fixture
 def cli_snapshot(tmp_path, run_cli):
     """make(size, seed): a sample image of size bytes snapshotted as "fn" by

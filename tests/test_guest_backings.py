@@ -11,17 +11,14 @@ import numpy as np
 import pytest
 
 from restore.errors import InputError
-from restore.sample import write_sample_image
 from restore.testing import BareHandler, Guest, GuestError, expected_sums, reads, wait
 
 SIZE = 2 << 20
 
 
 @pytest.fixture
-def image(tmp_path):
-    p = tmp_path / "mem.img"
-    write_sample_image(p, SIZE, seed=9)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=9)
 
 
 @pytest.mark.parametrize("backing", ["resident", "mmap"])

@@ -51,11 +51,9 @@ def no_fd_leaks():
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
+def image(make_image) -> Path:
     """16 MiB: runs of zero, random and text-like pages."""
-    path = tmp_path_factory.mktemp("image") / "memory.img"
-    write_sample_image(path, 16 * MiB, seed=3)
-    return path
+    return make_image(16 * MiB, seed=3)
 
 
 class Receiver:

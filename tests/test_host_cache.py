@@ -37,10 +37,8 @@ STATE_AT = 4096
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("img") / "mem.img"
-    write_sample_image(p, SIZE, seed=31)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=31)
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from restore.faultlog import SOURCES
 from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
 from restore.protocol import accept_handshake
-from restore.sample import write_sample_image
 from restore.session import RestoreSession
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads, remove, wait
@@ -44,11 +43,10 @@ ZERO_CHUNK = 5 * H + CHUNK  # a chunk of zeros (nothing stored) inside huge page
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
+def image(make_image) -> Path:
     """Runs of zero, random and text-like 4 KiB pages, one huge page all zero
     and one chunk of another all zero."""
-    path = tmp_path_factory.mktemp("huge") / "mem.img"
-    write_sample_image(path, SIZE, seed=23, zero=0.3)
+    path = make_image(SIZE, seed=23, zero=0.3)
     data = bytearray(path.read_bytes())
     data[ZERO_HUGE * H:(ZERO_HUGE + 1) * H] = bytes(H)
     data[ZERO_CHUNK:ZERO_CHUNK + CHUNK] = bytes(CHUNK)

@@ -16,7 +16,6 @@ from restore.handler import Server
 from restore.layout import optimize_snapshot
 from restore.manifest import ZERO_PAGE
 from restore.objects import plan_pointer_key
-from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot, load_manifest
 from restore.testing import Guest, expected_sums, reads
 from restore.tiers.durable import DurableStore
@@ -29,10 +28,8 @@ SIZE = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("layout") / "mem.img"
-    write_sample_image(p, SIZE, seed=17)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=17)
 
 
 def _plan(image, seed=2, n=300):

@@ -35,10 +35,8 @@ SIZE = 16 << 20
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("img") / "mem.img"
-    write_sample_image(p, SIZE, seed=21)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=21)
 
 
 @pytest.fixture

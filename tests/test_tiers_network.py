@@ -17,7 +17,6 @@ from restore.errors import InputError
 from restore.handler import Server
 from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
-from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads, remove
 from restore.tiers.durable import DurableStore
@@ -31,10 +30,8 @@ SIZE = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("net") / "mem.img"
-    write_sample_image(p, SIZE, seed=31)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=31)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import pytest
 from restore.faultlog import LOG_DTYPE
 from restore.handler import Server
 from restore.objects import plan_pointer_key
-from restore.sample import write_sample_image
 from restore.session import prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
 from restore.testing import Guest, expected_sums, reads, remove
@@ -52,10 +51,8 @@ def test_plan_order_and_merge():
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ws") / "mem.img"
-    write_sample_image(p, SIZE, seed=41)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=41)
 
 
 @pytest.fixture
