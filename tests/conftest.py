@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from restore.sample import write_sample_image
+from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.durable import DurableStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +40,20 @@ def make_image(tmp_path_factory):
         return path
 
     return make
+
+
+@pytest.fixture
+def open_snapshot(store):
+    """open_snapshot(image, name, **create): image snapshotted into the
+    `store` fixture (file://<tmp_path>/store) as name (create_snapshot's
+    keywords, e.g. chunk_size) and opened; closed after the test."""
+    with contextlib.ExitStack() as opened:
+
+        def open_(image: Path, name: str, **create) -> Snapshot:
+            create_snapshot(store, image, name, **create)
+            return opened.enter_context(Snapshot.open(store, name))
+
+        yield open_
 
 
 @pytest.fixture

@@ -28,9 +28,8 @@ from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
 from restore.protocol import accept_handshake
 from restore.session import RestoreSession
-from restore.snapshot import Snapshot, create_snapshot
+from restore.snapshot import Snapshot
 from restore.testing import Guest, GuestError, expected_sums, reads, remove, wait
-from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
 from restore.tiers.l1 import L1Cache
 
@@ -128,12 +127,10 @@ def same_bytes(image: Path, seen: dict) -> list[int]:
 
 
 @pytest.fixture
-def snap(tmp_path, image):
-    store = DurableStore(f"file://{tmp_path}/store")
-    create_snapshot(store, image, "vm")  # default chunks: 512 KiB
-    with Snapshot.open(store, "vm") as s:
-        assert s.manifest.chunk_size == CHUNK
-        yield s
+def snap(open_snapshot, image):
+    s = open_snapshot(image, "vm")  # default chunks: 512 KiB
+    assert s.manifest.chunk_size == CHUNK
+    return s
 
 
 def test_lazy_restore_with_default_chunks(tmp_path, snap, image):

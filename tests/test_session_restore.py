@@ -40,11 +40,8 @@ def image(make_image):
 
 
 @pytest.fixture
-def snap(tmp_path, image):
-    store = DurableStore(f"file://{tmp_path}/store")
-    create_snapshot(store, image, "vm", chunk_size=CHUNK)
-    with Snapshot.open(store, "vm") as s:
-        yield s
+def snap(open_snapshot, image):
+    return open_snapshot(image, "vm", chunk_size=CHUNK)
 
 
 @pytest.fixture

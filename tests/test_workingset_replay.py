@@ -56,11 +56,8 @@ def image(make_image):
 
 
 @pytest.fixture
-def snap(tmp_path, image):
-    store = DurableStore(f"file://{tmp_path}/store")
-    create_snapshot(store, image, "fn", chunk_size=CHUNK)
-    with Snapshot.open(store, "fn") as s:
-        yield s
+def snap(open_snapshot, image):
+    return open_snapshot(image, "fn", chunk_size=CHUNK)
 
 
 def _trace(image, seed, n=1500):
