@@ -13,10 +13,16 @@ stay out of the JSON document and the summary.
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 
 from bench.microtables import tables
 from restore.sample import write_sample_image
+from restore.snapshot import Snapshot, create_snapshot
+from restore.tiers.durable import DurableStore
+from restore.tiers.l1 import L1Cache
 
 GIB = 1 << 30
 
@@ -27,6 +33,29 @@ def mixed_gib(tmp_path_factory):
     p = tmp_path_factory.mktemp("bench") / "mixed-1g.img"
     write_sample_image(p, GIB, seed=1, zero=0.5, random=0.2)
     return p
+
+
+@pytest.fixture(scope="module")
+def warm_l1_snapshot(tmp_path_factory):
+    """make(name, size, seed, chunk_size, **mix): in a new directory `name`N,
+    a sample image mem.img (write_sample_image with that seed and mix),
+    snapshotted as "bench" into a file:// store there, opened, and every
+    chunk of it put into an L1 there (l1/). Returns a namespace with dir,
+    image, snap and l1; the snapshots are closed when the module ends."""
+    with contextlib.ExitStack() as opened:
+
+        def make(name: str, size: int, seed: int, chunk_size: int, **mix) -> SimpleNamespace:
+            d = tmp_path_factory.mktemp(name)
+            img = d / "mem.img"
+            write_sample_image(img, size, seed=seed, **mix)
+            store = DurableStore(f"file://{d}/store")
+            create_snapshot(store, img, "bench", chunk_size=chunk_size)
+            snap = opened.enter_context(Snapshot.open(store, "bench"))
+            l1 = L1Cache(d / "l1")
+            snap.fill_l1(l1)  # warm L1
+            return SimpleNamespace(dir=d, image=img, snap=snap, l1=l1)
+
+        yield make
 
 
 @pytest.hookimpl(hookwrapper=True)

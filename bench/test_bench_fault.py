@@ -56,13 +56,9 @@ from bench.fault_poll import bare_once
 from bench.fault_poll import placement as placement_of
 from restore.handler import Server
 from restore.settings import ServerSettings
-from restore.sample import write_sample_image
-from restore.snapshot import Snapshot, create_snapshot
 from restore.guest import Guest, reads
 from restore.testing import expected_sums
-from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
-from restore.tiers.l1 import L1Cache
 
 P = 4096
 SIZE = 128 << 20
@@ -77,16 +73,10 @@ SERVES_FROM = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fault")
-    img = d / "mem.img"
-    write_sample_image(img, SIZE, seed=4)
-    store = DurableStore(f"file://{d}/store")
-    create_snapshot(store, img, "bench", chunk_size=CHUNK)
-    snap = Snapshot.open(store, "bench")
-    l1 = L1Cache(d / "l1")
-    snap.fill_l1(l1)  # warm L1
-    data = img.read_bytes()
+def world(warm_l1_snapshot):
+    made = warm_l1_snapshot("fault", SIZE, seed=4, chunk_size=CHUNK)
+    d, snap, l1 = made.dir, made.snap, made.l1
+    data = made.image.read_bytes()
     pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, P)
     nonzero = np.flatnonzero(pages.any(axis=1)).astype(np.uint64)
     rng = np.random.default_rng(1)
@@ -100,8 +90,7 @@ def world(tmp_path_factory):
     # its chunks into it.
     _, st = _engine_once(w, d / "fill.sock", 1, trace, "engine-host", w["sums"])
     assert st.host_fills == fresh.sum(), st
-    yield w
-    snap.close()
+    return w
 
 
 def _check(res, sums) -> None:

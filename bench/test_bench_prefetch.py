@@ -35,13 +35,9 @@ import numpy as np
 import pytest
 
 from restore.protocol import accept_handshake
-from restore.sample import write_sample_image
 from restore.session import RestoreSession
-from restore.snapshot import Snapshot, create_snapshot
 from restore.guest import Guest, reads, wait
 from restore.testing import expected_sums
-from restore.tiers.durable import DurableStore
-from restore.tiers.l1 import L1Cache
 from restore.uffd import Userfaultfd
 
 P = 4096
@@ -51,20 +47,13 @@ ROUNDS = 5
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prefetch")
-    img = d / "mem.img"
-    write_sample_image(img, SIZE, seed=5, zero=0.0, random=0.2)  # no zero pages: every page is copied
-    store = DurableStore(f"file://{d}/store")
-    create_snapshot(store, img, "bench", chunk_size=CHUNK)
-    snap = Snapshot.open(store, "bench")
-    l1 = L1Cache(d / "l1")
-    snap.fill_l1(l1)
-    data = np.fromfile(img, dtype=np.uint8)  # resident: the raw copies' source
+def world(warm_l1_snapshot):
+    # No zero pages: every page is copied.
+    made = warm_l1_snapshot("prefetch", SIZE, seed=5, chunk_size=CHUNK, zero=0.0, random=0.2)
+    data = np.fromfile(made.image, dtype=np.uint8)  # resident: the raw copies' source
     every = np.arange(0, SIZE, P, dtype=np.uint64)
-    yield {"dir": d, "snap": snap, "l1": l1, "data": data, "plan": every,
-           "sums": expected_sums(data, every)}
-    snap.close()
+    return {"dir": made.dir, "snap": made.snap, "l1": made.l1, "data": data, "plan": every,
+            "sums": expected_sums(data, every)}
 
 
 class Round:

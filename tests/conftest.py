@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from restore.sample import write_sample_image
+from restore.snapshot import Snapshot, create_snapshot
 from restore.tiers.durable import DurableStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +24,36 @@ ROOT = Path(__file__).resolve().parent.parent
 def store(tmp_path) -> DurableStore:
     """A file:// store in a fresh directory."""
     return DurableStore(f"file://{tmp_path / 'store'}")
+
+
+@pytest.fixture(scope="session")
+def make_image(tmp_path_factory):
+    """make_image(size, seed, **mix): a new sample image of size bytes
+    (restore.sample.write_sample_image with that seed and mix, e.g. zero=0.3)
+    as mem.img in a directory of its own; returns its path. Each call writes
+    a new file, so a test file's image fixture keeps its own scope: module
+    scope to write it once for the file, function scope for a fresh copy."""
+
+    def make(size: int, seed: int, **mix) -> Path:
+        path = tmp_path_factory.mktemp("image") / "mem.img"
+        write_sample_image(path, size, seed=seed, **mix)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def open_snapshot(store):
+    """open_snapshot(image, name, **create): image snapshotted into the
+    `store` fixture (file://<tmp_path>/store) as name (create_snapshot's
+    keywords, e.g. chunk_size) and opened; closed after the test."""
+    with contextlib.ExitStack() as opened:
+
+        def open_(image: Path, name: str, **create) -> Snapshot:
+            create_snapshot(store, image, name, **create)
+            return opened.enter_context(Snapshot.open(store, name))
+
+        yield open_
 
 
 @pytest.fixture

@@ -85,3 +85,13 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0) -> No
     while not cond():
         assert time.monotonic() < deadline, what
         time.sleep(0.02)
+
+
+def wait_for_socket(proc: subprocess.Popen, sock: Path, timeout: float = 30.0) -> None:
+    """Until the server proc has made its socket sock; fails with the
+    process's output if it exits first, or after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no socket {sock} after {timeout} s"
+        time.sleep(0.02)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from bench.results import SLOW_ONLY
+from daemon import wait_for_socket
 from restore.guest import Guest, reads
 from restore.testing import expected_sums
 
@@ -37,11 +38,7 @@ def _serve(tmp_path, store, *extra):
         text=True,
         env=env,
     )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_socket(proc, sock)
     return proc, sock
 
 

@@ -8,16 +8,13 @@ import re
 
 import pytest
 
-from restore.sample import write_sample_image
 from restore.snapshot import load_manifest
 from restore.tiers.durable import DurableStore
 
 
 @pytest.fixture
-def image(tmp_path):
-    p = tmp_path / "mem.img"
-    write_sample_image(p, 2 << 20, seed=5)
-    return p
+def image(make_image):
+    return make_image(2 << 20, seed=5)
 
 
 def test_create_ls_inspect_verify_export(tmp_path, run_cli, image):

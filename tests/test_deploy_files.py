@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from daemon import children
+from daemon import children, wait_for_socket
 from restore.guest import Guest, reads
 from restore.testing import expected_sums
 
@@ -50,11 +49,7 @@ def test_supervise_from_a_config_file(tmp_path, cli_snapshot):
                       f'cache = "{tmp_path}/cache"\n')
     proc = subprocess.Popen([str(RESTORE), "serve", "--config", str(config)], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_socket(proc, sock)
         offsets = np.arange(0, 8 << 20, 4096 * 5, dtype=np.uint64)
         with Guest(str(sock), memory_size=8 << 20) as g:
             res = g.run(reads(offsets), timeout=60)

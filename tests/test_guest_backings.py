@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from restore.errors import InputError
-from restore.sample import write_sample_image
 from restore.guest import Guest, GuestError, reads, wait
 from restore.testing import BareHandler, expected_sums
 
@@ -19,10 +18,8 @@ SIZE = 2 << 20
 
 
 @pytest.fixture
-def image(tmp_path):
-    p = tmp_path / "mem.img"
-    write_sample_image(p, SIZE, seed=9)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=9)
 
 
 @pytest.mark.parametrize("backing", ["resident", "mmap"])

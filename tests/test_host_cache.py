@@ -39,18 +39,13 @@ STATE_AT = 4096
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("img") / "mem.img"
-    write_sample_image(p, SIZE, seed=31)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=31)
 
 
 @pytest.fixture
-def snap(tmp_path, image):
-    store = DurableStore(f"file://{tmp_path}/store")
-    create_snapshot(store, image, "vm", chunk_size=CHUNK)
-    with Snapshot.open(store, "vm") as s:
-        yield s
+def snap(open_snapshot, image):
+    return open_snapshot(image, "vm", chunk_size=CHUNK)
 
 
 @pytest.fixture

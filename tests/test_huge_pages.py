@@ -27,12 +27,10 @@ from restore.faultlog import SOURCES
 from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
 from restore.protocol import accept_handshake
-from restore.sample import write_sample_image
 from restore.session import RestoreSession
-from restore.snapshot import Snapshot, create_snapshot
+from restore.snapshot import Snapshot
 from restore.guest import Guest, GuestError, reads, remove, wait
 from restore.testing import expected_sums
-from restore.tiers.durable import DurableStore
 from restore.tiers.host import HostCache
 from restore.tiers.l1 import L1Cache
 
@@ -45,11 +43,10 @@ ZERO_CHUNK = 5 * H + CHUNK  # a chunk of zeros (nothing stored) inside huge page
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
+def image(make_image) -> Path:
     """Runs of zero, random and text-like 4 KiB pages, one huge page all zero
     and one chunk of another all zero."""
-    path = tmp_path_factory.mktemp("huge") / "mem.img"
-    write_sample_image(path, SIZE, seed=23, zero=0.3)
+    path = make_image(SIZE, seed=23, zero=0.3)
     data = bytearray(path.read_bytes())
     data[ZERO_HUGE * H:(ZERO_HUGE + 1) * H] = bytes(H)
     data[ZERO_CHUNK:ZERO_CHUNK + CHUNK] = bytes(CHUNK)
@@ -131,12 +128,10 @@ def same_bytes(image: Path, seen: dict) -> list[int]:
 
 
 @pytest.fixture
-def snap(tmp_path, image):
-    store = DurableStore(f"file://{tmp_path}/store")
-    create_snapshot(store, image, "vm")  # default chunks: 512 KiB
-    with Snapshot.open(store, "vm") as s:
-        assert s.manifest.chunk_size == CHUNK
-        yield s
+def snap(open_snapshot, image):
+    s = open_snapshot(image, "vm")  # default chunks: 512 KiB
+    assert s.manifest.chunk_size == CHUNK
+    return s
 
 
 def test_lazy_restore_with_default_chunks(tmp_path, snap, image):

@@ -17,7 +17,6 @@ from restore.settings import ServerSettings
 from restore.layout import optimize_snapshot
 from restore.manifest import ZERO_PAGE
 from restore.objects import plan_pointer_key
-from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot, load_manifest
 from restore.guest import Guest, reads
 from restore.testing import expected_sums
@@ -31,10 +30,8 @@ SIZE = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("layout") / "mem.img"
-    write_sample_image(p, SIZE, seed=17)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=17)
 
 
 def _plan(image, seed=2, n=300):

@@ -6,6 +6,7 @@ equal the snapshot's image."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -38,18 +39,13 @@ SIZE = 16 << 20
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("img") / "mem.img"
-    write_sample_image(p, SIZE, seed=21)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=21)
 
 
 @pytest.fixture
-def snap(tmp_path, image):
-    store = DurableStore(f"file://{tmp_path}/store")
-    create_snapshot(store, image, "vm", chunk_size=CHUNK)
-    with Snapshot.open(store, "vm") as s:
-        yield s
+def snap(open_snapshot, image):
+    return open_snapshot(image, "vm", chunk_size=CHUNK)
 
 
 @pytest.fixture
@@ -97,6 +93,27 @@ def _wait_sessions(server, n, timeout=10.0):
 
 def _image_pages(image):
     return np.fromfile(image, dtype=np.uint8).reshape(-1, P)
+
+
+@contextlib.contextmanager
+def _waiting_guest(snap, path):
+    """A guest at a wait step, connected to a socket at path and past the
+    handshake for snap, with no session yet: yields (the Guest, the
+    connection, the handshake), for a test to start a RestoreSession of its
+    own; the caller closes the handshake and the connection."""
+    from restore.guest import wait
+    from restore.protocol import accept_handshake
+
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    with lsock, Guest(path, memory_size=SIZE) as g:
+        g.start(wait())
+        conn, _ = lsock.accept()
+        m = snap.manifest
+        hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
+                              chunk_size=m.chunk_size)
+        yield g, conn, hs
 
 
 def test_full_sweep_cold_then_warm_l1(serve, image, l1, mem):
@@ -808,8 +825,6 @@ def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monk
     engine, joins every thread started and frees the engine: the process
     has as many threads as before."""
     import restore.session as session_module
-    from restore.protocol import accept_handshake
-    from restore.guest import wait
 
     base = session_module.AsyncFetchers if fetch_loop else session_module.Fetchers
 
@@ -819,16 +834,7 @@ def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monk
             raise RuntimeError("injected: the fetchers failed to start")
 
     monkeypatch.setattr(session_module, "AsyncFetchers" if fetch_loop else "Fetchers", Failing)
-    path = str(tmp_path / "f.sock")
-    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    lsock.bind(path)
-    lsock.listen(1)
-    with lsock, Guest(path, memory_size=SIZE) as g:
-        g.start(wait())
-        conn, _ = lsock.accept()
-        m = snap.manifest
-        hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
-                              chunk_size=m.chunk_size)
+    with _waiting_guest(snap, str(tmp_path / "f.sock")) as (g, conn, hs):
         before = len(os.listdir("/proc/self/task"))
         with pytest.raises(RuntimeError, match="injected"):
             session_module.RestoreSession(snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
@@ -848,21 +854,10 @@ def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monk
 def test_waiting_for_the_prefetch(snap, image, tmp_path, planned):
     """wait_prefetch returns once prefetch_done() holds; a session without
     a plan has nothing to wait for and says so at once."""
-    from restore.protocol import accept_handshake
     from restore.session import RestoreSession
-    from restore.guest import wait
 
     plan = np.flatnonzero(_image_pages(image).any(axis=1))[:200].astype(np.uint64) * P if planned else None
-    path = str(tmp_path / "w.sock")
-    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    lsock.bind(path)
-    lsock.listen(1)
-    with lsock, Guest(path, memory_size=SIZE) as g:
-        g.start(wait())
-        conn, _ = lsock.accept()
-        m = snap.manifest
-        hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
-                              chunk_size=m.chunk_size)
+    with _waiting_guest(snap, str(tmp_path / "w.sock")) as (g, conn, hs):
         with RestoreSession(snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
                             l1=L1Cache(tmp_path / "l1"), persist_log=False, plan=plan, prefetch_around=1) as session:
             assert session.wait_prefetch(60 if planned else 0) == planned

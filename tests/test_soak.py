@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from bench.minivm import driver
+from daemon import wait_for_socket
 from restore.snapshot import create_snapshot
 from restore.guest import Guest, reads
 from restore.testing import expected_sums
@@ -58,11 +59,7 @@ def test_soak(tmp_path, capsys):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert server.poll() is None, server.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_socket(server, sock)
         size = MEM_MIB << 20
         nonzero = np.flatnonzero(np.fromfile(image, dtype=np.uint8).reshape(-1, P).any(axis=1))
         rng = np.random.default_rng(11)

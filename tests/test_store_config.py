@@ -13,7 +13,6 @@ import pytest
 from restore.errors import StoreError
 from restore.handler import Server
 from restore.settings import ServerSettings
-from restore.sample import write_sample_image
 from restore.snapshot import Snapshot
 from restore.guest import Guest, reads
 from restore.testing import expected_sums
@@ -38,10 +37,8 @@ def clean_env(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("conf") / "mem.img"
-    write_sample_image(p, SIZE, seed=5)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=5)
 
 
 KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}

@@ -18,7 +18,6 @@ from restore.handler import Server
 from restore.settings import ServerSettings
 from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
-from restore.sample import write_sample_image
 from restore.snapshot import Snapshot, create_snapshot
 from restore.guest import Guest, GuestError, reads, remove
 from restore.testing import expected_sums
@@ -33,10 +32,8 @@ SIZE = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("net") / "mem.img"
-    write_sample_image(p, SIZE, seed=31)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=31)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from restore.faultlog import LOG_DTYPE
 from restore.handler import Server
 from restore.settings import ServerSettings
 from restore.objects import plan_pointer_key
-from restore.sample import write_sample_image
 from restore.session import prefetch_usage
 from restore.snapshot import Snapshot, create_snapshot
 from restore.guest import Guest, reads, remove
@@ -54,18 +53,13 @@ def test_plan_order_and_merge():
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ws") / "mem.img"
-    write_sample_image(p, SIZE, seed=41)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=41)
 
 
 @pytest.fixture
-def snap(tmp_path, image):
-    store = DurableStore(f"file://{tmp_path}/store")
-    create_snapshot(store, image, "fn", chunk_size=CHUNK)
-    with Snapshot.open(store, "fn") as s:
-        yield s
+def snap(open_snapshot, image):
+    return open_snapshot(image, "fn", chunk_size=CHUNK)
 
 
 def _trace(image, seed, n=1500):

@@ -25,7 +25,6 @@ from restore.handler import Server
 from restore.settings import ServerSettings
 from restore.objects import chunk_key
 from restore.protocol import accept_handshake
-from restore.sample import write_sample_image
 from restore.session import RestoreSession
 from restore.snapshot import Snapshot, create_snapshot
 from restore.guest import Guest, GuestError, GuestTimeout, reads, wait
@@ -41,10 +40,8 @@ HANG = 60  # seconds: a restore not done by then counts as a hang
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    p = tmp_path_factory.mktemp("faults") / "mem.img"
-    write_sample_image(p, SIZE, seed=8)
-    return p
+def image(make_image):
+    return make_image(SIZE, seed=8)
 
 
 @pytest.fixture(scope="module")
