@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from ..config import parse_listen, parse_mode
 from ..tiers.durable import DurableStore, S3Options, default_store_url
+from ..tiers.l1 import L1Cache
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,13 @@ def host_cache_options(f):
                      help="Host cache size budget, e.g. 32G; least recently used versions no session uses are "
                           "evicted past it (default: 16 GiB).")(f)
     return click.option("--host-cache", "host_cache_dir", default=None, metavar="DIR", help=HOST_CACHE_HELP)(f)
+
+
+def open_l1(cache_dir, no_cache, budget=None):
+    """The L1Cache the flags ask for (--cache, --no-cache, a budget), or None."""
+    if no_cache:
+        return None
+    return L1Cache(cache_dir or default_cache_dir(), **({"budget_bytes": budget} if budget else {}))
 
 
 def open_host_cache(host_cache_dir, budget, no_host_cache, cache_dir):

@@ -9,7 +9,6 @@ import click
 from ..config import LISTEN_SYNTAX, config_option
 from ..errors import RestoreError
 from ..keys import load_key
-from ..tiers.l1 import L1Cache
 from .common import (
     Invocation,
     CACHE_HELP,
@@ -17,11 +16,11 @@ from .common import (
     MODE,
     OWNER,
     SIZE,
-    default_cache_dir,
     host_cache_options,
     key_options,
     l2_option,
     open_host_cache,
+    open_l1,
     open_l2,
     open_store,
     split_snapshot,
@@ -120,9 +119,7 @@ def serve(spec, socket_path, listens, cache_dir, cache_budget, no_cache, host_ca
     listeners = _worker_listeners(worker_listen_fd, sockets) if worker_listen_fd else None
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)
-    l1 = None
-    if not no_cache:
-        l1 = L1Cache(cache_dir or default_cache_dir(), **({"budget_bytes": cache_budget} if cache_budget else {}))
+    l1 = open_l1(cache_dir, no_cache, cache_budget)
     snap = Snapshot.open(store, name, version, load_key(key_file, key_env), l1)
     metrics = None
     if metrics_addr is not None:

@@ -8,15 +8,14 @@ import sys
 import click
 
 from ..keys import load_key
-from ..tiers.l1 import L1Cache
 from ..units import human_bytes
 from .common import (
     CACHE_HELP,
     SIZE,
     VERSION_HELP,
-    default_cache_dir,
     key_options,
     l2_option,
+    open_l1,
     open_l2,
     open_store,
     progress_bar,
@@ -238,7 +237,7 @@ def snapshot_export(spec, out, version, cache_dir, no_cache, key_file, key_env, 
 
     name, version = version_of(spec, version)
     store = open_store(store_url, s3_endpoint, s3_region)
-    l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
+    l1 = open_l1(cache_dir, no_cache)
     with Snapshot.open(store, name, version, load_key(key_file, key_env), l1) as snap:
         with progress_bar("export", snap.manifest.memory_size) as advance:
             snap.export(out, progress=advance)

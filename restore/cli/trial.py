@@ -8,15 +8,14 @@ import sys
 import click
 
 from ..keys import load_key
-from ..tiers.l1 import L1Cache
 from ..units import fmt_ns, human_bytes
 from .common import (
     CACHE_HELP,
-    default_cache_dir,
     host_cache_options,
     key_options,
     l2_option,
     open_host_cache,
+    open_l1,
     open_l2,
     open_store,
     split_snapshot,
@@ -80,7 +79,7 @@ def try_(spec, pages, run_pages, seed, cache_dir, no_cache, host_cache_dir, host
 
     name, version = split_snapshot(spec)
     store = open_store(store_url, s3_endpoint, s3_region)
-    l1 = None if no_cache else L1Cache(cache_dir or default_cache_dir())
+    l1 = open_l1(cache_dir, no_cache)
     with Snapshot.open(store, name, version, load_key(key_file, key_env), l1) as snap:
         m = snap.manifest
         rng = np.random.default_rng(seed)
