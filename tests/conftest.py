@@ -20,6 +20,24 @@ from restore.tiers.durable import DurableStore
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_SOAK_REPORT = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def soak_report(request) -> list:
+    """Lines a soak test appends its figures to; printed in the terminal
+    summary ("soak" section), so CI's log shows them without -s."""
+    return request.config.stash.setdefault(_SOAK_REPORT, [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(_SOAK_REPORT, [])
+    if lines:
+        terminalreporter.section("soak")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def store(tmp_path) -> DurableStore:
     """A file:// store in a fresh directory."""

@@ -3,9 +3,11 @@ mutational fuzzer that drives them:
 
     python tests/fuzz_parsers.py [--runs 100000] [--seed 1] [--target handshake|manifest|plan]
 
-Each target takes bytes and passes when the parser returns something that
-holds its own checks or raises the package's input error (a RestoreError);
-any other exception is a finding, printed with the input that caused it.
+Each target takes bytes and passes when the parser raises the package's
+input error (a RestoreError) or returns something that holds what the
+parser promises (checked on every input that parses: the target returns
+True then); any other exception or a broken promise is a finding, printed
+with the input that caused it.
 The fuzzer starts from valid inputs and mutates them (bit flips, byte
 insertions and deletions, splices, interesting numbers written over
 digits). The targets take the same bytes an atheris or AFL harness would.
@@ -23,7 +25,7 @@ import traceback
 import numpy as np
 
 from restore.errors import RestoreError
-from restore.manifest import ChunkEntry, Manifest
+from restore.manifest import FLAG_ENCRYPTED, KNOWN_FLAGS, ChunkEntry, Manifest
 from restore.objects import plan_pointer_key
 from restore.protocol import check_regions, parse_regions
 from restore.tiers.durable import DurableStore
@@ -32,7 +34,7 @@ from restore.workingset import load_plan, save_plan
 GEO = dict(memory_size=1 << 30, snapshot_page_size=4096, chunk_size=512 << 10)
 
 
-def target_handshake(data: bytes) -> None:
+def target_handshake(data: bytes) -> bool:
     """Whatever check_regions accepts is what a Server relies on: non-empty,
     aligned regions inside the snapshot, overlapping neither in the guest's
     address space nor in the memory file."""
@@ -40,21 +42,50 @@ def target_handshake(data: bytes) -> None:
         regions = parse_regions(data)
         page = check_regions(regions, **GEO)
     except RestoreError:
-        return
+        return False
     for r in regions:
         assert r.size > 0 and r.base % page == 0 and r.size % page == 0 and r.offset % page == 0
         assert r.offset + r.size <= GEO["memory_size"] and r.base + r.size <= 2**64
     for spans in (sorted((r.base, r.size) for r in regions), sorted((r.offset, r.size) for r in regions)):
         for (a, n), (b, _) in zip(spans, spans[1:]):
             assert a + n <= b
+    return True
 
 
-def target_manifest(data: bytes) -> None:
+def check_manifest(m: Manifest) -> None:
+    """What Manifest.parse promises of a manifest it returns (the engine
+    and the codec rely on it): a page size of 4 KiB or 2 MiB; a power-of-two
+    chunk size from the page size to 1 GiB; a memory size of whole pages;
+    chunk entries whose id, length, flags and zero bitmap agree with each
+    other and with the snapshot's encryption; without a page map, exactly
+    the chunks the memory needs, and no stored page past the end of
+    memory; with one, a page count that is the memory's. And it writes
+    itself out and parses back to the same manifest."""
+    assert m.page_size in (4096, 2 << 20), m.page_size
+    assert m.chunk_size & (m.chunk_size - 1) == 0 and max(4096, m.page_size) <= m.chunk_size <= 1 << 30
+    assert m.memory_size > 0 and m.memory_size % m.page_size == 0
+    assert m.chunks
+    for c in m.chunks:
+        assert len(c.zero) == max(1, m.slots_per_chunk // 8)
+        assert (c.id is None) == (c.stored_len == 0) and c.stored_len >= 0
+        assert not c.flags & ~KNOWN_FLAGS and c.flags >= 0
+        assert c.id is None or bool(c.flags & FLAG_ENCRYPTED) == m.encrypted
+    if m.page_map is None:
+        assert len(m.chunks) == -(-m.memory_size // m.chunk_size)
+        stored_pages = np.flatnonzero(~m.zero_bitmaps().reshape(-1))
+        assert len(stored_pages) == 0 or int(stored_pages.max()) * m.page_size < m.memory_size
+    else:
+        assert m.page_map.pages == m.pages
+    assert Manifest.parse(m.to_json(), "again") == m
+
+
+def target_manifest(data: bytes) -> bool:
     try:
         m = Manifest.parse(data, "fuzz")
     except RestoreError:
-        return
-    assert Manifest.parse(m.to_json(), "again") == m
+        return False
+    check_manifest(m)
+    return True
 
 
 _MANIFEST = Manifest(name="fz", version="1", memory_size=1 << 20, chunk_size=1 << 19, page_size=4096,
@@ -62,7 +93,7 @@ _MANIFEST = Manifest(name="fz", version="1", memory_size=1 << 20, chunk_size=1 <
                      created_at="2026-11-27T00:00:00Z")
 
 
-def target_plan(data: bytes) -> None:
+def target_plan(data: bytes) -> bool:
     """data: a plan pointer, a NUL byte, then the plan object's bytes. A
     pointer naming plan 000...0 is pointed at the object's real id, so that
     damaged objects get past the id check to the .npy parser."""
@@ -74,8 +105,10 @@ def target_plan(data: bytes) -> None:
     try:
         plan = load_plan(store, _MANIFEST)
     except RestoreError:
-        return
-    assert plan is None or (not (plan % 4096).any() and (len(plan) == 0 or int(plan.max()) < (1 << 20)))
+        return False
+    assert plan is None or (plan.dtype == np.uint64 and plan.ndim == 1 and not (plan % 4096).any()
+                            and (len(plan) == 0 or int(plan.max()) < (1 << 20)))
+    return True
 
 
 def seeds() -> dict[str, list[bytes]]:
@@ -125,22 +158,24 @@ def mutate(data: bytes, rng: random.Random, corpus: list[bytes]) -> bytes:
     return bytes(b)
 
 
-def fuzz(target: str, runs: int, seed: int = 1) -> tuple[int, list[tuple[bytes, str]]]:
-    """Run target on runs mutated inputs; (executions, findings)."""
+def fuzz(target: str, runs: int, seed: int = 1) -> tuple[int, int, list[tuple[bytes, str]]]:
+    """Run target on runs mutated inputs; (executions, inputs that parsed
+    and had their promises checked, findings)."""
     rng = random.Random(seed)
     corpus = list(seeds()[target])
     fn = TARGETS[target]
     findings = []
+    parsed = 0
     for i in range(runs):
         data = corpus[i % len(corpus)] if i < len(corpus) else mutate(rng.choice(corpus), rng, corpus)
         try:
-            fn(data)
+            parsed += fn(data)
         except Exception:  # a finding: anything but the package's input error
             findings.append((data, traceback.format_exc(limit=3)))
         else:
             if len(corpus) < 200 and rng.random() < 0.02:
                 corpus.append(data)  # keep some survivors to mutate further
-    return runs, findings
+    return runs, parsed, findings
 
 
 def main(argv=None) -> int:
@@ -151,8 +186,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     bad = 0
     for t in args.target or sorted(TARGETS):
-        n, findings = fuzz(t, args.runs, args.seed)
-        print(f"{t}: {n} executions, {len(findings)} findings")
+        n, parsed, findings = fuzz(t, args.runs, args.seed)
+        print(f"{t}: {n} executions, {parsed} parsed and checked, {len(findings)} findings")
         for data, tb in findings[:3]:
             print(f"  input {data[:200]!r}\n{tb}")
         bad += len(findings)

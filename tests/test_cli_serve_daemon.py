@@ -4,14 +4,15 @@ during a restore letting it finish."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import Daemon
-from restore.guest import Guest, reads
+from daemon import Daemon, wait_for
+from restore.guest import Guest, reads, wait
 from restore.testing import expected_sums
 
 SIZE = 16 << 20
@@ -132,7 +133,30 @@ def test_serve_from_a_config_file_with_metrics(tmp_path, made, run_cli):
     assert len(ls) == 3
 
 
+def _release_wait(guest: Guest) -> None:
+    """Let a guest blocked at a wait() step go on. `restore serve` sends no
+    go-ahead, so the guest's own end of its connection is shut for reading,
+    through a copy of its socket fd (pidfd_getfd, root here): its recv()
+    returns end-of-file, and the server's end stays open (it sees no EOF)."""
+    fds = [int(fd) for fd in os.listdir(f"/proc/{guest.pid}/fd")
+           if os.readlink(f"/proc/{guest.pid}/fd/{fd}").startswith("socket:")]
+    assert len(fds) == 1, fds  # the guest's one socket: its connection
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(guest.pid)
+    try:
+        fd = libc.syscall(438, pidfd, fds[0], 0)  # SYS_pidfd_getfd
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(pidfd)
+    with socket.socket(fileno=fd) as s:
+        s.shutdown(socket.SHUT_RD)
+
+
 def test_sigterm_during_a_restore_lets_it_finish(tmp_path, made, run_cli):
+    """The guest reads half its pages, then waits at a wait() step until the
+    test lets it go: SIGTERM reaches the server while the guest is certainly
+    mid-restore (no race with the guest finishing first), and the other half
+    is served after SIGTERM."""
     img, store = made
     sock = tmp_path / "fn.sock"
     config = write_config(tmp_path / "serve.toml", snapshot="fn", socket=str(sock), store=store,
@@ -140,22 +164,25 @@ def test_sigterm_during_a_restore_lets_it_finish(tmp_path, made, run_cli):
     d = Daemon(tmp_path, "--config", str(config))
     try:
         d.event("serving")
-        # Every non-zero page once, in a scattered order, each its own fault.
+        # Every page once, in a scattered order, each its own fault (half
+        # before SIGTERM, half after), then twice more over present pages.
         offsets = np.random.default_rng(5).permutation(SIZE // 4096).astype(np.uint64) * 4096
-        ops = np.concatenate([reads(offsets)] * 3)  # then twice more over present pages
+        half = len(offsets) // 2
+        ops = np.concatenate([reads(offsets[:half]), wait(), reads(offsets[half:])] + [reads(offsets)] * 2)
         with Guest(str(sock), memory_size=SIZE) as g:
             g.start(ops)
-            deadline = time.monotonic() + 30
-            while (done := len(g.done_so_far().ns)) < 100:
-                assert time.monotonic() < deadline, "the guest made no progress"
-                time.sleep(0.002)
+            wait_for(lambda: len(g.done_so_far().ns) >= half, "the guest did not read its first half", 60)
             d.proc.send_signal(signal.SIGTERM)
             stopping = d.event("stopping")
+            assert stopping["active"] == 1  # the guest, held at its wait() step
+            assert len(g.done_so_far().ns) == half  # still there: nothing but the test lets it go
+            _release_wait(g)
             res = g.wait(timeout=60)
-        assert done < len(ops) and stopping["active"] == 1  # the guest was mid-restore at SIGTERM
-        assert (res.sums == expected_sums(img, np.tile(offsets, 3))).all()
+        expected = expected_sums(img, offsets)
+        assert (res.sums == np.concatenate([expected[:half], [0], expected[half:], expected, expected])).all()
         end = d.event("session_end")
         assert end["errors"] == 0 and end["log_key"]
+        assert sum(end["first_touches"].values()) == len(offsets), end["first_touches"]
         assert d.proc.wait(60) == 0
     finally:
         d.kill()
