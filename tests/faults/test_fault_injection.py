@@ -226,8 +226,8 @@ def test_s3_faults_that_last_poison_and_name_the_chunk(tmp_path, snap, s3_proxy,
     assert any(w in line.lower() for w in why), summary.errors
 
 
-AT = [1, 4, 9]  # the chunk request in flight when the fault fires, counted from the guest's start
-L2_AT = [1, 3, 5]  # the same for one memcached node, which is asked for a third of the chunks
+AT = [1, 4, 9, 14]  # the chunk request in flight when the fault fires, counted from the guest's start
+L2_AT = [1, 2, 3, 5]  # the same for one memcached node, which is asked for a third of the chunks
 
 
 @pytest.mark.parametrize("at", AT)
@@ -451,7 +451,7 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, s3_server, s
                 s3_proxy.clear()
             _wait_until(lambda: not server.active(), "the session did not end once S3 answered")
     assert server.counters()["sessions_ended"] == 1
-    TALLY["mid_restore"]["s3 stalled while a session closes"] += 1
+    TALLY["landed"]["s3 stall while a session closes"] += 1
 
 
 def test_prefetch_reads_are_not_hedged(tmp_path, snap, memcached_cluster, trace, image):

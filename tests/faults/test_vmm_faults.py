@@ -59,8 +59,10 @@ def _until(cond, what: str) -> None:
         time.sleep(0.01)
 
 
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _threads() -> set[str]:
+    """This process's threads, by id (other tests' threads may end
+    meanwhile: what counts is that none of the session's stays)."""
+    return set(os.listdir("/proc/self/task"))
 
 
 def _fds() -> set[str]:
@@ -131,15 +133,15 @@ def test_guest_killed_mid_restore_leaves_nothing_behind(server, image, trace, at
     threads, fds, alive = _threads(), _fds(), _sessions_alive()
     g = _paused_guest(server, image, trace, at)
     try:
-        assert _threads() > threads  # the session's threads run (what must go away)
+        assert _threads() - threads  # the session's threads run (what must go away)
         g.kill()
     finally:
         g.close()
     assert server.ended.acquire(timeout=HANG), "the session of the killed guest did not end"
     summary = server.summaries[-1]
     assert summary.stats.ended_by == "vmm exited" and summary.stats.pages_installed >= at, summary.stats
-    _until(lambda: _threads() == threads, f"threads left behind: {_threads()} now, {threads} before")
-    _until(lambda: _fds() == fds, f"fds left behind: {sorted(_fds() - fds)}")
+    _until(lambda: _threads() <= threads, f"threads left behind: {sorted(_threads() - threads)}")
+    _until(lambda: _fds() <= fds, f"fds left behind: {sorted(_fds() - fds)}")
     assert _sessions_alive() == alive
     _served(server, image, trace)  # the server goes on
     TALLY["vmm"]["guest killed mid-restore"] += 1
