@@ -396,7 +396,7 @@ int rs_engine_fail(rs_engine *e, uint32_t chunk, int err)
 
 void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
 {
-    uint32_t parked = 0;
+    uint32_t parked = 0, parked_remote = 0;
 
     memset(out, 0, sizeof(*out));
     out->faults = atomic_load(&e->st.faults);
@@ -435,11 +435,15 @@ void rs_engine_get_stats(rs_engine *e, rs_engine_stats *out)
     out->prefetch_install_ns = atomic_load(&e->st.prefetch_install_ns);
     out->install_ns = atomic_load(&e->st.demand_install_ns) + out->prefetch_install_ns;
     pthread_mutex_lock(&e->lock);
-    for (uint32_t c = 0; c < e->cfg.n_chunks; c++)
+    for (uint32_t c = 0; c < e->cfg.n_chunks; c++) {
         parked += (uint32_t)e->chunks[c].parked.n;
+        if (atomic_load(&e->chunks[c].state) == C_QUEUED_REMOTE)
+            parked_remote += (uint32_t)e->chunks[c].parked.n;
+    }
     out->prefetch_done = prefetch_done(e);
     pthread_mutex_unlock(&e->lock);
     out->parked_now = parked;
+    out->parked_remote_now = parked_remote;
     out->guest_gone = atomic_load(&e->guest_gone);
     out->error = atomic_load(&e->error);
     out->conn_closed = (uint32_t)atomic_load(&e->svc.conn_closed);

@@ -150,6 +150,8 @@ typedef struct rs_engine_stats {
                                      empty uffd between faults (poll_us) */
     uint64_t poll_hits;           /* events found while doing so */
     uint32_t parked_now;          /* faults waiting on chunks right now */
+    uint32_t parked_remote_now;   /* of which on chunks handed to the network
+                                     fetchers (L2, durable) */
     int32_t guest_gone;           /* 1 once the guest's memory is gone */
     int32_t error;                /* -errno of the first unexpected failure */
     uint32_t prefetch_done;       /* 1 once the prefetch has asked for every

@@ -238,6 +238,17 @@ class Server:
             total["sessions_active"] = len(self._active)
         return dict(total)
 
+    def parked(self) -> dict[str, int]:
+        """Faults its running sessions have waiting right now, summed
+        (RestoreSession.parked: "faults", "on_network"). A gauge, not a
+        counter: for a test or an operator to see that faults wait on a
+        fetch at this moment."""
+        with self._lock:
+            total = Counter({"faults": 0, "on_network": 0})
+            for session, _ in self._active.values():
+                total.update(session.parked())
+        return dict(total)
+
     def service_histogram(self) -> tuple[tuple[int, ...], list[int], int]:
         """Demand-fault service times of the ended sessions: (bucket upper
         bounds in ns, counts per bucket with one more for the rest, sum ns)."""

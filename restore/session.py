@@ -127,7 +127,8 @@ class SessionStats:
     deferred: int
     poisoned: int
     log_dropped: int
-    parked_now: int
+    parked_now: int  # faults waiting on chunks when the figures were read
+    parked_remote_now: int  # of which on chunks with the network fetchers (L2, durable)
     guest_gone: bool
     error: int  # -errno of the first unexpected failure, 0 if none
     service_p50_ns: int
@@ -160,7 +161,7 @@ _ENGINE_COUNTERS = tuple(
     if name in {f.name for f in dataclasses.fields(SessionStats)}
     and name not in ("first_touches", "guest_gone", "prefetch_done")
 )
-_NOT_COUNTERS = ("parked_now", "error", "ended_by")
+_NOT_COUNTERS = ("parked_now", "parked_remote_now", "error", "ended_by")
 
 
 def new_session_id() -> str:
@@ -425,6 +426,18 @@ class RestoreSession:
         final values."""
         with self._engine_lock:
             return dict(self._final_counters) if self._closed else self._read_counters()
+
+    def parked(self) -> dict[str, int]:
+        """Faults waiting right now (cheap: for polling): "faults" on any
+        chunk, "on_network" on chunks handed to the network fetchers (L2,
+        the durable store), i.e. waiting on a fetch in flight or queued.
+        After close(), both 0."""
+        with self._engine_lock:
+            if self._closed:
+                return {"faults": 0, "on_network": 0}
+            st = ffi.new("rs_engine_stats *")
+            lib.rs_engine_get_stats(self._engine, st)
+            return {"faults": int(st.parked_now), "on_network": int(st.parked_remote_now)}
 
     def _read_counters(self) -> dict[str, int]:
         st = ffi.new("rs_engine_stats *")

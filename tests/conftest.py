@@ -161,7 +161,14 @@ class Memcached:
         cmd = [binary, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-I", "2m", "-m", "128", "-t", "2"]
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]
+        self._cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_port(self.port)
+
+    def restart(self) -> None:
+        """A new memcached (empty) on the same port, after kill()."""
+        assert self.proc.poll() is not None, "restart() a node that was killed"
+        self.proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _wait_port(self.port)
 
     @property

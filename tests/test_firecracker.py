@@ -22,7 +22,7 @@ import pytest
 import hugepages
 from bench.firecracker import driver
 from bench.minivm.driver import kvm_available
-from daemon import Daemon, children, wait_for
+from daemon import Daemon
 from restore.handler import Server
 from restore.settings import ServerSettings
 from restore.objects import chunk_key
@@ -286,31 +286,3 @@ def test_a_page_no_tier_can_supply_ends_the_vmm_never_hangs_it(tmp_path, fc, mad
                            in m and m.endswith("and this kernel has no UFFDIO_POISON") for m in killed), killed
         finally:
             store.put(key, lost.read_bytes())
-
-
-def test_serve_killed_mid_restore_takes_the_vmm_with_it_and_the_next_is_served(tmp_path, fc, made):
-    """The worker of `restore serve --supervise` is killed while a restored
-    VM still has most of its memory to fault in: the VMM is killed, never
-    left hanging, and a new worker serves the next VMM."""
-    sock = tmp_path / "fn.sock"
-    sup = subprocess.Popen([sys.executable, "-m", "restore", "serve", "--supervise", "--snapshot", made["name"],
-                            "--socket", str(sock), "--store", made["store"], "--cache", str(tmp_path / "cache")],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: sock.exists() and children(sup.pid), "the supervisor did not start its worker")
-        worker = children(sup.pid)[0]
-        with driver.VM(fc["bin"].firecracker, tmp_path / "vm1") as vm:
-            vm.load(made["state"], "Uffd", sock)
-            assert vm.ask(REQUESTS[:1])[0].value == made["reference"][REQUESTS[0]]  # served, mid-restore
-            os.kill(worker, signal.SIGKILL)
-            assert vm.wait(60) == -signal.SIGKILL
-            vmm = vm.pid
-        wait_for(lambda: children(sup.pid) and children(sup.pid)[0] != worker, "no new worker")
-        with driver.VM(fc["bin"].firecracker, tmp_path / "vm2") as vm:
-            vm.load(made["state"], "Uffd", sock)
-            _check(vm, made)
-    finally:
-        sup.send_signal(signal.SIGTERM)
-        out, err = sup.communicate(timeout=60)
-    assert sup.returncode == 0, err
-    assert f"worker pid {worker} killed by signal 9; killed the VMMs it was serving ({vmm})" in err, err

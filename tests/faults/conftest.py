@@ -1,23 +1,37 @@
-"""The fault-injection suite's tally, printed after the run: faults injected
-by kind, restores completed, bytes verified, wrong bytes delivered and
-hangs (the last two must be 0)."""
+"""The fault-injection suite's tally, printed after the run.
+
+Only what took effect is counted: a proxy fault counts the replies it
+actually changed (held, delayed, cut, answered 503, damaged), a server
+killed or stopped mid-restore counts once the test has seen it land (a
+request in flight cut or left unanswered while a fault was parked on it)
+and the session observe it, a VMM-side fault once the server survived it.
+Restores are the guests restored under injection, each checked byte for
+byte against the image: wrong bytes and hangs must be 0."""
 
 from __future__ import annotations
 
 import collections
 
-TALLY: dict = {"injected": collections.Counter(), "restores": 0, "poisoned": 0, "bytes_verified": 0,
-               "wrong_bytes": 0, "hangs": 0}
+TALLY: dict = {
+    "landed": collections.Counter(),  # "tier kind" -> replies or connections a proxy fault changed
+    "mid_restore": collections.Counter(),  # fault kind -> times it landed mid-restore, timed by an event
+    "vmm": collections.Counter(),  # VMM-side fault kind -> times the server survived it
+    "restores": 0, "poisoned": 0, "bytes_verified": 0, "wrong_bytes": 0, "hangs": 0,
+}
+
+
+def _kinds(counter) -> str:
+    return ", ".join(f"{k} {n}" for k, n in sorted(counter.items())) or "none"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not TALLY["restores"] and not TALLY["hangs"]:
+    if not TALLY["restores"] and not TALLY["hangs"] and not TALLY["vmm"]:
         return
+    w = terminalreporter.write_line
     terminalreporter.section("fault injection")
-    kinds = ", ".join(f"{k} {n}" for k, n in sorted(TALLY["injected"].items())) or "none"
-    terminalreporter.write_line(f"faults injected (connections or events): {kinds}")
-    terminalreporter.write_line(
-        f"restores: {TALLY['restores']} ({TALLY['poisoned']} ended with poisoned pages and a named error); "
-        f"bytes verified: {TALLY['bytes_verified']}; wrong bytes delivered: {TALLY['wrong_bytes']}; "
-        f"hangs: {TALLY['hangs']}"
-    )
+    w(f"restores under injection: {TALLY['restores']} ({TALLY['poisoned']} ended with poisoned pages and a "
+      f"named error); bytes verified: {TALLY['bytes_verified']}; wrong bytes delivered: {TALLY['wrong_bytes']}; "
+      f"hangs: {TALLY['hangs']}")
+    w(f"faults landed mid-restore (timed by events): {_kinds(TALLY['mid_restore'])}")
+    w(f"VMM-side faults survived: {sum(TALLY['vmm'].values())} ({_kinds(TALLY['vmm'])})")
+    w(f"proxy faults that took effect (replies changed): {_kinds(TALLY['landed'])}")
