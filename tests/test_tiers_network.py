@@ -181,7 +181,12 @@ def test_s3_down_for_a_moment_is_retried(tmp_path, s3_server, s3_store, image):
         try:
             s3_server.stop()
             g = Guest(server.socket_path, memory_size=SIZE).start(reads(offsets))
-            time.sleep(1.0)  # fetchers are retrying now
+            # A fault waits on a fetch from the store, which is down: the
+            # fetch is being retried now.
+            deadline = time.monotonic() + 30
+            while server.parked()["on_network"] == 0:
+                assert time.monotonic() < deadline, "no fault ever waited on the store"
+                time.sleep(0.005)
             s3_server.start()
             res = g.wait(60)
             g.close()
