@@ -11,6 +11,7 @@ one back from bytes that came from outside.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 
@@ -50,9 +51,13 @@ def parse_npy(data: bytes, what: str, error: type[InputError] = InputError) -> n
     """Parse .npy bytes from outside (no pickles). numpy reads the header
     with Python's tokenizer, so damaged bytes raise all sorts (SyntaxError,
     tokenize errors, ...): every one becomes error("<what> is not a .npy
-    array: ...")."""
+    array: ..."). So does a header the tokenizer only warns about (an
+    invalid escape in a string), rather than a warning on stderr."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            warnings.simplefilter("error", SyntaxWarning)
+            return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - whatever numpy raises on bad bytes
         raise error(f"{what} is not a .npy array: {type(exc).__name__}: {exc}") from None
 

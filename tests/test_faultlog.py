@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
 
 from restore.errors import InputError
-from restore.faultlog import LOG_DTYPE, SOURCES, _check_against_c, load_fault_log
+from restore.faultlog import LOG_DTYPE, SOURCES, _check_against_c, load_fault_log, parse_npy
 
 
 def test_the_twin_is_checked_against_the_c_record():
@@ -38,3 +39,16 @@ def test_a_saved_log_reads_back_and_a_bad_one_is_named():
         load_fault_log(buf.getvalue(), "here")
     with pytest.raises(InputError, match="fault log there is not a .npy array"):
         load_fault_log(b"not numpy", "there")
+
+
+def test_a_header_the_tokenizer_warns_about_is_refused_without_a_warning():
+    """numpy reads a .npy header with Python's tokenizer: an invalid escape
+    in it is refused as a bad array, not printed as a warning on stderr."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3, dtype=LOG_DTYPE))
+    data = buf.getvalue().replace(b"'shape': (3,)", b"'shape': (3,), 'x\\o': 1", 1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"^log x is not a \.npy array: "):
+            parse_npy(data, "log x")
+    assert seen == []
