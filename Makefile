@@ -6,7 +6,9 @@
 #               cache), build a plan, and restore it again with the plan
 #               replayed as a prefetch, every chunk from the host cache
 #   make test   build with -Werror and run the test suite (with /dev/kvm:
-#               first fetch the pinned Firecracker, see make firecracker)
+#               first fetch the pinned Firecracker, see make firecracker),
+#               then the engine's tests again under ThreadSanitizer and
+#               under AddressSanitizer + UBSan (make sanitize)
 #   make sanitize
 #               build the engine's two extensions with ThreadSanitizer, then
 #               with AddressSanitizer + UBSan, into build/sanitize/<kind>
@@ -99,6 +101,7 @@ firecracker: install
 test: install $(AZURITE) $(S3RVER)
 	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
 	$(PY) -m pytest -q tests
+	$(PY) tests/sanitize/run.py thread address
 
 # The sanitizer runtimes (libtsan, libasan, libubsan) come with Debian's gcc.
 sanitize: install

@@ -2,7 +2,7 @@
 
     python tests/sanitize/run.py thread [address ...] [-- pytest arguments]
 
-(`make sanitize` runs both.) For each sanitizer (thread: ThreadSanitizer;
+(`make sanitize` and `make test` run both.) For each sanitizer (thread: ThreadSanitizer;
 address: AddressSanitizer with UBSan):
 
 1. build/sanitize/<kind>/restore/ is made a copy of the restore package
