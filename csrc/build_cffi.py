@@ -42,8 +42,30 @@ def _package_version() -> str:
     return match.group(1)
 
 
+# RESTORE_SANITIZE=thread or address builds both extensions instrumented
+# (ThreadSanitizer; AddressSanitizer with UBSan), for tests/sanitize/run.py
+# (`make sanitize`), which builds them into build/sanitize/ and runs tests
+# against them with the sanitizer's runtime preloaded.
+SANITIZE = {
+    "thread": ["-fsanitize=thread"],
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+}
+
+
+def _sanitize_args() -> list[str]:
+    kind = os.environ.get("RESTORE_SANITIZE", "")
+    if not kind:
+        return []
+    if kind not in SANITIZE:
+        raise RuntimeError(f"RESTORE_SANITIZE={kind!r}: expected one of {', '.join(SANITIZE)}")
+    return [*SANITIZE[kind], "-fno-omit-frame-pointer"]
+
+
 def _compile_args() -> list[str]:
-    args = ["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden"]
+    sanitize = _sanitize_args()
+    # A sanitized build is -O1 (the sanitizers' advice: fast enough, and
+    # its reports' stacks match the source).
+    args = ["-std=gnu11", "-O1" if sanitize else "-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden", *sanitize]
     # Tests and CI build with RESTORE_WERROR=1 so a new warning fails them;
     # a user's build on a newer compiler does not.
     if os.environ.get("RESTORE_WERROR") == "1":
@@ -64,6 +86,7 @@ def _builder(module: str, headers: list[str], sources: list[str], libraries: lis
         libraries=libraries,
         define_macros=[("RS_PKG_VERSION", f'"{_package_version()}"')],
         extra_compile_args=_compile_args(),
+        extra_link_args=_sanitize_args(),
     )
     return ffibuilder
 

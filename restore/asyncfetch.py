@@ -112,6 +112,11 @@ class AsyncFetchers(FetchBase):
         self._io: Optional[ThreadPoolExecutor] = None  # L1 writes (disk)
         self._cpu = ThreadPoolExecutor(SUPPLY_THREADS, thread_name_prefix="restore-supply")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # Held by _post around call_soon_threadsafe and by the loop thread
+        # around loop.close(): the former writes to the loop's self-pipe,
+        # the latter closes it, and a write racing the close could land on
+        # whatever file took the socket's number meanwhile.
+        self._post_lock = threading.Lock()
         self._started = threading.Event()
         self._ended: list[threading.Event] = []  # one per thread started (start())
 
@@ -148,10 +153,14 @@ class AsyncFetchers(FetchBase):
             for z in self._zones:
                 z.close()
             loop.run_until_complete(asyncio.sleep(0))  # let the transports close
-            loop.close()
-            self._cpu.shutdown(wait=True)  # the engine outlives its calls (join waits for this)
+            # The executors' threads post their results to the loop: they
+            # end before it closes. The engine outlives their calls (join
+            # waits for this).
+            self._cpu.shutdown(wait=True)
             if self._io is not None:
                 self._io.shutdown(wait=True)
+            with self._post_lock:
+                loop.close()
 
     def _pump(self) -> None:
         """Move requests from the engine's queue to the loop, in batches."""
@@ -173,10 +182,11 @@ class AsyncFetchers(FetchBase):
         """Run fn(*args) on the loop thread; False once the loop has closed
         (join() ends it too, and may end it first)."""
         loop = self._loop
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # "Event loop is closed"
-            return False
+        with self._post_lock:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # "Event loop is closed"
+                return False
         return True
 
     def _finish(self) -> None:

@@ -19,6 +19,43 @@ from restore.tiers.durable import DurableStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Set by tests/sanitize/run.py (`make sanitize`): the sanitizer ("thread",
+# "address") both extensions were built with, whose runtime is preloaded.
+SANITIZER = os.environ.get("RESTORE_SANITIZER", "")
+_SANITIZER_INIT = {"thread": "__tsan_init", "address": "__asan_init"}
+_SANITIZER_RUNTIME = {"thread": "libtsan.so", "address": "libasan.so"}
+
+
+def _check_sanitized() -> list[str]:
+    """Under RESTORE_SANITIZER: that the extensions this process imported
+    are instrumented (they reference the sanitizer's init) and its runtime
+    is loaded; returns a line per extension. Raises pytest.UsageError if
+    not, so a sanitizer run cannot pass against the normal build."""
+    import restore._native as native
+
+    if SANITIZER not in _SANITIZER_INIT:
+        raise pytest.UsageError(f"RESTORE_SANITIZER={SANITIZER!r}: expected one of {', '.join(_SANITIZER_INIT)}")
+    native.load_testbed()
+    with open("/proc/self/maps") as f:
+        if _SANITIZER_RUNTIME[SANITIZER] not in f.read():
+            raise pytest.UsageError(f"RESTORE_SANITIZER={SANITIZER}, but {_SANITIZER_RUNTIME[SANITIZER]} is not loaded")
+    lines = []
+    for name in ("_engine", "_testbed"):
+        path = sys.modules[f"restore.{name}"].__file__
+        undefined = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True,
+                                   check=True).stdout.split()
+        if _SANITIZER_INIT[SANITIZER] not in undefined:
+            raise pytest.UsageError(f"RESTORE_SANITIZER={SANITIZER}, but {path} is not instrumented")
+        lines.append(f"restore.{name}: {path} ({SANITIZER} sanitizer)")
+    return lines
+
+
+def pytest_sessionstart(session):
+    if SANITIZER:
+        terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+        for line in _check_sanitized():
+            terminal.write_line(line)
+
 
 _SOAK_REPORT = pytest.StashKey[list]()
 

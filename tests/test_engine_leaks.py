@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from restore._native import ffi, lib
 from restore.codec import ChunkCodec
@@ -12,6 +13,9 @@ from restore.codec import ChunkCodec
 C = 64 * 1024
 P = 4096
 PAGES = 64
+
+# The sanitizer tests/sanitize/run.py built the engine with, if any.
+SANITIZER = os.environ.get("RESTORE_SANITIZER", "")
 
 
 def _rss() -> int:
@@ -43,37 +47,49 @@ def _engine(codec, raw_chunks):
     return out[0], enc, tables
 
 
-def test_create_start_supply_stop_destroy_stays_flat():
+def _cycles(n: int) -> None:
+    """Create, start, supply, fail, stop and destroy an engine n times."""
     codec = ChunkCodec(C, P)
     raw = [os.urandom(C) for _ in range(PAGES * P // C)]
     uffd = lib.rs_uffd_create(1, 0)
     assert uffd >= 0 and lib.rs_uffd_api(uffd, 0, ffi.NULL, ffi.NULL) == 0
     req = ffi.new("uint32_t *")
+    try:
+        for _ in range(n):
+            eng, enc, _tables = _engine(codec, raw)
+            assert lib.rs_engine_start(eng, uffd, -1) == 0
+            assert lib.rs_engine_next_request(eng, req, 0) == 0  # nothing asked for
+            # Supplying a chunk nobody asked for is refused; failing one is not.
+            assert lib.rs_engine_supply(eng, 0, enc[0].data, len(enc[0].data), lib.RS_SRC_L2) < 0
+            assert lib.rs_engine_fail(eng, 1, -5) == 0
+            st = ffi.new("rs_engine_stats *")
+            lib.rs_engine_get_stats(eng, st)
+            assert st.chunks_failed == 1 and st.error == -5
+            lib.rs_engine_stop(eng)
+            assert lib.rs_engine_next_request(eng, req, 0) < 0  # -ESHUTDOWN
+            assert lib.rs_engine_wait(eng, 0) == 1
+            lib.rs_engine_destroy(eng)
+    finally:
+        os.close(uffd)
 
-    def cycle():
-        eng, enc, _tables = _engine(codec, raw)
-        assert lib.rs_engine_start(eng, uffd, -1) == 0
-        assert lib.rs_engine_next_request(eng, req, 0) == 0  # nothing asked for
-        # Supplying a chunk nobody asked for is refused; failing one is not.
-        assert lib.rs_engine_supply(eng, 0, enc[0].data, len(enc[0].data), lib.RS_SRC_L2) < 0
-        assert lib.rs_engine_fail(eng, 1, -5) == 0
-        st = ffi.new("rs_engine_stats *")
-        lib.rs_engine_get_stats(eng, st)
-        assert st.chunks_failed == 1 and st.error == -5
-        lib.rs_engine_stop(eng)
-        assert lib.rs_engine_next_request(eng, req, 0) < 0  # -ESHUTDOWN
-        assert lib.rs_engine_wait(eng, 0) == 1
-        lib.rs_engine_destroy(eng)
 
-    for _ in range(50):
-        cycle()
+def test_create_start_supply_stop_destroy_leaves_fds_flat():
+    _cycles(50)
     fds = len(os.listdir("/proc/self/fd"))
-    before = _rss()
-    for _ in range(500):
-        cycle()
-    assert _rss() - before < 4 << 20
+    _cycles(500)
     assert len(os.listdir("/proc/self/fd")) == fds
-    os.close(uffd)
+
+
+@pytest.mark.skipif(
+    SANITIZER == "address",
+    reason="under AddressSanitizer (RESTORE_SANITIZER=address) the resident size measures its allocator, "
+    "whose quarantine holds freed blocks (RSS grows by ~160 MiB over 500 cycles), not the engine",
+)
+def test_create_start_supply_stop_destroy_leaves_memory_flat():
+    _cycles(50)
+    before = _rss()
+    _cycles(500)
+    assert _rss() - before < 4 << 20
 
 
 def test_create_refuses_bad_geometry():
