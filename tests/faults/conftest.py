@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
+
 TALLY: dict = {
     "landed": collections.Counter(),  # "tier kind" -> replies or connections a proxy fault changed
     "mid_restore": collections.Counter(),  # fault kind -> times it landed mid-restore, timed by an event
     "vmm": collections.Counter(),  # VMM-side fault kind -> times the server survived it
     "restores": 0, "poisoned": 0, "bytes_verified": 0, "wrong_bytes": 0, "hangs": 0,
 }
+
+
+def every_chunk_trace(image, seed: int) -> np.ndarray:
+    """Every non-zero page of image, in a random order (by seed), as file
+    offsets: a guest reading them needs every chunk."""
+    pages = np.fromfile(image, dtype=np.uint8).reshape(-1, 4096)
+    nonzero = np.flatnonzero(pages.any(axis=1))
+    return np.random.default_rng(seed).permutation(nonzero).astype(np.uint64) * 4096
 
 
 def _kinds(counter) -> str:

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TALLY
+from conftest import TALLY, every_chunk_trace
 from proxy import FaultProxy
 
 from restore.handler import Server
@@ -56,10 +56,7 @@ def image(make_image):
 
 @pytest.fixture(scope="module")
 def trace(image):
-    """Every non-zero page, in a random order: every chunk is needed."""
-    pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
-    nonzero = np.flatnonzero(pages.any(axis=1))
-    return np.random.default_rng(3).permutation(nonzero).astype(np.uint64) * P
+    return every_chunk_trace(image, seed=3)
 
 
 @pytest.fixture

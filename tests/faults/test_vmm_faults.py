@@ -17,7 +17,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import TALLY
+from conftest import TALLY, every_chunk_trace
 from daemon import Daemon, children
 import test_firecracker
 from test_firecracker import MEM_MIB, REQUESTS, _check
@@ -46,10 +46,7 @@ def image(make_image):
 
 @pytest.fixture(scope="module")
 def trace(image):
-    """Every non-zero page, in a random order: every chunk is needed."""
-    pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
-    nonzero = np.flatnonzero(pages.any(axis=1))
-    return np.random.default_rng(4).permutation(nonzero).astype(np.uint64) * P
+    return every_chunk_trace(image, seed=4)
 
 
 def _until(cond, what: str) -> None:
