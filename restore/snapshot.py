@@ -10,6 +10,7 @@ objects it uploaded stay (they are content-addressed and may be shared).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -32,6 +33,7 @@ from .errors import (
     ChunkMissing,
     DecryptionError,
     InputError,
+    InternalError,
     ManifestError,
     MemoryFileError,
     MissingKey,
@@ -294,8 +296,10 @@ def create_snapshot(
     fd, size = _open_memory_file(memory_file, page_size)
     try:
         with ChunkCodec(chunk_size, page_size, key) as codec:
+            holes = hole_chunks(data_extents(fd, size), size, chunk_size)
             return write_version(store, codec, name, version, _file_reader(fd, memory_file), size, size,
-                                 workers=workers, uploads=uploads, progress=progress, warm_l2=warm_l2)
+                                 workers=workers, uploads=uploads, progress=progress, warm_l2=warm_l2,
+                                 holes=holes)
     finally:
         os.close(fd)
 
@@ -314,6 +318,7 @@ def write_version(
     uploads: int = DEFAULT_UPLOADS,
     progress: Progress = _no_progress,
     warm_l2=None,
+    holes: Optional[np.ndarray] = None,
 ) -> Manifest:
     """Claim a version, store the chunks of the stored_size bytes that
     read(offset, view) gives, then the page map (None: identity layout;
@@ -321,13 +326,16 @@ def write_version(
     claim is dropped whatever happens: nothing partial is ever ACTIVE.
 
     read fills view (a buffer of at most one chunk) with the bytes at
-    offset; sizes in bytes. The codec is borrowed, not closed. Raises
+    offset; sizes in bytes. holes: a bool per chunk, True for a chunk that
+    is known to be all zero without reading it (a hole of a sparse file,
+    hole_chunks); it is neither read nor encoded, and gets the entry an
+    all-zero chunk encodes to. The codec is borrowed, not closed. Raises
     SnapshotExists when the version is taken, and whatever read or the
     store raise."""
     version = _claim_version(store, name, version)
     try:
         chunks, uploaded = _store_chunks(
-            store, codec, read, stored_size, workers or os.cpu_count() or 1, uploads, progress, warm_l2
+            store, codec, read, stored_size, workers or os.cpu_count() or 1, uploads, progress, warm_l2, holes
         )
         ref = None
         if page_map is not None:
@@ -365,6 +373,39 @@ def _file_reader(fd: int, shown: str | os.PathLike) -> Callable[[int, memoryview
     return read
 
 
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The [start, end) byte ranges of the first size bytes of file fd that
+    hold data (SEEK_DATA / SEEK_HOLE); everything else is a hole, which
+    reads as zeros. A file system that cannot tell reports one extent, the
+    whole file."""
+    extents = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data past offset
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(0, size)]
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        offset = end
+    return extents
+
+
+def hole_chunks(extents: list[tuple[int, int]], size: int, chunk_size: int) -> np.ndarray:
+    """A bool per chunk of a size-byte file: True when no byte of the chunk
+    is in extents (data_extents), so the chunk is all zero unread."""
+    holes = np.ones(-(-size // chunk_size), dtype=bool)
+    for start, end in extents:
+        holes[start // chunk_size:(end - 1) // chunk_size + 1] = False
+    return holes
+
+
 def _store_chunks(
     store: DurableStore,
     codec: ChunkCodec,
@@ -374,10 +415,13 @@ def _store_chunks(
     uploads: int,
     progress: Progress,
     warm_l2=None,
+    holes: Optional[np.ndarray] = None,
 ) -> tuple[list[ChunkEntry], int]:
     """Encode the size bytes read(offset, view) gives, chunk by chunk, on
     `workers` threads and upload each new object once; returns the chunk
-    entries and the bytes uploaded."""
+    entries and the bytes uploaded. A chunk holes marks is all zero: it is
+    given the entry an all-zero chunk of its length encodes to (one encode
+    per length), without a read."""
     C = codec.chunk_size
     n = -(-size // C)
     local = threading.local()
@@ -401,6 +445,16 @@ def _store_chunks(
             warm_l2.put(chunk_id, data, zones="all")
 
     entries: list[Optional[ChunkEntry]] = [None] * n
+    zero_entries: dict[int, ChunkEntry] = {}
+
+    def zero_entry(length: int) -> ChunkEntry:
+        if length not in zero_entries:
+            e = codec.encode(bytes(length))
+            if e.id is not None:  # the format stores no object for an all-zero chunk
+                raise InternalError(f"an all-zero {length}-byte chunk encoded to object {e.id}")
+            zero_entries[length] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
+        return zero_entries[length]
+
     seen: set[str] = set()
     window = 4 * workers
     with ThreadPoolExecutor(workers, "restore-encode") as enc_pool, ThreadPoolExecutor(
@@ -422,6 +476,10 @@ def _store_chunks(
 
         try:
             for i in range(n):
+                if holes is not None and holes[i]:
+                    entries[i] = zero_entry(min(C, size - i * C))
+                    progress(min(C, size - i * C))
+                    continue
                 encoding.append((i, enc_pool.submit(encode, i)))
                 if len(encoding) >= window:
                     finish_one()
