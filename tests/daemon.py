@@ -78,20 +78,20 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Until cond() is true; fails with `what` after timeout seconds (a
-    bound on a hang, never a measure of speed)."""
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0, every: float = 0.02) -> None:
+    """Until cond() is true, looked at every `every` seconds (for state the
+    code reports but signals nobody of: a counter, a file, a process's
+    state); fails with `what` after timeout seconds (a bound on a hang,
+    never a measure of speed)."""
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, what
-        time.sleep(0.02)
+        time.sleep(every)
 
 
 def wait_for_socket(proc: subprocess.Popen, sock: Path, timeout: float = 30.0) -> None:
     """Until the server proc has made its socket sock; fails with the
     process's output if it exits first, or after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not sock.exists():
+    wait_for(lambda: sock.exists() or proc.poll() is not None, f"no socket {sock} after {timeout} s", timeout)
+    if not sock.exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"no socket {sock} after {timeout} s"
-        time.sleep(0.02)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 
 import numpy as np
 import pytest
+
+from daemon import wait_for
 
 from restore.errors import InputError
 from restore.guest import Guest, GuestError, reads, wait
@@ -65,10 +66,7 @@ def test_wait_step_holds_the_guest_until_the_handler_says_go(tmp_path, image):
         hs = accept_handshake(conn, memory_size=SIZE, snapshot_page_size=4096, chunk_size=512 * 1024)
         bare.serve(hs.uffd, [(r.base, r.size, r.offset) for r in hs.regions], 4096)
         # Held: blocked receiving the go-ahead, with no page touched.
-        deadline = time.monotonic() + 30
-        while _syscall(g.pid) != SYS_RECVFROM:
-            assert time.monotonic() < deadline, f"the guest never blocked on the go-ahead: {_syscall(g.pid)}"
-            time.sleep(0.005)
+        wait_for(lambda: _syscall(g.pid) == SYS_RECVFROM, "the guest never blocked on the go-ahead")
         assert bare.faults == 0 and g.steps_done() == 0
         conn.sendall(b"g")
         res = g.wait(60)

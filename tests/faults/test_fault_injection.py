@@ -29,6 +29,7 @@ import time
 import numpy as np
 import pytest
 from conftest import TALLY, every_chunk_trace
+from daemon import wait_for
 from proxy import FaultProxy
 
 from restore.handler import Server
@@ -143,15 +144,6 @@ def _restore(snap, tmp_path, trace, image, during=None, armed=None, **server_kw)
         assert summary.stats.poisoned >= 1 and summary.errors, summary
         TALLY["poisoned"] += 1
     return summary, died
-
-
-def _wait_until(cond, what: str) -> None:
-    """Until cond() holds; fails with `what` after HANG seconds (a bound on
-    a hang, not a measure)."""
-    deadline = time.monotonic() + HANG
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 class _Aim:
@@ -328,7 +320,7 @@ def test_memcached_node_killed_or_stopped_mid_restore(tmp_path, snap, memcached_
             proxy.wait_for(lambda p: p.cut >= 1, "the request in flight was not cut")
         else:
             proxy.wait_for(lambda p: p.gave_up >= 1, "no client gave up on the stopped node")
-        _wait_until(lambda: cluster.counters.errors > base, "the session never counted an L2 error")
+        wait_for(lambda: cluster.counters.errors > base, "the session never counted an L2 error", HANG)
         if how == "kill":
             node.restart()
         else:
@@ -431,12 +423,12 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, s3_server, s
             try:
                 with Guest(server.socket_path, memory_size=SIZE) as g:
                     g.start(reads(trace[:5]))
-                    _wait_until(lambda: server.parked()["on_network"] >= 1 and s3_proxy.landed["stall"] >= 1,
-                                f"no fault waited on a stalled GET: {server.parked()}, {s3_proxy.landed}, "
-                                f"{server.counters()}")
+                    wait_for(lambda: server.parked()["on_network"] >= 1 and s3_proxy.landed["stall"] >= 1,
+                             f"no fault waited on a stalled GET: {server.parked()}, {s3_proxy.landed}, "
+                             f"{server.counters()}", HANG)
                     before = server.counters()
                     g.kill()  # the session ends while its one fetcher is stuck in a GET
-                _wait_until(closing, "the session's close never began")
+                wait_for(closing, "the session's close never began", HANG)
                 answered = 0
                 while answered < 5:
                     now = server.counters()
@@ -446,7 +438,7 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, s3_server, s
                     answered += 1
             finally:
                 s3_proxy.clear()
-            _wait_until(lambda: not server.active(), "the session did not end once S3 answered")
+            wait_for(lambda: not server.active(), "the session did not end once S3 answered", HANG)
     assert server.counters()["sessions_ended"] == 1
     TALLY["landed"]["s3 stall while a session closes"] += 1
 

@@ -12,13 +12,12 @@ import gc
 import os
 import signal
 import threading
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 from conftest import TALLY, every_chunk_trace
-from daemon import Daemon, children
+from daemon import Daemon, children, wait_for
 import test_firecracker
 from test_firecracker import MEM_MIB, REQUESTS, _check
 
@@ -47,13 +46,6 @@ def image(make_image):
 @pytest.fixture(scope="module")
 def trace(image):
     return every_chunk_trace(image, seed=4)
-
-
-def _until(cond, what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def _threads() -> set[str]:
@@ -94,7 +86,7 @@ def _paused_guest(server, image, trace, at: int) -> Guest:
     (the event: its own progress, steps_done)."""
     g = Guest(server.socket_path, memory_size=SIZE)
     g.start(np.concatenate([reads(trace[:at]), wait(), reads(trace[at:])]))
-    _until(lambda: g.steps_done() == at, f"the guest never read its first {at} pages")
+    wait_for(lambda: g.steps_done() == at, f"the guest never read its first {at} pages", HANG)
     assert server.active() == 1
     got = g.done_so_far().sums
     wrong = int((got != expected_sums(image, trace[:at])).sum())
@@ -126,7 +118,7 @@ def test_guest_killed_mid_restore_leaves_nothing_behind(server, image, trace, at
     freed by close and nothing keeps the session), then serves the next."""
     _served(server, image, trace[:64])  # first: what the process keeps for good (pools, runtimes) exists
     assert server.ended.acquire(timeout=HANG)
-    _until(lambda: not server.active(), "the first session is still counted active")
+    wait_for(lambda: not server.active(), "the first session is still counted active", HANG)
     threads, fds, alive = _threads(), _fds(), _sessions_alive()
     g = _paused_guest(server, image, trace, at)
     try:
@@ -137,8 +129,8 @@ def test_guest_killed_mid_restore_leaves_nothing_behind(server, image, trace, at
     assert server.ended.acquire(timeout=HANG), "the session of the killed guest did not end"
     summary = server.summaries[-1]
     assert summary.stats.ended_by == "vmm exited" and summary.stats.pages_installed >= at, summary.stats
-    _until(lambda: _threads() <= threads, f"threads left behind: {sorted(_threads() - threads)}")
-    _until(lambda: _fds() <= fds, f"fds left behind: {sorted(_fds() - fds)}")
+    wait_for(lambda: _threads() <= threads, f"threads left behind: {sorted(_threads() - threads)}", HANG)
+    wait_for(lambda: _fds() <= fds, f"fds left behind: {sorted(_fds() - fds)}", HANG)
     assert _sessions_alive() == alive
     _served(server, image, trace)  # the server goes on
     TALLY["vmm"]["guest killed mid-restore"] += 1
