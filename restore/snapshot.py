@@ -16,6 +16,7 @@ import hmac
 import json
 import mmap
 import os
+import queue
 import socket
 import stat
 import threading
@@ -417,82 +418,115 @@ def _store_chunks(
     warm_l2=None,
     holes: Optional[np.ndarray] = None,
 ) -> tuple[list[ChunkEntry], int]:
-    """Encode the size bytes read(offset, view) gives, chunk by chunk, on
-    `workers` threads and upload each new object once; returns the chunk
-    entries and the bytes uploaded. A chunk holes marks is all zero: it is
-    given the entry an all-zero chunk of its length encodes to (one encode
-    per length), without a read."""
+    """Encode the size bytes read(offset, view) gives, chunk by chunk, and
+    store each new object once; returns the chunk entries and the bytes
+    uploaded.
+
+    Each of `workers` threads takes the next chunk, reads it, encodes it and
+    passes the object on with no thread in between: into a local store
+    (file://, memory://: a put is a copy) it puts the object itself; for a
+    network store, or an L2 to warm, `uploads` threads send it, and an
+    encoder waits while 2 x uploads objects are queued or in flight. So
+    memory stays at (workers + 2 x uploads) chunks whatever the size.
+    progress runs on the calling thread. A chunk holes marks is all zero: it
+    gets the entry an all-zero chunk of its length encodes to (one encode
+    per length), unread. The first failure stops every thread and is
+    raised; what was stored stays (objects are content-addressed)."""
     C = codec.chunk_size
     n = -(-size // C)
-    local = threading.local()
-    uploaded = 0
-    uploaded_lock = threading.Lock()
-
-    def encode(i: int):
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(C)
-        view = memoryview(buf)[: min(C, size - i * C)]
-        read(i * C, view)
-        return codec.encode(view)
-
-    def upload(chunk_id: str, data: bytes) -> None:
-        nonlocal uploaded
-        if store.put_new(chunk_key(chunk_id), data):
-            with uploaded_lock:
-                uploaded += len(data)
-        if warm_l2 is not None:
-            warm_l2.put(chunk_id, data, zones="all")
-
     entries: list[Optional[ChunkEntry]] = [None] * n
     zero_entries: dict[int, ChunkEntry] = {}
-
-    def zero_entry(length: int) -> ChunkEntry:
+    todo: deque[int] = deque()
+    hole_bytes = 0
+    for i in range(n):
+        length = min(C, size - i * C)
+        if holes is None or not holes[i]:
+            todo.append(i)
+            continue
         if length not in zero_entries:
             e = codec.encode(bytes(length))
             if e.id is not None:  # the format stores no object for an all-zero chunk
                 raise InternalError(f"an all-zero {length}-byte chunk encoded to object {e.id}")
             zero_entries[length] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
-        return zero_entries[length]
+        entries[i] = zero_entries[length]
+        hole_bytes += length
+    if hole_bytes:
+        progress(hole_bytes)
 
+    lock = threading.Lock()
     seen: set[str] = set()
-    window = 4 * workers
-    with ThreadPoolExecutor(workers, "restore-encode") as enc_pool, ThreadPoolExecutor(
-        uploads, "restore-upload"
-    ) as up_pool:
-        encoding: deque[tuple[int, Future]] = deque()
-        sending: deque[Future] = deque()
+    uploaded = 0
+    submitted = 0  # objects handed to the senders (encoders count them)
+    news: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()  # to the calling thread
+    stop = threading.Event()
+    room = threading.Semaphore(2 * uploads)
+    sender = ThreadPoolExecutor(uploads, "restore-upload") if store.remote or warm_l2 is not None else None
 
-        def finish_one() -> None:
-            i, fut = encoding.popleft()
-            e = fut.result()
-            entries[i] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
-            if e.id is not None and e.id not in seen:
-                seen.add(e.id)
-                sending.append(up_pool.submit(upload, e.id, e.data))
-                while len(sending) > uploads * 2:
-                    sending.popleft().result()
-            progress(min(C, size - i * C))
+    def put(chunk_id: str, data: bytes) -> None:
+        nonlocal uploaded
+        if store.put_new(chunk_key(chunk_id), data):
+            with lock:
+                uploaded += len(data)
+        if warm_l2 is not None:
+            warm_l2.put(chunk_id, data, zones="all")
 
+    def on_sent(fut: Future) -> None:
+        room.release()
+        news.put(("sent", None if fut.cancelled() else fut.exception()))
+
+    def encode_some() -> None:
+        nonlocal submitted
+        buf = bytearray(C)
+        while not stop.is_set():
+            with lock:
+                if not todo:
+                    return
+                i = todo.popleft()
+            try:
+                view = memoryview(buf)[: min(C, size - i * C)]
+                read(i * C, view)
+                e = codec.encode(view)
+                entries[i] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
+                with lock:
+                    new = e.id is not None and e.id not in seen
+                    if new:
+                        seen.add(e.id)
+                if new and sender is None:
+                    put(e.id, e.data)
+                elif new:
+                    room.acquire()
+                    with lock:
+                        submitted += 1
+                    sender.submit(put, e.id, e.data).add_done_callback(on_sent)
+                news.put(("encoded", len(view)))
+            except BaseException as exc:
+                stop.set()  # the other encoders take no more chunks
+                news.put(("failed", exc))
+                return
+
+    total, encoded, sent = len(todo), 0, 0  # the calling thread's counts
+    with ThreadPoolExecutor(workers, "restore-encode") as encoders:
         try:
-            for i in range(n):
-                if holes is not None and holes[i]:
-                    entries[i] = zero_entry(min(C, size - i * C))
-                    progress(min(C, size - i * C))
-                    continue
-                encoding.append((i, enc_pool.submit(encode, i)))
-                if len(encoding) >= window:
-                    finish_one()
-            while encoding:
-                finish_one()
-            while sending:
-                sending.popleft().result()
-        except BaseException:
-            for _, f in encoding:
-                f.cancel()
-            for f in sending:
-                f.cancel()
-            raise
+            for _ in range(min(workers, total)):
+                encoders.submit(encode_some)
+            while True:
+                with lock:
+                    if encoded == total and sent == submitted:
+                        break
+                kind, what = news.get()
+                if kind == "encoded":
+                    encoded += 1
+                    progress(what)  # type: ignore[arg-type]
+                elif kind == "sent":
+                    sent += 1
+                    if what is not None:
+                        raise what  # type: ignore[misc]
+                else:
+                    raise what  # type: ignore[misc]
+        finally:
+            stop.set()
+            if sender is not None:
+                sender.shutdown(wait=True, cancel_futures=True)
     return entries, uploaded  # type: ignore[return-value]
 
 

@@ -175,6 +175,12 @@ class DurableStore:
         except (BaseError, OSError) as exc:
             raise self._fail("put", key, exc) from exc
 
+    @property
+    def remote(self) -> bool:
+        """True for a store across the network (each request a round trip);
+        False for file:// and memory://, where a put is a copy."""
+        return self._remote
+
     def put_new(self, key: str, data: bytes) -> bool:
         """Store an immutable object unless it already exists; True when this
         call wrote it. Existing objects are never rewritten."""
