@@ -5,19 +5,23 @@ leaves the source version alone, and is idempotent in content."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
 
-from restore.errors import InputError
+from restore.errors import ChunkMissing, InputError
 from restore.handler import Server
 from restore.settings import ServerSettings
-from restore.layout import optimize_snapshot
-from restore.manifest import ZERO_PAGE
-from restore.objects import plan_pointer_key
-from restore.snapshot import Snapshot, create_snapshot, load_manifest
+from restore import layout
+from restore.layout import NO_PAGE, optimize_snapshot, packed_order
+from restore.manifest import PAGE_MAP_DTYPE, ZERO_PAGE
+from restore.objects import chunk_key, plan_pointer_key
+from restore.snapshot import Snapshot, create_snapshot, list_snapshots, load_manifest
 from restore.guest import Guest, reads
 from restore.testing import expected_sums
 from restore.tiers.durable import DurableStore
@@ -172,3 +176,124 @@ def test_cli_optimize(tmp_path, image, run_cli):
         assert r.returncode == 1 and r.stderr.startswith(message), r.stderr
     r = run_cli("snapshot", "optimize", "nope", "--store", store)
     assert r.returncode == 1 and "no snapshot named 'nope'" in r.stderr
+
+
+# ---------------------------------------------------------------- bounded memory
+
+W = 3  # workers: the cold pass may hold CACHE_PER_WORKER * W decoded source chunks
+
+
+def _reference(src, plan):
+    """What optimize wrote when it held the whole memory: the source read in
+    full, its pages put in packed order, each chunk encoded with the
+    source's codec. Returns the chunk entries (id, stored length, flags,
+    zero bitmap), the page map, the stored bytes' length and the memory."""
+    m = src.manifest
+    slots = CHUNK // P
+    memory = bytearray(m.memory_size)
+    src.read_into(memory)
+    pages = np.frombuffer(memory, dtype=np.uint8).reshape(-1, P)
+    order, _ = packed_order(src.page_map(), (plan // P).astype(np.int64), slots)
+    live = np.flatnonzero(order != NO_PAGE)
+    stored = np.zeros((len(order), P), dtype=np.uint8)
+    stored[live] = pages[order[live]]
+    raw = stored.reshape(-1)
+    entries = []
+    for i in range(0, len(raw), CHUNK):
+        e = src.codec.encode(raw[i : i + CHUNK])
+        entries.append((e.id, len(e.data), e.flags, e.zero_bitmap))
+    page_map = np.zeros(m.pages, dtype=PAGE_MAP_DTYPE)
+    page_map["chunk"] = ZERO_PAGE
+    page_map["chunk"][order[live]] = live // slots
+    page_map["slot"][order[live]] = live % slots
+    return entries, page_map, len(raw), bytes(memory)
+
+
+def _record_decodes(monkeypatch):
+    """Every Snapshot.read_chunk from now on, as (version, chunk, pass,
+    buffer): the pass is the thread's pool, restore-optimize (the first
+    pass) or restore-encode (the cold pass, in the encoders); the buffers
+    are kept, so distinct ones are the decoded chunks held at once."""
+    calls = []
+    read_chunk = Snapshot.read_chunk
+
+    def recorded(self, index, out=None, use_l1=True):
+        calls.append((self.manifest.version, index, threading.current_thread().name.split("_")[0], out))
+        return read_chunk(self, index, out, use_l1)
+
+    monkeypatch.setattr(Snapshot, "read_chunk", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("source", ["identity", "optimized", "optimized, cache only"])
+def test_bounded_optimize_writes_what_the_whole_memory_gave(snap, image, monkeypatch, source):
+    """The version optimize writes from a bounded number of decoded chunks
+    is the one it wrote from the whole memory: the same chunks (ids,
+    lengths, flags, zero bitmaps), page map and bytes, from an identity
+    source and from an optimized one (page-mapped: its old hot chunks feed
+    cold pages all over, gathered up front or, with GATHER_LIMIT 0, through
+    the cache). Each source chunk is decoded once per pass from an identity
+    source, and the cold pass never holds more than its cache's chunks."""
+    store, key = snap.store, snap.test_key
+    pages = np.fromfile(image, dtype=np.uint8).reshape(-1, P)
+    zero = np.flatnonzero(~pages.any(axis=1))
+    runs = _plan(image, seed=3)  # another working set than the stored plan's
+    plan = np.concatenate([runs, zero[::40] * P, runs[:7]]).astype(np.uint64)  # zero pages, repeats
+    with contextlib.ExitStack() as opened:
+        src = snap
+        if source != "identity":
+            optimize_snapshot(snap, version="A")  # with the stored plan
+            src = opened.enter_context(Snapshot.open(store, "fn", "A", key=key))
+            assert src.manifest.page_map is not None
+        if source.endswith("cache only"):
+            monkeypatch.setattr(layout, "GATHER_LIMIT", 0)
+        entries, page_map, packed, memory = _reference(src, plan)
+        assert packed % CHUNK and len(zero) > 40 and memory == image.read_bytes()
+        calls = _record_decodes(monkeypatch)
+        done = []
+        opt = optimize_snapshot(src, plan, "B", workers=W, progress=done.append)
+        calls = list(calls)  # optimize's; not the reads below
+        assert opt.source_chunks > 3 * opt.hot_chunks  # the plan's pages lie all over the source
+        assert [(c.id, c.stored_len, c.flags, c.zero) for c in opt.manifest.chunks] == entries
+        assert sum(done) == SIZE and min(done) >= 0
+        with Snapshot.open(store, "fn", "B", key=key) as new:
+            assert (new.page_map() == page_map).all()
+            out = bytearray(SIZE)
+            new.read_into(out)
+            assert out == memory
+
+    version = src.manifest.version
+    assert {(v, who) for v, _, who, _ in calls} <= {(version, "restore-optimize"), (version, "restore-encode")}
+    first = Counter(c for _, c, who, _ in calls if who == "restore-optimize")
+    cold = Counter(c for _, c, who, _ in calls if who == "restore-encode")
+    held = {id(buf) for _, _, who, buf in calls if who == "restore-encode"}
+    assert max(first.values()) == 1
+    assert 0 < len(held) <= layout.CACHE_PER_WORKER * W
+    if source == "identity":
+        chunk = src.page_map()["chunk"]
+        hot = np.zeros(len(chunk), dtype=bool)
+        hot[(plan // P).astype(np.int64)] = True
+        assert set(first) == set(chunk[hot & (chunk != ZERO_PAGE)].tolist())
+        assert max(cold.values()) == 1
+        assert set(cold) == set(chunk[~hot & (chunk != ZERO_PAGE)].tolist())
+    elif source == "optimized":
+        # A chunk the cold chunks need more than twice was gathered up front,
+        # so the cache is asked for the others at most twice each.
+        assert max((first + cold).values()) <= 3
+
+
+@pytest.mark.parametrize("holds", ["plan pages", "cold pages only"])
+def test_a_missing_source_chunk_fails_optimize_and_leaves_no_version(snap, image, holds):
+    """A source chunk that cannot be read fails optimize with ChunkMissing,
+    whether the first pass or the encoders (through the cache, where other
+    threads may wait for it) ask for it; no version is left behind."""
+    plan = load_plan(snap.store, snap.manifest)
+    chunk = snap.page_map()["chunk"]
+    planned = set(chunk[(plan // P).astype(np.int64)].tolist())
+    ids = [c.id for c in snap.manifest.chunks]
+    bad = next(i for i, c in enumerate(ids) if c and (i in planned) == (holds == "plan pages")
+               and ids.count(c) == 1 and (chunk == i).any())
+    snap.store.delete(chunk_key(ids[bad]))
+    with pytest.raises(ChunkMissing, match=f"snapshot fn/1 chunk {bad} at offset"):
+        optimize_snapshot(snap, workers=W)
+    assert [r.version for r in list_snapshots(snap.store, "fn")] == ["1"]
