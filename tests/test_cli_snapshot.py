@@ -4,7 +4,11 @@ exit codes, and one-line errors for bad arguments."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -51,6 +55,30 @@ def test_create_ls_inspect_verify_export(tmp_path, run_cli, image):
         run_cli("snapshot", "export", "fn", f"{cache}.img", "--store", store, flag, str(tmp_path / cache), check=True)
         assert (tmp_path / f"{cache}.img").read_bytes() == image.read_bytes()
         assert len(list((tmp_path / cache).glob("*/*"))) == 4  # the four chunks, cached
+
+
+def test_create_draws_its_progress_on_a_terminal_only(tmp_path, run_cli, image):
+    store = f"file://{tmp_path / 'store'}"
+    scripted = run_cli("snapshot", "create", str(image), "--name", "a", "--store", store, check=True)
+    assert scripted.stderr == ""  # stderr is a pipe: no bar
+    # stderr on a terminal: the bar is drawn and ends at the file's size.
+    terminal, child_end = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "restore", "snapshot", "create", str(image), "--name", "b",
+                             "--store", store], stdout=subprocess.PIPE, stderr=child_end, cwd=tmp_path,
+                            env={**os.environ, "COLUMNS": "120"})
+    os.close(child_end)
+    drawn = b""
+    while True:
+        try:
+            data = os.read(terminal, 65536)
+        except OSError:  # EIO: the command has closed the terminal
+            break
+        if not data:
+            break
+        drawn += data
+    os.close(terminal)
+    assert proc.wait(60) == 0, drawn
+    assert re.search(r"snapshot .*2\.0/2\.0 MiB", drawn.decode(errors="replace")), drawn
 
 
 def test_store_from_environment_and_plain_path(tmp_path, run_cli, image):

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from ..config import parse_listen, parse_mode
 from ..tiers.durable import DurableStore, S3Options, default_store_url
@@ -141,7 +139,15 @@ def plot_options(f):
 
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator:
-    """A progress bar on a terminal (stderr); nothing when not a terminal."""
+    """A progress bar on a terminal (stderr); nothing when not a terminal,
+    and then the bar's library is not even loaded (a command run by a
+    script starts sooner)."""
+    if not sys.stderr.isatty() and "FORCE_TERMINAL" not in os.environ:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
     console = Console(stderr=True)
     if not console.is_terminal:
         yield lambda n: None
@@ -196,6 +202,10 @@ def l2_option(f):
 
 
 def open_l2(specs):
+    """The L2 cluster --l2 names, or None (and the memcached client is not
+    loaded) when it names none."""
+    if not specs:
+        return None
     from ..tiers.l2 import L2Cluster
 
     return L2Cluster.from_specs(list(specs))
