@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import median
 from typing import Optional
 
-from bench.microtables import table as _table
+from bench.microtables import fmt, table as _table
 from bench.results import STRATEGIES, checked, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,6 +383,46 @@ def fetch_inflight_section(doc: dict) -> str:
                   body)
 
 
+def create_speed_section(doc: dict) -> str:
+    """bench.create_speed: each image and way of creating it, medians of the
+    rounds with their ranges, against the design's target for the image or
+    for optimize (met or not by the median)."""
+    raw, sizes, targets = doc["raw"], doc["image_bytes"], doc["targets"]
+
+    def cell(xs: list[float], fmt) -> str:
+        return f"{fmt(median(xs))} ({fmt(min(xs))}–{fmt(max(xs))})"
+
+    body = []
+    for key, rounds in raw.items():
+        image, way = key.split("/", 1)
+        s = [r["s"] for r in rounds]
+        rss = [r["max_rss"] for r in rounds if "max_rss" in r]
+        rate = [sizes[image] / x / 1e9 for x in s] if image in sizes else []
+        if way == "encode":
+            goal = {}  # the codec's ceiling, not a way of creating
+        elif way == "cli/optimize":
+            goal = dict(targets.get("optimize", {}))
+        else:
+            goal = dict(targets.get(image) or targets.get(image.split("-")[0], {}))
+        if not rss:
+            goal.pop("rss", None)
+        wanted, met = [], True
+        for what, limit in goal.items():
+            if what == "s":
+                wanted.append(f"≤ {limit:g} s")
+                met &= median(s) <= limit
+            elif what == "gb_s":
+                wanted.append(f"≥ {limit:g} GB/s")
+                met &= median(rate) >= limit
+            else:
+                wanted.append(f"RSS ≤ {limit >> 20} MiB")
+                met &= median(rss) <= limit
+        body.append([image, way, cell([x * 1e3 for x in s], ms) + " ms", cell(rate, fmt) if rate else "–",
+                     f"{median(rss) / 2**20:.0f} MiB" if rss else "–",
+                     f"{', '.join(wanted)}: {'met' if met else 'not met'}" if wanted else "–"])
+    return _table(["image", "way", "time", "GB/s of memory file", "peak RSS", "target (by the median)"], body)
+
+
 def micro_sections(doc: dict) -> dict:
     from bench.microtables import tables
 
@@ -391,8 +431,8 @@ def micro_sections(doc: dict) -> dict:
 
 def sections_of(doc: dict) -> dict:
     """The sections a document can give: a comparison run's, a pytest-
-    benchmark run's (micro-*), bench.fault_poll's, bench.setup_flat's or
-    bench.fetch_inflight's."""
+    benchmark run's (micro-*), bench.fault_poll's, bench.setup_flat's,
+    bench.fetch_inflight's or bench.create_speed's."""
     if "benchmarks" in doc:
         return micro_sections(doc)
     kind = doc.get("kind")
@@ -402,6 +442,8 @@ def sections_of(doc: dict) -> dict:
         return {"setup-flat": setup_flat_section}
     if kind == "fetch_inflight":
         return {"fetch-inflight": fetch_inflight_section}
+    if kind == "create_speed":
+        return {"create-speed": create_speed_section}
     return SECTIONS
 
 

@@ -1,0 +1,301 @@
+"""Snapshot creation speed: the figures a new user meets, side by side.
+
+    python -m bench.create_speed [--rounds 5] [--dense16 PATH] [--json FILE]
+
+Images (written once, untimed, into a temporary directory on the disk that
+holds the stores):
+  sparse-16g    a 16 GiB memory file whose first 64 MiB hold sample data,
+                the rest a hole (a guest with most of its memory free)
+  half-zero-1g  1 GiB sample image: half zero pages, 20 % random, the rest
+                text-like (`restore sample-image --size 1G --seed 1`)
+  mixed-256m    256 MiB sample image, a quarter random pages, half zero
+                (`restore sample-image --random 0.25 --seed 2`)
+  dense-16g     with --dense16 PATH: that file, taken as it is, created
+                and optimized once each after the rounds (for peak RSS)
+
+Ways of creating, each image's interleaved round by round:
+  cli/file      `restore snapshot create` into a file:// store, as a user
+                runs it: wall time including Python's start-up and imports;
+                the command's peak RSS (its VmHWM)
+  lib/file      create_snapshot() in this process into a file:// store
+  lib/memory    create_snapshot() in this process into a memory:// store
+  encode        the C encoder alone over the image held in memory, one
+                thread per core (the codec's own ceiling; no read, no store)
+  cli/optimize  `restore snapshot optimize --plan` of a snapshot of the
+                image (made once, untimed) with a plan of 20 000 of its
+                non-zero pages chosen at random, into a copy of its store
+                (objects hard-linked): wall time and peak RSS
+  `restore --version`  start-up and imports alone
+
+Cache state, the same for every way: each memory file is read once before
+the rounds, so it is in the page cache (holes need none). Every round
+writes a new store; before it, the previous round's store of that way is
+removed and dirty pages are synced (untimed), so writeback of earlier
+rounds does not compete. After the rounds the last snapshot of each way is
+read back and compared with its image.
+
+Prints medians with their ranges and keeps every round as JSON (default
+bench/results/<UTC time>-create-speed.json; `python -m bench.report
+--docs docs/benchmarks.md` makes the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+from bench import results
+from restore.codec import ChunkCodec
+from restore.sample import write_sample_image
+from restore.snapshot import DEFAULT_CHUNK_SIZE, Snapshot, create_snapshot, data_extents
+from restore.tiers.durable import DurableStore
+
+SPARSE_SIZE, SPARSE_DATA = 16 << 30, 64 << 20
+PAGE = 4096
+PLAN_PAGES = 20_000  # the working set cli/optimize lays out first
+WAYS = ("cli/file", "lib/file", "lib/memory", "encode")
+# The design's targets, kept in the document: per image, what every way of
+# creating it (not the encoder alone) must reach, and what optimize must of
+# any image. s: at most this many seconds; gb_s: at least this many GB/s
+# (10^9 bytes of memory file per second); rss: the command's peak RSS at
+# most this many bytes.
+TARGETS = {
+    "sparse-16g": {"s": 1.0, "rss": 512 << 20},
+    "half-zero-1g": {"gb_s": 1.5},
+    "mixed-256m": {"gb_s": 1.0},
+    "dense": {"rss": 512 << 20},
+    "optimize": {"rss": 512 << 20},
+}
+
+
+def _write_images(work: Path) -> dict[str, Path]:
+    images = {"sparse-16g": work / "sparse-16g.img", "half-zero-1g": work / "half-zero-1g.img",
+              "mixed-256m": work / "mixed-256m.img"}
+    write_sample_image(images["sparse-16g"], SPARSE_DATA, seed=3)
+    os.truncate(images["sparse-16g"], SPARSE_SIZE)
+    write_sample_image(images["half-zero-1g"], 1 << 30, seed=1, zero=0.5, random=0.2)
+    write_sample_image(images["mixed-256m"], 256 << 20, seed=2, zero=0.5, random=0.25)
+    return images
+
+
+def _warm(path: Path) -> None:
+    """Read a file's data extents once so its pages are in the page cache."""
+    with open(path, "rb") as f:
+        for start, end in data_extents(f.fileno(), os.fstat(f.fileno()).st_size):
+            f.seek(start)
+            left = end - start
+            while left:
+                left -= len(f.read(min(left, 64 << 20)))
+
+
+# The command as `python -m restore` runs it, then its own peak RSS (VmHWM:
+# this process's memory alone; wait4's ru_maxrss would count the bench's,
+# which the child inherits at fork) written to the file argv[1] names.
+_RUN_AND_REPORT_HWM = """
+import sys
+from restore.cli import main
+try:
+    main(sys.argv[2:])
+finally:
+    with open("/proc/self/status") as f:
+        hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(sys.argv[1], "w") as f:
+        f.write(hwm)
+"""
+
+
+def _cli(args: list[str], work: Path) -> tuple[float, int]:
+    """Run the `restore` command with ARGS: (wall seconds, peak RSS bytes)."""
+    hwm = work / "hwm"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT_HWM, str(hwm), *args], stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"restore {' '.join(args)} exited {proc.returncode}")
+    return wall, int(hwm.read_text()) * 1024
+
+
+def _encode_all(codec: ChunkCodec, data: bytes) -> list:
+    view = memoryview(data)
+    C = codec.chunk_size
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda i: codec.encode(view[i:i + C]), range(0, len(data), C)))
+
+
+class Way:
+    """One way of creating snapshots of one image, its rounds and stores."""
+
+    def __init__(self, work: Path, image: Path, way: str):
+        self.work, self.image, self.way = work, image, way
+        self.n = 0
+        self.store: str | None = None  # the last round's
+        self.kept: DurableStore | None = None  # the last round's store object (memory:// lives in it)
+        self.data: bytes | None = None  # the image, for the encoder
+        self.encoded: list = []
+
+    def _fresh_store(self) -> str:
+        if self.store and self.store.startswith("file://"):
+            shutil.rmtree(self.store.removeprefix("file://"))
+        os.sync()
+        self.n += 1
+        if self.way.endswith("/memory"):
+            return "memory://"
+        return f"file://{self.work}/{self.image.stem}-{self.way.replace('/', '-')}-{self.n}"
+
+    def _source(self) -> str:
+        """For cli/optimize: a file:// store holding the image as snapshot
+        bench:1 (created once, untimed) and PLAN_PAGES of its non-zero
+        pages as a plan file; returns the store's directory."""
+        src = self.work / f"{self.image.stem}-source"
+        if not src.exists():
+            create_snapshot(DurableStore(f"file://{src}"), self.image, "bench")
+            with open(self.image, "rb") as f:
+                extents = data_extents(f.fileno(), self.image.stat().st_size)
+            rng = np.random.default_rng(4)
+            nonzero = []
+            for start, end in extents:  # the non-zero pages, 256 MiB at a time
+                for at in range(start, end, 256 << 20):
+                    n = min(end, at + (256 << 20)) - at
+                    pages = np.fromfile(self.image, dtype=np.uint8, count=n, offset=at).reshape(-1, PAGE)
+                    nonzero.append(np.flatnonzero(pages.any(axis=1)) + at // PAGE)
+            nonzero = np.concatenate(nonzero)
+            plan = rng.choice(nonzero, min(PLAN_PAGES, len(nonzero)), replace=False).astype(np.uint64) * PAGE
+            np.save(self.work / f"{self.image.stem}-plan.npy", plan)
+        return str(src)
+
+    def round(self) -> dict:
+        if self.way == "cli/optimize":
+            src = self._source()
+            url = self._fresh_store()
+            # The source's objects linked in: the store is the source as it
+            # was, and what optimize writes is new in every round.
+            shutil.copytree(src, url.removeprefix("file://"), copy_function=os.link)
+            plan = self.work / f"{self.image.stem}-plan.npy"
+            wall, rss = _cli(["snapshot", "optimize", "bench:1", "--plan", str(plan), "--store", url], self.work)
+            self.store = url
+            return {"s": wall, "max_rss": rss}
+        if self.way == "encode":
+            if self.data is None:
+                self.data = self.image.read_bytes()
+            with ChunkCodec(DEFAULT_CHUNK_SIZE) as codec:
+                t0 = time.perf_counter()
+                self.encoded = _encode_all(codec, self.data)
+                return {"s": time.perf_counter() - t0}
+        url = self._fresh_store()
+        if self.way == "cli/file":
+            wall, rss = _cli(["snapshot", "create", str(self.image), "--name", "bench", "--store", url], self.work)
+            self.store = url
+            return {"s": wall, "max_rss": rss}
+        store = DurableStore(url)
+        t0 = time.perf_counter()
+        create_snapshot(store, self.image, "bench")
+        wall = time.perf_counter() - t0
+        self.store, self.kept = url, store
+        return {"s": wall}
+
+    def check(self) -> None:
+        """The last round's snapshot (or encoding) gives the image back."""
+        size = self.image.stat().st_size
+        if self.way == "encode":
+            with ChunkCodec(DEFAULT_CHUNK_SIZE) as codec:
+                out = bytearray(codec.chunk_size)
+                C = codec.chunk_size
+                for i, e in enumerate(self.encoded):
+                    codec.decode(e.data, e.id, e.flags, e.zero_bitmap, out)
+                    if out[:len(self.data[i * C:(i + 1) * C])] != self.data[i * C:(i + 1) * C]:
+                        raise RuntimeError(f"{self.image.name}: chunk {i} does not decode to its input")
+            return
+        store = self.kept if self.way.endswith("/memory") else DurableStore(self.store)
+        with Snapshot.open(store, "bench", "2" if self.way == "cli/optimize" else "1") as snap:
+            if size > 4 << 30:  # export sparse; the data must be there and the rest holes
+                out = self.work / "check.img"
+                snap.export(out)
+                same = _same_data(out, self.image)
+                out.unlink()
+            else:
+                buf = bytearray(size)
+                snap.read_into(buf)
+                same = buf == self.image.read_bytes()
+        if not same:
+            raise RuntimeError(f"{self.image.name} {self.way}: the snapshot does not read back as the image")
+
+
+def _same_data(a: Path, b: Path) -> bool:
+    """Two files of one size hold the same bytes, compared over b's data
+    extents; a's extents must lie within b's (holes read as zero)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        size = os.fstat(fb.fileno()).st_size
+        ext_b = data_extents(fb.fileno(), size)
+        for start, end in ext_b:
+            fa.seek(start)
+            fb.seek(start)
+            while start < end:
+                n = min(end - start, 64 << 20)
+                if fa.read(n) != fb.read(n):
+                    return False
+                start += n
+        inside = lambda s, e: any(bs <= s and e <= be for bs, be in ext_b)  # noqa: E731
+        return all(inside(s, e) for s, e in data_extents(fa.fileno(), size))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dense16", type=Path, default=None,
+                    help="a dense memory file (e.g. 16 GiB) to create once through the CLI, for its peak RSS")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    started = results.now()
+    raw: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="restore-create-", dir=os.environ.get("TMPDIR")) as tmp:
+        work = Path(tmp)
+        print("writing the images", file=sys.stderr)
+        images = _write_images(work)
+        ways = [Way(work, images["sparse-16g"], w) for w in ("cli/file", "lib/memory")]
+        for name in ("half-zero-1g", "mixed-256m"):
+            ways += [Way(work, images[name], w) for w in WAYS]
+        ways.append(Way(work, images["half-zero-1g"], "cli/optimize"))
+        for path in images.values():
+            _warm(path)
+        for r in range(args.rounds):
+            raw.setdefault("–/restore --version", []).append(dict(zip(("s", "max_rss"), _cli(["--version"], work))))
+            for w in ways:
+                raw.setdefault(f"{w.image.stem}/{w.way}", []).append(w.round())
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        for w in ways:
+            w.check()
+        if args.dense16:
+            _warm(args.dense16)
+            name = f"dense-{args.dense16.stat().st_size >> 30}g"
+            for way in ("cli/file", "cli/optimize"):
+                raw[f"{name}/{way}"] = [Way(work, args.dense16, way).round()]
+            print("dense file created and optimized once", file=sys.stderr)
+    print(f"\nmedian [min-max] of {args.rounds} interleaved rounds")
+    for key, rounds in raw.items():
+        s = [x["s"] for x in rounds]
+        rss = [x["max_rss"] for x in rounds if "max_rss" in x]
+        print(f"{key:<28}{median(s) * 1e3:9.0f} ms [{min(s) * 1e3:.0f}-{max(s) * 1e3:.0f}]"
+              + (f"   peak RSS {median(rss) / 2**20:.0f} MiB" if rss else ""))
+    shown = {**vars(args), "dense16": args.dense16 and str(args.dense16), "json": args.json and str(args.json)}
+    doc = results.bench_document("create_speed", "bench.create_speed", argv, shown, started, raw)
+    doc["image_bytes"] = {"sparse-16g": SPARSE_SIZE, "half-zero-1g": 1 << 30, "mixed-256m": 256 << 20}
+    doc["targets"] = TARGETS
+    if args.dense16:
+        doc["image_bytes"][f"dense-{args.dense16.stat().st_size >> 30}g"] = args.dense16.stat().st_size
+    path = results.write(doc, args.json or results.default_path(kind="create-speed"))
+    print(f"kept as {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
