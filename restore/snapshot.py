@@ -10,6 +10,7 @@ objects it uploaded stay (they are content-addressed and may be shared).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import hmac
@@ -261,7 +262,8 @@ def create_snapshot(
     name: str,
     version: Optional[str] = None,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    base: Optional[str] = None,
+    chunk_size: Optional[int] = None,
     page_size: int = 4096,
     key: Optional[bytes] = None,
     workers: Optional[int] = None,
@@ -271,38 +273,96 @@ def create_snapshot(
 ) -> Manifest:
     """Cut memory_file into chunks, store the new ones, write the manifest.
 
-    version: None picks the next integer version. key: 32 bytes to encrypt
-    with AES-256-GCM. workers: encoding threads (default: one per core).
-    uploads: objects in flight to the store. progress(n) is called as each
-    chunk of n bytes of memory is encoded. warm_l2: an L2Cluster that gets
-    every chunk of the snapshot in every zone (SnapStart's "optimize" step).
-    chunk_size, page_size: bytes. Returns the written manifest.
+    version: None picks the next integer version. base: a version of the
+    same snapshot that memory_file is a diff against, as Firecracker's Diff
+    snapshot writes it: only the pages dirtied since then, the rest holes.
+    Without base a hole reads as zero; with it a hole is the base's memory,
+    so a chunk wholly in holes takes the base's chunk as it is, and a chunk
+    with dirty pages is the base's with them written over (the base must
+    have the identity layout, the same size and, with a key, the same key).
+    key: 32 bytes to encrypt with AES-256-GCM. workers: encoding threads
+    (default: one per core). uploads: objects in flight to the store.
+    progress(n) is called as n more bytes of memory are done. warm_l2: an
+    L2Cluster that gets every new chunk of the snapshot in every zone
+    (SnapStart's "optimize" step). chunk_size (default: 512 KiB, or the
+    base's), page_size: bytes. Returns the written manifest.
 
-    Raises InvalidName, ChunkSizeError or InputError for bad arguments,
-    MemoryFileError when the memory file is missing, unreadable, empty, not
-    a multiple of page_size, or shrinks while it is read, SnapshotExists
-    when the version exists or is claimed, and StoreError when the store
-    fails. On any failure the version's claim is removed; chunk objects
-    already uploaded stay (they are content-addressed and may be shared).
+    Raises InvalidName, ChunkSizeError or InputError for bad arguments or a
+    base that does not fit, SnapshotNotFound for a missing base, MissingKey
+    or WrongKey for its key, MemoryFileError when the memory file is
+    missing, unreadable, empty, not a multiple of page_size, or shrinks
+    while it is read, SnapshotExists when the version exists or is claimed,
+    ChunkError when a base chunk cannot be read, and StoreError when the
+    store fails. On any failure the version's claim is removed; chunk
+    objects already uploaded stay (they are content-addressed and may be
+    shared).
     """
     check_name(name)
     check_page_size(page_size)
-    check_chunk_size(chunk_size, page_size)
     if version is not None:
         check_name(version, "snapshot version")
     if workers is not None and workers < 1:
         raise InputError(f"workers must be at least 1, got {workers}")
     if uploads < 1:
         raise InputError(f"uploads must be at least 1, got {uploads}")
+    if base is None:
+        chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+        check_chunk_size(chunk_size, page_size)
     fd, size = _open_memory_file(memory_file, page_size)
     try:
+        extents = data_extents(fd, size)
+        if base is not None:
+            with Snapshot.open(store, name, base, key) as snap:
+                _check_base(snap, size, chunk_size, page_size, key)
+                read = _diff_reader(fd, memory_file, extents, snap)
+                holes = hole_chunks(extents, size, snap.manifest.chunk_size)
+                known = [e if hole else None for e, hole in zip(snap.manifest.chunks, holes)]
+                return write_version(store, snap.codec, name, version, read, size, size, workers=workers,
+                                     uploads=uploads, progress=progress, warm_l2=warm_l2, known=known)
         with ChunkCodec(chunk_size, page_size, key) as codec:
-            holes = hole_chunks(data_extents(fd, size), size, chunk_size)
+            known = _zero_entries(codec, hole_chunks(extents, size, chunk_size), size)
             return write_version(store, codec, name, version, _file_reader(fd, memory_file), size, size,
                                  workers=workers, uploads=uploads, progress=progress, warm_l2=warm_l2,
-                                 holes=holes)
+                                 known=known)
     finally:
         os.close(fd)
+
+
+def _check_base(snap: "Snapshot", size: int, chunk_size: Optional[int], page_size: int,
+                key: Optional[bytes]) -> None:
+    """A diff of size bytes can be laid over snap: InputError naming what
+    differs otherwise."""
+    m = snap.manifest
+    if m.page_map is not None:
+        raise InputError(f"base {snap.label} is laid out by a page map (snapshot optimize made it): give the "
+                         "version it was made from, which holds the same memory")
+    if size != m.memory_size:
+        raise InputError(f"the memory file is {size} bytes, base {snap.label} holds {m.memory_size}: "
+                         "a diff covers the whole memory")
+    if chunk_size is not None and chunk_size != m.chunk_size:
+        raise InputError(f"chunk size {chunk_size} differs from base {snap.label}'s {m.chunk_size}: "
+                         "leave it out to take the base's")
+    if page_size != m.page_size:
+        raise InputError(f"page size {page_size} differs from base {snap.label}'s {m.page_size}")
+    if key is not None and not m.encrypted:
+        raise InputError(f"base {snap.label} is not encrypted: a version laid over it cannot be")
+
+
+def _zero_entries(codec: ChunkCodec, holes: np.ndarray, size: int) -> list[Optional[ChunkEntry]]:
+    """Per chunk of a size-byte file, the entry of an all-zero chunk of its
+    length where holes marks it (one encode per length), else None."""
+    C = codec.chunk_size
+    by_length: dict[int, ChunkEntry] = {}
+    known: list[Optional[ChunkEntry]] = []
+    for i, hole in enumerate(holes):
+        length = min(C, size - i * C)
+        if hole and length not in by_length:
+            e = codec.encode(bytes(length))
+            if e.id is not None:  # the format stores no object for an all-zero chunk
+                raise InternalError(f"an all-zero {length}-byte chunk encoded to object {e.id}")
+            by_length[length] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
+        known.append(by_length[length] if hole else None)
+    return known
 
 
 def write_version(
@@ -319,7 +379,7 @@ def write_version(
     uploads: int = DEFAULT_UPLOADS,
     progress: Progress = _no_progress,
     warm_l2=None,
-    holes: Optional[np.ndarray] = None,
+    known: Optional[list[Optional[ChunkEntry]]] = None,
 ) -> Manifest:
     """Claim a version, store the chunks of the stored_size bytes that
     read(offset, view) gives, then the page map (None: identity layout;
@@ -327,16 +387,15 @@ def write_version(
     claim is dropped whatever happens: nothing partial is ever ACTIVE.
 
     read fills view (a buffer of at most one chunk) with the bytes at
-    offset; sizes in bytes. holes: a bool per chunk, True for a chunk that
-    is known to be all zero without reading it (a hole of a sparse file,
-    hole_chunks); it is neither read nor encoded, and gets the entry an
-    all-zero chunk encodes to. The codec is borrowed, not closed. Raises
-    SnapshotExists when the version is taken, and whatever read or the
-    store raise."""
+    offset; sizes in bytes. known: per chunk, its entry when it is known
+    without reading it (a hole of a sparse file: the all-zero entry; of a
+    diff: the base's), else None; a known chunk is neither read nor
+    encoded. The codec is borrowed, not closed. Raises SnapshotExists when
+    the version is taken, and whatever read or the store raise."""
     version = _claim_version(store, name, version)
     try:
         chunks, uploaded = _store_chunks(
-            store, codec, read, stored_size, workers or os.cpu_count() or 1, uploads, progress, warm_l2, holes
+            store, codec, read, stored_size, workers or os.cpu_count() or 1, uploads, progress, warm_l2, known
         )
         ref = None
         if page_map is not None:
@@ -370,6 +429,37 @@ def _file_reader(fd: int, shown: str | os.PathLike) -> Callable[[int, memoryview
     def read(offset: int, view: memoryview) -> None:
         if os.preadv(fd, [view], offset) != len(view):
             raise MemoryFileError(f"memory file '{os.fspath(shown)}' shrank while it was being read")
+
+    return read
+
+
+def _diff_reader(fd: int, shown: str | os.PathLike, extents: list[tuple[int, int]],
+                 base: "Snapshot") -> Callable[[int, memoryview], None]:
+    """Fill a buffer with the memory a diff file stands for at an offset:
+    base's bytes (decoded from its chunk, which the buffer's chunk is:
+    identity layout), with the file's data extents written over them. A
+    buffer wholly inside extents does not read the base."""
+    starts = [s for s, _ in extents]
+    C = base.manifest.chunk_size
+    local = threading.local()
+
+    def read(offset: int, view: memoryview) -> None:
+        end = offset + len(view)
+        pieces = []
+        for s, e in extents[max(0, bisect.bisect_right(starts, offset) - 1):]:
+            if s >= end:
+                break
+            if e > offset:
+                pieces.append((max(s, offset), min(e, end)))
+        if sum(e - s for s, e in pieces) < len(view):
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = bytearray(C)
+            base.read_chunk(offset // C, buf)
+            view[:] = memoryview(buf)[: len(view)]
+        for s, e in pieces:
+            if os.preadv(fd, [view[s - offset : e - offset]], s) != e - s:
+                raise MemoryFileError(f"memory file '{os.fspath(shown)}' shrank while it was being read")
 
     return read
 
@@ -416,7 +506,7 @@ def _store_chunks(
     uploads: int,
     progress: Progress,
     warm_l2=None,
-    holes: Optional[np.ndarray] = None,
+    known: Optional[list[Optional[ChunkEntry]]] = None,
 ) -> tuple[list[ChunkEntry], int]:
     """Encode the size bytes read(offset, view) gives, chunk by chunk, and
     store each new object once; returns the chunk entries and the bytes
@@ -428,30 +518,15 @@ def _store_chunks(
     network store, or an L2 to warm, `uploads` threads send it, and an
     encoder waits while 2 x uploads objects are queued or in flight. So
     memory stays at (workers + 2 x uploads) chunks whatever the size.
-    progress runs on the calling thread. A chunk holes marks is all zero: it
-    gets the entry an all-zero chunk of its length encodes to (one encode
-    per length), unread. The first failure stops every thread and is
+    progress runs on the calling thread. A chunk known names (write_version)
+    takes that entry, unread. The first failure stops every thread and is
     raised; what was stored stays (objects are content-addressed)."""
     C = codec.chunk_size
     n = -(-size // C)
-    entries: list[Optional[ChunkEntry]] = [None] * n
-    zero_entries: dict[int, ChunkEntry] = {}
-    todo: deque[int] = deque()
-    hole_bytes = 0
-    for i in range(n):
-        length = min(C, size - i * C)
-        if holes is None or not holes[i]:
-            todo.append(i)
-            continue
-        if length not in zero_entries:
-            e = codec.encode(bytes(length))
-            if e.id is not None:  # the format stores no object for an all-zero chunk
-                raise InternalError(f"an all-zero {length}-byte chunk encoded to object {e.id}")
-            zero_entries[length] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
-        entries[i] = zero_entries[length]
-        hole_bytes += length
-    if hole_bytes:
-        progress(hole_bytes)
+    entries: list[Optional[ChunkEntry]] = list(known) if known is not None else [None] * n
+    todo: deque[int] = deque(i for i in range(n) if entries[i] is None)
+    if len(todo) < n:
+        progress(size - sum(min(C, size - i * C) for i in todo))
 
     lock = threading.Lock()
     seen: set[str] = set()

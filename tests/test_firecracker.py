@@ -26,7 +26,7 @@ from daemon import Daemon
 from restore.handler import Server
 from restore.settings import ServerSettings
 from restore.objects import chunk_key
-from restore.snapshot import Snapshot
+from restore.snapshot import Snapshot, data_extents
 from restore.tiers.durable import DurableStore
 
 pytestmark = pytest.mark.skipif(not kvm_available(), reason="/dev/kvm is not available")
@@ -105,6 +105,47 @@ def test_a_firecracker_snapshot_restored_through_restore_serve_then_replayed(tmp
         assert d.stop() == 0
     finally:
         d.kill()
+
+
+def test_a_diff_snapshot_laid_over_its_base_restores_the_vm(tmp_path, fc):
+    """Firecracker's Diff snapshot holds the pages dirtied since the last
+    snapshot, the rest holes; made into a version over that snapshot's
+    (--base), its memory is the Full snapshot's taken at the same moment,
+    and the VM restored from the Diff's state through `restore serve`
+    answers as the one that made it."""
+    d = tmp_path
+    store = f"file://{d}/store"
+    create = [sys.executable, "-m", "restore", "snapshot", "create", "--name", "fn", "--store", store]
+    with driver.VM(fc["bin"].firecracker, d / "boot") as vm:
+        vm.boot(fc["guest"], MEM_MIB, track_dirty_pages=True)
+        vm.snapshot(d / "1.state", d / "1.mem")  # the base
+        vm.resume()
+        reference = {a.request: a.value for a in vm.ask(REQUESTS)}  # the guest runs on: pages get dirty
+        total = vm.state_sum()
+        vm.snapshot(d / "2.state", d / "2.mem", kind="Diff")
+        vm.snapshot(d / "full.state", d / "full.mem")  # the same moment, whole
+    size = (d / "1.mem").stat().st_size
+    with open(d / "2.mem", "rb") as f:
+        dirty = sum(e - s for s, e in data_extents(f.fileno(), size))
+    assert 0 < dirty < size // 8, f"the Diff memory file holds {dirty} of {size} bytes"
+    assert (d / "1.mem").read_bytes() != (d / "full.mem").read_bytes()  # the diff matters
+    subprocess.run([*create, str(d / "1.mem")], check=True, capture_output=True)
+    subprocess.run([*create, str(d / "2.mem"), "--base", "1"], check=True, capture_output=True)
+    with Snapshot.open(DurableStore(store), "fn", "2") as snap:
+        snap.export(d / "2-whole.mem")
+    assert (d / "2-whole.mem").read_bytes() == (d / "full.mem").read_bytes()
+
+    sock = d / "fn.sock"
+    srv = _serve(d, {"name": "fn", "store": store}, sock)  # fn's newest version: 2
+    try:
+        with driver.VM(fc["bin"].firecracker, d / "vm") as vm:
+            vm.load(d / "2.state", "Uffd", sock)
+            assert srv.event("session_start")["pid"] == vm.pid
+            _check(vm, {"reference": reference, "sum": total})
+        assert srv.event("session_end")["errors"] == 0
+        assert srv.stop() == 0
+    finally:
+        srv.kill()
 
 
 def test_two_vms_on_one_server_at_once(tmp_path, fc, made):

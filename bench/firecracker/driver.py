@@ -243,23 +243,34 @@ class VM:
         return json.loads(data) if data else None
 
     # -- the VM's life -------------------------------------------------------------
-    def boot(self, kernel: str | os.PathLike, mem_mib: int, huge_pages: Optional[str] = None) -> str:
-        """Configure and start the guest; returns its "ready ..." line."""
+    def boot(self, kernel: str | os.PathLike, mem_mib: int, huge_pages: Optional[str] = None,
+             track_dirty_pages: bool = False) -> str:
+        """Configure and start the guest; returns its "ready ..." line.
+        track_dirty_pages: Firecracker keeps the dirty-page log that a Diff
+        snapshot needs."""
         machine: dict[str, Any] = {"vcpu_count": 1, "mem_size_mib": mem_mib}
         if huge_pages:
             machine["huge_pages"] = huge_pages
+        if track_dirty_pages:
+            machine["track_dirty_pages"] = True
         self.api("PUT", "/machine-config", machine)
         self.api("PUT", "/boot-source", {"kernel_image_path": self.place(kernel, "guest.elf")})
         self.api("PUT", "/actions", {"action_type": "InstanceStart"})
         return self.expect("ready")
 
-    def snapshot(self, state: str | os.PathLike, mem: str | os.PathLike) -> None:
-        """Pause and write a Full snapshot: the microVM state and the memory
-        file (paths on the host; under the jailer they must lie in the jail's
-        root)."""
+    def snapshot(self, state: str | os.PathLike, mem: str | os.PathLike, kind: str = "Full") -> None:
+        """Pause and write a snapshot: the microVM state and the memory file
+        (paths on the host; under the jailer they must lie in the jail's
+        root). kind "Full", or "Diff": the memory file holds the pages
+        dirtied since the last snapshot, the rest holes (boot with
+        track_dirty_pages)."""
         self.api("PATCH", "/vm", {"state": "Paused"})
-        self.api("PUT", "/snapshot/create", {"snapshot_type": "Full", "snapshot_path": self._fc_path(state),
+        self.api("PUT", "/snapshot/create", {"snapshot_type": kind, "snapshot_path": self._fc_path(state),
                                               "mem_file_path": self._fc_path(mem)})
+
+    def resume(self) -> None:
+        """Let a paused VM run on."""
+        self.api("PATCH", "/vm", {"state": "Resumed"})
 
     def load(self, state: str | os.PathLike, backend_type: str, backend_path: str | os.PathLike,
              timeout: float = API_TIMEOUT) -> None:

@@ -34,14 +34,22 @@ def snapshot() -> None:
 @click.argument("memfile", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--name", required=True, help="Snapshot name.")
 @click.option("--version", "version", default=None, help="Version (default: next integer).")
-@click.option("--chunk-size", type=SIZE, default="512K", show_default=True, help="Chunk size, a power of two >= 4K.")
+@click.option("--base", "base", default=None, metavar="VERSION",
+              help="MEMFILE is a diff against this version (a Firecracker Diff snapshot: the pages dirtied "
+                   "since, the rest holes); its holes are the base's memory, not zeros.")
+@click.option("--chunk-size", type=SIZE, default=None,
+              help="Chunk size, a power of two >= 4K (default: 512K, or the base's).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Encoding threads (default: one per core).")
-@click.option("--warm-l2", is_flag=True, help="Also push every chunk into the --l2 clusters (all zones).")
+@click.option("--warm-l2", is_flag=True, help="Also push every new chunk into the --l2 clusters (all zones).")
 @l2_option
 @key_options
 @store_options
-def snapshot_create(memfile, name, version, chunk_size, workers, warm_l2, l2_specs, key_file, key_env, store_url, s3_endpoint, s3_region):
-    """Cut MEMFILE into chunks and store them as a new snapshot version."""
+def snapshot_create(memfile, name, version, base, chunk_size, workers, warm_l2, l2_specs, key_file, key_env,
+                    store_url, s3_endpoint, s3_region):
+    """Cut MEMFILE into chunks and store them as a new snapshot version.
+
+    A hole in MEMFILE (a sparse file) is read as zero pages, unread; with
+    --base it is the base version's memory instead."""
     from ..snapshot import create_snapshot, describe, memory_file_size
 
     key = load_key(key_file, key_env)
@@ -52,8 +60,8 @@ def snapshot_create(memfile, name, version, chunk_size, workers, warm_l2, l2_spe
         raise click.UsageError("--warm-l2 needs --l2 ZONE=HOST:PORT")
     with progress_bar("snapshot", size) as advance:
         m = create_snapshot(
-            store, memfile, name, version, chunk_size=chunk_size, key=key, workers=workers, progress=advance,
-            warm_l2=l2 if warm_l2 else None,
+            store, memfile, name, version, base=base, chunk_size=chunk_size, key=key, workers=workers,
+            progress=advance, warm_l2=l2 if warm_l2 else None,
         )
     d = describe(store, m)
     click.echo(
