@@ -15,7 +15,6 @@ import errno
 import hashlib
 import hmac
 import json
-import mmap
 import os
 import queue
 import socket
@@ -857,14 +856,13 @@ class Snapshot:
                 progress(m.chunk_size if m.page_map else min(m.chunk_size, m.memory_size - i * m.chunk_size))
         return bad
 
-    def read_into(self, out, workers: Optional[int] = None, progress: Progress = _no_progress) -> None:
-        """Reconstruct the whole memory file into out, a writable buffer of
-        memory_size bytes that starts zeroed (zero pages are not written)."""
+    def _each_chunk(self, put: Callable[[np.ndarray, np.ndarray], None], workers: Optional[int],
+                    progress: Progress) -> None:
+        """Decode every chunk that holds non-zero pages, on `workers`
+        threads, and call put(pages, data) with the file page indices it
+        holds (ascending) and their bytes ([len(pages), page_size], valid
+        during the call); progress counts every page, zero ones at the end."""
         m = self.manifest
-        mem = memoryview(out)
-        if mem.nbytes != m.memory_size:
-            raise ValueError(f"output buffer is {mem.nbytes} bytes, the snapshot holds {m.memory_size}")
-        pages = np.frombuffer(mem.cast("B"), dtype=np.uint8).reshape(m.pages, m.page_size)
         pm = self.page_map()
         live = np.flatnonzero(pm["chunk"] != ZERO_PAGE)
         order = live[np.argsort(pm["chunk"][live], kind="stable")]
@@ -880,7 +878,7 @@ class Snapshot:
                     buf = local.buf = bytearray(m.chunk_size)
                 self.read_chunk(i, buf)
                 slots = np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
-                pages[dest] = slots[pm["slot"][dest]]
+                put(dest, slots[pm["slot"][dest]])
             progress(len(dest) * m.page_size)
 
         with ThreadPoolExecutor(workers or os.cpu_count() or 1, "restore-read") as pool:
@@ -888,19 +886,40 @@ class Snapshot:
         if len(live) < m.pages:
             progress((m.pages - len(live)) * m.page_size)
 
+    def read_into(self, out, workers: Optional[int] = None, progress: Progress = _no_progress) -> None:
+        """Reconstruct the whole memory file into out, a writable buffer of
+        memory_size bytes that starts zeroed (zero pages are not written)."""
+        m = self.manifest
+        mem = memoryview(out)
+        if mem.nbytes != m.memory_size:
+            raise ValueError(f"output buffer is {mem.nbytes} bytes, the snapshot holds {m.memory_size}")
+        pages = np.frombuffer(mem.cast("B"), dtype=np.uint8).reshape(m.pages, m.page_size)
+        self._each_chunk(pages.__setitem__, workers, progress)
+
     def export(self, path: str | os.PathLike, workers: Optional[int] = None, progress: Progress = _no_progress) -> None:
-        """Write the memory file back out to path (a new sparse file)."""
-        size = self.manifest.memory_size
+        """Write the memory file back out to path: a new sparse file, whose
+        zero pages are holes. Each chunk's pages are written as they are
+        decoded, so memory stays a chunk per worker whatever the size."""
+        P = self.manifest.page_size
         tmp = f"{os.fspath(path)}.restore-tmp"
-        with open(tmp, "wb+") as f:
-            f.truncate(size)
-            with mmap.mmap(f.fileno(), size) as mm:
-                try:
-                    self.read_into(mm, workers, progress)
-                    mm.flush()
-                except BaseException:
-                    os.unlink(tmp)
-                    raise
+
+        def put(dest: np.ndarray, data: np.ndarray) -> None:
+            cuts = [0, *(np.flatnonzero(np.diff(dest) != 1) + 1).tolist(), len(dest)]
+            for a, b in zip(cuts, cuts[1:]):  # runs of consecutive pages
+                view, at = memoryview(data[a:b]).cast("B"), int(dest[a]) * P
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+
+        with open(tmp, "wb") as f:
+            fd = f.fileno()
+            try:
+                f.truncate(self.manifest.memory_size)
+                self._each_chunk(put, workers, progress)
+                os.fsync(fd)
+            except BaseException:
+                os.unlink(tmp)
+                raise
         os.replace(tmp, path)
 
 
