@@ -10,8 +10,9 @@ holds the stores):
                 text-like (`restore sample-image --size 1G --seed 1`)
   mixed-256m    256 MiB sample image, a quarter random pages, half zero
                 (`restore sample-image --random 0.25 --seed 2`)
-  dense-16g     with --dense16 PATH: that file, taken as it is, created
-                and optimized once each after the rounds (for peak RSS)
+  dense-16g     with --dense16 PATH: that file, taken as it is, created,
+                optimized and exported once each after the rounds (for
+                peak RSS)
 
 Ways of creating, each image's interleaved round by round:
   cli/file      `restore snapshot create` into a file:// store, as a user
@@ -25,6 +26,8 @@ Ways of creating, each image's interleaved round by round:
                 image (made once, untimed) with a plan of 20 000 of its
                 non-zero pages chosen at random, into a copy of its store
                 (objects hard-linked): wall time and peak RSS
+  cli/export    `restore snapshot export` of that snapshot to a new file
+                (the previous round's removed and synced first)
   `restore --version`  start-up and imports alone
 
 Cache state, the same for every way: each memory file is read once before
@@ -65,8 +68,8 @@ PAGE = 4096
 PLAN_PAGES = 20_000  # the working set cli/optimize lays out first
 WAYS = ("cli/file", "lib/file", "lib/memory", "encode")
 # The design's targets, kept in the document: per image, what every way of
-# creating it (not the encoder alone) must reach, and what optimize must of
-# any image. s: at most this many seconds; gb_s: at least this many GB/s
+# creating it (not the encoder alone) must reach, and what optimize and
+# export must of any image. s: at most this many seconds; gb_s: at least this many GB/s
 # (10^9 bytes of memory file per second); rss: the command's peak RSS at
 # most this many bytes.
 TARGETS = {
@@ -75,6 +78,7 @@ TARGETS = {
     "mixed-256m": {"gb_s": 1.0},
     "dense": {"rss": 512 << 20},
     "optimize": {"rss": 512 << 20},
+    "export": {"rss": 512 << 20},
 }
 
 
@@ -142,6 +146,7 @@ class Way:
         self.kept: DurableStore | None = None  # the last round's store object (memory:// lives in it)
         self.data: bytes | None = None  # the image, for the encoder
         self.encoded: list = []
+        self.exported: Path | None = None  # cli/export's last file
 
     def _fresh_store(self) -> str:
         if self.store and self.store.startswith("file://"):
@@ -153,9 +158,9 @@ class Way:
         return f"file://{self.work}/{self.image.stem}-{self.way.replace('/', '-')}-{self.n}"
 
     def _source(self) -> str:
-        """For cli/optimize: a file:// store holding the image as snapshot
-        bench:1 (created once, untimed) and PLAN_PAGES of its non-zero
-        pages as a plan file; returns the store's directory."""
+        """For cli/optimize and cli/export: a file:// store holding the
+        image as snapshot bench:1 (created once, untimed) and PLAN_PAGES of
+        its non-zero pages as a plan file; returns the store's directory."""
         src = self.work / f"{self.image.stem}-source"
         if not src.exists():
             create_snapshot(DurableStore(f"file://{src}"), self.image, "bench")
@@ -174,6 +179,14 @@ class Way:
         return str(src)
 
     def round(self) -> dict:
+        if self.way == "cli/export":
+            src = self._source()
+            self.exported = self.work / f"{self.image.stem}-export.img"
+            self.exported.unlink(missing_ok=True)
+            os.sync()
+            wall, rss = _cli(["snapshot", "export", "bench:1", str(self.exported), "--store", f"file://{src}"],
+                             self.work)
+            return {"s": wall, "max_rss": rss}
         if self.way == "cli/optimize":
             src = self._source()
             url = self._fresh_store()
@@ -204,8 +217,13 @@ class Way:
         return {"s": wall}
 
     def check(self) -> None:
-        """The last round's snapshot (or encoding) gives the image back."""
+        """The last round's snapshot (or encoding, or export) gives the
+        image back."""
         size = self.image.stat().st_size
+        if self.way == "cli/export":
+            if not _same_data(self.exported, self.image):
+                raise RuntimeError(f"{self.image.name}: the export is not the image")
+            return
         if self.way == "encode":
             with ChunkCodec(DEFAULT_CHUNK_SIZE) as codec:
                 out = bytearray(codec.chunk_size)
@@ -264,7 +282,7 @@ def main(argv=None) -> int:
         ways = [Way(work, images["sparse-16g"], w) for w in ("cli/file", "lib/memory")]
         for name in ("half-zero-1g", "mixed-256m"):
             ways += [Way(work, images[name], w) for w in WAYS]
-        ways.append(Way(work, images["half-zero-1g"], "cli/optimize"))
+        ways += [Way(work, images["half-zero-1g"], w) for w in ("cli/optimize", "cli/export")]
         for path in images.values():
             _warm(path)
         for r in range(args.rounds):
@@ -277,9 +295,9 @@ def main(argv=None) -> int:
         if args.dense16:
             _warm(args.dense16)
             name = f"dense-{args.dense16.stat().st_size >> 30}g"
-            for way in ("cli/file", "cli/optimize"):
+            for way in ("cli/file", "cli/optimize", "cli/export"):
                 raw[f"{name}/{way}"] = [Way(work, args.dense16, way).round()]
-            print("dense file created and optimized once", file=sys.stderr)
+            print("dense file created, optimized and exported once", file=sys.stderr)
     print(f"\nmedian [min-max] of {args.rounds} interleaved rounds")
     for key, rounds in raw.items():
         s = [x["s"] for x in rounds]

@@ -386,7 +386,7 @@ def fetch_inflight_section(doc: dict) -> str:
 def create_speed_section(doc: dict) -> str:
     """bench.create_speed: each image and way of creating it, medians of the
     rounds with their ranges, against the design's target for the image or
-    for optimize (met or not by the median)."""
+    for optimize and export (met or not by the median)."""
     raw, sizes, targets = doc["raw"], doc["image_bytes"], doc["targets"]
 
     def cell(xs: list[float], fmt) -> str:
@@ -400,8 +400,8 @@ def create_speed_section(doc: dict) -> str:
         rate = [sizes[image] / x / 1e9 for x in s] if image in sizes else []
         if way == "encode":
             goal = {}  # the codec's ceiling, not a way of creating
-        elif way == "cli/optimize":
-            goal = dict(targets.get("optimize", {}))
+        elif way in ("cli/optimize", "cli/export"):
+            goal = dict(targets.get(way.removeprefix("cli/"), {}))
         else:
             goal = dict(targets.get(image) or targets.get(image.split("-")[0], {}))
         if not rss:
