@@ -309,8 +309,9 @@ def create_snapshot(
         check_chunk_size(chunk_size, page_size)
     fd, size = _open_memory_file(memory_file, page_size)
     try:
-        extents = data_extents(fd, size)
+        extents = data_extents(fd, size, shown=memory_file if base is not None else None)
         if base is not None:
+            _check_holes_told(memory_file, extents, os.fstat(fd).st_blocks * 512)
             with Snapshot.open(store, name, base, key) as snap:
                 _check_base(snap, size, chunk_size, page_size, key)
                 read = _diff_reader(fd, memory_file, extents, snap)
@@ -325,6 +326,17 @@ def create_snapshot(
                                  known=known)
     finally:
         os.close(fd)
+
+
+def _check_holes_told(shown: str | os.PathLike, extents: list[tuple[int, int]], allocated: int) -> None:
+    """MemoryFileError when the file system reports more data (extents)
+    than the file has blocks allocated (bytes): it reports holes as data,
+    and a diff's holes would then read as zeros, not as the base."""
+    data = sum(e - s for s, e in extents)
+    if data > allocated:
+        raise MemoryFileError(f"memory file '{os.fspath(shown)}': its file system reports {data} bytes of data "
+                              f"in {allocated} bytes allocated, so it does not tell holes from data and a diff "
+                              "cannot be read from it (copy it to ext4, xfs, btrfs or tmpfs)")
 
 
 def _check_base(snap: "Snapshot", size: int, chunk_size: Optional[int], page_size: int,
@@ -463,11 +475,12 @@ def _diff_reader(fd: int, shown: str | os.PathLike, extents: list[tuple[int, int
     return read
 
 
-def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+def data_extents(fd: int, size: int, *, shown: Optional[str | os.PathLike] = None) -> list[tuple[int, int]]:
     """The [start, end) byte ranges of the first size bytes of file fd that
     hold data (SEEK_DATA / SEEK_HOLE); everything else is a hole, which
     reads as zeros. A file system that cannot tell reports one extent, the
-    whole file."""
+    whole file; with shown (the file's name), it raises MemoryFileError
+    instead (a diff, whose holes are not zeros, cannot be read there)."""
     extents = []
     offset = 0
     while offset < size:
@@ -477,6 +490,9 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
             if exc.errno == errno.ENXIO:  # no data past offset
                 break
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                if shown is not None:
+                    raise MemoryFileError(f"memory file '{os.fspath(shown)}': its file system does not tell "
+                                          "holes from data (SEEK_DATA), so a diff cannot be read from it") from None
                 return [(0, size)]
             raise
         if start >= size:

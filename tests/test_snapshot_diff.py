@@ -12,10 +12,10 @@ import re
 import numpy as np
 import pytest
 
-from restore.errors import InputError, MissingKey, SnapshotNotFound
+from restore.errors import InputError, MemoryFileError, MissingKey, SnapshotNotFound
 from restore.layout import optimize_snapshot
 from restore.objects import chunk_key
-from restore.snapshot import Snapshot, create_snapshot, data_extents, list_snapshots
+from restore.snapshot import Snapshot, _check_holes_told, create_snapshot, data_extents, list_snapshots
 from restore.tiers.durable import DurableStore
 
 P = 4096
@@ -138,3 +138,14 @@ def test_a_base_that_does_not_fit_is_refused(tmp_path, base_image, key):
     # Nothing refused left a version or a claim behind.
     assert [(r.name, r.version, r.state) for r in list_snapshots(store)] == [
         ("fn", "1", "ACTIVE"), ("fn", "2", "ACTIVE"), ("sec", "1", "ACTIVE")]
+
+
+def test_a_diff_on_a_file_system_that_hides_its_holes_is_refused(tmp_path):
+    diff = tmp_path / "diff.mem"
+    _write_diff(diff, {2 * C: os.urandom(P)})
+    with open(diff, "rb") as f:  # here the file system tells them apart: no complaint
+        _check_holes_told(diff, data_extents(f.fileno(), SIZE), os.fstat(f.fileno()).st_blocks * 512)
+    # One that reports the whole file as data (NFSv3, vfat: generic
+    # SEEK_DATA) while a single page is allocated.
+    with pytest.raises(MemoryFileError, match=re.escape(f"reports {SIZE} bytes of data in {P} bytes allocated")):
+        _check_holes_told(diff, [(0, SIZE)], P)
