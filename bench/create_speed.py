@@ -27,15 +27,15 @@ Ways of creating, each image's interleaved round by round:
                 non-zero pages chosen at random, into a copy of its store
                 (objects hard-linked): wall time and peak RSS
   cli/export    `restore snapshot export` of that snapshot to a new file
-                (the previous round's removed and synced first)
   `restore --version`  start-up and imports alone
 
 Cache state, the same for every way: each memory file is read once before
 the rounds, so it is in the page cache (holes need none). Every round
-writes a new store; before it, the previous round's store of that way is
-removed and dirty pages are synced (untimed), so writeback of earlier
-rounds does not compete. After the rounds the last snapshot of each way is
-read back and compared with its image.
+writes a new store (or export file); before it, dirty pages are synced
+(untimed), so writeback of earlier rounds does not compete. Nothing is
+removed until the run ends: on a disk that discards deleted blocks the
+deletions would weigh on the next round's writes. After the rounds the
+last snapshot of each way is read back and compared with its image.
 
 Prints medians with their ranges and keeps every round as JSON (default
 bench/results/<UTC time>-create-speed.json; `python -m bench.report
@@ -149,8 +149,6 @@ class Way:
         self.exported: Path | None = None  # cli/export's last file
 
     def _fresh_store(self) -> str:
-        if self.store and self.store.startswith("file://"):
-            shutil.rmtree(self.store.removeprefix("file://"))
         os.sync()
         self.n += 1
         if self.way.endswith("/memory"):
@@ -181,9 +179,9 @@ class Way:
     def round(self) -> dict:
         if self.way == "cli/export":
             src = self._source()
-            self.exported = self.work / f"{self.image.stem}-export.img"
-            self.exported.unlink(missing_ok=True)
             os.sync()
+            self.n += 1
+            self.exported = self.work / f"{self.image.stem}-export-{self.n}.img"
             wall, rss = _cli(["snapshot", "export", "bench:1", str(self.exported), "--store", f"file://{src}"],
                              self.work)
             return {"s": wall, "max_rss": rss}
