@@ -282,8 +282,8 @@ def create_snapshot(
     key: 32 bytes to encrypt with AES-256-GCM. workers: encoding threads
     (default: one per core). uploads: objects in flight to the store.
     progress(n) is called as n more bytes of memory are done. warm_l2: an
-    L2Cluster that gets every new chunk of the snapshot in every zone
-    (SnapStart's "optimize" step). chunk_size (default: 512 KiB, or the
+    L2Cluster that gets every chunk of the snapshot in every zone
+    (SnapStart's "optimize" step), the base's too. chunk_size (default: 512 KiB, or the
     base's), page_size: bytes. Returns the written manifest.
 
     Raises InvalidName, ChunkSizeError or InputError for bad arguments or a
@@ -534,8 +534,10 @@ def _store_chunks(
     encoder waits while 2 x uploads objects are queued or in flight. So
     memory stays at (workers + 2 x uploads) chunks whatever the size.
     progress runs on the calling thread. A chunk known names (write_version)
-    takes that entry, unread. The first failure stops every thread and is
-    raised; what was stored stays (objects are content-addressed)."""
+    takes that entry, unread; with warm_l2 its object is read from the
+    store and sent to the L2 too, so the L2 gets every chunk of the
+    version. The first failure stops every thread and is raised; what was
+    stored stays (objects are content-addressed)."""
     C = codec.chunk_size
     n = -(-size // C)
     entries: list[Optional[ChunkEntry]] = list(known) if known is not None else [None] * n
@@ -559,6 +561,12 @@ def _store_chunks(
                 uploaded += len(data)
         if warm_l2 is not None:
             warm_l2.put(chunk_id, data, zones="all")
+
+    def warm(chunk_id: str) -> None:
+        data = store.get(chunk_key(chunk_id))
+        if data is None:
+            raise ChunkMissing(f"object {chunk_key(chunk_id)} is missing from {store.url}: it cannot warm the L2")
+        warm_l2.put(chunk_id, data, zones="all")
 
     def on_sent(fut: Future) -> None:
         room.release()
@@ -599,6 +607,12 @@ def _store_chunks(
         try:
             for _ in range(min(workers, total)):
                 encoders.submit(encode_some)
+            if warm_l2 is not None:  # the chunks taken as they are: their objects are in the store
+                for chunk_id in {e.id for e in known or () if e is not None and e.id is not None}:
+                    room.acquire()
+                    with lock:
+                        submitted += 1
+                    sender.submit(warm, chunk_id).add_done_callback(on_sent)
             while True:
                 with lock:
                     if encoded == total and sent == submitted:

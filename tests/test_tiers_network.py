@@ -115,6 +115,23 @@ def test_optimize_warms_l2_with_the_new_version(tmp_path, s3_store, l2, image):
     assert tiers["durable"]["requests"] == 0
 
 
+def test_a_diff_with_warm_l2_puts_every_chunk_of_its_version_in_l2(tmp_path, s3_store, l2, image):
+    """--base --warm-l2: the L2 gets the chunks the diff wrote and the
+    base's chunks the version takes as they are (read from the store)."""
+    v1 = create_snapshot(s3_store, image, "diffvm", chunk_size=CHUNK)  # no L2 warming
+    diff = tmp_path / "diff.mem"
+    with open(diff, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(CHUNK + 3 * P)
+        f.write(np.random.default_rng(5).bytes(P))
+    v2 = create_snapshot(s3_store, diff, "diffvm", base=v1.version, warm_l2=l2)
+    ids = {c.id for c in v2.chunks if c.id}
+    assert len(ids) > 1 and v2.chunks[1].id != v1.chunks[1].id  # a new chunk, and some of the base's
+    assert {c.id for c in v2.chunks} & {c.id for c in v1.chunks}
+    for chunk_id in ids:
+        assert l2.get(chunk_id) == s3_store.get(chunk_key(chunk_id)), chunk_id
+
+
 FETCH_PATHS = pytest.mark.parametrize("fetch_loop", [True, False], ids=["fetch-loop", "fetch-threads"])
 
 

@@ -40,7 +40,7 @@ def snapshot() -> None:
 @click.option("--chunk-size", type=SIZE, default=None,
               help="Chunk size, a power of two >= 4K (default: 512K, or the base's).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Encoding threads (default: one per core).")
-@click.option("--warm-l2", is_flag=True, help="Also push every new chunk into the --l2 clusters (all zones).")
+@click.option("--warm-l2", is_flag=True, help="Also push every chunk into the --l2 clusters (all zones).")
 @l2_option
 @key_options
 @store_options
