@@ -81,12 +81,14 @@ def _parked(prefix: str, where) -> int:
     return n
 
 
+# Frames are told by their code alone: reading f_locals of a frame another
+# thread is running is not safe.
 def _on_room(f) -> bool:
-    return f.f_code.co_name == "acquire" and isinstance(f.f_locals.get("self"), threading.Semaphore)
+    return f.f_code is threading.Semaphore.acquire.__code__
 
 
 def _in_put(f) -> bool:
-    return f.f_code.co_name == "put" and isinstance(f.f_locals.get("self"), _GatedStore)
+    return f.f_code is _GatedStore.put.__code__
 
 
 def _pipeline_threads() -> list[str]:
