@@ -5,12 +5,15 @@ of the file, and the first failure stops every thread and is raised.
 The bounds are read from what the threads are doing, not from time: the
 test waits until every encoder is parked where the pipeline parks it (on
 the senders' room, or inside a store's put) and then counts the chunks
-read so far."""
+read so far. Where a thread waits is counted by the waits themselves (a
+semaphore that tallies blocked acquires, a store whose put tallies its
+callers), not by walking other threads' frames, which Python 3.11 does not
+do safely while they run."""
 
 from __future__ import annotations
 
-import sys
 import threading
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -48,9 +51,57 @@ class _Reads:
         view[:] = _chunk(offset // CHUNK)
 
 
+def _kind(thread: threading.Thread) -> str:
+    """restore-encode, restore-upload or another thread's name."""
+    return thread.name.split("_")[0]
+
+
+class _Parked:
+    """Threads waiting, by kind (_kind), at one place."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now: Counter = Counter()
+
+    def __call__(self, kind: str) -> int:
+        with self.lock:
+            return self.now[kind]
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now[_kind(threading.current_thread())] += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now[_kind(threading.current_thread())] -= 1
+
+
+@pytest.fixture
+def on_room(monkeypatch):
+    """Threads blocked acquiring a threading.Semaphore (the pipeline's room
+    for the senders), by kind: Semaphore is replaced, for the test, by one
+    that tallies the acquires that have to wait."""
+    parked = _Parked()
+
+    class Tallied(threading.Semaphore):
+        def acquire(self, blocking=True, timeout=None):
+            if not blocking:
+                return super().acquire(False)
+            if super().acquire(False):
+                return True
+            parked.enter()
+            try:
+                return super().acquire(True, timeout)
+            finally:
+                parked.leave()
+
+    monkeypatch.setattr(threading, "Semaphore", Tallied)
+    return parked
+
+
 class _GatedStore(DurableStore):
     """A real store whose chunk puts wait for the gate (or fail once
-    fail_after chunks are stored)."""
+    fail_after chunks are stored); in_put tallies the threads waiting there."""
 
     def __init__(self, url: str, s3=None, fail_after: int = -1):
         super().__init__(url, s3)
@@ -58,6 +109,7 @@ class _GatedStore(DurableStore):
         self.fail_after = fail_after
         self.taken = 0  # chunk puts let through
         self.lock = threading.Lock()
+        self.in_put = _Parked()
 
     def put(self, key, data, *, create_only=False):
         if key.startswith("chunks/"):
@@ -65,30 +117,12 @@ class _GatedStore(DurableStore):
                 if self.taken == self.fail_after:
                     raise StoreError(f"store {self.url}: put '{key}' failed: connection reset")
                 self.taken += 1
-            assert self.gate.wait(60), "the test never opened the gate"
+            self.in_put.enter()
+            try:
+                assert self.gate.wait(60), "the test never opened the gate"
+            finally:
+                self.in_put.leave()
         return super().put(key, data, create_only=create_only)
-
-
-def _parked(prefix: str, where) -> int:
-    """How many live threads named prefix* have a frame where(frame)."""
-    frames = sys._current_frames()
-    n = 0
-    for t in threading.enumerate():
-        f = frames.get(t.ident) if t.name.startswith(prefix) else None
-        while f is not None and not where(f):
-            f = f.f_back
-        n += f is not None
-    return n
-
-
-# Frames are told by their code alone: reading f_locals of a frame another
-# thread is running is not safe.
-def _on_room(f) -> bool:
-    return f.f_code is threading.Semaphore.acquire.__code__
-
-
-def _in_put(f) -> bool:
-    return f.f_code is _GatedStore.put.__code__
 
 
 def _pipeline_threads() -> list[str]:
@@ -119,15 +153,15 @@ def _check_stored(store, manifest) -> None:
 
 
 @pytest.mark.parametrize("workers,uploads", [(2, 1), (3, 2)])
-def test_a_network_store_holds_at_most_two_objects_per_sender_and_one_per_encoder(s3_server, workers, uploads):
+def test_a_network_store_holds_at_most_two_objects_per_sender_and_one_per_encoder(s3_server, on_room, workers,
+                                                                                  uploads):
     # A prefix of its own: the S3 server keeps objects across tests, and a
     # chunk already there would never be put.
     store = _GatedStore(f"s3://snapshots/pipeline-{workers}-{uploads}", s3_server.options())
     reads = _Reads()
     t, out = _create(store, reads, workers, uploads)
     try:
-        wait_for(lambda: _parked("restore-encode", _on_room) == workers
-                 and _parked("restore-upload", _in_put) == uploads,
+        wait_for(lambda: on_room("restore-encode") == workers and store.in_put("restore-upload") == uploads,
                  "every encoder waiting for room and every sender in a put")
         # 2 x uploads objects queued or in flight, one more encoded per encoder.
         assert reads.count == 2 * uploads + workers
@@ -145,9 +179,9 @@ def test_a_local_store_is_written_by_the_encoders_themselves(tmp_path):
     reads = _Reads()
     t, out = _create(store, reads, workers=3, uploads=16)
     try:
-        wait_for(lambda: _parked("restore-encode", _in_put) == 3, "every encoder inside its own put")
+        wait_for(lambda: store.in_put("restore-encode") == 3, "every encoder inside its own put")
         assert reads.count == 3  # nobody reads ahead of its put
-        assert _parked("restore-upload", lambda f: True) == 0  # no sender threads for a local store
+        assert sorted(_pipeline_threads()) == [f"restore-encode_{i}" for i in range(3)]  # no senders for a local store
     finally:
         store.gate.set()
         t.join(60)
