@@ -82,10 +82,15 @@ static void chunk_try_free(rs_engine *e, uint32_t c)
 {
     uint32_t v = REF_RETIRED;
 
+    /* The state first: C_READY is stored (release) after data and mapped
+     * are set, and never changes again, so once it is read (acquire) they
+     * are safe to read. Reading mapped first raced with the thread that
+     * publishes the chunk. */
+    if (atomic_load_explicit(&e->chunks[c].state, memory_order_acquire) != C_READY)
+        return;
     if (e->chunks[c].mapped)
         return; /* the host cache's bytes: nothing of ours to free */
-    if (atomic_load(&e->chunks[c].state) == C_READY &&
-        atomic_compare_exchange_strong(&e->chunks[c].ref, &v, REF_RETIRED | REF_FREED)) {
+    if (atomic_compare_exchange_strong(&e->chunks[c].ref, &v, REF_RETIRED | REF_FREED)) {
         chunk_free(e, e->chunks[c].data);
         atomic_fetch_add(&e->st.chunks_released, 1);
     }
