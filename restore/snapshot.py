@@ -453,6 +453,7 @@ def _diff_reader(fd: int, shown: str | os.PathLike, extents: list[tuple[int, int
     starts = [s for s, _ in extents]
     C = base.manifest.chunk_size
     local = threading.local()
+    read_file = _file_reader(fd, shown)
 
     def read(offset: int, view: memoryview) -> None:
         end = offset + len(view)
@@ -469,8 +470,7 @@ def _diff_reader(fd: int, shown: str | os.PathLike, extents: list[tuple[int, int
             base.read_chunk(offset // C, buf)
             view[:] = memoryview(buf)[: len(view)]
         for s, e in pieces:
-            if os.preadv(fd, [view[s - offset : e - offset]], s) != e - s:
-                raise MemoryFileError(f"memory file '{os.fspath(shown)}' shrank while it was being read")
+            read_file(s, view[s - offset : e - offset])
 
     return read
 
