@@ -16,13 +16,13 @@ import re
 import select
 import socket
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import hugepages
+from daemon import wait_for
 from restore._native import ffi, lib
 from restore.errors import check
 from restore.sample import write_sample_image
@@ -214,16 +214,11 @@ def test_guest_of_a_stopped_handler_is_killed(tmp_path, image):
             guest.start(ops)
             conn, got, uffd, _ = receiver.accept()
             handler = BareHandler(image).serve(uffd, check_handshake(got, [(16 * MiB, 0)], PAGE), PAGE)
-            deadline = time.monotonic() + 10
-            while len(guest.done_so_far().ns) < 20:
-                assert time.monotonic() < deadline, "the guest's first reads were not served"
-                time.sleep(0.001)
+            wait_for(lambda: len(guest.done_so_far().ns) >= 20, "the guest's first reads were not served", 5, 0.001)
             handler.stop()
             assert handler.faults == 20  # one per page read; the guest is held at its wait() step
             conn.sendall(b"g")
-            while len(guest.done_so_far().ns) < 21:
-                assert time.monotonic() < deadline, "the guest did not get the go-ahead"
-                time.sleep(0.001)
+            wait_for(lambda: len(guest.done_so_far().ns) >= 21, "the guest did not get the go-ahead", 5, 0.001)
             guest.kill()  # in its last read (op 21), of a page nobody serves: it cannot have finished
             with pytest.raises(GuestError, match=r"^guest killed by SIGKILL at op 21 \(read of offset 0x64000\)$"):
                 guest.wait(5)
