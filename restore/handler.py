@@ -321,14 +321,25 @@ class Server:
                 pidfd=pidfd,
                 poison=cfg.poison,
                 fetch_loop=cfg.fetch_loop,
+                start=False,
             )
         except RestoreError as exc:
             hs.close()
             self._refuse(conn, pid, str(exc), pidfd=pidfd)
             return
+        # Counted before its first fault: parked() and counters() see every
+        # fault and fetch of the session.
         key = id(session)
         with self._lock:
             self._active[key] = (session, pid)
+        try:
+            session.start()
+        except RestoreError as exc:
+            with self._lock:
+                self._active.pop(key, None)
+            hs.close()
+            self._refuse(conn, pid, str(exc), pidfd=pidfd)
+            return
         log.info("guest pid %d: %s started (%d regions%s)", pid, session.label, len(hs.regions),
                  ", auditing the plan" if audited is not None else "",
                  extra={"event": "session_start", "session": session.session_id, "pid": pid,

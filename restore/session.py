@@ -246,6 +246,7 @@ class RestoreSession:
         poison: Optional[bool] = None,
         fetch_loop: bool = True,
         hedge_after: Optional[float] = HEDGE_AFTER,
+        start: bool = True,
     ):
         check_session_settings(fault_around=fault_around, fetchers=fetchers, poll_us=poll_us,
                                memfd_install=memfd_install, prefetch_around=prefetch_around,
@@ -334,17 +335,37 @@ class RestoreSession:
             else:
                 self._fetchers = Fetchers(self._engine, m, snapshot.store, l1, fetchers, self.label, l2=l2,
                                          on_fetch=on_fetch)
-            check(lib.rs_engine_start(self._engine, uffd, conn_fd), "rs_engine_start", self.label)
+        except BaseException:
+            self._abandon()
+            raise
+        self._fds = (uffd, conn_fd)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start serving faults. The constructor does, unless given
+        start=False: then a caller that must know of the session before
+        its first fault (a handler's gauges and counters) registers it,
+        then starts it. If it cannot start, the session is closed (without
+        stats) and the error raised."""
+        try:
+            check(lib.rs_engine_start(self._engine, *self._fds), "rs_engine_start", self.label)
             self._fetchers.start()
         except BaseException:
-            # Nothing left running: the engine's threads stopped, whatever
-            # fetch threads had started joined, then the engine freed.
-            lib.rs_engine_stop(self._engine)
-            if self._fetchers is not None:
-                self._fetchers.join()
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """Nothing left running: the engine's threads stopped, whatever
+        fetch threads had started joined, then the engine freed."""
+        lib.rs_engine_stop(self._engine)
+        if self._fetchers is not None:
+            self._fetchers.join()
+        with self._engine_lock:
+            self._final_counters = self._read_counters()  # for counters() of a session that never started
+            self._closed = True
             ffi.release(self._engine)
             self._engine = None
-            raise
 
     def _open_host_cache(self, host_cache: HostCache) -> None:
         """Serve from and fill the host cache; a host cache that cannot be

@@ -97,11 +97,12 @@ def _image_pages(image):
 
 
 @contextlib.contextmanager
-def _waiting_guest(snap, path):
+def _waiting_guest(snap, path, then=None):
     """A guest at a wait step, connected to a socket at path and past the
     handshake for snap, with no session yet: yields (the Guest, the
     connection, the handshake), for a test to start a RestoreSession of its
-    own; the caller closes the handshake and the connection."""
+    own; the caller closes the handshake and the connection. then: trace
+    steps the guest runs before it waits."""
     from restore.guest import wait
     from restore.protocol import accept_handshake
 
@@ -109,7 +110,7 @@ def _waiting_guest(snap, path):
     lsock.bind(path)
     lsock.listen(1)
     with lsock, Guest(path, memory_size=SIZE) as g:
-        g.start(wait())
+        g.start(wait() if then is None else np.concatenate([then, wait()]))
         conn, _ = lsock.accept()
         m = snap.manifest
         hs = accept_handshake(conn, memory_size=m.memory_size, snapshot_page_size=m.page_size,
@@ -847,6 +848,34 @@ def test_a_session_whose_setup_fails_leaves_nothing_running(snap, tmp_path, monk
         hs.close()
         conn.close()  # the guest's wait ends with the connection
         g.wait(30)
+
+
+def test_a_session_made_unstarted_leaves_faults_to_start(snap, image, tmp_path):
+    """start=False: the session can be read (as a handler registers it
+    before its first fault) but takes nothing from the userfaultfd until
+    start(); then it serves the fault that waited."""
+    import select
+
+    from restore.session import RestoreSession
+
+    offsets = np.array([3, 200, 1000], dtype=np.uint64) * P
+    with _waiting_guest(snap, str(tmp_path / "u.sock"), then=reads(offsets)) as (g, conn, hs):
+        session = RestoreSession(snap, hs.uffd, hs.regions, hs.page_size, conn_fd=conn.fileno(),
+                                 l1=L1Cache(tmp_path / "l1"), persist_log=False, start=False)
+        with session:
+            uffd = select.poll()
+            uffd.register(hs.uffd, select.POLLIN)
+            assert uffd.poll(30_000), "the guest's first read raised no fault"
+            assert session.parked() == {"faults": 0, "on_network": 0}
+            assert session.counters()["faults"] == 0
+            assert uffd.poll(0), "the fault was taken from the userfaultfd before start()"
+            session.start()
+            conn.sendall(b"g")
+            res = g.wait(30)
+            assert session.stats().faults >= 1
+        assert (res.sums[: len(offsets)] == expected_sums(image, offsets)).all()
+        hs.close()
+        conn.close()
 
 
 @pytest.mark.parametrize("planned", [True, False], ids=["plan", "no-plan"])
