@@ -23,15 +23,15 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from .errors import InputError
 from .manifest import PAGE_MAP_DTYPE, ZERO_PAGE, Manifest
-from .snapshot import DEFAULT_UPLOADS, Progress, Snapshot, _no_progress, write_version
+from .snapshot import DEFAULT_UPLOADS, Progress, Snapshot, _no_progress, by_chunk, write_version
 from .workingset import PlanInfo, load_plan, plan_info, save_plan
 
 NO_PAGE = -1  # padding between the hot and the cold chunks
@@ -144,7 +144,7 @@ def optimize_snapshot(
     work = len(np.unique(first["chunk"])) * m.chunk_size + packed
     advance = _scaled(progress, m.memory_size, work or 1)
     gathered = np.zeros((len(first), P), dtype=np.uint8)  # hot pages, then early_at's
-    _gather(snap, first, gathered, w, advance)
+    snap.decode_pages(first, gathered.__setitem__, w, lambda n: advance(m.chunk_size))
     cache = _ChunkCache(snap, CACHE_PER_WORKER * w, uses.tolist())
 
     def read(offset: int, view: memoryview) -> None:
@@ -159,7 +159,7 @@ def optimize_snapshot(
         out[early_at[lo:hi] - at] = gathered[len(hot) + lo : len(hot) + hi]
         where = src_map[cold[at : at + len(out)]]
         rest = np.flatnonzero(~early[where["chunk"]])
-        for c, rows in _by_chunk(where[rest]):
+        for c, rows in by_chunk(where[rest]):
             rows = rest[rows]
             buf = cache.get(c)
             try:
@@ -198,41 +198,9 @@ def _scaled(progress: Progress, total: int, work: int) -> Callable[[int], None]:
     return advance
 
 
-def _by_chunk(where: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(source chunk, the indices into where of its pages) for each chunk
-    that where (PAGE_MAP_DTYPE entries, no zero page) names, in chunk order."""
-    order = np.argsort(where["chunk"], kind="stable")
-    chunks, starts = np.unique(where["chunk"][order], return_index=True)
-    return zip(chunks.tolist(), np.split(order, starts[1:]))
-
-
 def _slots(buf: bytearray, m: Manifest) -> np.ndarray:
     """A decoded chunk as [slots, page_size] bytes."""
     return np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
-
-
-def _gather(snap: Snapshot, where: np.ndarray, dest: np.ndarray, workers: int, advance: Progress) -> None:
-    """dest[k] = the page where[k] (PAGE_MAP_DTYPE, no zero page) names,
-    decoding each source chunk once, on workers threads (each with one
-    chunk buffer); advance(chunk_size) per chunk decoded."""
-    m = snap.manifest
-    local = threading.local()
-
-    def place(job: tuple[int, np.ndarray]) -> None:
-        c, rows = job
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(m.chunk_size)
-        snap.read_chunk(c, buf)
-        dest[rows] = _slots(buf, m)[where["slot"][rows]]
-
-    with ThreadPoolExecutor(workers, "restore-optimize") as pool:
-        try:
-            for _ in pool.map(place, _by_chunk(where)):
-                advance(m.chunk_size)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # the chunks not started yet
-            raise
 
 
 def _uses(chunk_of: np.ndarray, slots: int, n_chunks: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -661,6 +661,15 @@ class ChunkTable:
     zero: bytes
 
 
+def by_chunk(where: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(chunk, the indices into where of its pages, ascending) for each
+    chunk that where (PAGE_MAP_DTYPE entries, no ZERO_PAGE) names, in chunk
+    order."""
+    order = np.argsort(where["chunk"], kind="stable")
+    chunks, starts = np.unique(where["chunk"][order], return_index=True)
+    return zip(chunks.tolist(), np.split(order, starts[1:]))
+
+
 class Snapshot:
     """An ACTIVE snapshot opened for reading.
 
@@ -886,35 +895,47 @@ class Snapshot:
                 progress(m.chunk_size if m.page_map else min(m.chunk_size, m.memory_size - i * m.chunk_size))
         return bad
 
-    def _each_chunk(self, put: Callable[[np.ndarray, np.ndarray], None], workers: Optional[int],
-                    progress: Progress) -> None:
-        """Decode every chunk that holds non-zero pages, on `workers`
-        threads, and call put(pages, data) with the file page indices it
-        holds (ascending) and their bytes ([len(pages), page_size], valid
-        during the call); progress counts every page, zero ones at the end."""
+    def decode_pages(self, where: np.ndarray, put: Callable[[np.ndarray, np.ndarray], None],
+                     workers: Optional[int] = None, done: Callable[[int], None] = lambda n: None) -> None:
+        """Decode each chunk that holds a page where names (PAGE_MAP_DTYPE
+        entries of this version, no ZERO_PAGE) once, on `workers` threads
+        with a chunk buffer each, and call put(rows, data) on that thread:
+        the indices into where of the chunk's pages (ascending) and their
+        bytes ([len(rows), page_size], valid during the call). done(n) runs
+        on the calling thread as each chunk is through, n its pages. The
+        first failure cancels the chunks not started and is raised."""
         m = self.manifest
-        pm = self.page_map()
-        live = np.flatnonzero(pm["chunk"] != ZERO_PAGE)
-        order = live[np.argsort(pm["chunk"][live], kind="stable")]
-        chunk_of = pm["chunk"][order]
-        bounds = np.searchsorted(chunk_of, np.arange(len(m.chunks) + 1))
         local = threading.local()
 
-        def place(i: int) -> None:
-            dest = order[bounds[i] : bounds[i + 1]]
-            if len(dest):
-                buf = getattr(local, "buf", None)
-                if buf is None:
-                    buf = local.buf = bytearray(m.chunk_size)
-                self.read_chunk(i, buf)
-                slots = np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
-                put(dest, slots[pm["slot"][dest]])
-            progress(len(dest) * m.page_size)
+        def place(job: tuple[int, np.ndarray]) -> int:
+            c, rows = job
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = bytearray(m.chunk_size)
+            self.read_chunk(c, buf)
+            slots = np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
+            put(rows, slots[where["slot"][rows]])
+            return len(rows)
 
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1, "restore-read") as pool:
-            list(pool.map(place, range(len(m.chunks))))
-        if len(live) < m.pages:
-            progress((m.pages - len(live)) * m.page_size)
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1, "restore-decode") as pool:
+            try:
+                for n in pool.map(place, by_chunk(where)):
+                    done(n)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the chunks not started yet
+                raise
+
+    def _each_page(self, put: Callable[[np.ndarray, np.ndarray], None], workers: Optional[int],
+                   progress: Progress) -> None:
+        """decode_pages for every non-zero page, put(pages, data) given file
+        page indices (ascending); progress counts every page, zero ones at
+        the end."""
+        P = self.manifest.page_size
+        pm = self.page_map()
+        live = np.flatnonzero(pm["chunk"] != ZERO_PAGE)
+        self.decode_pages(pm[live], lambda rows, data: put(live[rows], data), workers, lambda n: progress(n * P))
+        if len(live) < len(pm):
+            progress((len(pm) - len(live)) * P)
 
     def read_into(self, out, workers: Optional[int] = None, progress: Progress = _no_progress) -> None:
         """Reconstruct the whole memory file into out, a writable buffer of
@@ -924,7 +945,7 @@ class Snapshot:
         if mem.nbytes != m.memory_size:
             raise ValueError(f"output buffer is {mem.nbytes} bytes, the snapshot holds {m.memory_size}")
         pages = np.frombuffer(mem.cast("B"), dtype=np.uint8).reshape(m.pages, m.page_size)
-        self._each_chunk(pages.__setitem__, workers, progress)
+        self._each_page(pages.__setitem__, workers, progress)
 
     def export(self, path: str | os.PathLike, workers: Optional[int] = None, progress: Progress = _no_progress) -> None:
         """Write the memory file back out to path: a new sparse file, whose
@@ -945,7 +966,7 @@ class Snapshot:
             fd = f.fileno()
             try:
                 f.truncate(self.manifest.memory_size)
-                self._each_chunk(put, workers, progress)
+                self._each_page(put, workers, progress)
                 os.fsync(fd)
             except BaseException:
                 os.unlink(tmp)

@@ -211,7 +211,7 @@ def _reference(src, plan):
 
 def _record_decodes(monkeypatch):
     """Every Snapshot.read_chunk from now on, as (version, chunk, pass,
-    buffer): the pass is the thread's pool, restore-optimize (the first
+    buffer): the pass is the thread's pool, restore-decode (the first
     pass) or restore-encode (the cold pass, in the encoders); the buffers
     are kept, so distinct ones are the decoded chunks held at once."""
     calls = []
@@ -263,8 +263,8 @@ def test_bounded_optimize_writes_what_the_whole_memory_gave(snap, image, monkeyp
             assert out == memory
 
     version = src.manifest.version
-    assert {(v, who) for v, _, who, _ in calls} <= {(version, "restore-optimize"), (version, "restore-encode")}
-    first = Counter(c for _, c, who, _ in calls if who == "restore-optimize")
+    assert {(v, who) for v, _, who, _ in calls} <= {(version, "restore-decode"), (version, "restore-encode")}
+    first = Counter(c for _, c, who, _ in calls if who == "restore-decode")
     cold = Counter(c for _, c, who, _ in calls if who == "restore-encode")
     held = {id(buf) for _, _, who, buf in calls if who == "restore-encode"}
     assert max(first.values()) == 1

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from restore.errors import ChunkMissing
 from restore.manifest import Manifest
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
@@ -80,6 +81,19 @@ def test_export_writes_the_file_and_fills_l1(tmp_path, store, mixed_image):
     with Snapshot.open(store, "vm", l1=l1) as snap:
         snap.export(out)
     assert out.read_bytes() == mixed_image.read_bytes()
+
+
+def test_export_of_a_snapshot_with_a_lost_chunk_fails_and_leaves_nothing(tmp_path, store, mixed_image):
+    """A chunk gone from the store ends the export with its name; the
+    file is not written, and its temporary is gone."""
+    m = create_snapshot(store, mixed_image, "vm", chunk_size=CHUNK)
+    lost = [c.id for c in m.chunks if c.id][len(m.chunks) // 4]
+    store.delete(chunk_key(lost))
+    out = tmp_path / "out.img"
+    with Snapshot.open(store, "vm") as snap:
+        with pytest.raises(ChunkMissing, match=lost):
+            snap.export(out, workers=2)
+    assert not out.exists() and not (tmp_path / "out.img.restore-tmp").exists()
 
 
 def test_zero_pages_are_never_stored(tmp_path, store):
