@@ -334,10 +334,12 @@ class Server:
             self._active[key] = (session, pid)
         try:
             session.start()
-        except RestoreError as exc:
+        except BaseException as exc:
             with self._lock:
                 self._active.pop(key, None)
             hs.close()
+            if not isinstance(exc, RestoreError):
+                raise  # refused by _guest as an internal error
             self._refuse(conn, pid, str(exc), pidfd=pidfd)
             return
         log.info("guest pid %d: %s started (%d regions%s)", pid, session.label, len(hs.regions),

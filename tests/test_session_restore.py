@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from daemon import wait_for
 
+from restore.errors import RestoreError
 from restore.faultlog import LOG_DTYPE, SOURCES, load_fault_log
 from restore.fetchbase import DURABLE_ATTEMPTS
 from restore.handler import Server
@@ -876,6 +877,29 @@ def test_a_session_made_unstarted_leaves_faults_to_start(snap, image, tmp_path):
         assert (res.sums[: len(offsets)] == expected_sums(image, offsets)).all()
         hs.close()
         conn.close()
+
+
+@pytest.mark.parametrize("error", [RestoreError, RuntimeError], ids=["restore-error", "internal-error"])
+def test_a_session_that_cannot_start_is_refused_and_not_left_running(serve, monkeypatch, error):
+    """The handler counts a session before it starts; one that then fails
+    to start (its fetch threads here) is refused, its guest killed (it
+    would hang at its first fault), and it leaves no running session
+    behind, whatever the error."""
+    from restore.asyncfetch import AsyncFetchers
+
+    def fail(self):
+        raise error("injected start failure")
+
+    monkeypatch.setattr(AsyncFetchers, "start", fail)
+    server = serve()
+    with Guest(server.socket_path, memory_size=SIZE) as g:
+        g.start(reads([0]))
+        with pytest.raises(GuestError):
+            g.wait(30)
+    wait_for(lambda: server.refused, "the guest was not refused", 10)
+    assert "injected start failure" in server.refused[0]
+    counts = server.counters()
+    assert counts["sessions_active"] == 0 and counts["sessions_refused"] == 1 and not server.summaries
 
 
 @pytest.mark.parametrize("planned", [True, False], ids=["plan", "no-plan"])
