@@ -398,8 +398,8 @@ def create_speed_section(doc: dict) -> str:
         s = [r["s"] for r in rounds]
         rss = [r["max_rss"] for r in rounds if "max_rss" in r]
         rate = [sizes[image] / x / 1e9 for x in s] if image in sizes else []
-        if way == "encode":
-            goal = {}  # the codec's ceiling, not a way of creating
+        if way in ("encode", "floor"):
+            goal = {}  # ceilings, not ways of creating
         elif way in ("cli/optimize", "cli/export"):
             goal = dict(targets.get(way.removeprefix("cli/"), {}))
         else:
