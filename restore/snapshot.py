@@ -61,6 +61,7 @@ from .tiers.l1 import L1Cache
 
 DEFAULT_CHUNK_SIZE = 512 * 1024
 DEFAULT_UPLOADS = 16  # objects in flight to the store
+PROGRESS_STEP = 8 << 20  # bytes an encoder encodes between two progress reports
 
 Progress = Callable[[int], None]  # called with bytes of memory just covered
 
@@ -533,7 +534,8 @@ def _store_chunks(
     network store, or an L2 to warm, `uploads` threads send it, and an
     encoder waits while 2 x uploads objects are queued or in flight. So
     memory stays at (workers + 2 x uploads) chunks whatever the size.
-    progress runs on the calling thread. A chunk known names (write_version)
+    progress runs on the calling thread, told as each encoder has encoded
+    PROGRESS_STEP bytes more and when it ends. A chunk known names (write_version)
     takes that entry, unread; with warm_l2 its object is read from the
     store and sent to the L2 too, so the L2 gets every chunk of the
     version. The first failure stops every thread and is raised; what was
@@ -575,10 +577,11 @@ def _store_chunks(
     def encode_some() -> None:
         nonlocal submitted
         buf = bytearray(C)
+        done = 0  # bytes encoded and not yet told to the calling thread
         while not stop.is_set():
             with lock:
                 if not todo:
-                    return
+                    break
                 i = todo.popleft()
             try:
                 view = memoryview(buf)[: min(C, size - i * C)]
@@ -596,16 +599,22 @@ def _store_chunks(
                     with lock:
                         submitted += 1
                     sender.submit(put, e.id, e.data).add_done_callback(on_sent)
-                news.put(("encoded", len(view)))
+                done += len(view)
+                if done >= PROGRESS_STEP:  # a wake-up of the calling thread per step, not per chunk
+                    news.put(("encoded", done))
+                    done = 0
             except BaseException as exc:
                 stop.set()  # the other encoders take no more chunks
                 news.put(("failed", exc))
                 return
+        news.put(("encoded", done))
+        news.put(("ended", None))
 
-    total, encoded, sent = len(todo), 0, 0  # the calling thread's counts
+    # The calling thread's counts: encoders ended, objects sent.
+    total, ended, sent = min(workers, len(todo)), 0, 0
     with ThreadPoolExecutor(workers, "restore-encode") as encoders:
         try:
-            for _ in range(min(workers, total)):
+            for _ in range(total):
                 encoders.submit(encode_some)
             if warm_l2 is not None:  # the chunks taken as they are: their objects are in the store
                 for chunk_id in {e.id for e in known or () if e is not None and e.id is not None}:
@@ -615,12 +624,14 @@ def _store_chunks(
                     sender.submit(warm, chunk_id).add_done_callback(on_sent)
             while True:
                 with lock:
-                    if encoded == total and sent == submitted:
+                    if ended == total and sent == submitted:
                         break
                 kind, what = news.get()
                 if kind == "encoded":
-                    encoded += 1
-                    progress(what)  # type: ignore[arg-type]
+                    if what:
+                        progress(what)  # type: ignore[arg-type]
+                elif kind == "ended":
+                    ended += 1
                 elif kind == "sent":
                     sent += 1
                     if what is not None:
