@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import InputError
 from .manifest import PAGE_MAP_DTYPE, ZERO_PAGE, Manifest
-from .snapshot import DEFAULT_UPLOADS, Progress, Snapshot, _no_progress, by_chunk, write_version
+from .snapshot import DEFAULT_UPLOADS, Progress, Snapshot, _no_progress, by_chunk, chunk_pages, write_version
 from .workingset import PlanInfo, load_plan, plan_info, save_plan
 
 NO_PAGE = -1  # padding between the hot and the cold chunks
@@ -163,7 +163,7 @@ def optimize_snapshot(
             rows = rest[rows]
             buf = cache.get(c)
             try:
-                out[rows] = _slots(buf, m)[where["slot"][rows]]
+                out[rows] = chunk_pages(buf, m)[where["slot"][rows]]
             finally:
                 cache.release(c)
 
@@ -196,11 +196,6 @@ def _scaled(progress: Progress, total: int, work: int) -> Callable[[int], None]:
         reported = now
 
     return advance
-
-
-def _slots(buf: bytearray, m: Manifest) -> np.ndarray:
-    """A decoded chunk as [slots, page_size] bytes."""
-    return np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
 
 
 def _uses(chunk_of: np.ndarray, slots: int, n_chunks: int) -> np.ndarray:

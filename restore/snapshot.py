@@ -672,6 +672,11 @@ class ChunkTable:
     zero: bytes
 
 
+def chunk_pages(buf, m: Manifest) -> np.ndarray:
+    """A decoded chunk (chunk_size bytes) as [slots, page_size] bytes."""
+    return np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
+
+
 def by_chunk(where: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(chunk, the indices into where of its pages, ascending) for each
     chunk that where (PAGE_MAP_DTYPE entries, no ZERO_PAGE) names, in chunk
@@ -924,8 +929,7 @@ class Snapshot:
             if buf is None:
                 buf = local.buf = bytearray(m.chunk_size)
             self.read_chunk(c, buf)
-            slots = np.frombuffer(buf, dtype=np.uint8).reshape(m.slots_per_chunk, m.page_size)
-            put(rows, slots[where["slot"][rows]])
+            put(rows, chunk_pages(buf, m)[where["slot"][rows]])
             return len(rows)
 
         with ThreadPoolExecutor(workers or os.cpu_count() or 1, "restore-decode") as pool:
