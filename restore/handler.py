@@ -47,7 +47,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .errors import InputError, RestoreError
-from .protocol import HandshakeError, accept_handshake, peer_credentials, peer_pidfd
+from .protocol import Handshake, HandshakeError, accept_handshake, peer_credentials, peer_pidfd
 from .listen import Listen, check_listens, close_listeners, open_listeners
 from .session import SERVICE_BUCKETS_NS, VMM_GONE, RestoreSession, SessionStats, prefetch_usage
 from .settings import ServerSettings
@@ -323,9 +323,8 @@ class Server:
                 fetch_loop=cfg.fetch_loop,
                 start=False,
             )
-        except RestoreError as exc:
-            hs.close()
-            self._refuse(conn, pid, str(exc), pidfd=pidfd)
+        except BaseException as exc:
+            self._not_started(conn, pid, pidfd, hs, exc)
             return
         # Counted before its first fault: parked() and counters() see every
         # fault and fetch of the session.
@@ -337,10 +336,7 @@ class Server:
         except BaseException as exc:
             with self._lock:
                 self._active.pop(key, None)
-            hs.close()
-            if not isinstance(exc, RestoreError):
-                raise  # refused by _guest as an internal error
-            self._refuse(conn, pid, str(exc), pidfd=pidfd)
+            self._not_started(conn, pid, pidfd, hs, exc)
             return
         log.info("guest pid %d: %s started (%d regions%s)", pid, session.label, len(hs.regions),
                  ", auditing the plan" if audited is not None else "",
@@ -421,6 +417,16 @@ class Server:
         if freed:
             log.info("host cache %s: evicted %d MiB of unused versions", self.host_cache.root, freed >> 20,
                      extra={"event": "host_cache_evicted", "bytes": freed})
+
+    def _not_started(self, conn: socket.socket, pid: int, pidfd: int, hs: Handshake, exc: BaseException) -> None:
+        """A session that could not be made or started (it has stopped
+        whatever it had started): close the handshake's fds and refuse the
+        guest; an error other than a RestoreError is raised, for _guest to
+        refuse as an internal error."""
+        hs.close()
+        if not isinstance(exc, RestoreError):
+            raise exc
+        self._refuse(conn, pid, str(exc), pidfd=pidfd)
 
     def _refuse(self, conn: socket.socket, pid: int, reason: str, kill: bool = True, pidfd: int = -1,
                 because: str = "it cannot run without its page-fault handler") -> None:

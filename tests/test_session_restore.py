@@ -879,27 +879,30 @@ def test_a_session_made_unstarted_leaves_faults_to_start(snap, image, tmp_path):
         conn.close()
 
 
+@pytest.mark.parametrize("when", ["made", "started"])
 @pytest.mark.parametrize("error", [RestoreError, RuntimeError], ids=["restore-error", "internal-error"])
-def test_a_session_that_cannot_start_is_refused_and_not_left_running(serve, monkeypatch, error):
-    """The handler counts a session before it starts; one that then fails
-    to start (its fetch threads here) is refused, its guest killed (it
-    would hang at its first fault), and it leaves no running session
-    behind, whatever the error."""
+def test_a_session_that_cannot_start_is_refused_and_leaves_nothing(serve, monkeypatch, when, error):
+    """A session that fails as it is made or as it starts (its fetch loop
+    here; the handler counts a session between the two) is refused, its
+    guest killed (it would hang at its first fault), and it leaves no
+    running session and no open fd behind, whatever the error."""
     from restore.asyncfetch import AsyncFetchers
 
-    def fail(self):
-        raise error("injected start failure")
+    def fail(self, *args, **kwargs):
+        raise error("injected failure")
 
-    monkeypatch.setattr(AsyncFetchers, "start", fail)
+    monkeypatch.setattr(AsyncFetchers, "__init__" if when == "made" else "start", fail)
     server = serve()
+    before = _open_fds()
     with Guest(server.socket_path, memory_size=SIZE) as g:
         g.start(reads([0]))
         with pytest.raises(GuestError):
             g.wait(30)
     wait_for(lambda: server.refused, "the guest was not refused", 10)
-    assert "injected start failure" in server.refused[0]
+    assert "injected failure" in server.refused[0]
     counts = server.counters()
     assert counts["sessions_active"] == 0 and counts["sessions_refused"] == 1 and not server.summaries
+    assert _open_fds() <= before
 
 
 @pytest.mark.parametrize("planned", [True, False], ids=["plan", "no-plan"])
