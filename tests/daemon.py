@@ -1,9 +1,11 @@
 """`restore serve` in a child process, its JSON log lines read as they come:
-tests wait for what the server reports (events), never for time; and the
-process helpers of the tests that watch a supervisor and its workers."""
+tests wait for what the server reports (events), never for time; the
+process helpers of the tests that watch a supervisor and its workers; and
+Inside, a tally of the threads inside a place."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -87,6 +90,31 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0, every
     while not cond():
         assert time.monotonic() < deadline, what
         time.sleep(every)
+
+
+class Inside:
+    """How many threads are inside a place right now, by key (a kind of
+    thread, or one key for all): a test wraps the place in entered() and
+    reads the tally, instead of walking other threads' frames, which
+    Python 3.11 does not do safely while they run."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._now: Counter = Counter()
+
+    def __call__(self, key: str = "") -> int:
+        with self._lock:
+            return self._now[key]
+
+    @contextlib.contextmanager
+    def entered(self, key: str = ""):
+        with self._lock:
+            self._now[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._now[key] -= 1
 
 
 def wait_for_socket(proc: subprocess.Popen, sock: Path, timeout: float = 30.0) -> None:

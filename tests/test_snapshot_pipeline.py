@@ -13,11 +13,10 @@ do safely while they run."""
 from __future__ import annotations
 
 import threading
-from collections import Counter
 
 import numpy as np
 import pytest
-from daemon import wait_for
+from daemon import Inside, wait_for
 
 from restore.codec import ChunkCodec
 from restore.errors import MemoryFileError, StoreError
@@ -56,32 +55,12 @@ def _kind(thread: threading.Thread) -> str:
     return thread.name.split("_")[0]
 
 
-class _Parked:
-    """Threads waiting, by kind (_kind), at one place."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.now: Counter = Counter()
-
-    def __call__(self, kind: str) -> int:
-        with self.lock:
-            return self.now[kind]
-
-    def enter(self) -> None:
-        with self.lock:
-            self.now[_kind(threading.current_thread())] += 1
-
-    def leave(self) -> None:
-        with self.lock:
-            self.now[_kind(threading.current_thread())] -= 1
-
-
 @pytest.fixture
 def on_room(monkeypatch):
     """Threads blocked acquiring a threading.Semaphore (the pipeline's room
     for the senders), by kind: Semaphore is replaced, for the test, by one
     that tallies the acquires that have to wait."""
-    parked = _Parked()
+    parked = Inside()
 
     class Tallied(threading.Semaphore):
         def acquire(self, blocking=True, timeout=None):
@@ -89,11 +68,8 @@ def on_room(monkeypatch):
                 return super().acquire(False)
             if super().acquire(False):
                 return True
-            parked.enter()
-            try:
+            with parked.entered(_kind(threading.current_thread())):
                 return super().acquire(True, timeout)
-            finally:
-                parked.leave()
 
     monkeypatch.setattr(threading, "Semaphore", Tallied)
     return parked
@@ -109,7 +85,7 @@ class _GatedStore(DurableStore):
         self.fail_after = fail_after
         self.taken = 0  # chunk puts let through
         self.lock = threading.Lock()
-        self.in_put = _Parked()
+        self.in_put = Inside()  # by _kind
 
     def put(self, key, data, *, create_only=False):
         if key.startswith("chunks/"):
@@ -117,11 +93,8 @@ class _GatedStore(DurableStore):
                 if self.taken == self.fail_after:
                     raise StoreError(f"store {self.url}: put '{key}' failed: connection reset")
                 self.taken += 1
-            self.in_put.enter()
-            try:
+            with self.in_put.entered(_kind(threading.current_thread())):
                 assert self.gate.wait(60), "the test never opened the gate"
-            finally:
-                self.in_put.leave()
         return super().put(key, data, create_only=create_only)
 
 

@@ -29,7 +29,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from conftest import TALLY, every_chunk_trace
-from daemon import wait_for
+from daemon import Inside, wait_for
 from proxy import FaultProxy
 
 from restore.handler import Server
@@ -417,24 +417,17 @@ def test_counters_do_not_wait_for_a_session_stuck_closing(tmp_path, s3_server, s
     create_snapshot(store, image, "vm", chunk_size=CHUNK)
     opts = s3_server.options(deadline=2 * HANG, connect_timeout=1.0, timeout=2 * HANG)
     opts = type(opts)(**{**opts.__dict__, "endpoint": s3_proxy.endpoint})
-    inside = [0]
-    inside_lock = threading.Lock()
+    inside = Inside()
     close = RestoreSession.close
 
     def tallied_close(self, *args, **kwargs):
-        with inside_lock:
-            inside[0] += 1
-        try:
+        with inside.entered():
             return close(self, *args, **kwargs)
-        finally:
-            with inside_lock:
-                inside[0] -= 1
 
     monkeypatch.setattr(RestoreSession, "close", tallied_close)
 
     def closing() -> bool:
-        with inside_lock:
-            return inside[0] > 0
+        return inside() > 0
 
     with Snapshot.open(DurableStore(store.url, opts), "vm") as snap:
         with Server(snap, tmp_path / "s.sock", ServerSettings(fetchers=1, persist_logs=False, fetch_loop=False),
