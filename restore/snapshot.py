@@ -607,7 +607,8 @@ def _store_chunks(
                 stop.set()  # the other encoders take no more chunks
                 news.put(("failed", exc))
                 return
-        news.put(("encoded", done))
+        if done:
+            news.put(("encoded", done))
         news.put(("ended", None))
 
     # The calling thread's counts: encoders ended, objects sent.
@@ -628,8 +629,7 @@ def _store_chunks(
                         break
                 kind, what = news.get()
                 if kind == "encoded":
-                    if what:
-                        progress(what)  # type: ignore[arg-type]
+                    progress(what)  # type: ignore[arg-type]
                 elif kind == "ended":
                     ended += 1
                 elif kind == "sent":
