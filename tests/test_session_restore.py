@@ -405,6 +405,14 @@ def test_huge_pages(tmp_path, image):
             f.write(str(old))
 
 
+def _refusal(server: Server) -> str:
+    """The one refusal the server has recorded, waited for: a refused VMM
+    sees the hang-up, or dies of the kill, just before the record is made."""
+    wait_for(lambda: server.refused, "no guest was refused", 10)
+    assert len(server.refused) == 1, list(server.refused)
+    return server.refused[0]
+
+
 def _open_fds() -> set[str]:
     """This process's open fds (without the one listing them)."""
     fds = set()
@@ -447,12 +455,9 @@ def test_bad_handshakes_are_refused_and_the_server_goes_on(serve, image, payload
     socket.send_fds(c, [payload], ufds) if ufds else c.sendall(payload)
     for fd in ufds:
         os.close(fd)
-    deadline = time.monotonic() + 10
-    while not server.refused:
-        assert time.monotonic() < deadline, "not refused"
-        time.sleep(0.01)
-    assert message in server.refused[0]
-    assert server.refused[0].startswith(f"refused guest pid {os.getpid()}: ")
+    line = _refusal(server)
+    assert message in line
+    assert line.startswith(f"refused guest pid {os.getpid()}: ")
     assert c.recv(1) == b""  # the server hung up
     c.close()
     assert _open_fds() <= before | {str(f) for f in ufds}
@@ -480,7 +485,7 @@ def test_a_refused_vmm_is_killed_rather_than_left_hanging(serve, tmp_path):
         assert vmm.wait(30) == -signal.SIGKILL
     finally:
         vmm.kill()
-    assert server.refused[0] == (
+    assert _refusal(server) == (
         f"refused guest pid {vmm.pid}: region 0 [0x1000, +1 GiB) at file offset 0x0 ends past the 16 MiB snapshot; "
         "killed it, as it cannot run without its page-fault handler"
     )
@@ -492,11 +497,7 @@ def test_peer_closing_mid_handshake(serve, image):
     c.connect(server.socket_path)
     c.sendall(b'[{"base_host_virt_addr": 4096,')
     c.close()
-    deadline = time.monotonic() + 10
-    while not server.refused:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert "peer closed the connection during the handshake" in server.refused[0]
+    assert "peer closed the connection during the handshake" in _refusal(server)
 
 
 def test_socket_is_private_and_stale_sockets_are_replaced(tmp_path, snap):
@@ -600,8 +601,7 @@ def test_a_peer_with_another_uid_is_refused_and_not_killed(snap, image):
     proc = subprocess.run([sys.executable, "-c", client, server.socket_path], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0 and proc.stdout == "True\n", proc.stderr  # hung up on, alive to the end
-    assert len(server.refused) == 1
-    assert server.refused[0].endswith(f"peer uid 65534 is not allowed on {server.socket_path} (allowed: {os.getuid()})")
+    assert _refusal(server).endswith(f"peer uid 65534 is not allowed on {server.socket_path} (allowed: {os.getuid()})")
     try:
         # The server's own uid is still served.
         with Guest(server.socket_path, memory_size=SIZE) as g:
@@ -620,7 +620,7 @@ def test_allowed_uids_exclude_even_our_own(serve, image, tmp_path):
         g.start(reads([0]))
         with pytest.raises(GuestError, match="SIGKILL"):
             g.wait(30)
-        assert server.refused[0] == (
+        assert _refusal(server) == (
             f"refused guest pid {g.pid}: peer uid {os.getuid()} is not allowed on {server.socket_path} (allowed: 12345); killed it, as it "
             "sent a userfaultfd, and a VMM whose memory nobody serves hangs at its first page fault")
     from restore.errors import InputError
@@ -652,7 +652,7 @@ def test_a_vmm_of_another_uid_that_sends_its_uffd_is_killed(snap):
     vmm = subprocess.Popen([sys.executable, "-c", client, server.socket_path])
     try:
         assert vmm.wait(30) == -signal.SIGKILL
-        assert server.refused[0] == (
+        assert _refusal(server) == (
             f"refused guest pid {vmm.pid}: peer uid 65534 is not allowed on {server.socket_path} "
             f"(allowed: {os.getuid()}); killed it, as "
             "it sent a userfaultfd, and a VMM whose memory nobody serves hangs at its first page fault")
@@ -898,8 +898,7 @@ def test_a_session_that_cannot_start_is_refused_and_leaves_nothing(serve, monkey
         g.start(reads([0]))
         with pytest.raises(GuestError):
             g.wait(30)
-    wait_for(lambda: server.refused, "the guest was not refused", 10)
-    assert "injected failure" in server.refused[0]
+    assert "injected failure" in _refusal(server)
     counts = server.counters()
     assert counts["sessions_active"] == 0 and counts["sessions_refused"] == 1 and not server.summaries
     assert _open_fds() <= before
