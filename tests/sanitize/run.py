@@ -20,7 +20,10 @@ address: AddressSanitizer with UBSan):
    sanitizer's options: stop at the first report, suppressions from
    tests/sanitize/, and every TSan and ASan report written to
    build/sanitize/<kind>/reports/ by whichever process made it (UBSan's go
-   to stderr, which pytest leaves alone: --capture=sys).
+   to stderr, which pytest leaves alone: --capture=sys). Every build is
+   made first; then the sanitizers' pytest runs go side by side, each
+   writing to build/sanitize/<kind>/pytest.log, which is printed when the
+   run ends.
 3. The run fails if pytest fails or if any process wrote a report (a
    report in a child process need not fail the test that started it).
 """
@@ -124,49 +127,71 @@ def build(kind: str, out: Path) -> list[Path]:
     return built
 
 
-def run(kind: str, pytest_args: list[str]) -> bool:
-    out = ROOT / "build" / "sanitize" / kind
-    reports = out / "reports"
-    out.mkdir(parents=True, exist_ok=True)
-    if reports.exists():
-        shutil.rmtree(reports)
-    reports.mkdir()
-    started = time.monotonic()
-    for so in build(kind, out):
-        print(f"sanitize[{kind}]: built {so.relative_to(ROOT)}", flush=True)
-    built_s = time.monotonic() - started
+class Pass:
+    """One sanitizer's pass: its build, then its pytest run, whose output
+    goes to out/pytest.log while it runs beside the other passes."""
 
-    env = dict(os.environ)
-    env.update(_options(kind, reports))
-    env.update({
-        "LD_PRELOAD": _runtime(kind),
-        "PYTHONPATH": os.pathsep.join([str(out), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "RESTORE_SANITIZER": kind,
-    })
-    # Arguments naming tests (paths from the repository's root, with or
-    # without ::node) run those instead of TESTS.
-    named = [a for a in pytest_args if (ROOT / a.split("::")[0]).exists()]
-    rest = [a for a in pytest_args if a not in named]
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
-            "--rootdir", str(ROOT),
-            *(str(ROOT / t) for t in named or TESTS), *rest]
-    # ThreadSanitizer needs its fixed address layout; a kernel with more
-    # mmap randomisation than it expects ("unexpected memory mapping") is
-    # why its run goes without address randomisation.
-    if kind == "thread":
-        argv = ["setarch", platform.machine(), "-R", *argv]
-    # cwd is the build directory: python -m puts it first on sys.path, in
-    # the tests' process as in the children they start with -m.
-    proc = subprocess.run(argv, cwd=out, env=env)
-    found = sorted(p for p in reports.iterdir() if p.is_file())
-    for p in found:
-        print(f"===== sanitize[{kind}]: report {p.relative_to(ROOT)} =====")
-        print(p.read_text(errors="replace"))
-    ok = proc.returncode == 0 and not found
-    print(f"sanitize[{kind}]: {'clean' if ok else 'FAILED'}: pytest exited {proc.returncode}, "
-          f"{len(found)} report file(s); build {built_s:.0f} s, tests {time.monotonic() - started - built_s:.0f} s",
-          flush=True)
-    return ok
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.out = ROOT / "build" / "sanitize" / kind
+        self.reports = self.out / "reports"
+        self.log = self.out / "pytest.log"
+        self.proc: subprocess.Popen | None = None
+        self.built_s = 0.0
+        self.started = 0.0
+
+    def build(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.reports.exists():
+            shutil.rmtree(self.reports)
+        self.reports.mkdir()
+        started = time.monotonic()
+        for so in build(self.kind, self.out):
+            print(f"sanitize[{self.kind}]: built {so.relative_to(ROOT)}", flush=True)
+        self.built_s = time.monotonic() - started
+
+    def start(self, pytest_args: list[str]) -> None:
+        env = dict(os.environ)
+        env.update(_options(self.kind, self.reports))
+        env.update({
+            "LD_PRELOAD": _runtime(self.kind),
+            "PYTHONPATH": os.pathsep.join([str(self.out), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "RESTORE_SANITIZER": self.kind,
+        })
+        # Arguments naming tests (paths from the repository's root, with or
+        # without ::node) run those instead of TESTS.
+        named = [a for a in pytest_args if (ROOT / a.split("::")[0]).exists()]
+        rest = [a for a in pytest_args if a not in named]
+        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
+                "--rootdir", str(ROOT),
+                *(str(ROOT / t) for t in named or TESTS), *rest]
+        # ThreadSanitizer needs its fixed address layout; a kernel with more
+        # mmap randomisation than it expects ("unexpected memory mapping") is
+        # why its run goes without address randomisation.
+        if self.kind == "thread":
+            argv = ["setarch", platform.machine(), "-R", *argv]
+        print(f"sanitize[{self.kind}]: running the tests (output: {self.log.relative_to(ROOT)})", flush=True)
+        self.started = time.monotonic()
+        # cwd is the build directory: python -m puts it first on sys.path, in
+        # the tests' process as in the children they start with -m.
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=self.out, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def finish(self) -> bool:
+        """Wait for the run, print its output and reports; True when clean."""
+        assert self.proc is not None
+        rc = self.proc.wait()
+        tests_s = time.monotonic() - self.started
+        print(f"===== sanitize[{self.kind}]: pytest output =====", flush=True)
+        sys.stdout.buffer.write(self.log.read_bytes())
+        found = sorted(p for p in self.reports.iterdir() if p.is_file())
+        for p in found:
+            print(f"===== sanitize[{self.kind}]: report {p.relative_to(ROOT)} =====")
+            print(p.read_text(errors="replace"))
+        ok = rc == 0 and not found
+        print(f"sanitize[{self.kind}]: {'clean' if ok else 'FAILED'}: pytest exited {rc}, "
+              f"{len(found)} report file(s); build {self.built_s:.0f} s, tests {tests_s:.0f} s", flush=True)
+        return ok
 
 
 def main(argv: list[str]) -> int:
@@ -177,8 +202,22 @@ def main(argv: list[str]) -> int:
     for kind in kinds or list(RUNTIME):
         if kind not in RUNTIME:
             sys.exit(f"unknown sanitizer {kind!r}: expected {' or '.join(RUNTIME)}")
-    results = {kind: run(kind, pytest_args) for kind in kinds or list(RUNTIME)}
-    return 0 if all(results.values()) else 1
+    passes = [Pass(kind) for kind in kinds or list(RUNTIME)]
+    for p in passes:
+        p.build()
+    # The passes run side by side: each keeps about one core busy
+    # (ThreadSanitizer's run is mostly one thread's instrumented work), so
+    # on two cores they take little longer than the slower one alone.
+    try:
+        for p in passes:
+            p.start(pytest_args)
+        results = [p.finish() for p in passes]
+    finally:
+        for p in passes:
+            if p.proc is not None and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":
