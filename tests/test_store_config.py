@@ -6,6 +6,8 @@ setting to fix."""
 from __future__ import annotations
 
 import re
+import socketserver
+import threading
 
 import numpy as np
 import pytest
@@ -135,7 +137,7 @@ def test_a_malformed_endpoint_is_named(run_cli):
 
 
 def test_an_unreachable_endpoint_is_named_on_create_and_read(run_cli, image):
-    env = {**KEYS, "AWS_ENDPOINT_URL": DEAD, "AWS_ALLOW_HTTP": "true"}
+    env = {**KEYS, "AWS_ENDPOINT_URL": DEAD, "AWS_ALLOW_HTTP": "true", "RESTORE_STORE_DEADLINE": "1"}
     url = "s3://snapshots/dead"
     line = _one_line_error(run_cli("snapshot", "create", str(image), "--name", "fn", "--store", url, env=env))
     assert line.startswith(f"error: AWS_ENDPOINT_URL={DEAD} (from the environment): cannot connect: "
@@ -147,8 +149,48 @@ def test_an_unreachable_endpoint_is_named_on_create_and_read(run_cli, image):
 
 def test_an_unreachable_restore_endpoint_names_the_option(run_cli):
     line = _one_line_error(run_cli("snapshot", "ls", "--store", "s3://snapshots/x", "--s3-endpoint", DEAD,
-                                   env=KEYS))
+                                   "--store-deadline", "1", env=KEYS))
     assert line.startswith(f"error: --s3-endpoint={DEAD}: cannot connect: connection refused"), line
+
+
+class _Dropper(socketserver.ThreadingTCPServer):
+    """An endpoint that accepts every connection and closes it unanswered:
+    each attempt of a request is one connection, counted."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+        class Drop(socketserver.BaseRequestHandler):
+            def handle(inner) -> None:
+                self.attempts += 1
+
+        super().__init__(("127.0.0.1", 0), Drop)
+        self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def test_the_store_deadline_bounds_the_retries(run_cli):
+    """--store-deadline (or RESTORE_STORE_DEADLINE) is how long a failing
+    request is retried: 0 tries once, a deadline tries again; a bad value
+    exits 2 with the reason."""
+    dropper = _Dropper()
+    try:
+        args = ["snapshot", "ls", "--store", "s3://snapshots/x", "--s3-endpoint", dropper.endpoint]
+        _one_line_error(run_cli(*args, env={**KEYS, "RESTORE_STORE_DEADLINE": "0"}))
+        assert dropper.attempts == 1
+        dropper.attempts = 0
+        _one_line_error(run_cli(*args, "--store-deadline", "0.5", env=KEYS))
+        assert dropper.attempts > 1
+    finally:
+        dropper.close()
+    r = run_cli(*args, "--store-deadline", "-1", env=KEYS)
+    assert r.returncode == 2 and "-1.0 is not in the range x>=0" in r.stderr, r.stderr
 
 
 # --- resolution order, without a server ------------------------------------
@@ -231,7 +273,7 @@ def test_azurite_through_an_explicit_endpoint(azurite, monkeypatch):
 
 def test_an_unreachable_azure_endpoint_is_named(run_cli):
     env = {"AZURE_STORAGE_ENDPOINT": f"{DEAD}/acct", "AZURE_STORAGE_ACCOUNT_NAME": "acct",
-           "AZURE_STORAGE_ACCOUNT_KEY": "a2V5"}
+           "AZURE_STORAGE_ACCOUNT_KEY": "a2V5", "RESTORE_STORE_DEADLINE": "1"}
     line = _one_line_error(run_cli("snapshot", "ls", "--store", "az://snapshots/x", env=env))
     assert line.startswith(f"error: AZURE_STORAGE_ENDPOINT={DEAD}/acct (from the environment): cannot connect: "
                            "connection refused"), line
@@ -270,7 +312,7 @@ def test_snapshot_in_a_gcs_emulator_inspect_verify_restore(fake_gcs, image, run_
 
 def test_an_unreachable_gcs_endpoint_is_named(run_cli, tmp_path, gcs_account):
     key = gcs_account(tmp_path / "account.json", DEAD)
-    env = {"GOOGLE_SERVICE_ACCOUNT": str(key)}
+    env = {"GOOGLE_SERVICE_ACCOUNT": str(key), "RESTORE_STORE_DEADLINE": "1"}
     line = _one_line_error(run_cli("snapshot", "ls", "--store", "gs://snapshots/x", env=env))
     assert line.startswith(f"error: gcs_base_url={DEAD} in GOOGLE_SERVICE_ACCOUNT={key}: cannot connect: "
                            "connection refused"), line

@@ -70,7 +70,8 @@ def test_unreachable_s3_endpoint_is_a_store_error():
     """Nothing listens on port 1: the error names the endpoint's setting, why, the store and the key."""
     s = DurableStore(
         "s3://bucket",
-        S3Options(endpoint="http://127.0.0.1:1", region="us-east-1", access_key_id="a", secret_access_key="b"),
+        S3Options(endpoint="http://127.0.0.1:1", region="us-east-1", access_key_id="a", secret_access_key="b",
+                  deadline=1),
     )
     with pytest.raises(StoreError, match=re.escape(
             "S3Options.endpoint=http://127.0.0.1:1: cannot connect: connection refused (store s3://bucket: get 'chunks/x' failed)")):

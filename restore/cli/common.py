@@ -165,7 +165,28 @@ def progress_bar(description: str, total: int) -> Iterator:
         yield lambda n: bar.advance(task, n)
 
 
+def _keep_store_deadline(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    ctx.meta[STORE_DEADLINE] = value
+    return value
+
+
+STORE_DEADLINE = "restore.store_deadline"  # ctx.meta key: --store-deadline, read by open_store
+
+
 def store_options(f):
+    f = click.option(
+        "--store-deadline",
+        type=click.FloatRange(min=0),
+        envvar="RESTORE_STORE_DEADLINE",
+        default=S3Options.deadline,
+        show_default=True,
+        metavar="SECONDS",
+        expose_value=False,
+        callback=_keep_store_deadline,
+        help="Seconds within which a failed request to a network store (s3://, gs://, az://: a 5xx, throttling, "
+        "a refused or dropped connection, a timeout) is retried, with backoff, before it is an error; 0 tries "
+        "once (env RESTORE_STORE_DEADLINE).",
+    )(f)
     f = click.option(
         "--s3-region", envvar="RESTORE_S3_REGION", default=None,
         help="S3 region (env RESTORE_S3_REGION; else AWS_REGION, AWS_DEFAULT_REGION or the AWS profile's region)."
@@ -228,8 +249,10 @@ def open_store(store_url: Optional[str], s3_endpoint: Optional[str], s3_region: 
     if s3_endpoint and ctx is not None:
         source = ctx.get_parameter_source("s3_endpoint")
         endpoint_from = "RESTORE_S3_ENDPOINT" if source == click.core.ParameterSource.ENVIRONMENT else "--s3-endpoint"
+    deadline = ctx.meta.get(STORE_DEADLINE, S3Options.deadline) if ctx is not None else S3Options.deadline
     return DurableStore(store_url or default_store_url(),
-                        S3Options(endpoint=s3_endpoint, region=s3_region, endpoint_from=endpoint_from))
+                        S3Options(endpoint=s3_endpoint, region=s3_region, endpoint_from=endpoint_from,
+                                  deadline=deadline))
 
 
 HOST_CACHE_HELP = ("Host cache of decoded chunks, shared by every server on the host (default: host/ in the "
