@@ -76,25 +76,27 @@ def resident_bytes(paths: Iterable[str | os.PathLike]) -> int:
 
 
 def _resident(fs: list[Path]) -> int:
-    total = 0
-    for f in fs:
-        size = f.stat().st_size
-        if not size:
-            continue
-        with open(f, "rb") as fh:
-            m = mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ)
-        try:
-            view = np.frombuffer(m, dtype=np.uint8)
-            vec = np.zeros((size + _PAGE - 1) // _PAGE, dtype=np.uint8)
-            rc = _libc.mincore(view.ctypes.data, size, vec.ctypes.data)
-            del view
-            if rc != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore on {f}: {os.strerror(err)}")
-            total += int(np.count_nonzero(vec & 1)) * _PAGE
-        finally:
-            m.close()
-    return total
+    return sum(int(np.count_nonzero(resident_pages(f))) * _PAGE for f in fs)
+
+
+def resident_pages(path: str | os.PathLike) -> np.ndarray:
+    """One bool per page of the file: in the page cache now (mincore)."""
+    size = os.stat(path).st_size
+    if not size:
+        return np.zeros(0, dtype=bool)
+    with open(path, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ)
+    try:
+        view = np.frombuffer(m, dtype=np.uint8)
+        vec = np.zeros((size + _PAGE - 1) // _PAGE, dtype=np.uint8)
+        rc = _libc.mincore(view.ctypes.data, size, vec.ctypes.data)
+        del view
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mincore on {path}: {os.strerror(err)}")
+        return (vec & 1).astype(bool)
+    finally:
+        m.close()
 
 
 def set_state(state: str, paths: Iterable[str | os.PathLike]) -> int:

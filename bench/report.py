@@ -417,10 +417,13 @@ def create_speed_section(doc: dict) -> str:
             else:
                 wanted.append(f"RSS ≤ {limit >> 20} MiB")
                 met &= median(rss) <= limit
+        cached = [r["cached"] for r in rounds if "cached" in r]
         body.append([image, way, cell([x * 1e3 for x in s], ms) + " ms", cell(rate, fmt) if rate else "–",
                      f"{median(rss) / 2**20:.0f} MiB" if rss else "–",
+                     f"{min(cached):.0%}" if cached else "–",
                      f"{', '.join(wanted)}: {'met' if met else 'not met'}" if wanted else "–"])
-    return _table(["image", "way", "time", "GB/s of memory file", "peak RSS", "target (by the median)"], body)
+    return _table(["image", "way", "time", "GB/s of memory file", "peak RSS", "cached", "target (by the median)"],
+                  body)
 
 
 def micro_sections(doc: dict) -> dict:
