@@ -100,7 +100,7 @@ firecracker: install
 
 test: install $(AZURITE) $(S3RVER)
 	@if [ -e /dev/kvm ]; then $(MAKE) --no-print-directory firecracker; fi
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	$(PY) tests/sanitize/run.py thread address
 
 # The sanitizer runtimes (libtsan, libasan, libubsan) come with Debian's gcc.

@@ -35,6 +35,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +138,8 @@ class Pass:
         self.reports = self.out / "reports"
         self.log = self.out / "pytest.log"
         self.proc: subprocess.Popen | None = None
+        self.waiter: threading.Thread | None = None
+        self.ended = 0.0
         self.built_s = 0.0
         self.started = 0.0
 
@@ -176,12 +179,21 @@ class Pass:
         # the tests' process as in the children they start with -m.
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=self.out, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Its own time, though its output waits for the passes before it.
+        self.waiter = threading.Thread(target=self._wait, name=f"sanitize-{self.kind}")
+        self.waiter.start()
+
+    def _wait(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self.ended = time.monotonic()
 
     def finish(self) -> bool:
         """Wait for the run, print its output and reports; True when clean."""
-        assert self.proc is not None
-        rc = self.proc.wait()
-        tests_s = time.monotonic() - self.started
+        assert self.proc is not None and self.waiter is not None
+        self.waiter.join()
+        rc = self.proc.returncode
+        tests_s = self.ended - self.started
         print(f"===== sanitize[{self.kind}]: pytest output =====", flush=True)
         sys.stdout.buffer.write(self.log.read_bytes())
         found = sorted(p for p in self.reports.iterdir() if p.is_file())
