@@ -103,7 +103,7 @@ def _write_images(work: Path) -> dict[str, Path]:
 
 def _warm(paths: list[Path]) -> float:
     """Read the files' data extents (directories: every file under them) so
-    their pages are in the page cache; returns the share of those bytes
+    their pages are in the page cache; returns the share of those pages
     that mincore then finds resident, the state the round starts in."""
     pages = resident = 0
     for path in pagecache.files(paths):

@@ -165,12 +165,12 @@ def progress_bar(description: str, total: int) -> Iterator:
         yield lambda n: bar.advance(task, n)
 
 
+STORE_DEADLINE = "restore.store_deadline"  # ctx.meta key: --store-deadline, read by open_store
+
+
 def _keep_store_deadline(ctx: click.Context, param: click.Parameter, value: float) -> float:
     ctx.meta[STORE_DEADLINE] = value
     return value
-
-
-STORE_DEADLINE = "restore.store_deadline"  # ctx.meta key: --store-deadline, read by open_store
 
 
 def store_options(f):
