@@ -62,6 +62,15 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py csrc/*.c csrc/*.h csrc/private
 	RESTORE_WERROR=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The package's bytecode, as pip writes it when it installs a wheel. An
+# editable install leaves it to the first import, and where
+# PYTHONDONTWRITEBYTECODE is set nothing ever writes it: every `restore`
+# command, and every process the tests start, would compile the package
+# again (30-60 ms each).
+$(VENV)/.bytecode: $(VENV)/.installed $(shell find restore -name '*.py')
+	$(PY) -m compileall -q restore
+	touch $@
+
 # Azurite (the Azure tests) and s3rver (the benchmark's S3 server, which
 # keeps connections alive) need Node.js and npm. `make install` (and so
 # `make demo`) goes on without them; `make test` installs them (Debian:
@@ -73,7 +82,7 @@ $(AZURITE) $(S3RVER) &:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
 	npm install --prefix $(NODE_DIR) --no-audit --no-fund --silent azurite@$(AZURITE_VERSION) s3rver@$(S3RVER_VERSION)
 
-install: deps $(VENV)/.installed
+install: deps $(VENV)/.installed $(VENV)/.bytecode
 	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(AZURITE) $(S3RVER); \
 	else echo "npm not found: Azurite (Azure tests) and s3rver (benchmark S3 server) not installed"; fi
 
@@ -117,3 +126,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info restore/_engine*.so restore/_engine.c restore/_testbed*.so restore/_testbed.c $(DEMO_DIR) .pytest_cache .benchmarks
+	find restore -name __pycache__ -prune -exec rm -rf {} +
