@@ -398,7 +398,7 @@ def create_speed_section(doc: dict) -> str:
         s = [r["s"] for r in rounds]
         rss = [r["max_rss"] for r in rounds if "max_rss" in r]
         rate = [sizes[image] / x / 1e9 for x in s] if image in sizes else []
-        if way in ("encode", "floor"):
+        if way == "encode" or way.startswith("floor"):
             goal = {}  # ceilings, not ways of creating
         elif way in ("cli/optimize", "cli/export"):
             goal = dict(targets.get(way.removeprefix("cli/"), {}))
@@ -418,11 +418,14 @@ def create_speed_section(doc: dict) -> str:
                 wanted.append(f"RSS ≤ {limit >> 20} MiB")
                 met &= median(rss) <= limit
         cached = [r["cached"] for r in rounds if "cached" in r]
+        lz4_share = [r["lz4_share"] for r in rounds if "lz4_share" in r]
         body.append([image, way, cell([x * 1e3 for x in s], ms) + " ms", cell(rate, fmt) if rate else "–",
                      f"{median(rss) / 2**20:.0f} MiB" if rss else "–",
                      f"{min(cached):.0%}" if cached else "–",
+                     f"{median(lz4_share):.1%}" if lz4_share else "–",
                      f"{', '.join(wanted)}: {'met' if met else 'not met'}" if wanted else "–"])
-    return _table(["image", "way", "time", "GB/s of memory file", "peak RSS", "cached", "target (by the median)"],
+    return _table(["image", "way", "time", "GB/s of memory file", "peak RSS", "cached", "lz4 leaves",
+                   "target (by the median)"],
                   body)
 
 
