@@ -350,6 +350,7 @@ def main(argv=None) -> int:
     raw: dict[str, list[dict]] = {}
     path = args.json or results.default_path(kind="create-speed")
     shown = {**vars(args), "dense16": args.dense16 and str(args.dense16), "json": args.json and str(args.json)}
+    dense = args.dense16 and f"dense-{args.dense16.stat().st_size >> 30}g"
 
     def keep() -> None:
         """Write what has been measured so far: the rounds are kept even
@@ -357,9 +358,8 @@ def main(argv=None) -> int:
         doc = results.bench_document("create_speed", "bench.create_speed", argv, shown, started, raw)
         doc["image_bytes"] = {"sparse-16g": SPARSE_SIZE, "half-zero-1g": 1 << 30, "mixed-256m": 256 << 20}
         doc["targets"] = TARGETS
-        for key in raw:
-            if key.startswith("dense-"):
-                doc["image_bytes"][key.split("/")[0]] = args.dense16.stat().st_size
+        if dense:
+            doc["image_bytes"][dense] = args.dense16.stat().st_size
         results.write(doc, path)
 
     with tempfile.TemporaryDirectory(prefix="restore-create-", dir=os.environ.get("TMPDIR")) as tmp:
@@ -380,9 +380,8 @@ def main(argv=None) -> int:
         keep()
         if args.dense16:
             print(f"rounds kept as {path}; now the dense file, once each way", file=sys.stderr)
-            name = f"dense-{args.dense16.stat().st_size >> 30}g"
             for way in ("cli/file", "cli/optimize", "cli/export"):
-                raw[f"{name}/{way}"] = [Way(work, args.dense16, way).round()]
+                raw[f"{dense}/{way}"] = [Way(work, args.dense16, way).round()]
                 keep()
             print("dense file created, optimized and exported once", file=sys.stderr)
     print(f"\nmedian [min-max] of {args.rounds} interleaved rounds")
