@@ -254,6 +254,7 @@ def test_a_server_keeps_its_plan_and_follows_a_new_one(snap, image):
     assert keeper.wait(30)
     b = keeper.current()
     assert (b == _trace(image, 10)).all()
+    assert keeper.wait(30)  # the pointer read current() started, before the store changes under it
     # A pointer to a plan that is gone: the plan is dropped, the next session told why.
     snap.store.delete(f"plans/{second.plan_id}")
     save_plan(snap.store, snap.manifest, _trace(image, 11), [], 1.0)
