@@ -17,10 +17,10 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from bench.create_speed import encode_all
 from restore.codec import ChunkCodec
 from restore.snapshot import Snapshot, create_snapshot, data_extents
 from restore.tiers.durable import DurableStore
@@ -64,14 +64,8 @@ def test_bench_encode_only_1gib(benchmark, mixed_gib, encrypted):
     data = mixed_gib.read_bytes()
     view = memoryview(data)
     codec = ChunkCodec(CHUNK, 4096, key)
-    workers = os.cpu_count() or 1
-
-    def encode_all():
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda i: codec.encode(view[i : i + CHUNK]), range(0, len(data), CHUNK)))
-
     benchmark.extra_info.update(bytes=len(data), label="encode only (the C encoder, one thread per core)")
-    encoded = benchmark.pedantic(encode_all, rounds=3, iterations=1)  # the last round's
+    encoded = benchmark.pedantic(encode_all, args=(codec, data), rounds=3, iterations=1)  # the last round's
     assert len(encoded) == -(-len(data) // CHUNK)
     out = bytearray(CHUNK)
     for i, e in zip(range(0, len(data), CHUNK), encoded):
