@@ -365,7 +365,8 @@ def main(argv=None) -> int:
     raw: dict[str, list[dict]] = {}
     path = args.json or results.default_path(kind="create-speed")
     shown = {**vars(args), "dense16": args.dense16 and str(args.dense16), "json": args.json and str(args.json)}
-    dense = args.dense16 and f"dense-{args.dense16.stat().st_size >> 30}g"
+    dense_size = args.dense16.stat().st_size if args.dense16 else 0
+    dense = args.dense16 and f"dense-{dense_size >> 30}g"
 
     def keep() -> None:
         """Write what has been measured so far: the rounds are kept even
@@ -374,7 +375,7 @@ def main(argv=None) -> int:
         doc["image_bytes"] = {"sparse-16g": SPARSE_SIZE, "half-zero-1g": 1 << 30, "mixed-256m": 256 << 20}
         doc["targets"] = TARGETS
         if dense:
-            doc["image_bytes"][dense] = args.dense16.stat().st_size
+            doc["image_bytes"][dense] = dense_size
         results.write(doc, path)
 
     with tempfile.TemporaryDirectory(prefix="restore-create-", dir=os.environ.get("TMPDIR")) as tmp:
