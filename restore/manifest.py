@@ -228,12 +228,22 @@ class Manifest:
         return json.dumps(self._doc(), sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self) -> bytes:
-        """The manifest as written to the store: indented JSON, UTF-8, with
-        the MAC when there is one."""
+        """The manifest as written to the store: UTF-8 JSON, indented, the
+        chunk table last with one entry per line, and the MAC when there is
+        one.
+
+        json's indenting encoder is pure Python (some 120 ms for the 32768
+        chunks of 16 GiB); the table goes through its C encoder in one call
+        instead, and its entries, whose values are hex strings, integers and
+        nulls, are split onto lines where one ends and the next begins."""
         doc = self._doc()
+        chunks = doc.pop("chunks")
         if self.mac is not None:
             doc["mac"] = self.mac
-        return (json.dumps(doc, indent=1) + "\n").encode()
+        table = json.dumps(chunks, separators=(", ", ": "))
+        table = "[\n  " + table[1:-1].replace("}, {", "},\n  {") + "\n ]"
+        head = json.dumps(doc, indent=1)
+        return f'{head[:-2]},\n "chunks": {table}\n}}\n'.encode()
 
     @classmethod
     def parse(cls, data: bytes, where: str) -> "Manifest":

@@ -46,6 +46,13 @@ def test_written_manifest_is_self_describing(doc):
     assert m.memory_size == (4 << 20) + 3 * 4096 and m.chunk_size == 65536 and m.page_size == 4096
 
 
+def test_written_manifest_has_a_chunk_entry_per_line(written):
+    lines = written.decode().splitlines()
+    entries = [json.loads(line.strip().rstrip(",")) for line in lines if line.startswith('  {"id": ')]
+    assert entries == json.loads(written)["chunks"] and len(entries) == 65
+    assert written.endswith(b"\n ]\n}\n") and Manifest.parse(written, WHERE).to_json() == written
+
+
 def test_truncated(store, doc):
     data = json.dumps(doc).encode()
     for cut in (1, len(data) // 2, len(data) - 1):
