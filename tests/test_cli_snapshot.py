@@ -182,6 +182,22 @@ def test_version_and_help(run_cli):
     assert "create" in run_cli("snapshot", "--help", check=True).stdout
 
 
+def test_commands_start_no_openblas_threads_unless_asked(tmp_path):
+    """numpy's OpenBLAS would start a spinning thread per core besides the
+    first; the command asks for none, and a user's setting stands."""
+    run = "from restore.cli import main; import os; main(['sample-image', 's.img', '--size', '1M']); " \
+          "print(len(os.listdir('/proc/self/task')))"
+
+    def threads(**env) -> int:
+        full = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"} | env
+        out = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, env=full, cwd=tmp_path,
+                             timeout=120, check=True).stdout
+        return int(out.split()[-1])
+
+    assert threads() == 1
+    assert threads(OPENBLAS_NUM_THREADS="2") == 2
+
+
 def test_sample_image_and_rm(tmp_path, run_cli):
     run_cli("sample-image", "s.img", "--size", "1M", "--seed", "3", check=True)
     assert (tmp_path / "s.img").stat().st_size == 1 << 20

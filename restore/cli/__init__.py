@@ -9,6 +9,7 @@ needs when it runs, so `restore --help` loads neither the engine nor numpy.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -36,7 +37,14 @@ for command in (snapshot, serve, try_, plan, session, key, bench, sample_image):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: run the CLI, turning the package's errors into one line."""
+    """Entry point: run the CLI, turning the package's errors into one line.
+
+    numpy's OpenBLAS starts a thread per core when numpy is imported, and
+    each spins for some 0.1 s of CPU before it sleeps; restore does no
+    linear algebra, so a command (and a handler, many to a host) asks for
+    none unless OPENBLAS_NUM_THREADS is set. Commands import numpy when they
+    run, after this."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=args, prog_name="restore", standalone_mode=False, obj=Invocation(tuple(args)))
