@@ -33,6 +33,36 @@ def test_basic_operations(tmp_path, kind):
     assert list(s.list("nothing/")) == []
 
 
+def test_file_store_chunk_objects_are_obstores_layout(tmp_path):
+    """A file:// store reads and writes chunk objects itself: obstore reads
+    what it wrote and the other way round, staging files never show, and
+    failures are StoreErrors naming the store and the key."""
+    import obstore
+    from obstore.store import LocalStore
+
+    s, raw = DurableStore(f"file://{tmp_path}/s"), LocalStore(tmp_path / "s")
+    mine, theirs, missing = (f"chunks/{c * 64}" for c in "abc")
+    assert s.get(missing) is None  # no chunks/ directory yet
+    assert s.put(mine, b"one", create_only=True) is True
+    assert bytes(obstore.get(raw, mine).bytes()) == b"one"
+    assert s.put(mine, b"two", create_only=True) is False and s.get(mine) == b"one"
+    s.put(mine, memoryview(b"three"))
+    assert bytes(obstore.get(raw, mine).bytes()) == b"three"
+    obstore.put(raw, theirs, b"obstore's")
+    assert s.get(theirs) == b"obstore's" and s.get(missing) is None
+    assert sorted((tmp_path / "s" / "chunks").iterdir()) == [tmp_path / "s" / k for k in (mine, theirs)]
+    (tmp_path / "s" / f"{missing}#12").write_bytes(b"left by a crash")
+    assert sorted(i.key for i in s.list("chunks/")) == [mine, theirs]
+
+    (tmp_path / "s" / missing).mkdir()
+    with pytest.raises(StoreError, match=re.escape(f"store file://{tmp_path}/s: get '{missing}' failed: ")):
+        s.get(missing)
+    blocked = DurableStore(f"file://{tmp_path}/t")
+    (tmp_path / "t" / "chunks").write_bytes(b"a file where the directory goes")
+    with pytest.raises(StoreError, match=re.escape(f"store file://{tmp_path}/t: put '{mine}' failed: ")):
+        blocked.put_new(mine, b"one")
+
+
 def test_relative_file_url_resolves_from_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     DurableStore("file://rel/store").put("k", b"v")
