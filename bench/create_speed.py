@@ -107,7 +107,7 @@ def _write_images(work: Path) -> dict[str, Path]:
     return images
 
 
-def _warm(paths: list[Path]) -> float:
+def warm(paths: list[Path]) -> float:
     """Read the files' data extents (directories: every file under them) so
     their pages are in the page cache; returns the share of those pages
     that mincore then finds resident, the state the round starts in."""
@@ -258,7 +258,7 @@ class Way:
         if self.way == "encode":  # the image in this process's memory, read once
             return self._timed()
         inputs = [Path(self._source())] if self.way in ("cli/export", "cli/optimize") else [self.image]
-        cached = _warm(inputs)
+        cached = warm(inputs)
         return {**self._timed(), "cached": cached}
 
     def _timed(self) -> dict:

@@ -429,6 +429,28 @@ def create_speed_section(doc: dict) -> str:
                   body)
 
 
+def local_store_section(doc: dict) -> str:
+    """bench.local_store: per operation, restore's own file calls and
+    obstore's local store side by side, medians of the rounds with their
+    ranges, and the verdict on the times (ranges apart, or level)."""
+    raw = doc["raw"]
+
+    def cell(xs: list[float], fmt) -> str:
+        return f"{fmt(median(xs))} ({fmt(min(xs))}–{fmt(max(xs))})"
+
+    body = []
+    for op in dict.fromkeys(k.split("/")[0] for k in raw):
+        s = {how: [r["s"] * 1e3 for r in raw[f"{op}/{how}"]] for how in ("direct", "obstore")}
+        for how in ("direct", "obstore"):
+            rounds = raw[f"{op}/{how}"]
+            cached = [r["cached"] for r in rounds if "cached" in r]
+            body.append([op, how, cell(s[how], ms) + " ms", cell([r["mib_s"] for r in rounds], lambda x: f"{x:.0f}"),
+                         cell([r["cpu_ms_per_mib"] for r in rounds], lambda x: f"{x:.2f}"),
+                         f"{min(cached):.0%}" if cached else "–",
+                         verdict(s["direct"], s["obstore"], "direct", "obstore") if how == "direct" else "–"])
+    return _table(["operation", "way", "time", "MiB/s", "CPU ms per MiB", "cached", "verdict"], body)
+
+
 def micro_sections(doc: dict) -> dict:
     from bench.microtables import tables
 
@@ -438,7 +460,7 @@ def micro_sections(doc: dict) -> dict:
 def sections_of(doc: dict) -> dict:
     """The sections a document can give: a comparison run's, a pytest-
     benchmark run's (micro-*), bench.fault_poll's, bench.setup_flat's,
-    bench.fetch_inflight's or bench.create_speed's."""
+    bench.fetch_inflight's, bench.create_speed's or bench.local_store's."""
     if "benchmarks" in doc:
         return micro_sections(doc)
     kind = doc.get("kind")
@@ -450,6 +472,8 @@ def sections_of(doc: dict) -> dict:
         return {"fetch-inflight": fetch_inflight_section}
     if kind == "create_speed":
         return {"create-speed": create_speed_section}
+    if kind == "local_store":
+        return {"local-store": local_store_section}
     return SECTIONS
 
 
