@@ -28,8 +28,9 @@ read and written with plain file calls in obstore's layout (the key's path
 under the directory; a write goes to a staging file `<path>#<digits>`, which
 obstore's listing skips, then is linked into place, or renamed over it when
 overwriting), so either reads what the other wrote. obstore's local store
-hands each call to a thread of its runtime: some 2.5 times the CPU per
-object, and a thread switch each way on every call.
+hands each call to a thread of its runtime, a thread switch each way:
+reading took it twice the CPU and 2.4 times as long, writing 1.3 times as
+long (bench/local_store.py).
 """
 
 from __future__ import annotations
