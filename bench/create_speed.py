@@ -65,8 +65,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import median
 
@@ -154,24 +154,40 @@ def _cli(args: list[str], work: Path) -> tuple[float, int]:
     return wall, int(hwm.read_text()) * 1024
 
 
-def encode_all(codec: ChunkCodec, data: bytes) -> list:
-    """data's chunks encoded in order, one thread per core, each taking the
-    next chunk as creation's encoders do: no future, and no wake-up of the
-    calling thread, per chunk (handing chunks out through pool.map cost up
-    to a fifth of the time, so the row timed the pool, not the encoder)."""
-    view, C = memoryview(data), codec.chunk_size
-    n = -(-len(data) // C)
-    out: list = [None] * n
+def each_on_cores(n: int, work) -> None:
+    """work(i) for every i in range(n), on one thread per core, each thread
+    taking the next i as creation's encoders take chunks: no future, and no
+    wake-up of the calling thread, per item (handing chunks out through
+    pool.map cost up to a fifth of the encoder's time). The first failure
+    stops the other threads and is raised."""
     taken = itertools.count()  # next() on it is atomic under the GIL
+    failed: list[BaseException] = []
 
-    def encode_some() -> None:
-        while (i := next(taken)) < n:
-            out[i] = codec.encode(view[i * C:(i + 1) * C])
+    def some() -> None:
+        try:
+            while not failed and (i := next(taken)) < n:
+                work(i)
+        except BaseException as exc:
+            failed.append(exc)
 
-    workers = os.cpu_count() or 1
-    with ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(encode_some) for _ in range(workers)]:
-            f.result()
+    threads = [threading.Thread(target=some) for _ in range(os.cpu_count() or 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise failed[0]
+
+
+def encode_all(codec: ChunkCodec, data: bytes) -> list:
+    """data's chunks encoded in order, one thread per core (each_on_cores)."""
+    view, C = memoryview(data), codec.chunk_size
+    out: list = [None] * -(-len(data) // C)
+
+    def encode(i: int) -> None:
+        out[i] = codec.encode(view[i * C:(i + 1) * C])
+
+    each_on_cores(len(out), encode)
     return out
 
 

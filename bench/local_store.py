@@ -29,11 +29,9 @@ bench.report --docs docs/benchmarks.md` makes the table).
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from statistics import median
@@ -42,34 +40,13 @@ import obstore
 from obstore.store import LocalStore
 
 from bench import results
-from bench.create_speed import warm
+from bench.create_speed import each_on_cores, warm
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.snapshot import create_snapshot
 from restore.tiers.durable import DurableStore
 
 WAYS = ("get/direct", "get/obstore", "put/direct", "put/obstore")
-
-
-def _each(keys: list[str], work) -> None:
-    """work(key) for every key, on one thread per core, each taking the next."""
-    at = itertools.count()
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            while not failed and (i := next(at)) < len(keys):
-                work(keys[i])
-        except BaseException as exc:
-            failed.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(os.cpu_count() or 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failed:
-        raise failed[0]
 
 
 class Run:
@@ -112,7 +89,7 @@ class Run:
                 def work(key: str) -> None:
                     obstore.put(local, key, self.data[key], mode="create")
         c0, t0 = time.process_time(), time.perf_counter()
-        _each(self.keys, work)
+        each_on_cores(len(self.keys), lambda i: work(self.keys[i]))
         s, cpu = time.perf_counter() - t0, time.process_time() - c0
         if op == "put":  # every object there, byte for byte
             for key in self.keys:
