@@ -159,11 +159,18 @@ class DurableStore:
         first = text.splitlines()[0] if text else type(exc).__name__
         return StoreError(f"store {self.url}: {what} '{key}' failed: {first}")
 
+    def _chunk_file(self, key: str) -> Optional[str]:
+        """The file of a file:// store's chunk object, which get and put
+        read and write themselves (module text); None for any other key or
+        store."""
+        return os.path.join(self._root, key) if self._root is not None and _CHUNK_KEY.fullmatch(key) else None
+
     def get(self, key: str) -> Optional[bytes]:
         """The object's bytes, or None when it does not exist."""
-        if self._root is not None and _CHUNK_KEY.fullmatch(key):
+        path = self._chunk_file(key)
+        if path is not None:
             try:
-                with open(os.path.join(self._root, key), "rb", buffering=0) as f:
+                with open(path, "rb", buffering=0) as f:
                     return f.readall()
             except FileNotFoundError:
                 return None
@@ -190,9 +197,10 @@ class DurableStore:
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         """Write an object atomically. With create_only, an existing object
         is left as it is and False is returned."""
-        if self._root is not None and _CHUNK_KEY.fullmatch(key):
+        path = self._chunk_file(key)
+        if path is not None:
             try:
-                return _put_file(os.path.join(self._root, key), data, create_only)
+                return _put_file(path, data, create_only)
             except OSError as exc:
                 raise self._fail("put", key, exc) from exc
         try:
