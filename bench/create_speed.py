@@ -20,6 +20,7 @@ Ways of creating, each image's interleaved round by round:
                 the command's peak RSS (its VmHWM)
   lib/file      create_snapshot() in this process into a file:// store
   lib/memory    create_snapshot() in this process into a memory:// store
+                (the last round's store dropped first)
   encode        the C encoder alone over the image held in memory, one
                 thread per core (the codec's own ceiling; no read, no store;
                 each object dropped once encoded, as creation drops it
@@ -266,6 +267,9 @@ class Way:
         os.sync()
         self.n += 1
         if self.way.endswith("/memory"):
+            # The last round's objects go first: held through this round,
+            # they made it fault in new memory for all of its own.
+            self.kept = None
             return "memory://"
         return f"file://{self.work}/{self.image.stem}-{self.way.replace('/', '-')}-{self.n}"
 
