@@ -33,6 +33,22 @@ def test_basic_operations(tmp_path, kind):
     assert list(s.list("nothing/")) == []
 
 
+@pytest.mark.parametrize("kind", ["file", "memory"])
+@pytest.mark.parametrize("key", ["chunks/" + "ab" * 32, "snapshots/x/1/manifest.json"])
+def test_put_stores_the_bytes_as_they_were(tmp_path, kind, key):
+    """A buffer changed after put does not change the object (obstore's
+    memory store would keep the buffer itself)."""
+    s = DurableStore({"file": f"file://{tmp_path}/s", "memory": "memory://"}[kind])
+    buf = bytearray(b"before" * 1000)
+    assert s.put(key, buf) is True
+    view = memoryview(bytearray(b"second" * 1000))
+    assert s.put_new(key + "2", view[1000:]) is True
+    buf[:6] = b"AFTER!"
+    view[1000:1006] = b"AFTER!"
+    assert s.get(key) == b"before" * 1000
+    assert s.get(key + "2") == (b"second" * 1000)[1000:]
+
+
 def test_file_store_chunk_objects_are_obstores_layout(tmp_path):
     """A file:// store reads and writes chunk objects itself: obstore reads
     what it wrote and the other way round, staging files never show, and

@@ -195,14 +195,17 @@ class DurableStore:
             raise self._fail("get", key, exc) from exc
 
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
-        """Write an object atomically. With create_only, an existing object
-        is left as it is and False is returned."""
+        """Write an object atomically: data (any bytes-like object) as it is
+        now, whatever becomes of it after. With create_only, an existing
+        object is left as it is and False is returned."""
         path = self._chunk_file(key)
         if path is not None:
             try:
                 return _put_file(path, data, create_only)
             except OSError as exc:
                 raise self._fail("put", key, exc) from exc
+        if isinstance(self._store, MemoryStore) and not isinstance(data, bytes):
+            data = bytes(data)  # the memory store would keep the caller's buffer itself, not a copy
         try:
             obstore.put(self._store, key, data, mode="create" if create_only else "overwrite")
             return True
