@@ -188,7 +188,7 @@ def encode_all(codec: ChunkCodec, data: bytes) -> list[ChunkEntry]:
     returns their entries. Each chunk's stored bytes are dropped once
     encoded, as creation drops them once stored: keeping a gigabyte's
     objects would time the page faults of new memory with the encoder
-    (40 % more here). check_encoded tells whether the entries are right."""
+    (30 % more here). check_encoded tells whether the entries are right."""
     view, C = memoryview(data), codec.chunk_size
     out: list = [None] * -(-len(data) // C)
 
