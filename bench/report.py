@@ -109,6 +109,11 @@ def spread(v: list[float]) -> str:
     return f"{ms(min(v))}–{ms(max(v))}"
 
 
+def median_range(xs: list[float], fmt) -> str:
+    """The median of xs with their range, each as fmt gives it."""
+    return f"{fmt(median(xs))} ({fmt(min(xs))}–{fmt(max(xs))})"
+
+
 def verdict(a: list[float], b: list[float], name_a: str, name_b: str) -> str:
     """'A n× faster', 'B n× faster' (ratio of medians; ranges apart),
     'level' (ranges overlap), or no verdict from fewer than
@@ -389,9 +394,6 @@ def create_speed_section(doc: dict) -> str:
     for optimize and export (met or not by the median)."""
     raw, sizes, targets = doc["raw"], doc["image_bytes"], doc["targets"]
 
-    def cell(xs: list[float], fmt) -> str:
-        return f"{fmt(median(xs))} ({fmt(min(xs))}–{fmt(max(xs))})"
-
     body = []
     for key, rounds in raw.items():
         image, way = key.split("/", 1)
@@ -419,7 +421,8 @@ def create_speed_section(doc: dict) -> str:
                 met &= median(rss) <= limit
         cached = [r["cached"] for r in rounds if "cached" in r]
         lz4_share = [r["lz4_share"] for r in rounds if "lz4_share" in r]
-        body.append([image, way, cell([x * 1e3 for x in s], ms) + " ms", cell(rate, fmt) if rate else "–",
+        body.append([image, way, median_range([x * 1e3 for x in s], ms) + " ms",
+                     median_range(rate, fmt) if rate else "–",
                      f"{median(rss) / 2**20:.0f} MiB" if rss else "–",
                      f"{min(cached):.0%}" if cached else "–",
                      f"{median(lz4_share):.1%}" if lz4_share else "–",
@@ -435,17 +438,15 @@ def local_store_section(doc: dict) -> str:
     ranges, and the verdict on the times (ranges apart, or level)."""
     raw = doc["raw"]
 
-    def cell(xs: list[float], fmt) -> str:
-        return f"{fmt(median(xs))} ({fmt(min(xs))}–{fmt(max(xs))})"
-
     body = []
     for op in dict.fromkeys(k.split("/")[0] for k in raw):
         s = {how: [r["s"] * 1e3 for r in raw[f"{op}/{how}"]] for how in ("direct", "obstore")}
         for how in ("direct", "obstore"):
             rounds = raw[f"{op}/{how}"]
             cached = [r["cached"] for r in rounds if "cached" in r]
-            body.append([op, how, cell(s[how], ms) + " ms", cell([r["mib_s"] for r in rounds], lambda x: f"{x:.0f}"),
-                         cell([r["cpu_ms_per_mib"] for r in rounds], lambda x: f"{x:.2f}"),
+            body.append([op, how, median_range(s[how], ms) + " ms",
+                         median_range([r["mib_s"] for r in rounds], lambda x: f"{x:.0f}"),
+                         median_range([r["cpu_ms_per_mib"] for r in rounds], lambda x: f"{x:.2f}"),
                          f"{min(cached):.0%}" if cached else "–",
                          verdict(s["direct"], s["obstore"], "direct", "obstore") if how == "direct" else "–"])
     return _table(["operation", "way", "time", "MiB/s", "CPU ms per MiB", "cached", "verdict"], body)
