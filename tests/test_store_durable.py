@@ -34,19 +34,21 @@ def test_basic_operations(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["file", "memory"])
-@pytest.mark.parametrize("key", ["chunks/" + "ab" * 32, "snapshots/x/1/manifest.json"])
-def test_put_stores_the_bytes_as_they_were(tmp_path, kind, key):
+@pytest.mark.parametrize("keys", [("chunks/" + "ab" * 32, "chunks/" + "cd" * 32),
+                                  ("snapshots/x/1/manifest.json", "snapshots/x/2/manifest.json")])
+def test_put_stores_the_bytes_as_they_were(tmp_path, kind, keys):
     """A buffer changed after put does not change the object (obstore's
     memory store would keep the buffer itself)."""
     s = DurableStore({"file": f"file://{tmp_path}/s", "memory": "memory://"}[kind])
+    first, second = keys
     buf = bytearray(b"before" * 1000)
-    assert s.put(key, buf) is True
+    assert s.put(first, buf) is True
     view = memoryview(bytearray(b"second" * 1000))
-    assert s.put_new(key + "2", view[1000:]) is True
+    assert s.put_new(second, view[1000:]) is True
     buf[:6] = b"AFTER!"
     view[1000:1006] = b"AFTER!"
-    assert s.get(key) == b"before" * 1000
-    assert s.get(key + "2") == (b"second" * 1000)[1000:]
+    assert s.get(first) == b"before" * 1000
+    assert s.get(second) == (b"second" * 1000)[1000:]
 
 
 def test_file_store_chunk_objects_are_obstores_layout(tmp_path):
