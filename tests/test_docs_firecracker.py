@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import tempfile
@@ -23,6 +24,28 @@ def _example() -> str:
     text = (REPO / "docs" / "firecracker.md").read_text()
     section = text.split("## A worked example with Firecracker\n", 1)[1]
     return re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+
+
+def test_said_waits_for_the_whole_line(tmp_path):
+    """The example's `said` sees a line only once its newline is there: the
+    guest's serial output reaches the file a byte at a time, so a line that
+    is still being written must not count (its value would be cut short)."""
+    helpers = _example().split("\n# 1.", 1)[0].split("\nsaid()", 1)[1]
+    out = tmp_path / "vm.out"
+
+    def said(text: str, prefix: str) -> bool:
+        out.write_text(text)
+        script = f"said(){helpers}\nsaid {shlex.quote(str(out))} {shlex.quote(prefix)}"
+        return subprocess.run(["bash", "-euo", "pipefail", "-c", script]).returncode == 0
+
+    assert not said("", "ready")
+    assert not said("rea", "ready")
+    assert said("ready\n", "ready")
+    assert not said("ready\nanswer 42 ", "answer 42 ")
+    assert not said("ready\nanswer 42 16947", "answer 42 ")
+    assert said("ready\nanswer 42 1694707238\n", "answer 42 ")
+    assert said("answer 42 1694707238\nanswer 43 ", "answer 42 ")
+    assert not said("ready\nthe answer 42 1\n", "answer 42 ")
 
 
 @pytest.mark.skipif(not kvm_available(), reason="/dev/kvm is not available")
