@@ -194,7 +194,7 @@ def encode_all(codec: ChunkCodec, data: bytes) -> list[ChunkEntry]:
 
     def encode(i: int) -> None:
         e = codec.encode(view[i * C:(i + 1) * C])
-        out[i] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
+        out[i] = e.entry
 
     each_on_cores(len(out), encode)
     return out
@@ -210,7 +210,7 @@ def check_encoded(codec: ChunkCodec, data: bytes, entries: list[ChunkEntry]) -> 
     for i, entry in enumerate(entries):
         raw = data[i * C:(i + 1) * C]
         e = codec.encode(raw)
-        if ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap) != entry:
+        if e.entry != entry:
             raise RuntimeError(f"chunk {i}: its entry is not what encoding it gives")
         codec.decode(e.data, e.id, e.flags, e.zero_bitmap, out)
         if out[:len(raw)] != raw:

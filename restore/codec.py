@@ -13,7 +13,7 @@ from typing import Optional
 
 from ._native import ffi, lib
 from .errors import check
-from .manifest import FLAG_ENCRYPTED, FLAG_LZ4
+from .manifest import FLAG_ENCRYPTED, FLAG_LZ4, ChunkEntry
 
 if (FLAG_LZ4, FLAG_ENCRYPTED) != (lib.RS_CHUNK_LZ4, lib.RS_CHUNK_ENCRYPTED):
     raise ImportError("restore.manifest's chunk flags do not match RS_CHUNK_* of csrc/chunk.h")
@@ -35,6 +35,11 @@ class EncodedChunk:
     data: bytes
     flags: int
     zero_bitmap: bytes
+
+    @property
+    def entry(self) -> ChunkEntry:
+        """The chunk's entry in a manifest's chunk table."""
+        return ChunkEntry(self.id, len(self.data), self.flags, self.zero_bitmap)
 
 
 class ChunkCodec:

@@ -372,7 +372,7 @@ def _zero_entries(codec: ChunkCodec, holes: np.ndarray, size: int) -> list[Optio
             e = codec.encode(bytes(length))
             if e.id is not None:  # the format stores no object for an all-zero chunk
                 raise InternalError(f"an all-zero {length}-byte chunk encoded to object {e.id}")
-            by_length[length] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
+            by_length[length] = e.entry
         known.append(by_length[length] if hole else None)
     return known
 
@@ -587,7 +587,7 @@ def _store_chunks(
                 view = memoryview(buf)[: min(C, size - i * C)]
                 read(i * C, view)
                 e = codec.encode(view)
-                entries[i] = ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap)
+                entries[i] = e.entry
                 with lock:
                     new = e.id is not None and e.id not in seen
                     if new:

@@ -12,7 +12,7 @@ import pytest
 
 from restore.codec import ChunkCodec
 from restore.errors import ManifestError
-from restore.manifest import PAGE_MAP_DTYPE, ZERO_PAGE, ChunkEntry, Manifest, PageMapRef
+from restore.manifest import PAGE_MAP_DTYPE, ZERO_PAGE, Manifest, PageMapRef
 from restore.objects import chunk_key
 from restore.sample import write_sample_image
 from restore.snapshot import Snapshot
@@ -39,7 +39,7 @@ def _build(store, image: bytes, key=None, seed=1):
             e = codec.encode(raw)
             if e.id:
                 store.put(chunk_key(e.id), e.data)
-            chunks.append(ChunkEntry(e.id, len(e.data), e.flags, e.zero_bitmap))
+            chunks.append(e.entry)
         blob = pm.tobytes()
         ref = PageMapRef(hashlib.sha256(blob).hexdigest(), len(pages))
         store.put(ref.key, blob)
